@@ -1,0 +1,161 @@
+"""The one source of every training setting: the CLI, the SLURM templates and the tests read it.
+
+Field names and defaults are the original Mugs `main.py` flags, so the paper's
+commands run verbatim; fields after `# --- mugs additions` are ours.
+Booleans accept true/false (and 1/0, yes/no) like the original's `bool_flag`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class MugsConfig:
+    # --- model (original flags)
+    arch: str = _opt("vit_small", "backbone: " + ", ".join(ARCHS))
+    patch_size: int = _opt(16, "ViT patch size in pixels")
+    drop_path_rate: float = _opt(0.1, "stochastic depth rate of the student")
+    use_bn_in_head: bool = _opt(False, "BatchNorm in the heads (not supported: must stay false)")
+    norm_before_pred: bool = _opt(True, "L2-normalise before the student predictor")
+    instance_out_dim: int = _opt(256, "instance head output dimension")
+    instance_queue_size: int = _opt(65536, "instance InfoNCE queue length")
+    instance_temp: float = _opt(0.2, "instance InfoNCE temperature")
+    local_group_out_dim: int = _opt(256, "local-group head output dimension")
+    local_group_knn_top_n: int = _opt(8, "neighbours taken from the memory (top-k)")
+    local_group_queue_size: int = _opt(65536, "local-group InfoNCE queue length (and memory size by default)")
+    local_group_temp: float = _opt(0.2, "local-group InfoNCE temperature")
+    group_out_dim: int = _opt(65536, "number of group prototypes")
+    group_bottleneck_dim: int = _opt(256, "group head bottleneck dimension")
+    norm_last_layer: bool = _opt(True, "fix the weight-norm gain of the group last layer to 1")
+    group_student_temp: float = _opt(0.1, "group loss student temperature")
+    group_warmup_teacher_temp: float = _opt(0.04, "group loss teacher temperature at epoch 0")
+    group_teacher_temp: float = _opt(0.04, "group loss teacher temperature after warm-up")
+    group_warmup_teacher_temp_epochs: int = _opt(0, "epochs of teacher-temperature warm-up")
+    loss_weights: list = _opt([1.0, 1.0, 1.0], "weights of the instance, local-group, group losses", nargs=3)
+    # --- optimisation (original flags)
+    momentum_teacher: float = _opt(0.996, "teacher EMA momentum at step 0 (cosine to 1)")
+    use_fp16: bool = _opt(False, "original flag; same as --precision fp16")
+    weight_decay: float = _opt(0.04, "weight decay at step 0")
+    weight_decay_end: float = _opt(0.2, "weight decay at the end (cosine)")
+    clip_grad: float = _opt(3.0, "per-parameter gradient norm clip (0 disables)")
+    batch_size_per_gpu: int = _opt(64, "images per process")
+    epochs: int = _opt(100, "training epochs")
+    warmup_epochs: int = _opt(10, "linear lr warm-up epochs")
+    freeze_last_layer: int = _opt(1, "epochs during which the group last layer is frozen")
+    lr: float = _opt(0.0008, "base lr at global batch 256 (linear scaling)")
+    patch_embed_lr_mult: float = _opt(0.2, "lr multiplier of the patch embedding")
+    min_lr: float = _opt(1e-6, "lr at the end of the cosine schedule")
+    optimizer: str = _opt("adamw", "only adamw is supported")
+    # --- data (original flags)
+    global_crops_scale: tuple = _opt((0.25, 1.0), "RandomResizedCrop scale of the 224-px crops", nargs=2)
+    local_crops_number: int = _opt(10, "local crops per image")
+    local_crops_scale: tuple = _opt((0.05, 0.25), "RandomResizedCrop scale of the local crops", nargs=2)
+    timm_auto_augment_par: str = _opt("rand-m9-mstd0.5-inc1", "RandAugment policy of the strong branch")
+    color_aug: bool = _opt(False, "original flag (unused by the original's pipeline)")
+    size_crops: list = _opt([96], "local crop size in pixels", nargs="+")
+    strong_ratio: float = _opt(0.45, "RandAugment translate as a fraction of the crop size")
+    re_prob: float = _opt(0.25, "random-erasing probability of the strong branch")
+    vanilla_weak_augmentation: bool = _opt(False, "use the plain DINO weak augmentation for all student crops")
+    prob: float = _opt(0.5, "probability that an image's student global crops are weak")
+    data_path: str = _opt("", "ImageFolder root (root/class/img) or a file list made by mugs-scan-data")
+    output_dir: str = _opt("./exp/", "checkpoints, logs and TensorBoard events go here")
+    saveckp_freq: int = _opt(50, "keep an extra checkpoint every N epochs")
+    seed: int = _opt(0, "random seed")
+    num_workers: int = _opt(12, "loader threads/workers per process")
+    # accepted for command-line compatibility with the original; torchrun's env decides these
+    dist_url: str = _opt("env://", "ignored (torchrun sets the rendezvous)")
+    local_rank: int = _opt(0, "ignored (torchrun sets LOCAL_RANK)")
+    rank: int = _opt(0, "ignored (torchrun sets RANK)")
+    world_size: int = _opt(1, "ignored (torchrun sets WORLD_SIZE)")
+    use_prefetcher: bool = _opt(True, "ignored (the loaders prefetch)")
+    debug: bool = _opt(False, "ignored")
+    ddpjob: bool = _opt(False, "ignored")
+    # --- mugs additions
+    img_size: int = _opt(224, "global crop size in pixels (and the pos-embed grid)")
+    embed_dim: Optional[int] = _opt(None, "override the arch's embedding width (custom/tiny models)")
+    depth: Optional[int] = _opt(None, "override the arch's number of blocks")
+    num_heads: Optional[int] = _opt(None, "override the arch's attention heads")
+    memory_size: Optional[int] = _opt(None, "local-group memory rows (default: local_group_queue_size)")
+    head_hidden_dim: int = _opt(2048, "hidden width of the projector MLPs")
+    pred_hidden_dim: int = _opt(4096, "hidden width of the student predictors")
+    center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre")
+    device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"))
+    precision: str = _opt("bf16", "compute precision", choices=("bf16", "fp16", "fp32"))
+    activation_checkpointing: bool = _opt(False, "recompute each block in backward")
+    compile: bool = _opt(False, "torch.compile each block")
+    hsdp: bool = _opt(False, "shard within a node, replicate across nodes")
+    loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"))
+    max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)")
+    ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)")
+    ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)")
+    ckpt_keep: int = _opt(2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)")
+
+    @property
+    def global_crop_size(self) -> int:
+        return self.img_size
+
+    @property
+    def local_crop_size(self) -> int:
+        return int(self.size_crops[0])
+
+    @property
+    def mem_size(self) -> int:
+        return self.memory_size or self.local_group_queue_size
+
+    def replace(self, **changes: Any) -> "MugsConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def bool_flag(s: str) -> bool:
+    """true/false parser, as the original's utils.bool_flag (which is why it exists)."""
+    v = str(s).strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentParser:
+    """argparse parser generated from MugsConfig; `defaults` may carry a preset."""
+    defaults = defaults or MugsConfig()
+    p = argparse.ArgumentParser("mugs", description="Mugs self-supervised ViT pretraining")
+    for f in dataclasses.fields(MugsConfig):
+        meta = dict(f.metadata)
+        kw: dict = {"help": meta.pop("help", ""), "default": getattr(defaults, f.name)}
+        nargs = meta.pop("nargs", None)
+        if f.type in ("bool", bool):
+            kw["type"] = bool_flag
+            kw["metavar"] = "true|false"
+        elif f.name in ("memory_size", "embed_dim", "depth", "num_heads"):
+            kw["type"] = int
+        elif nargs is not None:
+            kw["nargs"] = nargs
+            kw["type"] = int if f.name == "size_crops" else float
+        else:
+            kw["type"] = type(getattr(MugsConfig(), f.name))
+        kw.update(meta)
+        p.add_argument("--" + f.name, **kw)
+    return p
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None) -> MugsConfig:
+    ns = build_parser(defaults).parse_args(argv)
+    values = vars(ns)
+    for name in ("global_crops_scale", "local_crops_scale"):
+        values[name] = tuple(values[name])
+    values["loss_weights"] = list(values["loss_weights"])
+    values["size_crops"] = list(values["size_crops"])
+    return MugsConfig(**values)

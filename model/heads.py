@@ -1,0 +1,99 @@
+"""The three Mugs heads. Student and teacher use the same classes; the teacher has no predictor."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, bias: bool) -> nn.Sequential:
+    """Linear (GELU Linear)*: indices 0, 2, 4... hold the linears, as in the original."""
+    dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(nlayers):
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
+        if i < nlayers - 1:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class ContrastiveHead(nn.Module):
+    """Instance and local-group head: projector (no bias), L2-norm; the student adds a predictor.
+
+    Teacher (no predictor): normalize(projector(x)).
+    Student: normalize(predictor(normalize(projector(x)))) (`norm_before_pred`).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 256,
+        hidden_dim: int = 2048,
+        pred_hidden_dim: int = 4096,
+        nlayers: int = 3,
+        with_predictor: bool = True,
+        norm_before_pred: bool = True,
+    ):
+        super().__init__()
+        self.norm_before_pred = norm_before_pred
+        self.projector = mlp(in_dim, hidden_dim, out_dim, nlayers, bias=False)
+        self.predictor: Optional[nn.Sequential] = (
+            mlp(out_dim, pred_hidden_dim, out_dim, nlayers - 1, bias=False) if with_predictor else None
+        )
+        self.apply(_init_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.projector(x)
+        if self.predictor is None:
+            return F.normalize(z, dim=-1)
+        if self.norm_before_pred:
+            z = F.normalize(z, dim=-1)
+        return F.normalize(self.predictor(z), dim=-1)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear with W = g * v / ||v|| per output row (names as torch's weight_norm).
+
+    A plain module instead of a parametrization so FSDP2 shards g and v like any
+    parameter and the state-dict names match the released checkpoints.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fix_gain: bool):
+        super().__init__()
+        ref = nn.Linear(in_dim, out_dim, bias=False)  # torch's default init for v, as the original
+        self.weight_v = nn.Parameter(ref.weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch._weight_norm(self.weight_v, self.weight_g, 0)
+        return F.linear(x, w)
+
+
+class GroupHead(nn.Module):
+    """Group head: projector with bias to the bottleneck, L2-norm, weight-normed prototypes."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+    ):
+        super().__init__()
+        self.projector = mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, bias=True)
+        self.projector.apply(_init_linear)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.projector(x), dim=-1))

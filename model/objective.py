@@ -1,0 +1,62 @@
+"""The loss side of Mugs: the three losses plus every piece of state they update.
+
+Kept apart from the networks so FSDP shards only parameters; the queues, the
+centre and the memories are replicated buffers kept identical on all ranks by
+all-gathered updates.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .losses import GroupLoss, InfoNCELoss, weighted_total
+from .memory import LocalGroupMemory
+from .network import MugsOutputs
+
+
+class MugsObjective(nn.Module):
+    def __init__(self, cfg, embed_dim: int):
+        super().__init__()
+        self.loss_weights = [float(w) for w in cfg.loss_weights]
+        self.instance_loss = InfoNCELoss(cfg.instance_out_dim, cfg.instance_queue_size, cfg.instance_temp)
+        self.local_group_loss = InfoNCELoss(cfg.local_group_out_dim, cfg.local_group_queue_size, cfg.local_group_temp)
+        self.group_loss = GroupLoss(
+            cfg.group_out_dim,
+            cfg.group_warmup_teacher_temp,
+            cfg.group_teacher_temp,
+            cfg.group_warmup_teacher_temp_epochs,
+            student_temp=cfg.group_student_temp,
+            center_momentum=cfg.center_momentum,
+        )
+        self.student_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n)
+        self.teacher_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n)
+
+    def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, torch.Tensor]:
+        """The three losses (absent ones are None) and `total`, all from the pre-step state."""
+        w = self.loss_weights
+        losses: Dict[str, Optional[torch.Tensor]] = {
+            "instance": self.instance_loss(student.instance, teacher.instance, n_student_crops) if w[0] > 0 else None,
+            "local_group": self.local_group_loss(student.local_group, teacher.local_group, n_student_crops)
+            if w[1] > 0
+            else None,
+            "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch) if w[2] > 0 else None,
+        }
+        losses["total"] = weighted_total(losses, w)
+        return losses
+
+    @torch.no_grad()
+    def update_state(self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor) -> int:
+        """After the losses: queues, centre and memories; returns the student-memory rows written."""
+        w = self.loss_weights
+        if w[0] > 0:
+            self.instance_loss.enqueue(teacher.instance)
+        if w[1] > 0:
+            self.local_group_loss.enqueue(teacher.local_group)
+        if w[2] > 0:
+            self.group_loss.update_center(teacher.group)
+        b = weak_flags.shape[0]
+        n_weak = self.student_memory.push(student.memory_tokens[:b], keep=weak_flags)
+        self.teacher_memory.push(teacher.memory_tokens[:b])
+        return n_weak

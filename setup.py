@@ -1,0 +1,35 @@
+"""Installs the top-level folders under one `mugs.*` namespace (no bare `import model`)."""
+from setuptools import setup
+
+PACKAGES = {
+    "mugs.model": "model",
+    "mugs.pipeline": "pipeline",
+    "mugs.training": "training",
+    "mugs.configs": "configs",
+}
+
+setup(
+    name="mugs",
+    version="0.1.0",
+    description="High-throughput Mugs self-supervised ViT pretraining (DALI + FSDP2)",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "timm>=1.0",
+        "numpy",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "test": ["pytest", "pytest-timeout", "pillow"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mugs-replay-trace=mugs.training.replay_trace:main",
+        ]
+    },
+)

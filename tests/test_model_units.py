@@ -1,0 +1,234 @@
+"""Behaviour the golden traces do not pin: wrap-around, schedules, weights, clipping rules, naming."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mugs.configs.options import MugsConfig
+from mugs.model.losses import InfoNCELoss, teacher_temperature, weighted_total
+from mugs.model.memory import LocalGroupMemory
+from mugs.model.network import build_network
+from mugs.model.objective import MugsObjective
+from mugs.model.convert import network_from_original, objective_from_original, objective_to_original
+from mugs.training.ema import ema_pairs, ema_update_
+from mugs.training.optim import (build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
+                                 param_groups, set_lr_wd)
+from mugs.training.schedules import CosineSchedule, build_schedules
+
+
+def tiny_cfg(**kw):
+    base = dict(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
+                head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
+                instance_queue_size=24, local_group_queue_size=24, memory_size=20, local_group_knn_top_n=3,
+                group_out_dim=40, group_bottleneck_dim=16, local_crops_number=2, drop_path_rate=0.0)
+    base.update(kw)
+    return MugsConfig(**base)
+
+
+# ---- queue and memory ring buffers
+def test_queue_wraps_around_and_keeps_crop_order():
+    loss = InfoNCELoss(dim=2, queue_size=5)
+    t = torch.arange(8, dtype=torch.float32).view(4, 2)  # crop 0 rows 0,1; crop 1 rows 2,3
+    loss.ptr.fill_(3)
+    loss.enqueue(t)
+    # columns 3,4 get crop 0, then wrap: 0,1 get crop 1
+    assert torch.equal(loss.queue[:, 3], t[0]) and torch.equal(loss.queue[:, 4], t[1])
+    assert torch.equal(loss.queue[:, 0], t[2]) and torch.equal(loss.queue[:, 1], t[3])
+    assert int(loss.ptr) == 2
+
+
+def test_memory_wraps_filters_weak_and_advances_by_rows_written():
+    mem = LocalGroupMemory(size=5, dim=3, top_k=2)
+    mem.bank.zero_()
+    rows = torch.arange(1, 13, dtype=torch.float32).view(4, 3)
+    assert mem.push(rows[:3]) == 3 and int(mem.ptr) == 3
+    n = mem.push(rows, keep=torch.tensor([True, False, True, True]))
+    assert n == 3 and int(mem.ptr) == 1  # 3 + 3 wraps to 1 (the original would have moved by 6)
+    assert torch.equal(mem.bank[3], rows[0]) and torch.equal(mem.bank[4], rows[2]) and torch.equal(mem.bank[0], rows[3])
+    assert mem.push(rows, keep=torch.zeros(4, dtype=torch.bool)) == 0 and int(mem.ptr) == 1
+
+
+def test_memory_push_longer_than_ring_keeps_newest():
+    mem = LocalGroupMemory(size=3, dim=1, top_k=1)
+    mem.push(torch.arange(7, dtype=torch.float32).view(7, 1))
+    assert sorted(mem.bank.flatten().tolist()) == [4.0, 5.0, 6.0]
+
+
+def test_memory_neighbours_are_top_cosine_rows_returned_raw():
+    mem = LocalGroupMemory(size=4, dim=2, top_k=2)
+    mem.bank.copy_(torch.tensor([[10.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]))
+    nb = mem.neighbours(torch.tensor([[1.0, 0.1]]))
+    assert torch.equal(nb[0, 0], torch.tensor([10.0, 0.0])) and torch.equal(nb[0, 1], torch.tensor([5.0, 5.0]))
+
+
+def test_memory_rejects_top_k_larger_than_memory():
+    with pytest.raises(ValueError, match="top-k"):
+        LocalGroupMemory(size=4, dim=2, top_k=8)
+
+
+# ---- schedules
+def original_cosine(base, final, epochs, niter, warmup_epochs=0, start=0.0):
+    warm = np.linspace(start, base, warmup_epochs * niter) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter - warmup_epochs * niter)
+    return np.concatenate((warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_cosine_schedule_equals_original_table(warmup):
+    ref = original_cosine(0.002, 1e-6, 7, 5, warmup)
+    s = CosineSchedule(0.002, 1e-6, 35, warmup * 5)
+    assert np.allclose([s(i) for i in range(35)], ref, rtol=0, atol=1e-15)
+
+
+def test_schedules_end_points():
+    cfg = MugsConfig(epochs=10, warmup_epochs=2, lr=0.0008, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4)
+    s = build_schedules(cfg, iters_per_epoch=100, global_batch=1024)
+    assert s.lr(0) == 0.0
+    assert s.lr(199) == pytest.approx(0.0008 * 1024 / 256)  # end of warm-up = scaled base lr
+    assert s.lr(999) == pytest.approx(1e-6, abs=1e-7) and s.lr(999) > 1e-6
+    assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(999) == pytest.approx(0.4, abs=1e-5)
+    assert s.momentum(0) == pytest.approx(0.996) and s.momentum(999) == pytest.approx(1.0, abs=1e-7)
+    assert s.lr(5000) == s.lr(999)  # past the end: clamped, never a negative cosine
+
+
+def test_teacher_temperature_warmup_table():
+    table = np.linspace(0.04, 0.07, 30)
+    assert [teacher_temperature(e, 0.04, 0.07, 30) for e in range(30)] == pytest.approx(table.tolist())
+    assert teacher_temperature(30, 0.04, 0.07, 30) == 0.07 and teacher_temperature(0, 0.04, 0.07, 0) == 0.07
+
+
+# ---- losses
+def test_loss_weights_other_than_one_make_a_weighted_mean():
+    losses = {"instance": torch.tensor(1.0), "local_group": torch.tensor(2.0), "group": torch.tensor(4.0)}
+    assert weighted_total(losses, [1, 1, 1]).item() == pytest.approx(7 / 3)
+    assert weighted_total(losses, [2, 1, 0.5]).item() == pytest.approx((2 + 2 + 2) / 3.5)
+    assert weighted_total({**losses, "group": None}, [1, 3, 0]).item() == pytest.approx((1 + 6) / 4)
+    with pytest.raises(ValueError):
+        weighted_total(losses, [0, 0, 0])
+
+
+def test_zero_weight_drops_the_head_and_its_loss():
+    cfg = tiny_cfg(loss_weights=[1.0, 0.0, 2.0])
+    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    assert student.local_group_head is None and student.instance_head.predictor is not None
+    assert teacher.instance_head.predictor is None
+    obj = MugsObjective(cfg, 32)
+    crops_t = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    crops_s = crops_t + [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    losses = obj(student(crops_s, obj.student_memory), teacher(crops_t, obj.teacher_memory), 4, 0)
+    assert losses["local_group"] is None
+    assert losses["total"].item() == pytest.approx((losses["instance"] + 2 * losses["group"]).item() / 3, rel=1e-6)
+
+
+def test_infonce_matches_per_pair_reference():
+    torch.manual_seed(0)
+    loss = InfoNCELoss(dim=8, queue_size=16, temperature=0.2)
+    s = nn.functional.normalize(torch.randn(4 * 3, 8), dim=-1)  # 4 crops x batch 3
+    t = nn.functional.normalize(torch.randn(2 * 3, 8), dim=-1)
+    large, small = [], []
+    for ti, targ in enumerate(t.chunk(2)):
+        for pi, pred in enumerate(s.chunk(4)):
+            if ti == pi:
+                continue
+            logits = torch.cat([(pred * targ).sum(1, keepdim=True), pred @ loss.queue], 1) / 0.2
+            ce = nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
+            (large if pi < 2 else small).append(ce)
+    ref = 0.5 * (sum(large) / len(large) + sum(small) / len(small))
+    assert loss(s, t, 4).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+# ---- optimiser pieces
+def test_vit_large_clip_rule():
+    assert clip_value(3.0, "vit_large", 100) == 3.0
+    assert clip_value(3.0, "vit_large", 101) == pytest.approx(0.3)
+    assert clip_value(3.0, "vit_base", 300) == 3.0
+
+
+def test_per_parameter_clipping_uses_each_own_norm():
+    a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.full((4,), 3.0), torch.tensor([0.1, 0.2, 0.2])  # norms 6 and 0.3
+    norms = clip_per_parameter_([a, b], 3.0)
+    assert norms.tolist() == pytest.approx([6.0, 0.3])
+    assert a.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    assert torch.equal(b.grad, torch.tensor([0.1, 0.2, 0.2]))
+
+
+def test_param_groups_and_lr_wd_assignment():
+    cfg = tiny_cfg(norm_last_layer=True)
+    student = build_network(cfg, teacher=False)
+    groups = {g["name"]: g for g in param_groups(student)}
+    names = {id(p): n for n, p in student.named_parameters()}
+    in_group = {n: [names[id(p)] for p in g["params"]] for n, g in groups.items()}
+    assert "backbone.cls_token" in in_group["normal_params"] and "backbone.pos_embed" in in_group["normal_params"]
+    assert "backbone.patch_embed.proj.weight" in in_group["patch_embed"]
+    assert in_group["patch_embed_no_wd"] == ["backbone.patch_embed.proj.bias"]
+    assert "backbone.norm.weight" in in_group["no_wd"]
+    assert not any("weight_g" in n for g in in_group.values() for n in g)  # frozen gain is not optimised
+    opt = build_adamw(student, 0.2, fused=False)
+    set_lr_wd(opt, 0.01, 0.05)
+    got = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert got == {"normal_params": (0.01, 0.05), "patch_embed": (pytest.approx(0.002), 0.05),
+                   "no_wd": (0.01, 0.0), "patch_embed_no_wd": (pytest.approx(0.002), 0.0)}
+
+
+def test_last_layer_frozen_only_in_first_epochs():
+    student = build_network(tiny_cfg(norm_last_layer=False), teacher=False)
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    cancel_last_layer_grads(student, epoch=1, freeze_last_layer=2)
+    assert student.group_head.last_layer.weight_v.grad is None and student.group_head.last_layer.weight_g.grad is None
+    assert student.group_head.projector[0].weight.grad is not None
+    student.group_head.last_layer.weight_v.grad = torch.ones(40, 16)
+    cancel_last_layer_grads(student, epoch=2, freeze_last_layer=2)
+    assert student.group_head.last_layer.weight_v.grad is not None
+
+
+def test_ema_matches_per_tensor_formula_and_skips_predictors():
+    cfg = tiny_cfg()
+    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    t_params, s_params = ema_pairs(student, teacher)
+    assert len(t_params) == len(list(teacher.parameters()))
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    s = dict(student.named_parameters())
+    ema_update_(t_params, s_params, 0.9)
+    for n, p in teacher.named_parameters():
+        assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n].detach(), atol=1e-7), n
+
+
+# ---- naming and interop
+def test_backbone_loads_into_timm_and_gives_the_same_features():
+    timm = pytest.importorskip("timm")
+    cfg = tiny_cfg()
+    backbone = build_network(cfg, teacher=True).backbone.eval()
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, qkv_bias=True).eval()
+    sd = {k: v for k, v in backbone.state_dict().items() if not k.startswith("relation_blocks.")}
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(backbone(x), ref(x), atol=1e-6)
+
+
+def test_converter_strips_ddp_prefix_and_roundtrips_objective_state():
+    cfg = tiny_cfg()
+    student = build_network(cfg, teacher=False)
+    original = {"module." + k: v for k, v in student.state_dict().items()}
+    original["module.backbone.head.weight"] = torch.zeros(1)
+    student.load_state_dict(network_from_original(original), strict=True)
+    obj = MugsObjective(cfg, 32)
+    obj.student_memory.ptr.fill_(7)
+    back = objective_from_original(objective_to_original(obj.state_dict()))
+    fresh = MugsObjective(cfg, 32)
+    fresh.load_state_dict(back, strict=True)
+    for k, v in obj.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_pos_embed_interpolation_is_dino_style():
+    backbone = build_network(tiny_cfg(), teacher=True).backbone
+    pe = backbone.interpolated_pos_embed(2, 2)  # 16-px crop with 8-px patches from a 4x4 grid
+    grid = backbone.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    ref = nn.functional.interpolate(grid, scale_factor=(2.1 / 4, 2.1 / 4), mode="bicubic")
+    assert torch.allclose(pe[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 4, 32))
+    assert torch.equal(pe[:, 0], backbone.pos_embed[:, 0])

@@ -1,0 +1,1 @@
+"""mugs.training: the FSDP2 trainer pieces (step, optimiser, schedules, EMA, checkpoints)."""

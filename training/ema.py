@@ -1,0 +1,35 @@
+"""Teacher = EMA of the student, as fused multi-tensor ops over matching (local) shards."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+
+from .optim import _local
+
+
+def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Teacher parameters and their student namesakes (the predictors have no teacher twin).
+
+    Built once: with FSDP2 both models are sharded with the same plan, so the
+    local shards line up and the update needs no communication."""
+    s = dict(student.named_parameters())
+    t_params, s_params = [], []
+    for name, p in teacher.named_parameters():
+        if name not in s:
+            raise KeyError(f"teacher parameter {name} has no student twin")
+        if s[name].shape != p.shape:
+            raise ValueError(f"{name}: student {tuple(s[name].shape)} vs teacher {tuple(p.shape)}")
+        t_params.append(p)
+        s_params.append(s[name])
+    return t_params, s_params
+
+
+@torch.no_grad()
+def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student."""
+    t = [_local(p) for p in teacher_params]
+    s = [_local(p).to(x.dtype) for p, x in zip(student_params, t)]
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)

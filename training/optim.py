@@ -1,0 +1,102 @@
+"""Optimiser pieces of the Mugs step: parameter groups, per-parameter clipping, last-layer freeze."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+try:  # DTensor is what FSDP2 parameters and gradients are
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch < 2.4
+    from torch.distributed._tensor import DTensor, Shard
+
+GROUP_NAMES = ("normal_params", "patch_embed", "no_wd", "patch_embed_no_wd")
+
+
+def param_groups(model: nn.Module) -> List[dict]:
+    """The original's four groups. No decay for names ending in `.bias` and for 1-D tensors;
+    cls_token, pos_embed and the [G, 1] weight-norm gain ARE decayed. Frozen parameters are left out."""
+    groups = {n: [] for n in GROUP_NAMES}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = name.endswith(".bias") or p.ndim == 1
+        pe = "patch_embed" in name
+        groups[("patch_embed_no_wd" if pe else "no_wd") if no_wd else ("patch_embed" if pe else "normal_params")].append(p)
+    return [
+        {"name": n, "params": groups[n], "apply_wd": not n.endswith("no_wd"), "weight_decay": 0.0,
+         "lr_mult": 1.0}
+        for n in GROUP_NAMES
+    ]
+
+
+def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 0.2, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW over the four groups; fused kernel on CUDA, foreach elsewhere."""
+    groups = param_groups(model)
+    for g in groups:
+        g["lr_mult"] = patch_embed_lr_mult if "patch_embed" in g["name"] else 1.0
+    if fused is None:
+        first = next(model.parameters())
+        fused = first.is_cuda
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kwargs)
+
+
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """lr x the group's multiplier everywhere; weight decay only where the group applies it."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+        if g.get("apply_wd", True):
+            g["weight_decay"] = weight_decay
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_group(t: torch.Tensor):
+    """The process group over which a DTensor's local pieces add up to the whole (None: not sharded)."""
+    if not isinstance(t, DTensor):
+        return None
+    dims = [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard)]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise NotImplementedError("per-parameter clipping supports sharding along one mesh dimension")
+    return t.device_mesh.get_group(dims[0])
+
+
+@torch.no_grad()
+def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each gradient by min(1, max_norm / (||g|| + 1e-6)) on its OWN norm.
+
+    With FSDP2 the local squared norms of all shards are stacked and summed with
+    ONE all-reduce (not one per tensor). Returns the per-parameter norms."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    local = [_local(g) for g in grads]
+    sq = torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)])
+    group = _shard_group(grads[0])
+    if group is not None:
+        dist.all_reduce(sq, group=group)
+    norms = sq.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(local, [c.to(g.dtype) for c, g in zip(coef.unbind(), local)])
+    return norms
+
+
+def clip_value(clip_grad: float, arch: str, epoch: int) -> float:
+    """The original divides the clip by 10 for ViT-L after epoch 100."""
+    return clip_grad / 10.0 if arch == "vit_large" and epoch > 100 else clip_grad
+
+
+def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """During the first `freeze_last_layer` epochs the group prototypes get no update (grad None)."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None

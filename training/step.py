@@ -1,0 +1,104 @@
+"""One Mugs training step, in the order the original takes it (see tests/data/parity/README.md)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..model.network import MugsNetwork
+from ..model.objective import MugsObjective
+from .ema import ema_pairs, ema_update_
+from .optim import cancel_last_layer_grads, clip_per_parameter_, clip_value, set_lr_wd
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss came out NaN/inf: raised BEFORE any state is touched, so the last checkpoint stays good."""
+
+
+@dataclass
+class StepResult:
+    losses: Dict[str, float]
+    n_weak: int
+    teacher_temp: float
+
+
+class MugsTrainStep:
+    """Teacher forward, student forward, losses, backward, clipping, freeze, AdamW, state updates, EMA."""
+
+    def __init__(
+        self,
+        student: MugsNetwork,
+        teacher: MugsNetwork,
+        objective: MugsObjective,
+        optimizer: torch.optim.Optimizer,
+        *,
+        arch: str,
+        clip_grad: float,
+        freeze_last_layer: int,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
+        self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
+        self.autocast = autocast
+        self.teacher_params, self.student_params = ema_pairs(student, teacher)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(
+        self,
+        teacher_crops: Sequence[torch.Tensor],
+        student_crops: Sequence[torch.Tensor],
+        weak_flags: torch.Tensor,
+        *,
+        epoch: int,
+        momentum: float,
+        lr: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        step_index: int = 0,
+        record: Optional[dict] = None,
+    ) -> StepResult:
+        """`lr`/`weight_decay` None leaves the optimiser's groups as the caller set them.
+        `record`, when given, receives the outputs and the raw and clipped gradients."""
+        if lr is not None:
+            set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
+        with self.autocast():
+            with torch.no_grad():
+                t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
+            s_out = self.student(student_crops, self.objective.student_memory)
+            losses = self.objective(s_out, t_out, len(student_crops), epoch)
+        present = {k: v for k, v in losses.items() if v is not None}
+        values = torch.stack([v.detach().float() for v in present.values()]).cpu()
+        if not torch.isfinite(values).all():
+            bad = [k for k, v in zip(present, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+            raise NonFiniteLossError(f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values.tolist()))})")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if record is not None:
+            record["outputs"] = (s_out, t_out)
+            record["grads_raw"] = _grads(self.student)
+        if self.clip_grad:
+            clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, self.arch, epoch))
+        cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
+        if record is not None:
+            record["grads_clipped"] = _grads(self.student)
+        self.optimizer.step()
+        n_weak = self.objective.update_state(s_out, t_out, weak_flags)
+        ema_update_(self.teacher_params, self.student_params, momentum)
+        return StepResult(
+            losses=dict(zip(present, values.tolist())),
+            n_weak=n_weak,
+            teacher_temp=self.objective.group_loss.teacher_temp(epoch),
+        )
+
+
+def _grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
