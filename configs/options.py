@@ -92,7 +92,7 @@ class MugsConfig:
     pred_hidden_dim: int = _opt(4096, "hidden width of the student predictors")
     center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre")
     device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"))
-    precision: str = _opt("bf16", "compute precision", choices=("bf16", "fp16", "fp32"))
+    precision: str = _opt("auto", "compute precision (auto: bf16 on cuda, fp32 on cpu)", choices=("auto", "bf16", "fp16", "fp32"))
     activation_checkpointing: bool = _opt(False, "recompute each block in backward")
     compile: bool = _opt(False, "torch.compile each block")
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes")
@@ -109,6 +109,12 @@ class MugsConfig:
     @property
     def local_crop_size(self) -> int:
         return int(self.size_crops[0])
+
+    @property
+    def compute_precision(self) -> str:
+        if self.precision == "auto":
+            return "bf16" if self.device == "cuda" else "fp32"
+        return self.precision
 
     @property
     def mem_size(self) -> int:

@@ -5,6 +5,10 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.14 renamed all_gather_into_tensor; older releases (>= 2.6 supported) only have the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -15,7 +19,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     out = x.new_empty((world_size() * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 
 # embed_dim, depth, num_heads (the DINO/Mugs/timm definitions)
@@ -86,6 +87,10 @@ class MugsViT(VisionTransformer):
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the last block, BEFORE the final norm: [B, 1 + N, D]."""
         x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:  # recompute each block in backward; names stay unchanged
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            return x
         return self.blocks(x)
 
     def forward_mugs(self, x: torch.Tensor, memory=None) -> BackboneOutput:

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..model.distributed import mean_over_ranks
 from ..model.network import MugsNetwork
 from ..model.objective import MugsObjective
 from .ema import ema_pairs, ema_update_
@@ -70,7 +71,8 @@ class MugsTrainStep:
             s_out = self.student(student_crops, self.objective.student_memory)
             losses = self.objective(s_out, t_out, len(student_crops), epoch)
         present = {k: v for k, v in losses.items() if v is not None}
-        values = torch.stack([v.detach().float() for v in present.values()]).cpu()
+        # averaged over ranks: the logged numbers are global, and a NaN on one rank stops all of them
+        values = mean_over_ranks(torch.stack([v.detach().float() for v in present.values()])).cpu()
         if not torch.isfinite(values).all():
             bad = [k for k, v in zip(present, values.tolist()) if not torch.isfinite(torch.tensor(v))]
             raise NonFiniteLossError(f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values.tolist()))})")

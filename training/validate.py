@@ -1,0 +1,63 @@
+"""Start-up checks: a bad flag fails in one clear line before anything is allocated."""
+from __future__ import annotations
+
+import os
+
+from ..configs.options import ARCHS, MugsConfig
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line naming the flag."""
+
+
+def validate(cfg: MugsConfig, world_size: int = 1) -> None:
+    def fail(msg: str) -> None:
+        raise ConfigError(msg)
+
+    custom = None not in (cfg.embed_dim, cfg.depth, cfg.num_heads)
+    if cfg.arch not in ARCHS and not (cfg.arch == "custom" and custom):
+        fail(f"--arch {cfg.arch!r} is unknown: choose one of {', '.join(ARCHS)} "
+             "(or --arch custom with --embed_dim --depth --num_heads)")
+    if cfg.embed_dim and cfg.num_heads and cfg.embed_dim % cfg.num_heads:
+        fail(f"--embed_dim {cfg.embed_dim} is not divisible by --num_heads {cfg.num_heads}")
+    if not cfg.data_path:
+        fail("--data_path is required (an ImageFolder root or a file list from mugs-scan-data)")
+    if not os.path.exists(cfg.data_path):
+        fail(f"--data_path {cfg.data_path} does not exist")
+    if cfg.optimizer != "adamw":
+        fail(f"--optimizer {cfg.optimizer!r} is not supported: only adamw (the paper's optimiser)")
+    if cfg.use_bn_in_head:
+        fail("--use_bn_in_head true is not supported (the paper's runs use false)")
+    if cfg.use_fp16 or cfg.precision == "fp16":
+        fail("fp16 is not supported with FSDP2 here: use --precision bf16 (same speed, no loss scaling)")
+    g, l, p = cfg.img_size, cfg.local_crop_size, cfg.patch_size
+    if p <= 0 or g % p:
+        fail(f"global crop size {g} (--img_size) is not a multiple of --patch_size {p}")
+    if l % p or l <= 0:
+        fail(f"local crop size {l} (--size_crops) is not a multiple of --patch_size {p}")
+    if l > g:
+        fail(f"local crop size {l} is larger than the global crop size {g}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi <= 1:
+            fail(f"--{name} {lo} {hi} must satisfy 0 < min <= max <= 1")
+    if cfg.local_crops_number < 1:
+        fail("--local_crops_number must be at least 1 (the losses average large- and small-crop pairs)")
+    if not 0 <= cfg.prob <= 1:
+        fail(f"--prob {cfg.prob} is not a probability")
+    if cfg.batch_size_per_gpu < 1:
+        fail("--batch_size_per_gpu must be at least 1")
+    global_batch = cfg.batch_size_per_gpu * world_size
+    if global_batch < cfg.local_group_knn_top_n:
+        fail(f"global batch {global_batch} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}")
+    if cfg.mem_size < cfg.local_group_knn_top_n:
+        fail(f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}")
+    for name in ("instance_queue_size", "local_group_queue_size"):
+        if getattr(cfg, name) < 2 * global_batch:
+            fail(f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global batch = {2 * global_batch})")
+    if len(cfg.loss_weights) != 3 or any(w < 0 for w in cfg.loss_weights) or sum(cfg.loss_weights) <= 0:
+        fail(f"--loss_weights {cfg.loss_weights}: three non-negative numbers, not all zero")
+    if cfg.epochs < 1 or cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
+        fail(f"--warmup_epochs {cfg.warmup_epochs} must be in [0, --epochs {cfg.epochs})")
+    if cfg.max_steps < 0 or cfg.ckpt_every_steps < 0 or cfg.ckpt_keep < 1:
+        fail("--max_steps and --ckpt_every_steps must be >= 0 and --ckpt_keep >= 1")
