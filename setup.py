@@ -6,6 +6,7 @@ PACKAGES = {
     "mugs.pipeline": "pipeline",
     "mugs.training": "training",
     "mugs.configs": "configs",
+    "mugs.eval": "eval",
 }
 
 setup(
@@ -22,6 +23,8 @@ setup(
         "numpy",
         "tensorboard",
         "tqdm",
+        "matplotlib",
+        "scikit-learn",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
@@ -30,6 +33,14 @@ setup(
     entry_points={
         "console_scripts": [
             "mugs-replay-trace=mugs.training.replay_trace:main",
+            "mugs-train=mugs.training.trainer:main",
+            "mugs-consolidate=mugs.training.consolidate:main",
+            "mugs-scan-data=mugs.pipeline.scan:main",
+            "mugs-eval-knn=mugs.eval.knn:main",
+            "mugs-eval-linear=mugs.eval.linear:main",
+            "mugs-export=mugs.eval.export:main",
+            "mugs-attention=mugs.eval.attention:main",
+            "mugs-tsne=mugs.eval.tsne:main",
         ]
     },
 )

@@ -41,7 +41,30 @@ def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 0.2, fused: Optio
         first = next(model.parameters())
         fused = first.is_cuda
     kwargs = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kwargs)
+    opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kwargs)
+    init_adamw_state(opt)
+    return opt
+
+
+@torch.no_grad()
+def init_adamw_state(opt: torch.optim.AdamW) -> None:
+    """Create every parameter's AdamW state now, exactly as AdamW would on its first update.
+
+    Parameters without a gradient yet (the frozen group last layer) would otherwise have no
+    state in early checkpoints, and a resumed optimiser would not match the saved one. Unlike
+    DCP's own initialisation (a zero-gradient step), this leaves `step` at 0: the maths of
+    the first real update is unchanged."""
+    fused = bool(opt.defaults.get("fused"))
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if opt.state[p]:
+                continue
+            step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            opt.state[p] = {
+                "step": step,
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -1,0 +1,1 @@
+"""mugs.eval: k-NN and linear evaluation, checkpoint import/export, pictures."""

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Mugs pretraining entry point: `torchrun --nproc_per_node N train_fsdp.py [original main.py flags]`.
+
+Thin on purpose: the flags live in mugs.configs.options, the loop in mugs.training.trainer.
+"""
+import sys
+
+from mugs.training.trainer import main
+
+if __name__ == "__main__":
+    sys.exit(main())
