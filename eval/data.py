@@ -1,0 +1,112 @@
+"""Images for evaluation: ImageFolder datasets and the protocol's transforms (plain torchvision/timm).
+
+Evaluation views are the DINO/Mugs ones: bicubic resize of the short side to 256,
+centre crop 224, ImageNet normalisation (both sizes are options so that tests
+can use 32-px images). Linear-probe training views are Mugs' (`strong`): flip,
+RandAugment rand-m9-mstd0.5-inc1 on the image, RandomResizedCrop(0.08-1, bicubic),
+random erasing 0.25 (pixel noise); `simple` is DINO's RandomResizedCrop + flip.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from PIL import Image, ImageOps
+from torchvision import datasets, transforms
+
+from .errors import DataError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BICUBIC = transforms.InterpolationMode.BICUBIC
+
+
+def eval_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=BICUBIC),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def train_transform(crop: int = 224, kind: str = "strong") -> transforms.Compose:
+    """Linear-probe training views: `strong` (Mugs' scripts) or `simple` (DINO's)."""
+    if kind == "simple":
+        return transforms.Compose([
+            transforms.RandomResizedCrop(crop, interpolation=BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ])
+    if kind != "strong":
+        raise ValueError(f"unknown training augmentation {kind!r} (strong or simple)")
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+
+    hparams = dict(translate_const=int(crop * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in MEAN))
+    randaug = rand_augment_transform("rand-m9-mstd0.5-inc1", hparams)
+    for op in randaug.ops:
+        if "Posterize" in op.name:
+            op.aug_fn = _posterize
+    return transforms.Compose([
+        transforms.RandomHorizontalFlip(),
+        randaug,
+        transforms.RandomResizedCrop(crop, scale=(0.08, 1.0), interpolation=BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+        RandomErasing(0.25, mode="pixel", max_count=1, device="cpu"),
+    ])
+
+
+def _posterize(img, bits, **_):
+    """timm's posterize, also for 0 bits (magnitude 10 of PosterizeIncreasing): Pillow >= 10 refuses
+    bits=0, which older Pillow (the original's) turned into a black image."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
+
+
+class _ClassSubset(datasets.ImageFolder):
+    """ImageFolder restricted to some class folders (labels follow the given order)."""
+
+    def __init__(self, root: str, classes: Sequence[str], **kw):
+        self._wanted = list(classes)
+        super().__init__(root, **kw)
+
+    def find_classes(self, directory):
+        found = {p.name for p in Path(directory).iterdir() if p.is_dir()}
+        absent = [c for c in self._wanted if c not in found]
+        if absent:
+            raise DataError(f"{directory}: no class folder {', '.join(absent)} (found: {', '.join(sorted(found)[:10])})")
+        return self._wanted, {c: i for i, c in enumerate(self._wanted)}
+
+
+def image_folder(root: "str | Path", transform=None, classes: Optional[Sequence[str]] = None) -> datasets.ImageFolder:
+    """ImageFolder(root/<class>/<image>) with one-line errors for missing folders and empty data."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory (expected {root}/<class>/<image>)")
+    try:
+        if classes:
+            return _ClassSubset(str(root), classes, transform=transform)
+        return datasets.ImageFolder(str(root), transform=transform)
+    except FileNotFoundError as e:
+        raise DataError(f"{root}: no images ({str(e).splitlines()[0]}; expected {root}/<class>/<image>)") from None
+
+
+def train_val_dirs(train: Optional[str], val: Optional[str], data_path: Optional[str]) -> Tuple[Path, Path]:
+    """--train/--val, or --data_path ROOT holding train/ and val/."""
+    if train and val:
+        return Path(train), Path(val)
+    if data_path:
+        return Path(data_path) / "train", Path(data_path) / "val"
+    raise DataError("give --data_path ROOT (with ROOT/train and ROOT/val) or both --train DIR and --val DIR")
+
+
+def check_same_classes(train: datasets.ImageFolder, val: datasets.ImageFolder) -> None:
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))[:5]
+        only_v = sorted(set(val.classes) - set(train.classes))[:5]
+        raise DataError(f"train and val class folders differ (only in train: {only_t}, only in val: {only_v})")

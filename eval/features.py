@@ -1,0 +1,96 @@
+"""Frozen-backbone features, sharded over ranks and gathered, with an optional on-disk cache.
+
+Two kinds, as in the paper's evaluation scripts:
+- k-NN: the final-normed CLS token of the last block;
+- linear: the final-normed CLS tokens of the `n` last blocks, optionally followed
+  by the mean of the last block's final-normed patch tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..model.vit import MugsViT
+from . import dist
+from .safe_load import safe_torch_load
+
+FeatureFn = Callable[[MugsViT, torch.Tensor], torch.Tensor]
+
+
+def cls_features(backbone: MugsViT, images: torch.Tensor) -> torch.Tensor:
+    """[B, D]: the final-normed CLS token (the relation block is not used)."""
+    return backbone.forward_mugs(images).cls
+
+
+def block_features(backbone: MugsViT, images: torch.Tensor, n_last_blocks: int = 1,
+                   avgpool: bool = False) -> torch.Tensor:
+    """[B, D * (n + avgpool)]: CLS of each of the n last blocks (each final-normed) [+ mean patch token]."""
+    outputs = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+             for blk in backbone.blocks[-n_last_blocks:]]
+    try:
+        backbone.forward_tokens(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    normed = [backbone.norm(x) for x in outputs]
+    feats = [x[:, 0] for x in normed]
+    if avgpool:
+        feats.append(normed[-1][:, 1:].mean(dim=1))
+    return torch.cat(feats, dim=-1)
+
+
+def loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, **kw) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False, **kw)
+
+
+@torch.no_grad()
+def extract(backbone: MugsViT, dataset: Dataset, fn: FeatureFn, dim: int, *, batch_size: int, num_workers: int,
+            device: torch.device, desc: str) -> Optional[torch.Tensor]:
+    """[len(dataset), dim] float32 CPU features in dataset order on rank 0; None on the other ranks."""
+    index = dist.shard(len(dataset))
+    rows = []
+    batches = loader(Subset(dataset, index), batch_size, num_workers, device)
+    for images, _ in tqdm(batches, desc=desc, disable=not dist.is_main(), dynamic_ncols=True):
+        rows.append(fn(backbone, images.to(device, non_blocking=True)).float())
+    local = torch.cat(rows) if rows else torch.zeros(0, dim, device=device)
+    return dist.gather_rows(local, torch.tensor(index, dtype=torch.long), len(dataset))
+
+
+def fingerprint(**parts) -> str:
+    """A stable hash of what the features depend on (checkpoint identity, images, views, kind)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def checkpoint_identity(path: Path) -> dict:
+    """Path, size and mtime of the checkpoint's defining file: changes when it is rewritten."""
+    target = path / "COMPLETE" if path.is_dir() else path
+    st = target.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cached(cache_dir: Optional[str], name: str, key: str,
+           compute: Callable[[], Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], bool]:
+    """Features from `cache_dir/name-key.pt` when present (read by rank 0), else computed (and written
+    by rank 0). The file name holds the key, so every rank takes the same branch."""
+    if not cache_dir:
+        return compute(), False
+    path = Path(cache_dir) / f"{name}-{key}.pt"
+    if path.is_file():
+        return (safe_torch_load(path)["features"] if dist.is_main() else None), True
+    feats = compute()
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "features": feats}, tmp)
+        os.replace(tmp, path)
+    dist.barrier()
+    return feats, False

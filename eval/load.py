@@ -1,0 +1,225 @@
+"""Read every checkpoint this project meets and turn it into our models, checking the architecture.
+
+Accepted CHECKPOINT paths:
+- a run's output dir (its newest complete sharded checkpoint) or one sharded
+  checkpoint dir `checkpoints/step_N/` (DCP; only the parts asked for are read,
+  without a process group);
+- a consolidated file from `mugs-consolidate` (`student`, `teacher`, `objective`, `meta`);
+- a released Mugs full checkpoint (`student`/`teacher` possibly `module.`-prefixed,
+  `*_mem`, `*-sup.`, `epoch`, `args`) or a backbone-only file (a ViT state dict,
+  possibly `module.`/`backbone.`-prefixed).
+Files are read with `safe_torch_load` (weights only); `arch.py` works out and
+checks the architecture. Continued training gets student/teacher/objective
+state dicts in our naming (`load_training_state`).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..model.convert import network_from_original, objective_from_original
+from ..model.vit import ARCH_SHAPES, MugsViT
+from .arch import ArchSpec, build_from_state, check_requested, shape_diff, spec_from_weights
+from .errors import CheckpointError
+from .safe_load import plain, safe_torch_load
+
+StateDict = Dict[str, torch.Tensor]
+_ORIGINAL_STATE = ("student_mem", "teacher_mem", "instance-sup.", "local-group-sup.", "group-sup.")
+_CLASSIFIER_PREFIXES = ("head.", "fc.", "head_drop.")
+
+
+@dataclass
+class Checkpoint:
+    """What one CHECKPOINT holds, in our naming."""
+
+    path: Path
+    kind: str  # "sharded", "consolidated", "original" or "backbone"
+    config: dict = field(default_factory=dict)  # MugsConfig fields (ours) or the original flags (`args`)
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+    networks: Dict[str, StateDict] = field(default_factory=dict)  # "student"/"teacher": MugsNetwork state dicts
+    objective: Optional[StateDict] = None  # MugsObjective state dict
+    backbone_only: Optional[StateDict] = None  # plain ViT state dict (backbone-only files)
+
+    def backbone(self, key: str = "teacher") -> StateDict:
+        """The ViT state dict (timm names, relation blocks included) of `key`'s backbone."""
+        if self.backbone_only is not None:
+            return self.backbone_only
+        if key not in self.networks:
+            raise CheckpointError(f"{self.path}: has no `{key}` weights (found: {', '.join(self.networks) or 'none'})")
+        net = self.networks[key]
+        sd = {k[len("backbone."):]: v for k, v in net.items() if k.startswith("backbone.")}
+        if not sd and "cls_token" in net:  # `{"teacher": <bare ViT state dict>}`
+            sd = {k: v for k, v in net.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+        if not sd:
+            raise CheckpointError(f"{self.path}: `{key}` holds no `backbone.*` weights")
+        return sd
+
+
+# ---------------------------------------------------------------- reading
+def _clean_key(k: str) -> str:
+    while k.startswith("module."):
+        k = k[len("module."):]
+    return k.replace("_orig_mod.", "")
+
+
+def _clean(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    return {_clean_key(k): v for k, v in sd.items()}
+
+
+def resolve_sharded(path: Path) -> Optional[Path]:
+    """A run dir -> its newest complete checkpoint dir; a checkpoint dir -> itself; else None."""
+    from ..training.checkpoint import latest
+
+    if (path / "COMPLETE").is_file():
+        return path
+    return latest(str(path))
+
+
+def read_checkpoint(path: "str | Path", parts: Sequence[str] = ("teacher",)) -> Checkpoint:
+    """Read CHECKPOINT. For sharded checkpoints only `parts` ("student", "teacher",
+    "objective") are loaded; files are read whole (memory-mapped)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        d = resolve_sharded(p)
+        if d is None:
+            raise CheckpointError(f"{p}: no complete checkpoint here (looked for {p}/COMPLETE and "
+                                  f"{p}/checkpoints/step_*/COMPLETE)")
+        return _read_sharded(d, parts)
+    return _from_blob(p, safe_torch_load(p))
+
+
+def _read_sharded(d: Path, parts: Sequence[str]) -> Checkpoint:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = json.loads((d / "COMPLETE").read_text())
+    try:
+        md = FileSystemReader(str(d)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user error
+        raise CheckpointError(f"{d}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from None
+    want: Dict[str, StateDict] = {}
+    for key, m in md.items():
+        top, _, rest = key.partition(".")
+        if top in parts and isinstance(m, TensorStorageMetadata):
+            want.setdefault(top, {})[rest] = torch.empty(m.size, dtype=m.properties.dtype)
+    missing = [x for x in parts if x not in want]
+    if missing:
+        raise CheckpointError(f"{d}: the sharded checkpoint has no {', '.join(missing)}")
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(want, checkpoint_id=str(d), no_dist=True)
+    return Checkpoint(
+        path=d, kind="sharded", config=meta.get("config") or {}, epoch=meta.get("epoch"), step=meta.get("step"),
+        networks={k: _clean(want[k]) for k in ("student", "teacher") if k in want},
+        objective=want.get("objective"),
+    )
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _from_blob(p: Path, blob) -> Checkpoint:
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{p}: not a checkpoint (a {type(blob).__name__}, expected a dict)")
+    has_nets = any(isinstance(blob.get(k), dict) for k in ("student", "teacher"))
+    if has_nets and isinstance(blob.get("meta"), dict):  # ours, from mugs-consolidate
+        meta = blob["meta"]
+        return Checkpoint(
+            path=p, kind="consolidated", config=meta.get("config") or {}, epoch=meta.get("epoch"),
+            step=meta.get("step"),
+            networks={k: _clean(blob[k]) for k in ("student", "teacher") if isinstance(blob.get(k), dict)},
+            objective=blob.get("objective"),
+        )
+    if has_nets:  # the original layout
+        return Checkpoint(
+            path=p, kind="original", config=plain(blob.get("args")), epoch=blob.get("epoch"),
+            networks={k: network_from_original(blob[k]) for k in ("student", "teacher") if isinstance(blob.get(k), dict)},
+            objective=objective_from_original(blob) if any(k in blob for k in _ORIGINAL_STATE) else None,
+        )
+    for k in ("state_dict", "model"):  # common wrappers of backbone-only files
+        if _is_state_dict(blob.get(k)):
+            blob = blob[k]
+            break
+    if not _is_state_dict(blob):
+        raise CheckpointError(f"{p}: not a recognised checkpoint (top-level keys: {', '.join(map(str, list(blob)[:8]))})")
+    sd = {}
+    for k, v in blob.items():
+        k = _clean_key(k)
+        k = k[len("backbone."):] if k.startswith("backbone.") else k
+        if not k.startswith(_CLASSIFIER_PREFIXES):
+            sd[k] = v
+    return Checkpoint(path=p, kind="backbone", backbone_only=sd)
+
+
+def load_backbone(path: "str | Path", *, key: str = "teacher", arch: Optional[str] = None,
+                  patch_size: Optional[int] = None, num_heads: Optional[int] = None,
+                  ckpt: Optional[Checkpoint] = None) -> Tuple[MugsViT, ArchSpec, Checkpoint]:
+    """The `key` backbone of CHECKPOINT as a `MugsViT` in eval mode, its ArchSpec and the Checkpoint.
+
+    `arch`/`patch_size`, when given, must agree with the weights; `num_heads` is only
+    needed for custom-size backbone-only files."""
+    ckpt = ckpt or read_checkpoint(path, parts=(key,))
+    sd = ckpt.backbone(key)
+    where = str(ckpt.path)
+    check_requested(sd, arch, patch_size, where)
+    heads = num_heads or (ARCH_SHAPES[arch][2] if arch else None)
+    spec = spec_from_weights(sd, ckpt.config, heads, where)
+    return build_from_state(sd, spec, where), spec, ckpt
+
+
+# ---------------------------------------------------------------- continued training
+@dataclass
+class TrainingState:
+    """Student, teacher and loss state in our naming (load into MugsNetwork / MugsObjective)."""
+
+    student: StateDict
+    teacher: StateDict
+    objective: StateDict
+    epoch: Optional[int]
+    step: Optional[int]
+    config: dict
+    kind: str
+
+
+def load_training_state(path: "str | Path", cfg=None) -> TrainingState:
+    """Everything needed to continue training from CHECKPOINT (any full format).
+
+    With `cfg` (a MugsConfig) the state is also checked against freshly built
+    networks and objective, so a wrong arch fails here with the differences listed."""
+    ckpt = read_checkpoint(path, parts=("student", "teacher", "objective"))
+    absent = [k for k in ("student", "teacher") if k not in ckpt.networks]
+    if ckpt.kind == "backbone" or absent or ckpt.objective is None:
+        what = "only a backbone" if ckpt.kind == "backbone" else "no " + ", ".join(absent or ["loss/memory state"])
+        raise CheckpointError(f"{ckpt.path}: holds {what}; continued training needs a full checkpoint "
+                              "(student, teacher, queues, memories, centre)")
+    state = TrainingState(ckpt.networks["student"], ckpt.networks["teacher"], dict(ckpt.objective), ckpt.epoch,
+                          ckpt.step, ckpt.config, ckpt.kind)
+    if cfg is not None:
+        check_training_state(state, cfg, str(ckpt.path))
+    return state
+
+
+def check_training_state(state: TrainingState, cfg, where: str = "checkpoint") -> None:
+    """Raise CheckpointError unless every tensor fits the networks/objective `cfg` builds."""
+    from ..model.network import build_network
+    from ..model.objective import MugsObjective
+
+    with torch.device("meta"):
+        student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+        objective = MugsObjective(cfg, student.backbone.embed_dim)
+    for name, module, sd in (("student", student, state.student), ("teacher", teacher, state.teacher),
+                             ("objective", objective, state.objective)):
+        diff = shape_diff({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in sd.items()})
+        if diff:
+            raise CheckpointError(f"{where}: {name} does not fit the config (arch {cfg.arch}): {diff}")
+

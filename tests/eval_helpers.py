@@ -1,0 +1,100 @@
+"""Small data and checkpoints for the evaluation tests: colour-coded image classes and a tiny Mugs model."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mugs.configs.options import MugsConfig
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200), "yellow": (220, 210, 40)}
+PARITY = Path(__file__).parent / "data" / "parity"
+
+
+def make_images(root: Path, per_class: int, size: int = 32, seed: int = 0,
+                classes: Sequence[str] = tuple(COLOURS)) -> Path:
+    """root/<class>/<i>.png: a noisy background of the class colour with a random grey square."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            s = int(rng.integers(size // 6, size // 3))
+            y, x = rng.integers(0, size - s, 2)
+            img[y:y + s, x:x + s] = rng.integers(60, 200)
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def make_dataset(root: Path, train_per_class: int = 8, val_per_class: int = 4, size: int = 32) -> Path:
+    make_images(root / "train", train_per_class, size, seed=1)
+    make_images(root / "val", val_per_class, size, seed=2)
+    return root
+
+
+def tiny_cfg(**kw) -> MugsConfig:
+    base = dict(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
+                head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
+                instance_queue_size=24, local_group_queue_size=24, memory_size=20, local_group_knn_top_n=3,
+                group_out_dim=40, group_bottleneck_dim=16, local_crops_number=2, drop_path_rate=0.0, epochs=7,
+                device="cpu")
+    base.update(kw)
+    return MugsConfig(**base)
+
+
+def build_models(cfg: MugsConfig, seed: int = 0):
+    """Student, teacher (a perturbed copy, so the two differ) and objective."""
+    from mugs.model.network import build_network
+    from mugs.model.objective import MugsObjective
+
+    torch.manual_seed(seed)
+    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    return student, teacher, objective
+
+
+def save_run(output_dir: Path, cfg: MugsConfig, step: int = 6, epoch: int = 3, seed: int = 0):
+    """A run dir with one complete sharded checkpoint, as the trainer writes it (no process group)."""
+    from mugs.training import checkpoint as ckpt
+    from mugs.training.optim import build_adamw
+
+    student, teacher, objective = build_models(cfg, seed)
+    optimizer = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
+    with warnings.catch_warnings():  # "no process group: saving in a single process" is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        path = ckpt.save(str(output_dir), step, epoch, student=student, teacher=teacher, optimizer=optimizer,
+                         objective=objective, loader_state=None, keep=2, extra={"config": dataclasses.asdict(cfg)})
+    return path, student, teacher, objective
+
+
+def trace(name: str = "mugs_step_seed0_epoch0.pt") -> dict:
+    return torch.load(PARITY / name, weights_only=True)
+
+
+def original_from_trace(tr: dict, epoch: int = 5) -> Dict:
+    """A full checkpoint in the original main.py layout built from a golden trace's `state0`."""
+    s0, tc = tr["state0"], tr["config"]
+    return {
+        "student": {"module." + k: v for k, v in s0["student"].items()},  # DDP-wrapped, as main.py saves it
+        "teacher": dict(s0["teacher"]),
+        "student_mem": dict(s0["student_mem"]),
+        "teacher_mem": dict(s0["teacher_mem"]),
+        "instance-sup.": {"queue": s0["instance_queue"], "queue_ptr": torch.tensor([int(s0["instance_queue_ptr"])])},
+        "local-group-sup.": {"queue": s0["local_group_queue"],
+                             "queue_ptr": torch.tensor([int(s0["local_group_queue_ptr"])])},
+        "group-sup.": {"center": s0["center"]},
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": epoch,
+        "args": argparse.Namespace(arch="vit_custom", patch_size=tc["patch_size"], embed_dim=tc["embed_dim"],
+                                   depth=tc["depth"], num_heads=tc["num_heads"], epochs=tc["epochs"],
+                                   data_path="/data/imagenet", lr=tc["lr"]),
+    }
