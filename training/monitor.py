@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -49,7 +50,7 @@ class Monitor:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if not self.enabled:

@@ -132,9 +132,9 @@ def _train(cfg: MugsConfig, info: DistInfo, stop: StopRequest) -> int:
         while step < stop_at:
             epoch = step // iters
             loader.set_epoch(epoch)
-            if loader_state is not None:
+            if loader_state is not None and step % iters:  # mid-epoch: continue with the next batch
                 loader.load_state_dict(loader_state)
-                loader_state = None
+            loader_state = None  # at an epoch boundary (seed, epoch) alone define the data
             t0 = time.perf_counter()
             for batch in loader:
                 lr, wd, m = sched.lr(step), sched.weight_decay(step), sched.momentum(step)

@@ -1,0 +1,139 @@
+"""train_fsdp.py end to end on CPU: flags, 2-rank FSDP runs, resume after SIGKILL, logs, NaN stop."""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugs.training import checkpoint as ckpt
+from mugs.training.trainer import main as train_main
+from train_helpers import make_image_folder, run, train_cmd
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
+
+
+def _final_state(out: Path) -> dict:
+    path = ckpt.latest(str(out))
+    assert path is not None, f"no checkpoint in {out}"
+    ckpt.consolidate(path, out / "final.pt")
+    return torch.load(out / "final.pt", weights_only=True)
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif torch.is_tensor(v):
+            yield f"{prefix}{k}", v
+
+
+def _assert_bitwise_equal(a: dict, b: dict):
+    fa, fb = dict(_flatten({k: a[k] for k in ("student", "teacher", "objective", "optimizer")})), dict(
+        _flatten({k: b[k] for k in ("student", "teacher", "objective", "optimizer")}))
+    assert set(fa) == set(fb)
+    diff = [k for k in fa if not torch.equal(fa[k], fb[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--arch", "vit_huge"], "--arch"),
+    (["--data_path", "/nonexistent/dir"], "does not exist"),
+    (["--size_crops", "12"], "multiple of --patch_size"),
+    (["--batch_size_per_gpu", "2", "--local_group_knn_top_n", "8"], "smaller than --local_group_knn_top_n"),
+    (["--local_crops_scale", "0.5", "0.2"], "--local_crops_scale"),
+    (["--use_bn_in_head", "maybe"], "true or false"),
+])
+def test_bad_flags_fail_at_start_with_one_clear_line(data, tmp_path, capsys, flags, needle):
+    base = ["--data_path", str(data), "--output_dir", str(tmp_path), "--device", "cpu", "--arch", "vit_tiny",
+            "--batch_size_per_gpu", "8"]
+    try:
+        code = train_main(base + flags)
+    except SystemExit as e:  # argparse rejects malformed values itself
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert needle in err[-1]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_two_ranks_train_checkpoint_and_log(data, tmp_path):
+    out = tmp_path / "run"
+    r = run(train_cmd(2, 29701, data, out, "--batch_size_per_gpu", "4", "--max_steps", "3"))
+    assert r.returncode == 0, r.stderr[-12000:]
+    meta = json.loads((ckpt.latest(str(out)) / "COMPLETE").read_text())
+    assert meta["step"] == 3
+    # progress bar with ETA on rank 0
+    assert "3/3" in r.stderr and "<" in r.stderr and "reached --max_steps 3" in r.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("loss/total", "loss/instance", "loss/local_group", "loss/group", "sched/lr", "sched/weight_decay",
+                "sched/teacher_momentum", "sched/teacher_temp", "data/weak_ratio", "perf/images_per_s",
+                "perf/step_time_s"):
+        assert tag in tags, tag
+    assert [e.step for e in ea.Scalars("loss/total")] == [1, 2, 3]
+    assert all(e.value == e.value and e.value > 0 for e in ea.Scalars("loss/total"))
+    log = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert log[-1]["event"] == "exit" and log[-1]["step"] == 3
+
+
+def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists():
+            return
+        assert proc.poll() is None, "training ended before the checkpoint to kill at"
+        time.sleep(0.2)
+    raise AssertionError("checkpoint never appeared")
+
+
+def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(data, tmp_path):
+    flags = ("--batch_size_per_gpu", "4", "--max_steps", "5", "--ckpt_every_steps", "1")
+    ref = tmp_path / "ref"
+    r = run(train_cmd(2, 29711, data, ref, *flags))
+    assert r.returncode == 0, r.stderr[-12000:]
+
+    # 1) SIGKILL the whole job once step 2's checkpoint is complete, then restart
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(2, 29712, data, killed, *flags), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_checkpoint(killed, 2, proc)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = run(train_cmd(2, 29713, data, killed, *flags))
+    assert r.returncode == 0, r.stderr[-12000:]
+    assert "resumed from" in r.stderr
+    _assert_bitwise_equal(_final_state(ref), _final_state(killed))
+
+    # 2) crash while step 3's checkpoint is being written: it must not count, resume from step 2
+    crashed = tmp_path / "crashed"
+    r = run(train_cmd(2, 29714, data, crashed, *flags), env={"MUGS_FAULT_CRASH_IN_SAVE": "3"})
+    assert r.returncode != 0
+    assert (crashed / "checkpoints" / ".tmp-step_00000003").exists()
+    assert ckpt.latest(str(crashed)).name == "step_00000002"
+    r = run(train_cmd(2, 29715, data, crashed, *flags))
+    assert r.returncode == 0, r.stderr[-12000:]
+    assert "step_00000002" in r.stderr
+    _assert_bitwise_equal(_final_state(ref), _final_state(crashed))
+    assert not list((crashed / "checkpoints").glob(".tmp-*"))
+
+
+def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_checkpoint(data, tmp_path):
+    out = tmp_path / "nan"
+    r = run(train_cmd(1, 29721, data, out, "--batch_size_per_gpu", "8", "--max_steps", "6",
+                      "--ckpt_every_steps", "1", "--lr", "1e30", "--clip_grad", "0", "--warmup_epochs", "0"))
+    assert r.returncode != 0, r.stderr[-3000:]  # the worker exits 3; torchrun reports it as a failure
+    assert "non-finite loss in" in r.stderr and "step " in r.stderr
+    last = ckpt.latest(str(out))
+    assert last is not None and (last / "COMPLETE").exists()
+    assert not list((out / "checkpoints").glob(".tmp-*"))

@@ -1,0 +1,45 @@
+"""Small image folders and train_fsdp.py command lines shared by the trainer tests."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_FLAGS = [
+    "--device", "cpu", "--precision", "fp32", "--loader", "torchvision", "--num_workers", "0",
+    "--arch", "custom", "--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8",
+    "--img_size", "32", "--size_crops", "16", "--local_crops_number", "2",
+    "--head_hidden_dim", "32", "--pred_hidden_dim", "48", "--instance_out_dim", "16", "--local_group_out_dim", "16",
+    "--group_out_dim", "40", "--group_bottleneck_dim", "16", "--instance_queue_size", "64",
+    "--local_group_queue_size", "64", "--memory_size", "32", "--local_group_knn_top_n", "3",
+    "--drop_path_rate", "0.0", "--epochs", "3", "--warmup_epochs", "1", "--freeze_last_layer", "1",
+    "--ckpt_every_minutes", "0",
+]
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """A tiny ImageFolder of JPEGs: class c is a noisy gradient with its own colour."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size, 3), np.float32)
+            base[..., c % 3] = np.linspace(60, 220, size)[None, :]
+            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"img_{i}.JPEG", quality=90)
+    return root
+
+
+def train_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list:
+    runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    return runner + [str(ROOT / "train_fsdp.py"), "--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, *extra]
+
+
+def run(cmd: list, timeout: int = 600, env: dict = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
