@@ -1,0 +1,18 @@
+#!/bin/bash
+# Mugs ViT-B/16, 400 epochs (paper Table 1): 3 nodes x 8 GPUs x 42 images = global batch 1008 (24 x 42, as the paper's pretraining.sh).
+# Flags: configs/table1.py ("vit_base_400ep"); everything is overridable, see slurm/launch.sh and the README.
+# Submit from the repository root: sbatch slurm/vit_base_400ep.sh   (logs: slurm/logs/slurm-%x-%j.out)
+#SBATCH --job-name=mugs-vit_base_400ep
+#SBATCH --nodes=3
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/slurm-%x-%j.out
+trap 'MUGS_SIGNAL=USR1' USR1  # first: the time-limit warning can arrive in the job's first second
+RUN=vit_base_400ep
+source "${MUGS_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh" || { echo "submit from the repo root or set MUGS_ROOT"; exit 2; }
