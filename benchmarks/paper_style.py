@@ -1,0 +1,161 @@
+"""The paper-style baseline of the Mugs step: how the original code runs it, on the same model.
+
+What differs from the optimised step (training/step.py under FSDP2), and why each matters:
+- fp32 everywhere, no autocast (the paper's commands pass --use_fp16 false);
+- materialised attention: timm `fused_attn=False`, softmax(q k^T) v as in the original ViT;
+- the losses pair by pair in Python loops, one queue matmul per (teacher, student) pair
+  (22 instead of our 12), with a host sync (`.item()`) per loss as the original logs them;
+- per-tensor Python loops for gradient clipping (a host sync per tensor) and the EMA;
+- non-fused, non-foreach AdamW; a plain module (no FSDP: what DDP on one GPU runs).
+Shared with the optimised step: one backbone pass per crop-resolution group (the original
+does that too), the heads, the memory/queue/centre updates (MugsObjective.update_state).
+The losses are the same numbers (tests/test_bench_paper_style.py checks it).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mugs.model.losses import weighted_total
+from mugs.model.network import build_network
+from mugs.model.objective import MugsObjective
+from mugs.training.optim import cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
+from mugs.training.step import StepResult
+
+
+def _no_op(label: str) -> None:
+    pass
+
+
+def use_materialised_attention(net: nn.Module) -> int:
+    """Switch every timm Attention to the explicit softmax(q k^T) v path; returns how many."""
+    n = 0
+    for m in net.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+            n += 1
+    return n
+
+
+def build_paper_style(cfg, device: torch.device):
+    """Student, teacher (copy of the student), objective and a plain AdamW, fp32, unsharded.
+
+    Same seed and order as training.trainer.build_models, so both start from the same weights."""
+    torch.manual_seed(cfg.seed)
+    student = build_network(cfg, teacher=False)
+    teacher = build_network(cfg, teacher=True)
+    teacher.load_state_dict(student.state_dict(), strict=False)
+    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    for m in (student, teacher, objective):
+        m.to(device)
+        use_materialised_attention(m)
+    groups = param_groups(student)
+    for g in groups:
+        g["lr_mult"] = cfg.patch_embed_lr_mult if "patch_embed" in g["name"] else 1.0
+    optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=False, fused=False)
+    return student, teacher, objective, optimizer
+
+
+def pairwise_infonce(student: torch.Tensor, teacher: torch.Tensor, n_crops: int, queue: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """InfoNCE per (teacher crop, student crop) pair, skipping equal indices; 0.5 * (large + small)."""
+    preds, targets = student.chunk(n_crops), teacher.detach().chunk(2)
+    large, small = [], []
+    for t_idx, targ in enumerate(targets):
+        for s_idx, pred in enumerate(preds):
+            if t_idx == s_idx:
+                continue
+            pos = (pred * targ).sum(-1, keepdim=True)
+            logits = torch.cat([pos, pred @ queue], dim=1) / temperature
+            labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            (large if s_idx < 2 else small).append(F.cross_entropy(logits, labels))
+    return _halves(large, small)
+
+
+def pairwise_group(student: torch.Tensor, teacher: torch.Tensor, n_crops: int, center: torch.Tensor,
+                   teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """DINO-style cross-entropy per pair, same skipping and averaging."""
+    s_out = (student / student_temp).chunk(n_crops)
+    q_all = F.softmax((teacher.detach() - center) / teacher_temp, dim=-1).chunk(2)
+    large, small = [], []
+    for t_idx, q in enumerate(q_all):
+        for s_idx, s in enumerate(s_out):
+            if t_idx == s_idx:
+                continue
+            (large if s_idx < 2 else small).append(torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean())
+    return _halves(large, small)
+
+
+def _halves(large: List[torch.Tensor], small: List[torch.Tensor]) -> torch.Tensor:
+    large_mean = sum(large) / len(large)
+    return 0.5 * (large_mean + sum(small) / len(small)) if small else large_mean
+
+
+class PaperStyleStep:
+    """Same call signature and result as training.step.MugsTrainStep; `mark(label)` times phases."""
+
+    mark: Callable[[str], None] = staticmethod(_no_op)  # benchmarks/phases.py hooks a timer here
+
+    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: float,
+                 freeze_last_layer: int):
+        self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
+        self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
+        s = dict(student.named_parameters())
+        self.ema_pairs = [(s[name], p) for name, p in teacher.named_parameters()]
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def losses(self, s_out, t_out, n_crops: int, epoch: int) -> dict:
+        obj, w = self.objective, self.objective.loss_weights
+        out = {"instance": None, "local_group": None, "group": None}
+        if w[0] > 0:
+            il = obj.instance_loss
+            out["instance"] = pairwise_infonce(s_out.instance, t_out.instance, n_crops, il.queue.clone(), il.temperature)
+        if w[1] > 0:
+            ll = obj.local_group_loss
+            out["local_group"] = pairwise_infonce(s_out.local_group, t_out.local_group, n_crops, ll.queue.clone(),
+                                                  ll.temperature)
+        if w[2] > 0:
+            gl = obj.group_loss
+            out["group"] = pairwise_group(s_out.group, t_out.group, n_crops, gl.center, gl.teacher_temp(epoch),
+                                          gl.student_temp)
+        out["total"] = weighted_total(out, w)
+        return out
+
+    def __call__(self, teacher_crops: Sequence[torch.Tensor], student_crops: Sequence[torch.Tensor],
+                 weak_flags: torch.Tensor, *, epoch: int, momentum: float, lr: Optional[float] = None,
+                 weight_decay: Optional[float] = None, step_index: int = 0) -> StepResult:
+        if lr is not None:
+            set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
+        with torch.no_grad():
+            t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
+        self.mark("teacher_fwd")
+        s_out = self.student(student_crops, self.objective.student_memory)
+        self.mark("student_fwd")
+        losses = self.losses(s_out, t_out, len(student_crops), epoch)
+        logged = {k: v.item() for k, v in losses.items() if v is not None}  # one sync per loss, as the original logs
+        self.mark("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        self.mark("backward")
+        if self.clip_grad:
+            clip = clip_value(self.clip_grad, self.arch, epoch)
+            for p in self.student.parameters():  # the original's clip_gradients: one norm (and sync) per tensor
+                if p.grad is not None:
+                    coef = clip / (p.grad.data.norm(2) + 1e-6)
+                    if coef < 1:
+                        p.grad.data.mul_(coef)
+        cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
+        self.mark("clip")
+        self.optimizer.step()
+        self.mark("optimizer")
+        n_weak = self.objective.update_state(s_out, t_out, weak_flags)
+        self.mark("state_update")
+        with torch.no_grad():
+            for ps, pt in self.ema_pairs:  # the original's EMA loop, one tensor at a time
+                pt.data.mul_(momentum).add_((1 - momentum) * ps.detach().data)
+        self.mark("ema")
+        return StepResult(losses=logged, n_weak=n_weak, teacher_temp=self.objective.group_loss.teacher_temp(epoch))

@@ -1,0 +1,272 @@
+"""Throughput of the FULL Mugs training step on synthetic on-device batches, with MFU.
+
+One step = teacher forward (2 global crops), student forward + backward (2 global + N
+local crops), the three losses, queue/centre/memory updates, per-parameter clipping,
+AdamW and the EMA: training/step.py's MugsTrainStep on FSDP2-sharded models built by
+training/trainer.py:build_models (world size 1 without torchrun). `--baseline` runs the
+paper-style step instead (benchmarks/paper_style.py); `--compare` runs both, one after
+the other in this process, and reports optimised / baseline images per second.
+
+Timing: `--warmup` steps, then `--steps` steps each timed with time.perf_counter after a
+device synchronize (the step already syncs once for its loss check); then a separate
+instrumented pass of `--phase_steps` steps gives the per-phase split (benchmarks/phases.py).
+MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
+peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (DESIGN.md's MFU).
+Each run appends one JSON line per mode to every `--out` file (rank 0).
+
+    python benchmarks/step.py --arch vit_large --batch_size_per_gpu 16 --compare
+    torchrun --nproc_per_node 8 benchmarks/step.py --arch vit_base --batch_size_per_gpu 42
+    python benchmarks/step.py --device cpu --arch vit_tiny --batch_size_per_gpu 4 --steps 3 --compare
+Other MugsConfig flags (e.g. --instance_queue_size 4096, --embed_dim 64 with --arch custom)
+pass through to the model configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks import hardware
+from benchmarks.flops import MugsShape, step_flops_per_image
+from benchmarks.paper_style import PaperStyleStep, build_paper_style
+from benchmarks.phases import PhaseTimer, device_sync, instrumented_baseline, instrumented_optimised
+from mugs.configs.options import MugsConfig, parse_config
+from mugs.training.dist import DistInfo, init_distributed, shutdown
+from mugs.training.optim import build_adamw
+from mugs.training.parallelize import DTYPES
+from mugs.training.step import MugsTrainStep
+from mugs.training.trainer import build_models
+from mugs.training.validate import ConfigError, validate
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step.jsonl"
+PAPER_BATCH = {"vit_tiny": 64, "vit_small": 64, "vit_base": 42, "vit_large": 16}  # Table 1 per-GPU batches
+LR, WEIGHT_DECAY, MOMENTUM = 1e-5, 0.04, 0.996  # small lr: the synthetic data must not blow up
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="vit_small", help="vit_tiny|vit_small|vit_base|vit_large, or custom "
+                   "(then --embed_dim --depth --num_heads)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="optimised step's compute precision (auto: bf16 on cuda, fp32 on cpu); the baseline is fp32")
+    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (optimised step)")
+    p.add_argument("--batch_size_per_gpu", type=int, default=None, help="default: the paper's per-GPU batch")
+    p.add_argument("--local_crops_number", type=int, default=10)
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--local_size", type=int, default=96)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--phase_steps", type=int, default=2, help="steps of the instrumented per-phase pass (0: skip)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--baseline", action="store_true", help="only the paper-style step")
+    mode.add_argument("--compare", action="store_true", help="optimised and paper-style; prints the speed-up")
+    p.add_argument("--baseline_tf32", action="store_true",
+                   help="let the fp32 baseline use TF32 matmuls (torch < 1.12's default, the paper's era)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="override the MFU denominator")
+    p.add_argument("--out", action="append", default=None, help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
+    p.add_argument("--tag", default="", help="free text stored in the record")
+    args, rest = p.parse_known_args(argv)
+    args.out = args.out or [str(DEFAULT_OUT)]
+    return args, rest
+
+
+def make_config(args, rest: List[str]) -> MugsConfig:
+    precision = args.precision if args.precision != "auto" else ("bf16" if args.device == "cuda" else "fp32")
+    batch = args.batch_size_per_gpu or PAPER_BATCH.get(args.arch, 8)
+    argv = ["--arch", args.arch, "--device", args.device, "--precision", precision, "--batch_size_per_gpu", str(batch),
+            "--local_crops_number", str(args.local_crops_number), "--img_size", str(args.img_size),
+            "--size_crops", str(args.local_size), "--activation_checkpointing", str(args.activation_checkpointing),
+            "--compile", str(args.compile)] + list(rest)
+    return parse_config(argv)
+
+
+def synthetic_batch(cfg: MugsConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """2 teacher crops, the student's 2 global (the same tensors) + N local crops, weak flags."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b, gs, ls = cfg.batch_size_per_gpu, cfg.img_size, cfg.local_crop_size
+    teacher = [torch.randn(b, 3, gs, gs, generator=g).to(device, dtype) for _ in range(2)]
+    local = [torch.randn(b, 3, ls, ls, generator=g).to(device, dtype) for _ in range(cfg.local_crops_number)]
+    weak = (torch.rand(b, generator=g) < 0.5).to(device)
+    return teacher, teacher + local, weak
+
+
+def measure(step_fn, instrument, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args) -> dict:
+    t_crops, s_crops, weak = synthetic_batch(cfg, device, dtype)
+    epoch = cfg.freeze_last_layer  # steady state: the prototype layer is trained too
+
+    def run(fn, i: int):
+        return fn(t_crops, s_crops, weak, epoch=epoch, momentum=MOMENTUM, lr=LR, weight_decay=WEIGHT_DECAY,
+                  step_index=i)
+
+    sync = device_sync(device)
+    for i in range(args.warmup):
+        run(step_fn, i)
+    sync()
+    hardware.reset_peak_memory(device)
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        res = run(step_fn, args.warmup + i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    out = {"step_time_s": statistics.fmean(times), "step_time_median_s": statistics.median(times),
+           "step_time_min_s": min(times), "losses": res.losses, **hardware.peak_memory(device)}
+    if args.phase_steps > 0:
+        timer = PhaseTimer(sync)
+        with instrument(step_fn, timer) as inst:
+            for i in range(args.phase_steps):
+                timer.start()
+                run(inst, i)
+                timer.mark("other")
+        out["phases_s"] = timer.mean(args.phase_steps)
+        out["phase_method"] = "device synchronize + time.perf_counter at phase boundaries, separate pass"
+    return out
+
+
+def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
+    student, teacher, objective = build_models(cfg, info)
+    optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
+    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
+                            freeze_last_layer=cfg.freeze_last_layer)
+    shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
+    res = measure(step_fn, instrumented_optimised, cfg, info.device, DTYPES[cfg.compute_precision], args)
+    return {"mode": "optimised", "precision": cfg.compute_precision, "fsdp": True, "tf32": False,
+            "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile, "shape": shape, **res}
+
+
+def bench_baseline(cfg: MugsConfig, info: DistInfo, args) -> dict:
+    student, teacher, objective, optimizer = build_paper_style(cfg, info.device)
+    step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
+                             freeze_last_layer=cfg.freeze_last_layer)
+    shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
+    cuda = torch.backends.cuda.matmul
+    saved = (cuda.allow_tf32, torch.backends.cudnn.allow_tf32)
+    cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.baseline_tf32)
+    try:
+        res = measure(step_fn, instrumented_baseline, cfg, info.device, torch.float32, args)
+    finally:
+        cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return {"mode": "paper_style", "precision": "fp32", "fsdp": False, "tf32": bool(args.baseline_tf32),
+            "activation_checkpointing": False, "compile": False, "shape": shape, **res}
+
+
+def finish_record(r: dict, cfg: MugsConfig, info: DistInfo, args, run_id: str) -> dict:
+    """Add the settings, the environment, throughput and MFU to a measured record."""
+    shape: MugsShape = r.pop("shape")
+    per_image = step_flops_per_image(shape)["total"]
+    b, dev = cfg.batch_size_per_gpu, info.device
+    step_time = r["step_time_s"]
+    flops_step = per_image * b
+    peak = args.peak_tflops or hardware.peak_tflops(dev, r["precision"], r["tf32"])
+    bf16 = hardware.bf16_peak_tflops(dev)
+    achieved = flops_step / step_time / 1e12
+    import timm
+
+    return {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "run_id": run_id,
+        "bench": "mugs_step", "mode": r.pop("mode"), "arch": cfg.arch, "embed_dim": shape.embed_dim,
+        "depth": shape.depth, "precision": r.pop("precision"), "fsdp": r.pop("fsdp"), "tf32": r.pop("tf32"),
+        "activation_checkpointing": r.pop("activation_checkpointing"), "compile": r.pop("compile"),
+        "batch_size_per_gpu": b, "world_size": info.world_size,
+        "img_size": cfg.img_size, "local_size": cfg.local_crop_size, "local_crops_number": cfg.local_crops_number,
+        "steps": args.steps, "warmup": args.warmup, "device": dev.type, "device_name": hardware.device_name(dev),
+        "torch": torch.__version__, "timm": timm.__version__,
+        "loadavg_1m": os.getloadavg()[0] if dev.type == "cpu" else None,  # CPU figures are noisy on a shared host
+        "images_per_s": b / step_time, "images_per_s_global": b * info.world_size / step_time,
+        **r,
+        "flops_per_image": per_image, "flops_per_step_per_device": flops_step, "achieved_tflops": achieved,
+        "peak_tflops": peak, "mfu": achieved / peak if peak else None,
+        "mfu_bf16_peak": achieved / bf16 if bf16 else None, "tag": args.tag, "cmd": " ".join(sys.argv),
+    }
+
+
+def summary(rec: dict) -> str:
+    mfu = f"MFU {100 * rec['mfu']:.1f}% of {rec['peak_tflops']:.3g} TFLOP/s" if rec.get("mfu") else "MFU n/a"
+    lines = [f"[{rec['mode']}] {rec['arch']} {rec['precision']} batch {rec['batch_size_per_gpu']} x "
+             f"{rec['world_size']}: {rec['images_per_s']:.2f} img/s/device, step {rec['step_time_s']:.4f} s "
+             f"(median {rec['step_time_median_s']:.4f}), {rec['achieved_tflops']:.3g} TFLOP/s, {mfu}, "
+             f"peak mem {rec['peak_mem_gb']:.2f} GB ({rec['peak_mem_kind']})"]
+    if "phases_s" in rec:
+        total = sum(rec["phases_s"].values())
+        lines.append("  phases (s, % of instrumented step): " + " | ".join(
+            f"{k} {v:.4f} ({100 * v / total:.0f}%)" for k, v in rec["phases_s"].items()))
+    return "\n".join(lines)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, rest = parse_args(argv)
+    cfg = make_config(args, rest)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        validate(cfg.replace(data_path=os.getcwd()), world)
+    except ConfigError as e:
+        print(f"benchmarks/step.py: error: {e}", file=sys.stderr)
+        return 2
+    if (args.baseline or args.compare) and world > 1:
+        print("benchmarks/step.py: error: the paper-style baseline runs on one process (no torchrun)", file=sys.stderr)
+        return 2
+    info = init_distributed(cfg.device)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    benches = ([] if args.baseline else [bench_optimised]) + ([bench_baseline] if args.baseline or args.compare else [])
+    records, rc = [], 0
+    try:
+        for bench in benches:
+            try:
+                records.append(finish_record(bench(cfg, info, args), cfg, info, args, run_id))
+            except Exception as e:  # e.g. out of memory: record it and go on with the other mode
+                traceback.print_exc()
+                records.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                "run_id": run_id, "bench": "mugs_step", "mode": bench.__name__.replace("bench_", ""),
+                                "arch": cfg.arch, "batch_size_per_gpu": cfg.batch_size_per_gpu,
+                                "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile,
+                                "device": info.device.type, "device_name": hardware.device_name(info.device),
+                                "torch": torch.__version__, "error": f"{type(e).__name__}: {str(e)[:400]}",
+                                "cmd": " ".join(sys.argv)})
+                rc = 3
+            free_memory(info.device)
+        ok = [r for r in records if "error" not in r]
+        if args.compare and len(ok) == 2:
+            speedup = ok[0]["images_per_s"] / ok[1]["images_per_s"]
+            for r in ok:
+                r["speedup_vs_baseline"] = speedup
+        if info.is_main:
+            for r in records:
+                if "error" not in r:
+                    print(summary(r))
+            if args.compare and len(ok) == 2:
+                print(f"speed-up (optimised / paper-style images per second): {ok[0]['speedup_vs_baseline']:.2f}x")
+            for path in args.out:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    for r in records:
+                        f.write(json.dumps(r) + "\n")
+            for r in records:
+                print(json.dumps(r))
+    finally:
+        shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

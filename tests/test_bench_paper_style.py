@@ -1,0 +1,80 @@
+"""The paper-style baseline computes the same step as training/step.py (only slower)."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.paper_style import PaperStyleStep, build_paper_style  # noqa: E402
+from benchmarks.phases import PhaseTimer, instrumented_baseline, instrumented_optimised  # noqa: E402
+from benchmarks.step import synthetic_batch  # noqa: E402
+from mugs.configs.options import MugsConfig  # noqa: E402
+from mugs.training.optim import build_adamw  # noqa: E402
+from mugs.training.step import MugsTrainStep  # noqa: E402
+
+CFG = MugsConfig(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
+                 head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
+                 instance_queue_size=64, local_group_queue_size=64, memory_size=32, local_group_knn_top_n=3,
+                 group_out_dim=40, group_bottleneck_dim=16, local_crops_number=3, drop_path_rate=0.0,
+                 norm_last_layer=False, freeze_last_layer=0, device="cpu", precision="fp32", batch_size_per_gpu=6)
+KW = dict(epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04)
+
+
+def _pair():
+    student, teacher, objective, optimizer = build_paper_style(CFG, torch.device("cpu"))
+    base = PaperStyleStep(student, teacher, objective, optimizer, arch=CFG.arch, clip_grad=0.3, freeze_last_layer=0)
+    s2, t2, o2 = copy.deepcopy(student), copy.deepcopy(teacher), copy.deepcopy(objective)
+    for m in s2.modules():  # the optimised path: fused (SDPA) attention, foreach AdamW, vectorised losses
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    opt = MugsTrainStep(s2, t2, o2, build_adamw(s2, CFG.patch_embed_lr_mult, fused=False), arch=CFG.arch,
+                        clip_grad=0.3, freeze_last_layer=0)
+    return base, opt
+
+
+def test_baseline_is_paper_style():
+    base, _ = _pair()
+    attn = [m for m in base.student.modules() if hasattr(m, "fused_attn")]
+    assert len(attn) == CFG.depth + 1 and not any(m.fused_attn for m in attn)  # blocks + relation block
+    assert not base.optimizer.defaults["foreach"] and not base.optimizer.defaults["fused"]
+    assert not any(hasattr(p, "to_local") for p in base.student.parameters())  # plain tensors, no FSDP
+
+
+def test_same_step_as_optimised():
+    base, opt = _pair()
+    t, s, weak = synthetic_batch(CFG, torch.device("cpu"), torch.float32)
+    for i in range(2):
+        rb, ro = base(t, s, weak, step_index=i, **KW), opt(t, s, weak, step_index=i, **KW)
+        for k in ro.losses:
+            assert rb.losses[k] == pytest.approx(ro.losses[k], rel=1e-5), k
+        assert rb.n_weak == ro.n_weak
+    for (name, pb), po in zip(base.teacher.named_parameters(), opt.teacher.parameters()):
+        torch.testing.assert_close(pb, po, atol=2e-5, rtol=1e-4, msg=name)
+    for (name, pb), po in zip(base.student.named_parameters(), opt.student.parameters()):
+        torch.testing.assert_close(pb, po, atol=2e-4, rtol=1e-3, msg=name)
+    torch.testing.assert_close(base.objective.instance_loss.queue, opt.objective.instance_loss.queue)
+    torch.testing.assert_close(base.objective.student_memory.bank, opt.objective.student_memory.bank, atol=1e-5, rtol=1e-4)
+    # and it trained: the student moved away from the teacher
+    assert (base.student.backbone.blocks[0].attn.qkv.weight - base.teacher.backbone.blocks[0].attn.qkv.weight).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("which", ["baseline", "optimised"])
+def test_phase_timer_covers_every_phase(which):
+    base, opt = _pair()
+    step, instrument = (base, instrumented_baseline) if which == "baseline" else (opt, instrumented_optimised)
+    t, s, weak = synthetic_batch(CFG, torch.device("cpu"), torch.float32)
+    timer = PhaseTimer(lambda: None)
+    with instrument(step, timer) as inst:
+        timer.start()
+        inst(t, s, weak, step_index=0, **KW)
+        timer.mark("other")
+    assert list(timer.totals) == ["teacher_fwd", "student_fwd", "loss", "backward", "clip", "optimizer",
+                                  "state_update", "ema", "other"]
+    # the instrumentation is undone: the step runs plain again and nothing is timed
+    import mugs.training.step as step_mod
+    assert not hasattr(step_mod.clip_per_parameter_, "_timer")
+    n = dict(timer.totals)
+    step(t, s, weak, step_index=1, **KW)
+    assert dict(timer.totals) == n

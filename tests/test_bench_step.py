@@ -1,0 +1,63 @@
+"""benchmarks/step.py end to end on CPU: a tiny Mugs pair, optimised (FSDP2, world 1) and paper-style,
+one JSON line per mode with sane numbers."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--arch", "custom", "--embed_dim", "32", "--depth", "2", "--num_heads", "2",
+        "--patch_size", "8", "--img_size", "32", "--local_size", "16", "--local_crops_number", "2",
+        "--batch_size_per_gpu", "8", "--head_hidden_dim", "32", "--pred_hidden_dim", "48", "--instance_out_dim", "16",
+        "--local_group_out_dim", "16", "--group_out_dim", "64", "--group_bottleneck_dim", "16",
+        "--instance_queue_size", "64", "--local_group_queue_size", "64", "--memory_size", "32",
+        "--local_group_knn_top_n", "3"]
+PHASES = {"teacher_fwd", "student_fwd", "loss", "backward", "clip", "optimizer", "state_update", "ema"}
+
+
+def _run(args, tmp_path):
+    out = tmp_path / "step.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step.py"), *TINY, "--out", str(out), *args]
+    # the guard is generous for a shared CI host; the run itself takes seconds
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return r, out
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_compare_runs_and_writes_records(tmp_path):
+    r, out = _run(["--steps", "2", "--warmup", "1", "--phase_steps", "1", "--compare", "--tag", "pytest",
+                   "--activation_checkpointing"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    printed = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert printed == lines
+    assert [l["mode"] for l in lines] == ["optimised", "paper_style"]
+    assert "speed-up" in r.stdout
+    opt, base = lines
+    for rec in lines:
+        assert rec["device"] == "cpu" and rec["device_name"] and rec["torch"]
+        assert rec["batch_size_per_gpu"] == 8 and rec["world_size"] == 1 and rec["steps"] == 2
+        for k in ("images_per_s", "step_time_s", "step_time_median_s", "flops_per_image", "achieved_tflops",
+                  "peak_mem_gb", "peak_tflops", "mfu"):
+            assert _finite_positive(rec[k]), (k, rec[k])
+        assert rec["images_per_s"] == 8 / rec["step_time_s"]
+        assert rec["step_time_min_s"] <= rec["step_time_median_s"]
+        assert 0 < rec["mfu"] < 1
+        assert math.isclose(rec["achieved_tflops"], rec["flops_per_step_per_device"] / rec["step_time_s"] / 1e12)
+        assert PHASES <= set(rec["phases_s"]), rec["phases_s"]
+        assert all(v >= 0 for v in rec["phases_s"].values())
+        assert set(rec["losses"]) == {"instance", "local_group", "group", "total"}
+        assert rec["tag"] == "pytest" and rec["speedup_vs_baseline"] == opt["images_per_s"] / base["images_per_s"]
+    assert opt["fsdp"] and not base["fsdp"] and base["precision"] == "fp32"
+    assert opt["activation_checkpointing"] and not base["activation_checkpointing"]  # the baseline never recomputes
+    assert opt["run_id"] == base["run_id"]
+    # same model, same batch, same starting weights: the two steps agree on the losses they log
+    for k in opt["losses"]:
+        assert math.isclose(opt["losses"][k], base["losses"][k], rel_tol=1e-4), k
+
