@@ -1,0 +1,99 @@
+"""The multi-crop recipe's settings, validated once and shared by the DALI and torchvision loaders.
+
+Names and defaults are the original Mugs flags (see configs/options.py). What the original
+does with them (src/multicropdataset.py), which both loaders follow:
+  * teacher: weak global recipe 1 and weak global recipe 2, one crop each;
+  * student globals: with `vanilla_weak_augmentation` the teacher's two crops themselves;
+    else, per image, two fresh weak crops (recipe 1, recipe 2) with probability `prob`
+    (weak_flag = True), otherwise two independent strong crops;
+  * each local crop independently weak with probability `prob`, else strong (the original
+    uses `prob` here too, 0.5 by default; `vanilla_weak_augmentation` does not change this).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Tuple
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class RandAugmentPolicy:
+    """timm's `rand-...` string: n ops per image, magnitude m (of 10) with noise std, increasing suite."""
+
+    num_ops: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.0
+    increasing: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "RandAugmentPolicy":
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"only RandAugment policies ('rand-...') are supported, got {spec!r}")
+        kw = {"magnitude": 10.0}  # timm's default magnitude when 'm' is absent
+        for part in parts[1:]:
+            m = re.fullmatch(r"([a-z]+)([\d.]+)", part)
+            if not m:
+                raise ValueError(f"cannot read {part!r} in RandAugment policy {spec!r}")
+            key, val = m.groups()
+            if key == "m":
+                kw["magnitude"] = float(val)
+            elif key == "n":
+                kw["num_ops"] = int(val)
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val)
+            elif key == "inc":
+                kw["increasing"] = bool(int(val))
+            else:
+                raise ValueError(f"RandAugment option {key!r} in {spec!r} is not supported (m, n, mstd, inc)")
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    global_size: int = 224
+    local_size: int = 96
+    local_crops_number: int = 10
+    global_crops_scale: Tuple[float, float] = (0.25, 1.0)
+    local_crops_scale: Tuple[float, float] = (0.05, 0.25)
+    prob: float = 0.5
+    vanilla_weak_augmentation: bool = False
+    re_prob: float = 0.25
+    timm_auto_augment_par: str = "rand-m9-mstd0.5-inc1"
+    strong_ratio: float = 0.45
+
+    def __post_init__(self) -> None:
+        if self.global_size < 1 or self.local_size < 1:
+            raise ValueError("crop sizes must be positive")
+        if self.local_crops_number < 0:
+            raise ValueError("local_crops_number must be >= 0")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+        for name in ("prob", "re_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+        self.policy  # validate the RandAugment string early
+
+    @property
+    def policy(self) -> RandAugmentPolicy:
+        return RandAugmentPolicy.parse(self.timm_auto_augment_par)
+
+    @property
+    def student_weak_prob(self) -> float:
+        """P(student globals weak): 1 if vanilla or prob >= 1, as in the original."""
+        return 1.0 if self.vanilla_weak_augmentation or self.prob >= 1.0 else self.prob
+
+    @property
+    def local_weak_prob(self) -> float:
+        return 1.0 if self.prob >= 1.0 else self.prob
+
+    @property
+    def num_crops(self) -> int:
+        return 4 + self.local_crops_number

@@ -1,0 +1,42 @@
+"""What one loader step yields: the trainer's only view of the data pipeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+
+class DataError(RuntimeError):
+    """An image could not be read; the message names the file and the fix (mugs-scan-data)."""
+
+
+@dataclass
+class MultiCropBatch:
+    """Crops of B images, ImageNet-normalised NCHW on the training device.
+
+    teacher: 2 tensors [B,3,G,G] (weak recipes 1 and 2).
+    student: 2 global [B,3,G,G] then local_crops_number local [B,3,L,L] tensors; with
+        vanilla_weak_augmentation the two globals are the teacher's tensors themselves.
+    weak_flags: [B] bool, True where the student's globals are weak (these images enter
+        the local-group memory).
+    paths / labels: the images (class index from the folder or list), for logs and errors.
+    debug: only with debug=True (DALI): "windows" [B, crops, 4] crop windows (y0, x0, h, w)
+        relative to the image, crops in teacher + student order; "local_weak" [B, n] bool.
+    """
+
+    teacher: List[torch.Tensor]
+    student: List[torch.Tensor]
+    weak_flags: torch.Tensor
+    paths: Optional[List[str]] = None
+    labels: Optional[torch.Tensor] = None
+    debug: Optional[Dict[str, torch.Tensor]] = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.weak_flags.shape[0])
+
+    @property
+    def crops(self) -> List[torch.Tensor]:
+        """The original's order: teacher globals, student globals, student locals."""
+        return self.teacher + self.student

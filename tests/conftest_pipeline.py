@@ -1,0 +1,49 @@
+"""Shared fixtures of the pipeline tests (imported by them; pytest loads only conftest.py itself)."""
+import numpy as np
+import pytest
+import torch
+
+from images import make_tree
+from mugs.pipeline import build_loader
+from mugs.pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
+
+SMALL = dict(global_size=32, local_size=16, local_crops_number=2)
+# normalised values a [0, 255] pixel can take, per channel
+LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+HIGH = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def tree16(tmp_path_factory):
+    """2 classes x 8 valid 48x64 JPEGs."""
+    root = str(tmp_path_factory.mktemp("tree16"))
+    return root, make_tree(root, classes=2, per_class=8)
+
+
+def loader(backend, root, batch_size=4, **kw):
+    args = dict(SMALL, backend=backend, data_path=root, batch_size=batch_size, num_threads=2)
+    args.update(kw)
+    return build_loader(**args)
+
+
+def in_pixel_range(t: torch.Tensor, tol: float = 1e-3) -> bool:
+    t = t.float()
+    return bool(((t >= LOW - tol) & (t <= HIGH + tol)).all())
+
+
+def first_batches(ld, epoch=0, n=None):
+    ld.set_epoch(epoch)
+    out = []
+    for i, b in enumerate(ld):
+        out.append(b)
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
+def same_batch(a, b) -> bool:
+    return (a.paths == b.paths and torch.equal(a.weak_flags, b.weak_flags)
+            and all(torch.equal(x, y) for x, y in zip(a.crops, b.crops)))
+
+
+__all__ = ["tree16", "loader", "in_pixel_range", "first_batches", "same_batch", "SMALL", "np"]
