@@ -16,6 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    package_data={"mugs.pipeline": ["data/*"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -34,6 +35,7 @@ setup(
         "console_scripts": [
             "mugs-replay-trace=mugs.training.replay_trace:main",
             "mugs-train=mugs.training.trainer:main",
+            "mugs-quickstart=mugs.training.quickstart:main",
             "mugs-consolidate=mugs.training.consolidate:main",
             "mugs-scan-data=mugs.pipeline.scan:main",
             "mugs-eval-knn=mugs.eval.knn:main",
