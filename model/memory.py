@@ -25,6 +25,15 @@ class LocalGroupMemory(nn.Module):
         self.top_k = top_k
         self.register_buffer("bank", torch.randn(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._normed_key = None  # (bank identity, version) the cached normalised copy was made from
+        self._normed: Optional[torch.Tensor] = None
+
+    def _normed_bank(self) -> torch.Tensor:
+        """L2-normalised rows, recomputed only after the bank changed (push, load, move)."""
+        key = (id(self.bank), self.bank._version)
+        if key != self._normed_key:
+            self._normed, self._normed_key = F.normalize(self.bank, dim=-1), key
+        return self._normed
 
     @property
     def size(self) -> int:
@@ -33,7 +42,7 @@ class LocalGroupMemory(nn.Module):
     @torch.no_grad()
     def neighbours(self, query: torch.Tensor) -> torch.Tensor:
         """Top-k rows by cosine similarity to each query, returned RAW (not normalised): [B, k, D]."""
-        sim = F.normalize(query.to(self.bank.dtype), dim=-1) @ F.normalize(self.bank, dim=-1).T
+        sim = F.normalize(query.to(self.bank.dtype), dim=-1) @ self._normed_bank().T
         index = sim.topk(self.top_k, dim=-1).indices
         return self.bank[index]
 

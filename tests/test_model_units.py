@@ -232,3 +232,14 @@ def test_pos_embed_interpolation_is_dino_style():
     ref = nn.functional.interpolate(grid, scale_factor=(2.1 / 4, 2.1 / 4), mode="bicubic")
     assert torch.allclose(pe[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 4, 32))
     assert torch.equal(pe[:, 0], backbone.pos_embed[:, 0])
+
+
+def test_memory_lookup_sees_every_write_despite_the_normalised_cache():
+    mem = LocalGroupMemory(size=3, dim=2, top_k=1)
+    mem.bank.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    q = torch.tensor([[1.0, 1.0]])
+    first = mem.neighbours(q)[0, 0]
+    mem.push(torch.tensor([[3.0, 3.0]]))  # lands in row 0 and is the new best match
+    assert torch.equal(mem.neighbours(q)[0, 0], torch.tensor([3.0, 3.0])) and not torch.equal(first, mem.bank[0])
+    mem.load_state_dict({"bank": torch.tensor([[0.0, 5.0], [0.0, 1.0], [-1.0, 0.0]]), "ptr": torch.tensor(0)})
+    assert torch.equal(mem.neighbours(torch.tensor([[0.0, 1.0]]))[0, 0], torch.tensor([0.0, 5.0]))

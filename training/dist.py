@@ -70,12 +70,3 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
-    """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device or "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)

@@ -101,13 +101,16 @@ def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> 
     if not grads:
         return torch.zeros(0)
     local = [_local(g) for g in grads]
-    sq = torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)])
+    sq = torch.stack(torch._foreach_norm(local)).float().square()
     group = _shard_group(grads[0])
     if group is not None:
         dist.all_reduce(sq, group=group)
     norms = sq.sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(local, [c.to(g.dtype) for c, g in zip(coef.unbind(), local)])
+    dtypes = {g.dtype for g in local}
+    scales = list(coef.to(dtypes.pop()).unbind()) if len(dtypes) == 1 else [
+        c.to(g.dtype) for c, g in zip(coef.unbind(), local)]
+    torch._foreach_mul_(local, scales)
     return norms
 
 
