@@ -12,7 +12,9 @@ def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path)
                         "--epochs", "2", "--max_steps", "3"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads((work / "results.json").read_text())
-    assert 0.0 <= res["knn_top1_random_init"] <= 1.0 and 0.0 <= res["knn_top1_pretrained"] <= 1.0
+    for key in ("knn_top1_random_init", "knn_top1_pretrained", "knn_top1_pretrained_teacher"):
+        assert 0.0 <= res[key] <= 1.0, key
+    assert abs(res["gain_points"] - 100 * (res["knn_top1_pretrained"] - res["knn_top1_random_init"])) < 1e-9
     assert res["knn_top1_random_init"] > 0.15  # 10 classes: random features already beat chance
     assert "reached --max_steps 3" in r.stderr  # the trainer ran (FSDP2, DALI CPU) and stopped where told
     assert "random init" in r.stdout and "TensorBoard" in r.stdout
