@@ -50,7 +50,7 @@ QUICKSTART_FLAGS = [
 
 
 def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = 20, temperature: float = 0.05) -> float:
-    """Top-1 of weighted k-NN on the teacher's CLS features (the eval tool's protocol)."""
+    """Top-1 of weighted k-NN on the backbone's CLS features (mugs-eval-knn's protocol, k 20, T 0.05)."""
     from ..eval.data import eval_transform, image_folder
     from ..eval.features import cls_features, extract
     from ..eval.knn import knn_classify
@@ -98,14 +98,12 @@ def loss_curve(tb_dir: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def attention_png(run_dir: Path, val_dir: Path, out: Path, img_size: int) -> None:
+def attention_png(backbone, spec, val_dir: Path, out: Path, img_size: int) -> None:
     """CLS attention of each last-layer head over one held-out image, panels of 2 x img_size px."""
     from PIL import Image
 
     from ..eval.attention import cls_maps, render
-    from ..eval.load import load_backbone
 
-    backbone, spec, _ = load_backbone(run_dir)
     image = Image.open(sorted(sorted(val_dir.iterdir())[0].iterdir())[0]).convert("RGB")
     maps = cls_maps(backbone, image, img_size, spec.patch_size)
     render(image, maps, 2 * img_size, cols=spec.num_heads + 1).save(out)
@@ -145,12 +143,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rc != 0:
         print(f"mugs-quickstart: error: training exited with code {rc}", file=sys.stderr)
         return rc
-    from ..eval.load import load_backbone
+    from ..eval.load import load_backbone, read_checkpoint
 
-    after = {key: knn_accuracy(load_backbone(run_dir, key=key)[0], train_dir, val_dir, img_size)
-             for key in ("student", "teacher")}
+    ckpt = read_checkpoint(run_dir, parts=("student", "teacher"))  # read once for both k-NN and the picture
+    nets = {key: load_backbone(run_dir, key=key, ckpt=ckpt)[:2] for key in ("student", "teacher")}
+    after = {key: knn_accuracy(net, train_dir, val_dir, img_size) for key, (net, _) in nets.items()}
     loss_curve(run_dir / "tb", work / "loss_curve.png")
-    attention_png(run_dir, val_dir, work / "attention.png", img_size)
+    attention_png(*nets["teacher"], val_dir, work / "attention.png", img_size)
     results = {"knn_top1_random_init": before, "knn_top1_pretrained": after["student"],
                "knn_top1_pretrained_teacher": after["teacher"], "gain_points": 100 * (after["student"] - before),
                "epochs": args.epochs, "max_steps": args.max_steps, "minutes": (time.time() - t0) / 60}
