@@ -38,6 +38,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.flops import MugsShape, step_flops_per_image
+from benchmarks.hardware import GPU_PEAKS
+from mugs.configs.table1 import RUNS
+
+BF16_PEAK = {name: peaks["bf16"] for name, peaks in GPU_PEAKS}  # dense bf16 TFLOP/s (SXM)
 
 IMAGENET_TRAIN = 1_281_167
 GPUS_PER_NODE = 8
@@ -53,9 +57,8 @@ class Run:
     batch_per_gpu: int
 
 
-TABLE1 = [Run("vit_small 100ep", "vit_small", 100, 8, 64), Run("vit_small 300ep", "vit_small", 300, 16, 64),
-          Run("vit_small 800ep", "vit_small", 800, 16, 64), Run("vit_base 400ep", "vit_base", 400, 24, 42),
-          Run("vit_large 250ep", "vit_large", 250, 40, 16)]
+TABLE1 = [Run(" ".join(name.rsplit("_", 1)), r.flags["arch"], r.flags["epochs"],
+              r.nodes * r.gpus_per_node, r.batch_size_per_gpu) for name, r in RUNS.items()]  # configs/table1.py
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class Gpu:
 
 
 GPUS = {  # DGX/HGX-class nodes: NVLink 4 (450 GB/s per direction) + 8x NDR 400 Gb/s; NVLink 3 (300) + 8x HDR 200 Gb/s
-    "h100": Gpu("H100", 989.0, 360.0, 45.0),
-    "a100": Gpu("A100", 312.0, 230.0, 22.0),
+    "h100": Gpu("H100", BF16_PEAK["H100"], 360.0, 45.0),
+    "a100": Gpu("A100", BF16_PEAK["A100"], 230.0, 22.0),
 }
 
 

@@ -44,6 +44,7 @@ from benchmarks.flops import MugsShape, step_flops_per_image
 from benchmarks.paper_style import PaperStyleStep, build_paper_style
 from benchmarks.phases import PhaseTimer, device_sync, instrumented_baseline, instrumented_optimised
 from mugs.configs.options import MugsConfig, parse_config
+from mugs.configs.table1 import RUNS
 from mugs.training.dist import DistInfo, init_distributed, shutdown
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES
@@ -52,7 +53,8 @@ from mugs.training.trainer import build_models
 from mugs.training.validate import ConfigError, validate
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step.jsonl"
-PAPER_BATCH = {"vit_tiny": 64, "vit_small": 64, "vit_base": 42, "vit_large": 16}  # Table 1 per-GPU batches
+# Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
+PAPER_BATCH = {"vit_tiny": 64, **{r.flags["arch"]: r.batch_size_per_gpu for r in RUNS.values()}}
 LR, WEIGHT_DECAY, MOMENTUM = 1e-5, 0.04, 0.996  # small lr: the synthetic data must not blow up
 
 

@@ -13,8 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .options import MugsConfig, parse_config
-
 
 @dataclass(frozen=True)
 class Run:
@@ -79,11 +77,6 @@ def run_argv(name: str, world_size: Optional[int] = None, batch_size_per_gpu: Op
     world = world_size or run.nodes * run.gpus_per_node
     bs = batch_size_per_gpu or per_gpu_batch(run, world, global_batch)
     return to_argv({**run.flags, "batch_size_per_gpu": bs})
-
-
-def config(name: str, *extra: str) -> MugsConfig:
-    """A run's MugsConfig at the paper's shape, with extra CLI flags applied last."""
-    return parse_config(run_argv(name) + list(extra))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

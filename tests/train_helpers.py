@@ -4,8 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from images import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,16 +21,8 @@ TINY_FLAGS = [
 
 
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
-    """A tiny ImageFolder of JPEGs: class c is a noisy gradient with its own colour."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            base = np.zeros((size, size, 3), np.float32)
-            base[..., c % 3] = np.linspace(60, 220, size)[None, :]
-            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(d / f"img_{i}.JPEG", quality=90)
+    """A tiny ImageFolder of valid RGB JPEGs (tests/images.py), returned as its root."""
+    make_tree(str(root), classes=classes, per_class=per_class, seed=seed, h=size, w=size)
     return root
 
 
