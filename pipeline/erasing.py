@@ -36,13 +36,12 @@ def erase_strong(crops: torch.Tensor, strong: np.ndarray, re_prob: float, rng: n
         return 0
     n, c, h, w = crops.shape
     chosen = np.flatnonzero(strong & (rng.random(n) < re_prob))
-    count = 0
-    for i in chosen:
-        rect = erase_rect(rng, h, w)
-        if rect is None:
-            continue
-        y, x, eh, ew = rect
-        patch = torch.randn((c, eh, ew), generator=noise, dtype=torch.float32)
-        crops[i, :, y:y + eh, x:x + ew] = patch.to(crops.device, crops.dtype)
-        count += 1
-    return count
+    rects = [(int(i), r) for i in chosen for r in [erase_rect(rng, h, w)] if r is not None]
+    if not rects:
+        return 0
+    # all patches from one draw and one host-to-device copy (not one per crop)
+    sizes = [c * eh * ew for _, (_, _, eh, ew) in rects]
+    noise_all = torch.randn(sum(sizes), generator=noise, dtype=torch.float32).to(crops.device, crops.dtype)
+    for (i, (y, x, eh, ew)), patch in zip(rects, noise_all.split(sizes)):
+        crops[i, :, y:y + eh, x:x + ew] = patch.view(c, eh, ew)
+    return len(rects)
