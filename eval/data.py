@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from PIL import Image, ImageOps
 from torchvision import datasets, transforms
 
+from ..pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
+from ..pipeline.tv_transforms import with_safe_posterize
 from .errors import DataError
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
@@ -44,10 +45,7 @@ def train_transform(crop: int = 224, kind: str = "strong") -> transforms.Compose
     from timm.data.random_erasing import RandomErasing
 
     hparams = dict(translate_const=int(crop * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in MEAN))
-    randaug = rand_augment_transform("rand-m9-mstd0.5-inc1", hparams)
-    for op in randaug.ops:
-        if "Posterize" in op.name:
-            op.aug_fn = _posterize
+    randaug = with_safe_posterize(rand_augment_transform("rand-m9-mstd0.5-inc1", hparams))
     return transforms.Compose([
         transforms.RandomHorizontalFlip(),
         randaug,
@@ -56,16 +54,6 @@ def train_transform(crop: int = 224, kind: str = "strong") -> transforms.Compose
         transforms.Normalize(MEAN, STD),
         RandomErasing(0.25, mode="pixel", max_count=1, device="cpu"),
     ])
-
-
-def _posterize(img, bits, **_):
-    """timm's posterize, also for 0 bits (magnitude 10 of PosterizeIncreasing): Pillow >= 10 refuses
-    bits=0, which older Pillow (the original's) turned into a black image."""
-    if bits >= 8:
-        return img
-    if bits <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits)
 
 
 class _ClassSubset(datasets.ImageFolder):

@@ -50,7 +50,7 @@ def _weak(size: int, scale, blur_p: float, solarize_p: float = 0.0) -> T.Compose
     return T.Compose(ops + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
+def posterize(img: Image.Image, bits: int, **_) -> Image.Image:
     """timm's posterize, with bits=0 giving a black image as old Pillow did (new Pillow raises;
     PosterizeIncreasing reaches 0 bits when the level is clipped at 10)."""
     if bits >= 8:
@@ -60,15 +60,19 @@ def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits)
 
 
+def with_safe_posterize(randaug):
+    """timm's RandAugment transform with its posterize ops replaced by `posterize` (also used by eval)."""
+    for op in randaug.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+    return randaug
+
+
 def _rand_augment(aug: AugmentConfig):
     from timm.data.auto_augment import rand_augment_transform
 
     hparams = dict(translate_pct=aug.strong_ratio, img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
-    ra = rand_augment_transform(aug.timm_auto_augment_par, hparams)
-    for op in ra.ops:
-        if op.name.startswith("Posterize"):
-            op.aug_fn = _posterize
-    return ra
+    return with_safe_posterize(rand_augment_transform(aug.timm_auto_augment_par, hparams))
 
 
 def _strong(size: int, scale, aug: AugmentConfig) -> T.Compose:
