@@ -7,6 +7,8 @@ PACKAGES = {
     "mugs.training": "training",
     "mugs.configs": "configs",
     "mugs.eval": "eval",
+    "mugs.core": "core",
+    "mugs.benchmarks": "benchmarks",
 }
 
 setup(

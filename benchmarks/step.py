@@ -45,7 +45,7 @@ from benchmarks.paper_style import PaperStyleStep, build_paper_style
 from benchmarks.phases import PhaseTimer, device_sync, instrumented_baseline, instrumented_optimised
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
-from mugs.training.dist import DistInfo, init_distributed, shutdown
+from mugs.core.dist import DistInfo, init_distributed, shutdown
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES
 from mugs.training.step import MugsTrainStep

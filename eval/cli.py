@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Optional
 
 from ..model.vit import ARCH_SHAPES
-from . import dist
+from ..core import dist
 from .errors import EvalError
 
 
@@ -37,7 +37,7 @@ def run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Nam
     """Run `body`; a bad input becomes `prog: error: ...` on stderr and exit status 2."""
     try:
         return body(args)
-    except EvalError as e:
+    except (EvalError, dist.NoDeviceError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..model.vit import MugsViT
-from . import dist
+from ..core import dist
 from .safe_load import safe_torch_load
 
 FeatureFn = Callable[[MugsViT, torch.Tensor], torch.Tensor]
@@ -62,7 +62,7 @@ def extract(backbone: MugsViT, dataset: Dataset, fn: FeatureFn, dim: int, *, bat
     for images, _ in tqdm(batches, desc=desc, disable=not dist.is_main(), dynamic_ncols=True):
         rows.append(fn(backbone, images.to(device, non_blocking=True)).float())
     local = torch.cat(rows) if rows else torch.zeros(0, dim, device=device)
-    return dist.gather_rows(local, torch.tensor(index, dtype=torch.long), len(dataset))
+    return dist.gather_indexed_rows(local, torch.tensor(index, dtype=torch.long), len(dataset))
 
 
 def fingerprint(**parts) -> str:

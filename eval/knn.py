@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from ..core import dist
 from .cli import add_checkpoint_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_val_dirs
 from .features import cached, checkpoint_identity, cls_features, extract, fingerprint
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> Dict:
     """Extract (or read cached) features, classify; returns the results dict on every rank."""
     device = dist.pick_device(args.device)
-    dist.init(device)
+    dist.init_eval(device)
     train_dir, val_dir = train_val_dirs(args.train, args.val, args.data_path)
     tf = eval_transform(args.resize, args.crop)
     train_set, val_set = image_folder(train_dir, tf), image_folder(val_dir, tf)

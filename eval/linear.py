@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler, Subset
 from tqdm import tqdm
 
 from ..configs.options import bool_flag
-from . import dist
+from ..core import dist
 from .cli import add_checkpoint_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
 from .errors import EvalError
@@ -182,7 +182,7 @@ def _save(out: Path, row: dict, state: dict) -> None:
 def evaluate(args: argparse.Namespace) -> Dict:
     """Train the linear head(s) (or resume), validate; returns the results dict."""
     device = dist.pick_device(args.device)
-    dist.init(device)
+    dist.init_eval(device)
     train_dir, val_dir = train_val_dirs(args.train, args.val, args.data_path)
     train_set = image_folder(train_dir, train_transform(args.crop, args.train_aug))
     val_set = image_folder(val_dir, eval_transform(args.resize, args.crop))
@@ -199,8 +199,8 @@ def evaluate(args: argparse.Namespace) -> Dict:
 
     torch.manual_seed(args.seed)
     heads = LinearHeads(dim, num_labels, len(s["lrs"])).to(device)
-    model = nn.parallel.DistributedDataParallel(heads) if dist.world() > 1 else heads
-    scale = s["batch"] * dist.world() / 256.0
+    model = nn.parallel.DistributedDataParallel(heads) if dist.world_size() > 1 else heads
+    scale = s["batch"] * dist.world_size() / 256.0
     optimizer = torch.optim.SGD([{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads.heads, s["lrs"])],
                                 momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=s["lr_min"])
@@ -213,7 +213,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
         f"{' + mean patch token' if s['avgpool'] else ''}); {len(s['lrs'])} head(s), lr {s['lrs'][:3]}"
         f"{'...' if len(s['lrs']) > 3 else ''} x {scale:g}; {len(train_set)} train / {len(val_set)} val images")
 
-    sampler = DistributedSampler(train_set, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed)
     train_batches = loader(train_set, s["batch"], args.num_workers, device, sampler=sampler, drop_last=False)
     val_batches = loader(Subset(val_set, dist.shard(len(val_set))), s["batch"], args.num_workers, device)
     for epoch in range(start, args.epochs):

@@ -14,7 +14,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from . import dist
+from ..core import dist
 from .cli import add_checkpoint_args, add_runtime_args, log, run
 from .data import eval_transform, image_folder
 from .errors import DataError
@@ -67,7 +67,7 @@ def plot(points: np.ndarray, labels: np.ndarray, names: Sequence[str], out: Path
 
 def tsne(args: argparse.Namespace) -> int:
     device = dist.pick_device(args.device)
-    dist.init(device)
+    dist.init_eval(device)
     data = image_folder(args.data, eval_transform(args.resize, args.crop), classes=args.classes)
     chosen = pick(data.targets, args.per_class, args.seed)
     if len(chosen) < 3:

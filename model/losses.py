@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import gather_rows, mean_over_ranks
+from ..core.dist import gather_rows, mean_over_ranks
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

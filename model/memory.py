@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import gather_rows
+from ..core.dist import gather_rows
 
 
 class LocalGroupMemory(nn.Module):

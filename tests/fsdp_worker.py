@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from mugs.configs.options import MugsConfig
-from mugs.training.dist import init_distributed
+from mugs.core.dist import init_distributed
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
 from mugs.training.trainer import build_models

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .dist import barrier
+from ..core.dist import barrier
 
 _NAME = re.compile(r"^step_(\d{8})$")
 

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..model.distributed import mean_over_ranks
+from ..core.dist import mean_over_ranks
 from ..model.network import MugsNetwork
 from ..model.objective import MugsObjective
 from .ema import ema_pairs, ema_update_

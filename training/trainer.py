@@ -16,7 +16,7 @@ from ..configs.options import MugsConfig, parse_config
 from ..model.network import build_network
 from ..model.objective import MugsObjective
 from . import checkpoint as ckpt
-from .dist import DistInfo, init_distributed, shutdown
+from ..core.dist import DistInfo, init_distributed, launched_world_size, shutdown
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
 from .parallelize import DTYPES, parallelize
@@ -72,7 +72,7 @@ def build_models(cfg: MugsConfig, info: DistInfo):
 
 def train(cfg: MugsConfig) -> int:
     """Returns the process exit code."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     try:
         validate(cfg, world)
     except ConfigError as e:
