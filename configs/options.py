@@ -101,6 +101,9 @@ class MugsConfig:
     ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)")
     ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)")
     ckpt_keep: int = _opt(2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)")
+    memory_pointer: str = _opt("fixed", "local-group memory write pointer: fixed (advance by rows written) or "
+                                "original (the paper's code: 2x rows in its non-wrapping branch)",
+                               choices=("fixed", "original"))
 
     @property
     def global_crop_size(self) -> int:

@@ -2,7 +2,7 @@
 
 Network parameter names are the same on both sides (timm naming); what differs:
 `module.` prefixes from DDP, classifier leftovers, the memory (three buffers
-`block.queue_q|k|v` there, one `bank` here) and where the loss state lives
+`block.queue_q|k|v` there, one `rows` buffer here) and where the loss state lives
 (`instance-sup.`, `local-group-sup.`, `group-sup.` entries there, one
 `MugsObjective` state dict here).
 """
@@ -27,18 +27,18 @@ def network_from_original(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.
 
 
 def memory_from_original(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """`block.queue_q|k|v` + `block.queue_ptr` -> `bank` + `ptr` (neighbours come from queue_k)."""
+    """`block.queue_q|k|v` + `block.queue_ptr` -> `rows` + `ptr` (neighbours come from queue_k)."""
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    bank = state["block.queue_k"]
-    return {"bank": bank.clone(), "ptr": (state["block.queue_ptr"].reshape(()) % bank.shape[0]).clone()}
+    rows = state["block.queue_k"]
+    return {"rows": rows.clone(), "ptr": (state["block.queue_ptr"].reshape(()) % rows.shape[0]).clone()}
 
 
 def objective_from_original(ckpt: Mapping) -> Dict[str, torch.Tensor]:
     """Loss and memory state of an original full checkpoint -> MugsObjective's state dict."""
     out: Dict[str, torch.Tensor] = {}
-    for ours, theirs in (("instance_loss", "instance-sup."), ("local_group_loss", "local-group-sup.")):
-        if theirs in ckpt:
-            out[f"{ours}.queue"] = ckpt[theirs]["queue"]
+    for ours, theirs in (("instance_queue", "instance-sup."), ("local_group_queue", "local-group-sup.")):
+        if theirs in ckpt:  # the original's queue is [dim, size], one key per column
+            out[f"{ours}.rows"] = ckpt[theirs]["queue"].T.contiguous()
             out[f"{ours}.ptr"] = ckpt[theirs]["queue_ptr"].reshape(())
     if "group-sup." in ckpt:
         out["group_loss.center"] = ckpt["group-sup."]["center"]
@@ -49,11 +49,11 @@ def objective_from_original(ckpt: Mapping) -> Dict[str, torch.Tensor]:
     return out
 
 
-def memory_to_original(bank: torch.Tensor, ptr: torch.Tensor) -> Dict[str, torch.Tensor]:
+def memory_to_original(rows: torch.Tensor, ptr: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {
-        "block.queue_q": bank.clone(),
-        "block.queue_k": bank.clone(),
-        "block.queue_v": bank.clone(),
+        "block.queue_q": rows.clone(),
+        "block.queue_k": rows.clone(),
+        "block.queue_v": rows.clone(),
         "block.queue_ptr": ptr.reshape(1).clone(),
     }
 
@@ -61,12 +61,13 @@ def memory_to_original(bank: torch.Tensor, ptr: torch.Tensor) -> Dict[str, torch
 def objective_to_original(state: Mapping[str, torch.Tensor]) -> Dict[str, dict]:
     """MugsObjective state dict -> the original's `*-sup.` and `*_mem` checkpoint entries."""
     return {
-        "instance-sup.": {"queue": state["instance_loss.queue"], "queue_ptr": state["instance_loss.ptr"].reshape(1)},
+        "instance-sup.": {"queue": state["instance_queue.rows"].T.contiguous(),
+                          "queue_ptr": state["instance_queue.ptr"].reshape(1)},
         "local-group-sup.": {
-            "queue": state["local_group_loss.queue"],
-            "queue_ptr": state["local_group_loss.ptr"].reshape(1),
+            "queue": state["local_group_queue.rows"].T.contiguous(),
+            "queue_ptr": state["local_group_queue.ptr"].reshape(1),
         },
         "group-sup.": {"center": state["group_loss.center"]},
-        "student_mem": memory_to_original(state["student_memory.bank"], state["student_memory.ptr"]),
-        "teacher_mem": memory_to_original(state["teacher_memory.bank"], state["teacher_memory.ptr"]),
+        "student_mem": memory_to_original(state["student_memory.rows"], state["student_memory.ptr"]),
+        "teacher_mem": memory_to_original(state["teacher_memory.rows"], state["teacher_memory.ptr"]),
     }

@@ -8,13 +8,14 @@ pair as in the original).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.dist import gather_rows, mean_over_ranks
+from ..core.dist import mean_over_ranks
+from .ring_buffer import RingBuffer
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -23,54 +24,42 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_mean(pair_loss: torch.Tensor, n_global: int = 2) -> torch.Tensor:
-    """pair_loss [2 teacher crops, S student crops] -> 0.5*(mean large + mean small), same-index pairs skipped."""
+    """pair_loss [2 teacher crops, S student crops] -> 0.5*(mean large + mean small), same-index pairs skipped.
+
+    S > n_global always: the config requires at least one local crop."""
     t, s = pair_loss.shape
     valid = torch.ones(t, s, dtype=torch.bool, device=pair_loss.device)
     valid[torch.arange(t), torch.arange(t)] = False
     large = valid.clone()
     large[:, n_global:] = False
     small = valid & ~large
-    large_mean = pair_loss[large].mean()
-    if not small.any():  # no local crops: only the large-crop term exists
-        return large_mean
-    return 0.5 * (large_mean + pair_loss[small].mean())
+    return 0.5 * (pair_loss[large].mean() + pair_loss[small].mean())
 
 
 class InfoNCELoss(nn.Module):
     """InfoNCE against a queue of negative keys (instance and local-group supervision).
 
-    The queue is [dim, size] with one key per column (the original's layout). All
-    terms use the queue as it was before the step; `enqueue` afterwards adds the
-    all-gathered teacher targets of crop 0, then crop 1.
+    A pure function of its inputs and the queue it is given (a `RingBuffer` of
+    keys, one per row): every term uses the queue as it was before the step;
+    `MugsObjective.update_state` writes the new keys afterwards.
     """
 
-    def __init__(self, dim: int = 256, queue_size: int = 65536, temperature: float = 0.2):
+    def __init__(self, temperature: float = 0.2):
         super().__init__()
         self.temperature = temperature
-        self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int,
+                queue: RingBuffer) -> torch.Tensor:
         b = teacher.shape[0] // 2
         preds = student.view(n_student_crops, b, -1)
         targets = teacher.detach().view(2, b, -1)
-        queue = self.queue.to(student.dtype)
-        neg = (preds @ queue) / self.temperature  # [S, B, Q], shared by both targets
+        keys = queue.rows.to(student.dtype)
+        neg = (preds @ keys.T) / self.temperature  # [S, B, Q], shared by both targets
         pos = torch.einsum("sbd,tbd->tsb", preds, targets) / self.temperature  # [2, S, B]
         neg_lse = torch.logsumexp(_upcast(neg), dim=-1)  # [S, B]
         lse = torch.logaddexp(_upcast(pos), neg_lse.unsqueeze(0))  # logsumexp over [pos, neg]
         pair_loss = (lse - _upcast(pos)).mean(dim=-1)  # cross-entropy with label 0, mean over the batch
         return _pair_mean(pair_loss)
-
-    @torch.no_grad()
-    def enqueue(self, teacher: torch.Tensor) -> None:
-        """Teacher crop 0's keys from every rank enter the queue, then crop 1's."""
-        keys = torch.cat([gather_rows(c) for c in teacher.detach().to(self.queue.dtype).chunk(2)])
-        size = self.queue.shape[1]
-        keys = keys[-size:]
-        index = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue.index_copy_(1, index, keys.T.contiguous())
-        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
 
 
 def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:

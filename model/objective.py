@@ -11,17 +11,26 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..core.dist import gather_rows
 from .losses import GroupLoss, InfoNCELoss, weighted_total
 from .memory import LocalGroupMemory
+from .ring_buffer import RingBuffer
 from .network import MugsOutputs
+
+
+def _crop_major_keys(teacher: torch.Tensor) -> torch.Tensor:
+    """Teacher crop 0's keys from every rank (rank order), then crop 1's: the queue's write order."""
+    return torch.cat([gather_rows(c) for c in teacher.detach().chunk(2)])
 
 
 class MugsObjective(nn.Module):
     def __init__(self, cfg, embed_dim: int):
         super().__init__()
         self.loss_weights = [float(w) for w in cfg.loss_weights]
-        self.instance_loss = InfoNCELoss(cfg.instance_out_dim, cfg.instance_queue_size, cfg.instance_temp)
-        self.local_group_loss = InfoNCELoss(cfg.local_group_out_dim, cfg.local_group_queue_size, cfg.local_group_temp)
+        self.instance_loss = InfoNCELoss(cfg.instance_temp)
+        self.local_group_loss = InfoNCELoss(cfg.local_group_temp)
+        self.instance_queue = RingBuffer(cfg.instance_queue_size, cfg.instance_out_dim, unit_rows=True)
+        self.local_group_queue = RingBuffer(cfg.local_group_queue_size, cfg.local_group_out_dim, unit_rows=True)
         self.group_loss = GroupLoss(
             cfg.group_out_dim,
             cfg.group_warmup_teacher_temp,
@@ -30,15 +39,19 @@ class MugsObjective(nn.Module):
             student_temp=cfg.group_student_temp,
             center_momentum=cfg.center_momentum,
         )
-        self.student_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n)
-        self.teacher_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n)
+        pointer = getattr(cfg, "memory_pointer", "fixed")
+        self.student_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n, pointer)
+        self.teacher_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n, pointer)
 
     def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, torch.Tensor]:
         """The three losses (absent ones are None) and `total`, all from the pre-step state."""
         w = self.loss_weights
         losses: Dict[str, Optional[torch.Tensor]] = {
-            "instance": self.instance_loss(student.instance, teacher.instance, n_student_crops) if w[0] > 0 else None,
-            "local_group": self.local_group_loss(student.local_group, teacher.local_group, n_student_crops)
+            "instance": self.instance_loss(student.instance, teacher.instance, n_student_crops, self.instance_queue)
+            if w[0] > 0
+            else None,
+            "local_group": self.local_group_loss(student.local_group, teacher.local_group, n_student_crops,
+                                                 self.local_group_queue)
             if w[1] > 0
             else None,
             "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch) if w[2] > 0 else None,
@@ -51,9 +64,9 @@ class MugsObjective(nn.Module):
         """After the losses: queues, centre and memories; returns the student-memory rows written."""
         w = self.loss_weights
         if w[0] > 0:
-            self.instance_loss.enqueue(teacher.instance)
+            self.instance_queue.write(_crop_major_keys(teacher.instance))
         if w[1] > 0:
-            self.local_group_loss.enqueue(teacher.local_group)
+            self.local_group_queue.write(_crop_major_keys(teacher.local_group))
         if w[2] > 0:
             self.group_loss.update_center(teacher.group)
         b = weak_flags.shape[0]

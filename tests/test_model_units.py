@@ -9,8 +9,9 @@ import torch.nn as nn
 from mugs.configs.options import MugsConfig
 from mugs.model.losses import InfoNCELoss, teacher_temperature, weighted_total
 from mugs.model.memory import LocalGroupMemory
-from mugs.model.network import build_network
+from mugs.model.network import MugsOutputs, build_network
 from mugs.model.objective import MugsObjective
+from mugs.model.ring_buffer import RingBuffer
 from mugs.model.convert import network_from_original, objective_from_original, objective_to_original
 from mugs.training.ema import ema_pairs, ema_update_
 from mugs.training.optim import (build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
@@ -29,36 +30,39 @@ def tiny_cfg(**kw):
 
 # ---- queue and memory ring buffers
 def test_queue_wraps_around_and_keeps_crop_order():
-    loss = InfoNCELoss(dim=2, queue_size=5)
+    cfg = tiny_cfg(instance_out_dim=2, instance_queue_size=5, loss_weights=[1.0, 0.0, 0.0])
+    obj = MugsObjective(cfg, 32)
+    queue = obj.instance_queue
     t = torch.arange(8, dtype=torch.float32).view(4, 2)  # crop 0 rows 0,1; crop 1 rows 2,3
-    loss.ptr.fill_(3)
-    loss.enqueue(t)
-    # columns 3,4 get crop 0, then wrap: 0,1 get crop 1
-    assert torch.equal(loss.queue[:, 3], t[0]) and torch.equal(loss.queue[:, 4], t[1])
-    assert torch.equal(loss.queue[:, 0], t[2]) and torch.equal(loss.queue[:, 1], t[3])
-    assert int(loss.ptr) == 2
+    queue.ptr.fill_(3)
+    out = MugsOutputs(instance=t, local_group=None, group=None, memory_tokens=torch.zeros(2, 32))
+    obj.update_state(out, out, torch.zeros(2, dtype=torch.bool))
+    # rows 3,4 get crop 0, then wrap: 0,1 get crop 1
+    assert torch.equal(queue.rows[3], t[0]) and torch.equal(queue.rows[4], t[1])
+    assert torch.equal(queue.rows[0], t[2]) and torch.equal(queue.rows[1], t[3])
+    assert int(queue.ptr) == 2
 
 
 def test_memory_wraps_filters_weak_and_advances_by_rows_written():
     mem = LocalGroupMemory(size=5, dim=3, top_k=2)
-    mem.bank.zero_()
+    mem.rows.zero_()
     rows = torch.arange(1, 13, dtype=torch.float32).view(4, 3)
     assert mem.push(rows[:3]) == 3 and int(mem.ptr) == 3
     n = mem.push(rows, keep=torch.tensor([True, False, True, True]))
     assert n == 3 and int(mem.ptr) == 1  # 3 + 3 wraps to 1 (the original would have moved by 6)
-    assert torch.equal(mem.bank[3], rows[0]) and torch.equal(mem.bank[4], rows[2]) and torch.equal(mem.bank[0], rows[3])
+    assert torch.equal(mem.rows[3], rows[0]) and torch.equal(mem.rows[4], rows[2]) and torch.equal(mem.rows[0], rows[3])
     assert mem.push(rows, keep=torch.zeros(4, dtype=torch.bool)) == 0 and int(mem.ptr) == 1
 
 
 def test_memory_push_longer_than_ring_keeps_newest():
     mem = LocalGroupMemory(size=3, dim=1, top_k=1)
     mem.push(torch.arange(7, dtype=torch.float32).view(7, 1))
-    assert sorted(mem.bank.flatten().tolist()) == [4.0, 5.0, 6.0]
+    assert sorted(mem.rows.flatten().tolist()) == [4.0, 5.0, 6.0]
 
 
 def test_memory_neighbours_are_top_cosine_rows_returned_raw():
     mem = LocalGroupMemory(size=4, dim=2, top_k=2)
-    mem.bank.copy_(torch.tensor([[10.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]))
+    mem.rows.copy_(torch.tensor([[10.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]))
     nb = mem.neighbours(torch.tensor([[1.0, 0.1]]))
     assert torch.equal(nb[0, 0], torch.tensor([10.0, 0.0])) and torch.equal(nb[0, 1], torch.tensor([5.0, 5.0]))
 
@@ -124,7 +128,8 @@ def test_zero_weight_drops_the_head_and_its_loss():
 
 def test_infonce_matches_per_pair_reference():
     torch.manual_seed(0)
-    loss = InfoNCELoss(dim=8, queue_size=16, temperature=0.2)
+    loss = InfoNCELoss(temperature=0.2)
+    queue = RingBuffer(16, 8, unit_rows=True)
     s = nn.functional.normalize(torch.randn(4 * 3, 8), dim=-1)  # 4 crops x batch 3
     t = nn.functional.normalize(torch.randn(2 * 3, 8), dim=-1)
     large, small = [], []
@@ -132,11 +137,11 @@ def test_infonce_matches_per_pair_reference():
         for pi, pred in enumerate(s.chunk(4)):
             if ti == pi:
                 continue
-            logits = torch.cat([(pred * targ).sum(1, keepdim=True), pred @ loss.queue], 1) / 0.2
+            logits = torch.cat([(pred * targ).sum(1, keepdim=True), pred @ queue.rows.T], 1) / 0.2
             ce = nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
             (large if pi < 2 else small).append(ce)
     ref = 0.5 * (sum(large) / len(large) + sum(small) / len(small))
-    assert loss(s, t, 4).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert loss(s, t, 4, queue).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 # ---- optimiser pieces
@@ -236,10 +241,10 @@ def test_pos_embed_interpolation_is_dino_style():
 
 def test_memory_lookup_sees_every_write_despite_the_normalised_cache():
     mem = LocalGroupMemory(size=3, dim=2, top_k=1)
-    mem.bank.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    mem.rows.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     q = torch.tensor([[1.0, 1.0]])
     first = mem.neighbours(q)[0, 0]
     mem.push(torch.tensor([[3.0, 3.0]]))  # lands in row 0 and is the new best match
-    assert torch.equal(mem.neighbours(q)[0, 0], torch.tensor([3.0, 3.0])) and not torch.equal(first, mem.bank[0])
-    mem.load_state_dict({"bank": torch.tensor([[0.0, 5.0], [0.0, 1.0], [-1.0, 0.0]]), "ptr": torch.tensor(0)})
+    assert torch.equal(mem.neighbours(q)[0, 0], torch.tensor([3.0, 3.0])) and not torch.equal(first, mem.rows[0])
+    mem.load_state_dict({"rows": torch.tensor([[0.0, 5.0], [0.0, 1.0], [-1.0, 0.0]]), "ptr": torch.tensor(0)})
     assert torch.equal(mem.neighbours(torch.tensor([[0.0, 1.0]]))[0, 0], torch.tensor([0.0, 5.0]))

@@ -9,6 +9,7 @@ Exit status 1 if any is beyond its tolerance. Nothing here knows the shipped fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -19,6 +20,7 @@ from ..configs.options import MugsConfig
 from ..model.convert import memory_from_original, network_from_original
 from ..model.network import build_network
 from ..model.objective import MugsObjective
+from ..model.ring_buffer import POINTER_RULES
 from .optim import build_adamw
 from .step import MugsTrainStep
 
@@ -108,10 +110,10 @@ def build_from_state0(cfg: MugsConfig, state0: dict):
     objective = MugsObjective(cfg, student.backbone.embed_dim)
     objective.student_memory.load_state_dict(memory_from_original(state0["student_mem"]))
     objective.teacher_memory.load_state_dict(memory_from_original(state0["teacher_mem"]))
-    for ours, theirs in (("instance_loss", "instance"), ("local_group_loss", "local_group")):
-        loss = getattr(objective, ours)
-        loss.queue.copy_(state0[f"{theirs}_queue"])
-        loss.ptr.fill_(int(state0[f"{theirs}_queue_ptr"]))
+    for ours, theirs in (("instance_queue", "instance"), ("local_group_queue", "local_group")):
+        queue = getattr(objective, ours)
+        queue.rows.copy_(state0[f"{theirs}_queue"].T)  # the trace's queue is [dim, size]
+        queue.ptr.fill_(int(state0[f"{theirs}_queue_ptr"]))
     objective.group_loss.center.copy_(state0["center"])
     return student, teacher, objective
 
@@ -146,10 +148,12 @@ def _compare_dicts(
     return checks
 
 
-def replay(trace: dict) -> List[Check]:
-    """Run one step from `state0` and compare against the trace; returns every check."""
+def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
+    """Run one step from `state0` and compare against the trace; returns every check.
+
+    With `memory_pointer="original"` the memories' write pointers are compared too."""
     tc = trace["config"]
-    cfg = config_from_trace(tc)
+    cfg = dataclasses.replace(config_from_trace(tc), memory_pointer=memory_pointer)
     torch.manual_seed(cfg.seed)
     student, teacher, objective = build_from_state0(cfg, trace["state0"])
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
@@ -202,12 +206,15 @@ def replay(trace: dict) -> List[Check]:
     checks.append(Check("state1.student elsewhere (bounded by one AdamW step)", unmasked, 2 * max_lr + TOL))
     checks += _compare_dicts("state1.teacher", teacher.state_dict(), network_from_original(s1["teacher"]), TOL)
     for ours, theirs in (("student_memory", "student_mem"), ("teacher_memory", "teacher_mem")):
-        ref_bank = memory_from_original(s1[theirs])["bank"]
-        checks.append(Check(f"state1.{theirs} rows", _diff(getattr(objective, ours).bank, ref_bank), TOL))
-    for ours, theirs in (("instance_loss", "instance"), ("local_group_loss", "local_group")):
-        loss = getattr(objective, ours)
-        checks.append(Check(f"state1.{theirs}_queue", _diff(loss.queue, s1[f"{theirs}_queue"]), TOL))
-        checks.append(Check(f"state1.{theirs}_queue_ptr", abs(int(loss.ptr) - int(s1[f"{theirs}_queue_ptr"])), 0))
+        memory = getattr(objective, ours)
+        checks.append(Check(f"state1.{theirs} rows", _diff(memory.rows, memory_from_original(s1[theirs])["rows"]), TOL))
+        if memory.pointer == "original":  # the reproduction setting follows the original's pointer exactly
+            ref_ptr = int(s1[theirs]["block.queue_ptr"])
+            checks.append(Check(f"state1.{theirs} pointer (original rule)", abs(int(memory.ptr) - ref_ptr), 0))
+    for ours, theirs in (("instance_queue", "instance"), ("local_group_queue", "local_group")):
+        queue = getattr(objective, ours)
+        checks.append(Check(f"state1.{theirs}_queue", _diff(queue.rows.T, s1[f"{theirs}_queue"]), TOL))
+        checks.append(Check(f"state1.{theirs}_queue_ptr", abs(int(queue.ptr) - int(s1[f"{theirs}_queue_ptr"])), 0))
     checks.append(Check("state1.center", _diff(objective.group_loss.center, s1["center"]), TOL))
     checks += optimizer_in_isolation(trace)
     return checks
@@ -230,12 +237,14 @@ def optimizer_in_isolation(trace: dict) -> List[Check]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mugs-replay-trace", description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="+", help="trace files (*.pt) in the golden-trace format")
+    parser.add_argument("--memory_pointer", default="fixed", choices=POINTER_RULES,
+                        help="memory write-pointer rule; `original` also checks the pointers against the trace")
     args = parser.parse_args(argv)
     failed = 0
     for path in args.traces:
         trace = torch.load(path, weights_only=True, map_location="cpu")
         print(f"== {path}")
-        for c in replay(trace):
+        for c in replay(trace, args.memory_pointer):
             flag = "ok  " if c.ok else "FAIL"
             print(f"  {flag} {c.max_diff:10.3e}  (tol {c.tol:.1e})  {c.name}")
             failed += not c.ok

@@ -1,0 +1,56 @@
+"""The one ring buffer behind the instance/local-group queues and the local-group memories.
+
+Rows [size, dim], the oldest overwritten first. A write of n rows puts them at
+`ptr, ptr+1, ...` (wrapping) and advances the pointer by the rows actually
+written (a write longer than the ring keeps only its newest `size` rows). The
+pointer stays a tensor, so writing never synchronises with the host.
+
+`pointer="original"` reproduces the paper's code for the local-group memory:
+in the branch where the write does not wrap (ptr + n <= size) its pointer
+advances by 2n, leaving every other block of slots unwritten; in the wrapping
+branch it advances by n. The golden traces pin the non-wrapping branch (one
+row written -> pointer 2, two rows -> 4); see `docs/method.md`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POINTER_RULES = ("fixed", "original")
+
+
+class RingBuffer(nn.Module):
+    def __init__(self, size: int, dim: int, *, unit_rows: bool = False, pointer: str = "fixed"):
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"ring buffer needs size and dim >= 1 (got {size} x {dim})")
+        if pointer not in POINTER_RULES:
+            raise ValueError(f"pointer rule must be one of {POINTER_RULES}, not {pointer!r}")
+        self.pointer = pointer
+        # drawn as [dim, size] and transposed: the queues' random start is the one they always had
+        init = torch.randn(dim, size)
+        if unit_rows:
+            init = F.normalize(init, dim=0)
+        self.register_buffer("rows", init.T.contiguous())
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    @torch.no_grad()
+    def write(self, rows: torch.Tensor) -> int:
+        """Write `rows` [n, dim] from the pointer on, wrapping; returns n (rows offered)."""
+        n = rows.shape[0]
+        if n == 0:
+            return 0
+        rows = rows[-self.size:].to(self.rows.dtype)
+        written = rows.shape[0]
+        index = (self.ptr + torch.arange(written, device=rows.device)) % self.size
+        self.rows.index_copy_(0, index, rows)
+        advance = written
+        if self.pointer == "original":  # 2n when the write did not wrap, n when it did
+            advance = torch.where(self.ptr + written <= self.size, 2 * written, written)
+        self.ptr.copy_((self.ptr + advance) % self.size)
+        return n
