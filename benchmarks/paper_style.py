@@ -113,10 +113,12 @@ class PaperStyleStep:
         out = {"instance": None, "local_group": None, "group": None}
         if w[0] > 0:
             il = obj.instance_loss
-            out["instance"] = pairwise_infonce(s_out.instance, t_out.instance, n_crops, il.queue.clone(), il.temperature)
+            out["instance"] = pairwise_infonce(s_out.instance, t_out.instance, n_crops, obj.instance_queue.rows.T.clone(),
+                                              il.temperature)
         if w[1] > 0:
             ll = obj.local_group_loss
-            out["local_group"] = pairwise_infonce(s_out.local_group, t_out.local_group, n_crops, ll.queue.clone(),
+            out["local_group"] = pairwise_infonce(s_out.local_group, t_out.local_group, n_crops,
+                                                  obj.local_group_queue.rows.T.clone(),
                                                   ll.temperature)
         if w[2] > 0:
             gl = obj.group_loss
