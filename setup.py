@@ -9,6 +9,7 @@ PACKAGES = {
     "mugs.eval": "eval",
     "mugs.core": "core",
     "mugs.benchmarks": "benchmarks",
+    "mugs.apps": "apps",
 }
 
 setup(
@@ -37,7 +38,7 @@ setup(
         "console_scripts": [
             "mugs-replay-trace=mugs.training.replay_trace:main",
             "mugs-train=mugs.training.trainer:main",
-            "mugs-quickstart=mugs.training.quickstart:main",
+            "mugs-quickstart=mugs.apps.quickstart:main",
             "mugs-consolidate=mugs.training.consolidate:main",
             "mugs-scan-data=mugs.pipeline.scan:main",
             "mugs-eval-knn=mugs.eval.knn:main",

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from conftest_pipeline import first_batches, in_pixel_range, loader, same_batch, tree16  # noqa: F401
+from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 from images import make_tree
 from mugs.pipeline import DataError, MultiCropBatch
 

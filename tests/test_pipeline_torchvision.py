@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest_pipeline import first_batches, in_pixel_range, loader, same_batch, tree16  # noqa: F401
+from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 from mugs.pipeline import DataError
 
 

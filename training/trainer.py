@@ -185,3 +185,7 @@ def _train(cfg: MugsConfig, info: DistInfo, stop: StopRequest) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return train(parse_config(argv))
+
+
+if __name__ == "__main__":  # `torchrun -m mugs.training.trainer FLAGS`, as train_fsdp.py
+    sys.exit(main())

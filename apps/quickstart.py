@@ -3,7 +3,7 @@ Fashion-MNIST split with the real code path and shows what it learned, on CPU.
 
 1. materialises the shipped split as ImageFolders (pipeline/fashion_mnist.py);
 2. k-NN accuracy of the network at its random initialisation (held-out split);
-3. `torchrun --nproc_per_node 2 train_fsdp.py ...`: FSDP2 over gloo, the DALI CPU
+3. `torchrun --nproc_per_node 2 -m mugs.training.trainer ...` (what train_fsdp.py runs): FSDP2 over gloo, the DALI CPU
    pipeline, the three Mugs losses, checkpoints, TensorBoard, progress bar with ETA;
 4. k-NN accuracy of the pretrained student (the headline) and of its EMA teacher; a loss-curve
    PNG and an attention-map PNG. In a run of a few hundred steps the teacher, whose momentum
@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ..configs.options import parse_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The small-image setting: 56-px global crops, 24-px local crops, 8-px patches (7x7 tokens),
 # the plain DINO weak augmentation for the student (RandAugment is too destructive at this size).
@@ -137,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     before = knn_accuracy(initial_backbone(flags), train_dir, val_dir, img_size)
     print(f"mugs-quickstart: k-NN top-1 at random init: {before:.3f}", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           str(ROOT / "train_fsdp.py"), *flags]
+           "-m", "mugs.training.trainer", *flags]
     print("mugs-quickstart: pretraining: " + " ".join(cmd[2:]), flush=True)
     rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if rc != 0:

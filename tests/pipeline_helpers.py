@@ -1,9 +1,7 @@
-"""Shared fixtures of the pipeline tests (imported by them; pytest loads only conftest.py itself)."""
+"""Helpers shared by the pipeline tests (their image-tree fixture is in conftest.py)."""
 import numpy as np
-import pytest
 import torch
 
-from images import make_tree
 from mugs.pipeline import build_loader
 from mugs.pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
 
@@ -11,13 +9,6 @@ SMALL = dict(global_size=32, local_size=16, local_crops_number=2)
 # normalised values a [0, 255] pixel can take, per channel
 LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
 HIGH = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
-
-
-@pytest.fixture(scope="session")
-def tree16(tmp_path_factory):
-    """2 classes x 8 valid 48x64 JPEGs."""
-    root = str(tmp_path_factory.mktemp("tree16"))
-    return root, make_tree(root, classes=2, per_class=8)
 
 
 def loader(backend, root, batch_size=4, **kw):
@@ -46,4 +37,4 @@ def same_batch(a, b) -> bool:
             and all(torch.equal(x, y) for x, y in zip(a.crops, b.crops)))
 
 
-__all__ = ["tree16", "loader", "in_pixel_range", "first_batches", "same_batch", "SMALL", "np"]
+__all__ = ["loader", "in_pixel_range", "first_batches", "same_batch", "SMALL", "np"]

@@ -1,0 +1,53 @@
+"""Fixtures shared across test files: a small JPEG tree and the package installed from its wheel."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from images import make_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tree16(tmp_path_factory):
+    """2 classes x 8 valid 48x64 JPEGs."""
+    root = str(tmp_path_factory.mktemp("tree16"))
+    return root, make_tree(root, classes=2, per_class=8)
+
+
+def _clean_env() -> dict:
+    """The environment without anything that points Python at the source tree."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """A venv holding mugs installed NON-editable from a wheel built from a copy of the tracked files.
+
+    The venv sees the machine's torch/DALI/timm (system site-packages) but not the work tree; the
+    fixture checks that `mugs` is imported from the venv. Returns (venv bin dir, environment)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    env = _clean_env()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp / "dist"), str(src)], check=True, env=env, timeout=300)
+    wheel = next((tmp / "dist").glob("mugs-*.whl"))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    bindir = venv / "bin"
+    subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True, env=env, timeout=300)
+    where = subprocess.run([str(bindir / "python"), "-c", "import mugs.model, mugs.apps; print(mugs.model.__file__)"],
+                           cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    assert where.startswith(str(venv)), f"mugs imported from {where}, not from the wheel in {venv}"
+    return bindir, env
