@@ -134,6 +134,13 @@ def init_eval(device: torch.device, timeout_minutes: float = 60.0) -> None:
     _init_group(device, timeout_minutes)
 
 
+# ---------------------------------------------------------------- sharded tensors
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of an FSDP2 (DTensor) parameter or gradient; plain tensors pass through."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 # ---------------------------------------------------------------- collectives
 def shard(n: int) -> List[int]:
     """This rank's indices of 0..n-1 (strided, no padding, nothing repeated)."""

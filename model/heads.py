@@ -74,7 +74,7 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch._weight_norm(self.weight_v, self.weight_g, 0)
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # torch's weight_norm maths
         return F.linear(x, w)
 
 

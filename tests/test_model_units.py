@@ -248,3 +248,22 @@ def test_memory_lookup_sees_every_write_despite_the_normalised_cache():
     assert torch.equal(mem.neighbours(q)[0, 0], torch.tensor([3.0, 3.0])) and not torch.equal(first, mem.rows[0])
     mem.load_state_dict({"rows": torch.tensor([[0.0, 5.0], [0.0, 1.0], [-1.0, 0.0]]), "ptr": torch.tensor(0)})
     assert torch.equal(mem.neighbours(torch.tensor([[0.0, 1.0]]))[0, 0], torch.tensor([0.0, 5.0]))
+
+
+def test_pre_created_adamw_state_has_the_layout_adamw_itself_creates():
+    """init_adamw_state relies on AdamW's state layout; a torch release that changes it must fail here."""
+    torch.manual_seed(0)
+    ours_model, ref_model = nn.Linear(3, 2), nn.Linear(3, 2)
+    ref_model.load_state_dict(ours_model.state_dict())
+    ours = build_adamw(ours_model, fused=False)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, foreach=True)
+    for model in (ours_model, ref_model):
+        model(torch.randn(4, 3)).sum().backward()
+    ref.step()  # AdamW's own lazily created state, after one step
+    for p_ours, p_ref in zip(ours_model.parameters(), ref_model.parameters()):
+        mine, theirs = ours.state[p_ours], ref.state[p_ref]
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            assert mine[key].dtype == theirs[key].dtype and mine[key].shape == theirs[key].shape, key
+            assert mine[key].device == theirs[key].device, key
+        assert float(mine["step"]) == 0.0 and not mine["exp_avg"].any()  # created, no step taken

@@ -6,7 +6,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from .optim import _local
+from ..core.dist import local_shard
 
 
 def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -29,7 +29,7 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
 @torch.no_grad()
 def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student."""
-    t = [_local(p) for p in teacher_params]
-    s = [_local(p).to(x.dtype) for p, x in zip(student_params, t)]
+    t = [local_shard(p) for p in teacher_params]
+    s = [local_shard(p).to(x.dtype) for p, x in zip(student_params, t)]
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)

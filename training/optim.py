@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..core.dist import local_shard
+
 try:  # DTensor is what FSDP2 parameters and gradients are
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - torch < 2.4
@@ -50,6 +52,11 @@ def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 0.2, fused: Optio
 def init_adamw_state(opt: torch.optim.AdamW) -> None:
     """Create every parameter's AdamW state now, exactly as AdamW would on its first update.
 
+    The one place that relies on AdamW's (unpublished) state layout: `step` (a 0-d float32 tensor,
+    on the parameter's device when fused), `exp_avg`, `exp_avg_sq`. torch has no public call that
+    creates optimizer state without taking a step; `tests/test_model_units.py` checks this layout
+    against what AdamW itself creates, so a torch change fails there first.
+
     Parameters without a gradient yet (the frozen group last layer) would otherwise have no
     state in early checkpoints, and a resumed optimiser would not match the saved one. Unlike
     DCP's own initialisation (a zero-gradient step), this leaves `step` at 0: the maths of
@@ -75,10 +82,6 @@ def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) 
             g["weight_decay"] = weight_decay
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _shard_group(t: torch.Tensor):
     """The process group over which a DTensor's local pieces add up to the whole (None: not sharded)."""
     if not isinstance(t, DTensor):
@@ -100,7 +103,7 @@ def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> 
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    local = [_local(g) for g in grads]
+    local = [local_shard(g) for g in grads]
     sq = torch.stack(torch._foreach_norm(local)).float().square()
     group = _shard_group(grads[0])
     if group is not None:
