@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +65,19 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = 2
     return top1
 
 
+def pixel_knn_accuracy(train_dir: Path, val_dir: Path, size: int, k: int = 20, temperature: float = 0.05) -> float:
+    """The same k-NN on raw pixels (the normalised eval view, flattened): what features must beat."""
+    from ..eval.data import eval_transform, image_folder
+    from ..eval.knn import knn_classify
+
+    tf = eval_transform(size, size)
+    train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
+    feats = [F.normalize(torch.stack([ds[i][0].flatten() for i in range(len(ds))]), dim=1) for ds in (train, val)]
+    top1, _ = knn_classify(feats[0], torch.tensor(train.targets), feats[1], torch.tensor(val.targets), k, temperature,
+                           num_classes=len(train.classes))
+    return top1
+
+
 def initial_backbone(flags: List[str]):
     """The network exactly as train_fsdp.py initialises it (same seed, same build order)."""
     from ..model.network import build_network
@@ -73,7 +87,17 @@ def initial_backbone(flags: List[str]):
     return build_network(cfg, teacher=False).backbone
 
 
-def loss_curve(tb_dir: Path, out: Path) -> None:
+def _smooth(values: List[float], window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    v = np.asarray(values, dtype=np.float64)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    n = np.minimum(np.arange(1, len(v) + 1), window)
+    return (c[1:] - c[np.arange(1, len(v) + 1) - n]) / n
+
+
+def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: float) -> None:
+    """Each loss smoothed (raw faint behind), the chance level, and where the lr peaks and the
+    group head's last layer is unfrozen (read from the logged lr and epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,29 +106,53 @@ def loss_curve(tb_dir: Path, out: Path) -> None:
 
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     ea.Reload()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for tag in ("loss/total", "loss/instance", "loss/local_group", "loss/group"):
-        if tag in ea.Tags()["scalars"]:
-            ev = ea.Scalars(tag)
-            ax.plot([e.step for e in ev], [e.value for e in ev], label=tag.split("/")[1])
+    tags = ea.Tags()["scalars"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    steps: List[int] = []
+    for tag, colour in (("loss/total", "black"), ("loss/instance", "tab:blue"), ("loss/local_group", "tab:orange"),
+                        ("loss/group", "tab:green")):
+        if tag not in tags:
+            continue
+        ev = ea.Scalars(tag)
+        steps, values = [e.step for e in ev], [e.value for e in ev]
+        ax.plot(steps, values, color=colour, alpha=0.2, linewidth=0.8)
+        ax.plot(steps, _smooth(values, max(5, len(values) // 40)), color=colour, linewidth=1.8,
+                label=tag.split("/")[1])
+    ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance (ln {round(np.exp(chance))})")
+    if "sched/lr" in tags:
+        lr = ea.Scalars("sched/lr")
+        peak = lr[int(np.argmax([e.value for e in lr]))].step
+        ax.axvline(peak, color="tab:red", linestyle="--", linewidth=1, label=f"lr peak (step {peak})")
+    if "epoch" in tags and freeze_last_layer_epochs > 0:
+        unfrozen = next((e.step for e in ea.Scalars("epoch") if e.value >= freeze_last_layer_epochs), None)
+        if unfrozen is not None:
+            ax.axvline(unfrozen, color="tab:purple", linestyle="--", linewidth=1,
+                       label=f"group last layer unfrozen (step {unfrozen})")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (raw faint, moving average bold)")
     ax.set_title("Mugs pretraining on Fashion-MNIST (quickstart)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
 
 
-def attention_png(backbone, spec, val_dir: Path, out: Path, img_size: int) -> None:
-    """CLS attention of each last-layer head over one held-out image, panels of 2 x img_size px."""
+def attention_png(backbone, spec, val_dir: Path, out: Path, img_size: int, images: int = 4) -> None:
+    """CLS attention of each last-layer head over one held-out image of each of the first `images`
+    classes: one row per image (the image, then one panel per head), panels of 2 x img_size px."""
     from PIL import Image
 
     from ..eval.attention import cls_maps, render
 
-    image = Image.open(sorted(sorted(val_dir.iterdir())[0].iterdir())[0]).convert("RGB")
-    maps = cls_maps(backbone, image, img_size, spec.patch_size)
-    render(image, maps, 2 * img_size, cols=spec.num_heads + 1).save(out)
+    rows = []
+    for cls in sorted(val_dir.iterdir())[:images]:
+        image = Image.open(sorted(cls.iterdir())[0]).convert("RGB")
+        maps = cls_maps(backbone, image, img_size, spec.patch_size)
+        rows.append(render(image, maps, 2 * img_size, cols=spec.num_heads + 1))
+    canvas = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for i, r in enumerate(rows):
+        canvas.paste(r, (0, i * rows[0].height))
+    canvas.save(out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -129,11 +177,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(run_dir)
     flags = QUICKSTART_FLAGS + ["--data_path", str(train_dir), "--output_dir", str(run_dir), "--epochs", str(args.epochs),
                                 "--max_steps", str(args.max_steps)]
-    img_size = parse_config(flags).img_size
+    cfg = parse_config(flags)
+    img_size = cfg.img_size
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"mugs-quickstart: data in {work / 'data'}; k-NN of the randomly initialised network...", flush=True)
     before = knn_accuracy(initial_backbone(flags), train_dir, val_dir, img_size)
-    print(f"mugs-quickstart: k-NN top-1 at random init: {before:.3f}", flush=True)
+    pixels = pixel_knn_accuracy(train_dir, val_dir, img_size)
+    print(f"mugs-quickstart: k-NN top-1 at random init: {before:.3f} (raw pixels: {pixels:.3f})", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "mugs.training.trainer", *flags]
     print("mugs-quickstart: pretraining: " + " ".join(cmd[2:]), flush=True)
@@ -146,15 +196,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ckpt = read_checkpoint(run_dir, parts=("student", "teacher"))  # read once for both k-NN and the picture
     nets = {key: load_backbone(run_dir, key=key, ckpt=ckpt)[:2] for key in ("student", "teacher")}
     after = {key: knn_accuracy(net, train_dir, val_dir, img_size) for key, (net, _) in nets.items()}
-    loss_curve(run_dir / "tb", work / "loss_curve.png")
+    loss_curve(run_dir / "tb", work / "loss_curve.png", freeze_last_layer_epochs=cfg.freeze_last_layer,
+               chance=float(np.log(cfg.group_out_dim)))
     attention_png(*nets["teacher"], val_dir, work / "attention.png", img_size)
-    results = {"knn_top1_random_init": before, "knn_top1_pretrained": after["student"],
+    results = {"knn_top1_raw_pixels": pixels, "knn_top1_random_init": before, "knn_top1_pretrained": after["student"],
                "knn_top1_pretrained_teacher": after["teacher"], "gain_points": 100 * (after["student"] - before),
                "epochs": args.epochs, "max_steps": args.max_steps, "minutes": (time.time() - t0) / 60}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nmugs-quickstart: k-NN top-1 on {len(list(val_dir.rglob('*.png')))} held-out images: "
           f"random init {before:.3f} -> pretrained {after['student']:.3f} ({results['gain_points']:+.1f} points; "
-          f"EMA teacher {after['teacher']:.3f})\n"
+          f"EMA teacher {after['teacher']:.3f}; raw pixels {pixels:.3f})\n"
           f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
           f"  loss curve:   {work / 'loss_curve.png'}\n  attention:    {work / 'attention.png'}\n"
           f"  checkpoints:  {run_dir / 'checkpoints'}   ({results['minutes']:.1f} min in all)")

@@ -19,11 +19,12 @@ def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads((work / "results.json").read_text())
-    for key in ("knn_top1_random_init", "knn_top1_pretrained", "knn_top1_pretrained_teacher"):
+    for key in ("knn_top1_raw_pixels", "knn_top1_random_init", "knn_top1_pretrained", "knn_top1_pretrained_teacher"):
         assert 0.0 <= res[key] <= 1.0, key
     assert res["knn_top1_random_init"] > 0.15  # 10 classes: random features already beat chance
     assert "reached --max_steps 3" in r.stderr  # the trainer ran (FSDP2, DALI CPU) and stopped where told
     assert "random init" in r.stdout and "TensorBoard" in r.stdout
+    assert f"raw pixels {res['knn_top1_raw_pixels']:.3f}" in r.stdout
     assert list((work / "run" / "checkpoints").glob("step_00000003"))
     assert list((work / "run" / "tb").glob("events.*"))
     # the headline is the trained student's k-NN: recompute it from the final checkpoint independently
@@ -37,7 +38,7 @@ def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path,
         with Image.open(work / name) as im:
             im.verify()
     with Image.open(work / "attention.png") as im:
-        assert im.size == (112 * 4, 112)  # the image + 3 heads, 2 x 56 px panels
+        assert im.size == (112 * 4, 112 * 4)  # 4 held-out images, each + 3 heads, 2 x 56 px panels
 
 
 def test_installed_benchmark_module_runs(installed_wheel, tmp_path):
