@@ -64,7 +64,7 @@ def build_models(cfg: MugsConfig, seed: int = 0):
 
 def save_run(output_dir: Path, cfg: MugsConfig, step: int = 6, epoch: int = 3, seed: int = 0):
     """A run dir with one complete sharded checkpoint, as the trainer writes it (no process group)."""
-    from mugs.training import checkpoint as ckpt
+    from mugs.core import checkpoint as ckpt
     from mugs.training.optim import build_adamw
 
     student, teacher, objective = build_models(cfg, seed)
