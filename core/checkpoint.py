@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -265,7 +266,7 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
         set_model_state_dict(teacher, state["teacher"])
         set_optimizer_state_dict(student, optimizer, state["optimizer"])
         objective.load_state_dict(state["objective"])
-    except Exception as e:  # noqa: BLE001 - missing/truncated shards, mismatched state: one line
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - missing/truncated shards, bad state
         failure = f"{path}: {_one_line_reason(e)}"
     if _collective_failure(failure is not None):
         raise CheckpointError(failure or f"{path}: does not load on another rank")
@@ -340,7 +341,7 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
         with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - missing or truncated shards fail in many ways
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - missing or truncated shards
         raise CheckpointError(f"{path}: does not load ({_one_line_reason(e)})") from None
     return state
 

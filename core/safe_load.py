@@ -152,10 +152,9 @@ def safe_torch_load(path: "str | Path") -> Any:
         try:
             return _load(path)
         except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL (\S+)|global (\S+)", str(e))
-            if not found:
+            what = _refused_global(e)
+            if what is None:
                 raise CheckpointError(f"{path}: not a readable torch checkpoint ({_weights_only_reason(e)})") from None
-            what = found.group(1) or found.group(2)
             raise CheckpointError(
                 f"{path}: refused: it pickles a Python object that is not a tensor, container, plain number, "
                 f"numpy float64 or argparse.Namespace ({what}); loading it could run code") from None
@@ -163,10 +162,16 @@ def safe_torch_load(path: "str | Path") -> Any:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
 
 
+def _refused_global(e: Exception) -> "str | None":
+    """The global or class the weights-only unpickler refused, if that is why it failed."""
+    found = re.search(r"GLOBAL (\S+)|global (\S+)|allowlisted via `add_safe_globals`, but got <class '([^']+)'>", str(e))
+    return next((g for g in found.groups() if g), None) if found else None
+
+
 def _weights_only_reason(e: Exception) -> str:
-    found = re.search(r"GLOBAL (\S+)|global (\S+)", str(e))
-    if found:
-        return f"it names {found.group(1) or found.group(2)}"
+    what = _refused_global(e)
+    if what:
+        return f"it names {what}"
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
     return f"weights-only unpickler: {detail.group(1)[:160]}" if detail else first_line(e)
 
