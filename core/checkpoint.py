@@ -207,6 +207,20 @@ def _prune(output_dir: str, keep: int) -> None:
 
 
 # ---------------------------------------------------------------- read (training: collective)
+def check_shard_files(path: Path, md) -> None:
+    """Every shard file the metadata points into exists and is long enough (a cheap check, by size,
+    that names the file; DCP itself would fail later on some rank with a bare EOFError)."""
+    need: Dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (a shard of this checkpoint)")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{f}: truncated ({f.stat().st_size} bytes; the metadata needs {size})")
+
+
 def _read_rank_file(path: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """This rank's `rank_N.pt` (RNG + loader), None if the checkpoint was written by another
     number of ranks; a missing file at the same world size is a broken checkpoint."""
@@ -253,7 +267,7 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
     failure = None
     try:  # local checks first, so that all ranks enter (or skip) the collective read together
         meta = read_complete(path)
-        read_dcp_metadata(path / METADATA_FILE)
+        check_shard_files(path, read_dcp_metadata(path / METADATA_FILE))
         per_rank = _read_rank_file(path, meta)
     except CheckpointError as e:
         failure = str(e)
@@ -324,6 +338,7 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
     all) of checkpoint dir `path` as full CPU tensors and plain values, without a process
     group. CheckpointError (one line) if they are absent or the checkpoint does not load."""
     md = read_dcp_metadata(path / METADATA_FILE)
+    check_shard_files(path, md)
     planner_data = md.planner_data or {}
     state: Dict[str, Any] = {}
     for fqn, m in md.state_dict_metadata.items():

@@ -76,7 +76,23 @@ def read_dcp_metadata(path: "str | Path") -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader whose `.metadata` goes through `read_dcp_metadata`."""
+    """DCP's FileSystemReader whose `.metadata` goes through `read_dcp_metadata` and whose read
+    errors name the shard file they came from (DCP reports a bare EOFError/UnpicklingError)."""
+
+    _reading = None
+
+    def _slice_file(self, file, sinfo):
+        self._reading = sinfo.relative_path
+        return super()._slice_file(file, sinfo)
+
+    def read_data(self, plan, planner):
+        self._reading = None
+        try:
+            return super().read_data(plan, planner)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged shard fails in many ways
+            raise CheckpointError(f"{self._reading or 'a shard'}: unreadable ({_weights_only_reason(e)})") from None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")

@@ -219,10 +219,13 @@ def test_allow_list_admits_float64_scalars_only(released, tmp_path, extra):
 
 
 # ---------------------------------------------------------------- fallback, single process
-def test_truncated_newest_is_set_aside_and_the_previous_restores_exactly(run):
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_broken_newest_is_set_aside_and_the_previous_restores_exactly(run, damage):
     newest = run["new"][0]
     shard = newest / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    raw = shard.read_bytes()
+    half = len(raw) // 2  # garbled: same size, so DCP reads (and copies) the first half before it fails
+    shard.write_bytes(raw[:half] if damage == "truncated" else raw[:half] + bytes(len(raw) - half))
     lines = []
     meta, models = resume(run, lines.append)
     assert meta["step"] == 6 and meta["loader"] is None
@@ -230,6 +233,7 @@ def test_truncated_newest_is_set_aside_and_the_previous_restores_exactly(run):
     for mine, saved in ((models["student"], student), (models["teacher"], teacher), (models["objective"], objective)):
         assert_same_weights(mine, saved)  # a partly read newest checkpoint leaves nothing behind
     assert len(lines) == 2 and lines[0].startswith("mugs: warning: checkpoint step_00000007 does not load:")
+    assert ("__0_0.distcp: truncated" if damage == "truncated" else "__0_0.distcp: unreadable") in lines[0]
     assert "\n" not in "".join(lines)
     root = run["dir"] / "checkpoints"
     assert not (root / "step_00000007").exists() and (root / "broken-step_00000007" / "COMPLETE").is_file()
@@ -278,7 +282,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 def test_eval_tool_on_a_broken_newest_names_it_and_the_previous_one(run, data, capsys):
     (run["new"][0] / "__0_0.distcp").unlink()
     assert knn.main([str(run["dir"]), "--data_path", str(data)] + SMALL) == 2
-    one_line_error(capsys, "step_00000007: does not load", "previous complete checkpoint", str(run["old"][0]))
+    one_line_error(capsys, "__0_0.distcp: missing", "previous complete checkpoint", str(run["old"][0]))
 
 
 def test_export_to_a_directory_is_refused_without_a_stray_file(run, tmp_path, capsys):
