@@ -235,15 +235,19 @@ def _read_rank_file(path: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]
     return blob
 
 
-def _collective_failure(failed: bool) -> bool:
-    """True on every rank if it is True on any rank (one all-reduce of a flag)."""
+def _agree(failure: Optional[str]) -> Optional[str]:
+    """The first rank's failure message on every rank if any rank failed, else None (one all-reduce
+    of a flag; the messages are gathered only when something failed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return failed
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+        return failure
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    if flag.item() == 0:
+        return None
+    messages: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, failure)
+    return next(m for m in messages if m is not None)
 
 
 def _one_line_reason(e: BaseException) -> str:
@@ -271,8 +275,9 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
         per_rank = _read_rank_file(path, meta)
     except CheckpointError as e:
         failure = str(e)
-    if _collective_failure(failure is not None):
-        raise CheckpointError(failure or f"{path}: does not load on another rank")
+    failure = _agree(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
     try:
         state = _app_state(student, teacher, optimizer, objective)
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
@@ -282,8 +287,9 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
         objective.load_state_dict(state["objective"])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - missing/truncated shards, bad state
         failure = f"{path}: {_one_line_reason(e)}"
-    if _collective_failure(failure is not None):
-        raise CheckpointError(failure or f"{path}: does not load on another rank")
+    failure = _agree(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
     if per_rank is not None:
         set_rng_state(per_rank["rng"])
     meta["loader"] = per_rank["loader"] if per_rank is not None else None

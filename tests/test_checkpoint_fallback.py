@@ -22,6 +22,16 @@ def _final(out: Path, name: str) -> dict:
     return {f"{part}.{k}": v for part in ("student", "teacher", "objective") for k, v in blob[part].items()}
 
 
+class Payload:
+    """Unpickling this creates `marker`: proof that a file's code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def _listing(root: Path) -> dict:
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")}
 
@@ -49,9 +59,10 @@ def test_broken_newest_falls_back_to_the_previous_and_all_broken_stops(data, tmp
     a, b = _final(ref, "final.pt"), _final(out, "final.pt")
     assert set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == []  # an exact resume from step 2
 
-    # every complete checkpoint broken (truncated shard, emptied metadata): stop, touch nothing
-    shard = root / "step_00000004" / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:1000])
+    # every complete checkpoint broken (a planted rank_1.pt that only rank 1 reads, emptied metadata):
+    # both ranks stop, rank 0 reports rank 1's reason, nothing is touched and the payload never ran
+    marker = tmp_path / "PWNED"
+    torch.save({"rng": Payload(marker), "loader": None}, root / "step_00000004" / "rank_1.pt")
     (root / "step_00000003" / ".metadata").write_bytes(b"")
     before = _listing(root)
     r = run(train_cmd(2, 29744, data, out, *FLAGS, "--max_steps", "6"))
@@ -59,7 +70,8 @@ def test_broken_newest_falls_back_to_the_previous_and_all_broken_stops(data, tmp
     errors = [line for line in r.stderr.splitlines() if "mugs: error:" in line]
     assert len(errors) == 1 and "none of the 2 complete checkpoints" in errors[0], r.stderr[-4000:]
     assert "step_00000004, step_00000003" in errors[0]
-    assert "mugs: warning: checkpoint step_00000004 does not load" in r.stderr and "__0_0.distcp: truncated" in r.stderr
+    assert "mugs: warning: checkpoint step_00000004 does not load" in r.stderr and "rank_1.pt: refused" in r.stderr
+    assert not marker.exists()
     assert "step_00000003/.metadata: not readable DCP metadata" in r.stderr
     assert "CheckpointError" not in r.stderr and "core/checkpoint.py" not in r.stderr  # no traceback of ours
     assert _listing(root) == before
