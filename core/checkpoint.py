@@ -229,7 +229,7 @@ def _read_rank_file(path: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]
         if meta.get("world_size") == _world_size():
             raise CheckpointError(f"{f}: missing (the checkpoint was written by {_world_size()} ranks)")
         return None
-    blob = safe_torch_load(f)
+    blob = safe_torch_load(f, released=False)  # ours: tensors and plain types only
     if not isinstance(blob, dict) or "rng" not in blob:
         raise CheckpointError(f"{f}: not a per-rank state file (no `rng` entry)")
     return blob

@@ -159,12 +159,13 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
 
 
-def safe_torch_load(path: "str | Path") -> Any:
-    """`torch.load` on CPU of tensors, containers, plain numbers and `released_checkpoint_globals()` only."""
+def safe_torch_load(path: "str | Path", *, released: bool = True) -> Any:
+    """`torch.load` on CPU of tensors, containers, plain numbers and (with `released`, for files
+    that may be the original's) `released_checkpoint_globals()` only."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    with torch.serialization.safe_globals(released_checkpoint_globals()):
+    with torch.serialization.safe_globals(released_checkpoint_globals() if released else []):
         try:
             return _load(path)
         except pickle.UnpicklingError as e:
