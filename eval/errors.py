@@ -1,12 +1,11 @@
-"""User-facing errors of the evaluation tools: each message is one line, printed as `prog: error: ...`."""
+"""User-facing errors of the evaluation tools: each message is one line, printed as `prog: error: ...`.
 
+`CheckpointError` lives in `mugs.core.errors` (the checkpoint format raises it for
+the trainer as well); it is re-exported here, so `except EvalError` catches it.
+"""
+from ..core.errors import CheckpointError, InputError as EvalError
 
-class EvalError(ValueError):
-    """Any bad input to an evaluation command."""
-
-
-class CheckpointError(EvalError):
-    """A checkpoint that cannot be used (missing, unsafe, wrong format or architecture)."""
+__all__ = ["EvalError", "CheckpointError", "DataError"]
 
 
 class DataError(EvalError):

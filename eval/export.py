@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..core.checkpoint import save_file_atomically
 from ..model.convert import objective_to_original
 from ..model.vit import ARCH_SHAPES
 from .cli import add_checkpoint_args, run
@@ -79,22 +79,17 @@ def original_checkpoint(path: str) -> dict:
     }
 
 
-def _save(obj, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, out)
-
-
 def export(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if out.is_dir():  # before reading anything: refused with nothing written (no stray `.tmp`)
+        raise CheckpointError(f"--out {out}: is a directory; give the file to write")
     if args.format == "mugs":
-        _save(original_checkpoint(args.checkpoint), out)
+        save_file_atomically(original_checkpoint(args.checkpoint), out)
         print(f"{PROG}: wrote {out} (original Mugs layout) from {args.checkpoint}")
         return 0
     backbone, spec, ckpt = load_backbone(args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size,
                                          num_heads=args.num_heads)
-    _save(timm_state_dict(backbone, spec, args.img_size), out)
+    save_file_atomically(timm_state_dict(backbone, spec, args.img_size), out)
     name = timm_name(spec, args.img_size)
     how = (f"timm.create_model({name!r}, num_classes=0)" if name
            else f"timm.models.vision_transformer.VisionTransformer(**{timm_kwargs(spec, args.img_size)})")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..model.vit import MugsViT
 from ..core import dist
-from .safe_load import safe_torch_load
+from ..core.safe_load import safe_torch_load
 
 FeatureFn = Callable[[MugsViT, torch.Tensor], torch.Tensor]
 

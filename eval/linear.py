@@ -38,7 +38,7 @@ from .errors import EvalError
 from .features import block_features, loader
 from .arch import ArchSpec
 from .load import load_backbone
-from .safe_load import safe_torch_load
+from ..core.safe_load import safe_torch_load
 
 PROG = "mugs-eval-linear"
 SWEEP_LRS = [base * n for base in (1e-4, 1e-3, 1e-2, 1e-1) for n in range(1, 10)]

@@ -8,25 +8,26 @@ Accepted CHECKPOINT paths:
 - a released Mugs full checkpoint (`student`/`teacher` possibly `module.`-prefixed,
   `*_mem`, `*-sup.`, `epoch`, `args`) or a backbone-only file (a ViT state dict,
   possibly `module.`/`backbone.`-prefixed).
-Files are read with `safe_torch_load` (weights only); `arch.py` works out and
-checks the architecture. Continued training gets student/teacher/objective
-state dicts in our naming (`load_training_state`).
+Files are read with `mugs.core.safe_load` (weights only; sharded checkpoints through
+`mugs.core.checkpoint.read_parts`, whose DCP metadata and non-tensor entries are
+read with restricted unpicklers too); `arch.py` works out and checks the architecture.
+Continued training gets student/teacher/objective state dicts in our naming
+(`load_training_state`).
 """
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.checkpoint import list_complete, read_complete, read_parts, resolve, step_of
+from ..core.safe_load import plain, safe_torch_load
 from ..model.convert import network_from_original, objective_from_original
 from ..model.vit import ARCH_SHAPES, MugsViT
 from .arch import ArchSpec, build_from_state, check_requested, shape_diff, spec_from_weights
 from .errors import CheckpointError
-from .safe_load import plain, safe_torch_load
 
 StateDict = Dict[str, torch.Tensor]
 _ORIGINAL_STATE = ("student_mem", "teacher_mem", "instance-sup.", "local-group-sup.", "group-sup.")
@@ -72,15 +73,6 @@ def _clean(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return {_clean_key(k): v for k, v in sd.items()}
 
 
-def resolve_sharded(path: Path) -> Optional[Path]:
-    """A run dir -> its newest complete checkpoint dir; a checkpoint dir -> itself; else None."""
-    from ..training.checkpoint import latest
-
-    if (path / "COMPLETE").is_file():
-        return path
-    return latest(str(path))
-
-
 def read_checkpoint(path: "str | Path", parts: Sequence[str] = ("teacher",)) -> Checkpoint:
     """Read CHECKPOINT. For sharded checkpoints only `parts` ("student", "teacher",
     "objective") are loaded; files are read whole (memory-mapped)."""
@@ -88,39 +80,23 @@ def read_checkpoint(path: "str | Path", parts: Sequence[str] = ("teacher",)) -> 
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_dir():
-        d = resolve_sharded(p)
-        if d is None:
-            raise CheckpointError(f"{p}: no complete checkpoint here (looked for {p}/COMPLETE and "
-                                  f"{p}/checkpoints/step_*/COMPLETE)")
-        return _read_sharded(d, parts)
+        return _read_sharded(resolve(p), parts)
     return _from_blob(p, safe_torch_load(p))
 
 
 def _read_sharded(d: Path, parts: Sequence[str]) -> Checkpoint:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = json.loads((d / "COMPLETE").read_text())
+    meta = read_complete(d)
     try:
-        md = FileSystemReader(str(d)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user error
-        raise CheckpointError(f"{d}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from None
-    want: Dict[str, StateDict] = {}
-    for key, m in md.items():
-        top, _, rest = key.partition(".")
-        if top in parts and isinstance(m, TensorStorageMetadata):
-            want.setdefault(top, {})[rest] = torch.empty(m.size, dtype=m.properties.dtype)
-    missing = [x for x in parts if x not in want]
-    if missing:
-        raise CheckpointError(f"{d}: the sharded checkpoint has no {', '.join(missing)}")
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(want, checkpoint_id=str(d), no_dist=True)
+        state = read_parts(d, parts)
+    except CheckpointError as e:  # name an older complete checkpoint of the same run, if there is one
+        older = [c for c in list_complete(d.parent.parent) if step_of(c) < step_of(d)] \
+            if d.parent.name == "checkpoints" else []
+        hint = f"; the previous complete checkpoint {older[-1]} can be passed instead" if older else ""
+        raise CheckpointError(f"{e}{hint}") from None
     return Checkpoint(
         path=d, kind="sharded", config=meta.get("config") or {}, epoch=meta.get("epoch"), step=meta.get("step"),
-        networks={k: _clean(want[k]) for k in ("student", "teacher") if k in want},
-        objective=want.get("objective"),
+        networks={k: _clean(state[k]) for k in ("student", "teacher") if k in state},
+        objective=state.get("objective"),
     )
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
+import types
 import warnings
 from pathlib import Path
 from typing import Dict, Sequence
@@ -64,7 +66,7 @@ def build_models(cfg: MugsConfig, seed: int = 0):
 
 def save_run(output_dir: Path, cfg: MugsConfig, step: int = 6, epoch: int = 3, seed: int = 0):
     """A run dir with one complete sharded checkpoint, as the trainer writes it (no process group)."""
-    from mugs.training import checkpoint as ckpt
+    from mugs.core import checkpoint as ckpt
     from mugs.training.optim import build_adamw
 
     student, teacher, objective = build_models(cfg, seed)
@@ -98,3 +100,64 @@ def original_from_trace(tr: dict, epoch: int = 5) -> Dict:
                                    depth=tc["depth"], num_heads=tc["num_heads"], epochs=tc["epochs"],
                                    data_path="/data/imagenet", lr=tc["lr"]),
     }
+
+
+def _cosine_schedule(base: float, final: float, epochs: int, niter: int, warmup_epochs: int = 0) -> np.ndarray:
+    """Per-iteration numpy schedule as the original's utils.cosine_scheduler builds it (values are np.float64)."""
+    warmup = np.linspace(0, base, warmup_epochs * niter)
+    iters = np.arange(epochs * niter - warmup_epochs * niter)
+    return np.concatenate((warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+def original_full_checkpoint(tr: dict, epoch: int = 5) -> Dict:
+    """The dict the original main.py writes to checkpoint.pth: `original_from_trace`'s networks, memories,
+    queues and centre, plus a real AdamW state over the (DDP-prefixed) student parameters in the original's
+    param groups, stepped once, whose groups' `lr` and (first group) `weight_decay` were then set from
+    numpy cosine schedules as the original's training loop does (so they are numpy.float64), and the
+    fp16 scaler state."""
+    blob = original_from_trace(tr, epoch)
+    params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in blob["student"].items() if v.is_floating_point()}
+    groups = {"regularized": [], "patch_embed": [], "not_regularized": [], "patch_embed_not_regularized": []}
+    for name, p in params.items():
+        no_wd = name.endswith(".bias") or p.ndim == 1
+        if "patch_embed" in name:
+            groups["patch_embed_not_regularized" if no_wd else "patch_embed"].append(p)
+        else:
+            groups["not_regularized" if no_wd else "regularized"].append(p)
+    param_groups = [{"params": groups["regularized"]}, {"params": groups["patch_embed"], "patch_embed": True},
+                    {"params": groups["not_regularized"], "weight_decay": 0.0},
+                    {"params": groups["patch_embed_not_regularized"], "weight_decay": 0.0, "patch_embed": True}]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+    gen = torch.Generator().manual_seed(0)
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=gen)
+    optimizer.step()
+    niter, epochs = 10, tr["config"]["epochs"]
+    lr_schedule = _cosine_schedule(0.0008 * 64 / 256, 1e-6, epochs, niter, warmup_epochs=1)
+    wd_schedule = _cosine_schedule(0.04, 0.4, epochs, niter)
+    it = epoch * niter + 3
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr_schedule[it] * (0.2 if group.get("patch_embed") else 1.0)
+        if i == 0:
+            group["weight_decay"] = wd_schedule[it]
+    blob["optimizer"] = optimizer.state_dict()
+    blob["fp16_scaler"] = torch.amp.GradScaler("cpu").state_dict()
+    return blob
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Writes numpy's scalar reconstructor under its numpy 1.x name, as files saved in 2022 have it."""
+
+    def save_global(self, obj, name=None):
+        if obj is np.float64(0).__reduce__()[0]:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\nscalar\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def save_numpy1_style(obj, path: Path) -> None:
+    """torch.save `obj` as numpy 1.x would have pickled it (`numpy.core.multiarray.scalar`)."""
+    module = types.ModuleType("numpy1_pickle")
+    module.Pickler = _Numpy1Pickler
+    torch.save(obj, path, pickle_module=module)

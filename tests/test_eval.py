@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def consolidated(run, tmp_path_factory):
-    from mugs.training.checkpoint import consolidate
+    from mugs.core.checkpoint import consolidate
 
     out = tmp_path_factory.mktemp("cons") / "consolidated.pt"
     consolidate(run["ckpt"], out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mugs.training import checkpoint as ckpt
+from mugs.core import checkpoint as ckpt
 from slurm_cluster import LocalSlurm, _free_port, missing
 from test_slurm_templates import TABLE1
 from train_helpers import TINY_FLAGS, make_image_folder

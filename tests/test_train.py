@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugs.training import checkpoint as ckpt
+from mugs.core import checkpoint as ckpt
 from mugs.training.trainer import main as train_main
 from train_helpers import make_image_folder, run, train_cmd
 
@@ -117,7 +117,8 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
 
     # 2) crash while step 3's checkpoint is being written: it must not count, resume from step 2
     crashed = tmp_path / "crashed"
-    r = run(train_cmd(2, 29714, data, crashed, *flags), env={"MUGS_FAULT_CRASH_IN_SAVE": "3"})
+    hooks = f"{Path(__file__).parent / 'hooks'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # tests/hooks/sitecustomize.py
+    r = run(train_cmd(2, 29714, data, crashed, *flags), env={"MUGS_FAULT_CRASH_IN_SAVE": "3", "PYTHONPATH": hooks})
     assert r.returncode != 0
     assert (crashed / "checkpoints" / ".tmp-step_00000003").exists()
     assert ckpt.latest(str(crashed)).name == "step_00000002"

@@ -15,7 +15,8 @@ import torch
 from ..configs.options import MugsConfig, parse_config
 from ..model.network import build_network
 from ..model.objective import MugsObjective
-from . import checkpoint as ckpt
+from ..core import checkpoint as ckpt
+from ..core.errors import CheckpointError
 from ..core.dist import DistInfo, init_distributed, launched_world_size, shutdown
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
@@ -86,6 +87,10 @@ def train(cfg: MugsConfig) -> int:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     try:
         return _train(cfg, info, stop)
+    except CheckpointError as e:  # no complete checkpoint loads: stop, never start afresh over them
+        if info.is_main:
+            print(f"mugs: error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
 
@@ -109,9 +114,10 @@ def _train(cfg: MugsConfig, info: DistInfo, stop: StopRequest) -> int:
                             freeze_last_layer=cfg.freeze_last_layer)
 
     step, loader_state = 0, None
-    last = ckpt.latest(cfg.output_dir)
-    if last is not None:
-        meta = ckpt.load(last, student=student, teacher=teacher, optimizer=optimizer, objective=objective)
+    meta = ckpt.resume_latest(cfg.output_dir, student=student, teacher=teacher, optimizer=optimizer,
+                              objective=objective, log=lambda m: info.is_main and print(m, file=sys.stderr, flush=True))
+    last = meta and meta["path"]
+    if meta is not None:
         step, loader_state = int(meta["step"]), meta["loader"]
     else:
         torch.manual_seed(cfg.seed + 1 + info.rank)  # drop-path masks differ between ranks
