@@ -117,15 +117,20 @@ def _prune(output_dir: str, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any]:
+def load(path: Path, *, student, teacher, optimizer, objective, per_rank: bool = True) -> Dict[str, Any]:
     """Collective. Restores models, optimizer, loss state and this rank's RNG; returns
-    the COMPLETE metadata plus this rank's `loader` state."""
+    the COMPLETE metadata plus this rank's `loader` state. per_rank=False (another process
+    count wrote it: DCP reshards the rest) skips the RNG and loader files (`loader` is None)."""
     state = _app_state(student, teacher, optimizer, objective)
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
     objective.load_state_dict(state["objective"])
+    meta = json.loads((path / "COMPLETE").read_text())
+    if not per_rank:
+        meta["loader"] = None
+        return meta
     rank = dist.get_rank() if dist.is_initialized() else 0
     per_rank_file = path / f"rank_{rank}.pt"
     if not per_rank_file.is_file():
@@ -133,7 +138,6 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
                            "resume with the same number of processes")
     per_rank = torch.load(per_rank_file, weights_only=False)
     set_rng_state(per_rank["rng"])
-    meta = json.loads((path / "COMPLETE").read_text())
     meta["loader"] = per_rank["loader"]
     return meta
 
