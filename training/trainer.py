@@ -40,12 +40,15 @@ PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of th
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1/SIGINT or by OUTPUT_DIR/STOP; handlers are installed first thing.
-    Repeating a signal changes nothing (a launcher may forward one the worker also got)."""
+    """Set by SIGTERM/SIGUSR1/SIGINT, by OUTPUT_DIR/STOP, or by the death of the launching process
+    (plain torchrun dies of SIGUSR1: its workers then save instead of training on unsupervised).
+    Handlers are installed first thing; repeating a signal changes nothing (a launcher may forward
+    one the worker also got)."""
 
     def __init__(self, output_dir: str):
         self.signal: Optional[str] = None
         self.stop_file = Path(output_dir) / STOP_FILE
+        self.parent = os.getppid()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -55,6 +58,8 @@ class StopRequest:
     def requested(self) -> bool:
         if self.signal is None and self.stop_file.exists():
             self.signal = "STOP file"
+        if self.signal is None and os.getppid() != self.parent:
+            self.signal = "the exit of its launcher (torchrun)"
         return self.signal is not None
 
 
