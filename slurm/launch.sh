@@ -11,7 +11,7 @@
 # step: the trainer checkpoints and exits 0, then this shell runs `scontrol requeue`; the requeued
 # job resumes from OUTPUT_DIR. SIGTERM here (scancel, preemption) saves the same way, never requeues.
 # `scancel --signal=USR1 JOB` (the steps) reaches mugs-train, which passes it to its workers: they
-# save and exit 0 (no requeue: this shell did not get the signal).
+# save and exit 0 with "stopped by SIGUSR1", which this shell requeues like its own USR1.
 #
 # Environment (all optional; sbatch passes the submitting shell's environment into the job):
 #   DATA_PATH           ImageNet train folder or mugs-scan-data list (default /datasets/imagenet/train)

@@ -13,7 +13,7 @@ import torch
 from mugs.pipeline import build_loader
 from mugs.pipeline.sharding import epoch_permutation
 from mugs.training import checkpoint as ckpt
-from train_helpers import launch_cmd, logged_losses, make_image_folder, run
+from train_helpers import launch_cmd, logged_losses, make_image_folder, run, train_cmd
 
 DALI = ("--loader", "dali", "--num_workers", "1", "--batch_size_per_gpu", "2")  # 32 images / (2 x 2) = 8 steps
 
@@ -98,6 +98,20 @@ def test_sigusr1_to_mugs_train_saves_exits_cleanly_and_resumes_bitwise(data, tmp
     r = run(launch_cmd(2, 29745, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"))
     assert r.returncode == 0, r.stderr[-6000:]
     _assert_continues(out, reference)
+
+
+def test_sigusr1_to_plain_torchrun_leaves_no_worker_training_unsupervised(data, tmp_path):
+    """SIGUSR1 kills plain torchrun (its default action); its workers notice, save and exit."""
+    out = tmp_path / "run"
+    cmd = train_cmd(2, 29756, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2")
+    r = _interrupt(cmd, out, signal.SIGUSR1)
+    assert r.returncode == -signal.SIGUSR1
+    t0 = time.time()
+    while _processes_mentioning(str(out)):
+        assert time.time() - t0 < 120, "workers outlived torchrun"
+        time.sleep(0.2)
+    stopped = _exit_step(out)
+    assert 2 < stopped < 8 and ckpt.latest(str(out)).name == f"step_{stopped:08d}"
 
 
 def test_resume_with_other_model_settings_is_refused_naming_each(data, tmp_path):

@@ -48,7 +48,8 @@ class StopRequest:
     def __init__(self, output_dir: str):
         self.signal: Optional[str] = None
         self.stop_file = Path(output_dir) / STOP_FILE
-        self.parent = os.getppid()
+        # only a torchrun worker watches its parent (a plain `python` run may outlive its shell)
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -58,7 +59,7 @@ class StopRequest:
     def requested(self) -> bool:
         if self.signal is None and self.stop_file.exists():
             self.signal = "STOP file"
-        if self.signal is None and os.getppid() != self.parent:
+        if self.signal is None and self.parent is not None and os.getppid() != self.parent:
             self.signal = "the exit of its launcher (torchrun)"
         return self.signal is not None
 
@@ -136,11 +137,15 @@ class Run:
                               "away to resume from the checkpoint before it, or use a new --output_dir") from None
         self.step = int(meta["step"])
         epoch, pos = divmod(self.step, self.iters)
-        if meta["loader"] is not None:
-            self.loader.load_state_dict(meta["loader"])
-        else:
-            self.loader.seek(epoch, pos)
-            torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
+        try:
+            if meta["loader"] is not None:
+                self.loader.load_state_dict(meta["loader"])
+            else:
+                self.loader.seek(epoch, pos)
+                torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
+        except ValueError as e:  # e.g. the data set changed under the run
+            raise ConfigError(f"--data_path {self.cfg.data_path}: {e}; resume on the data the run started "
+                              "with, or use a new --output_dir") from None
         return last
 
     # -- the loop ----------------------------------------------------------------------------
@@ -151,6 +156,8 @@ class Run:
             self.mon.message(f"resume: {note}")
         if self.notes:
             self.mon.log({"event": "resume_changes", "changes": self.notes})
+        if self.step >= self.stop_at:  # nothing left to do: the checkpoint of this step exists
+            self.reason = "finished" if self.step >= self.total else f"reached --max_steps {self.cfg.max_steps}"
         try:
             while self.reason is None:
                 self.train_epoch()
