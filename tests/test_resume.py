@@ -13,7 +13,7 @@ import torch
 from mugs.pipeline import build_loader
 from mugs.pipeline.sharding import epoch_permutation
 from mugs.training import checkpoint as ckpt
-from train_helpers import launch_cmd, logged_losses, make_image_folder, run, train_cmd
+from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, run, train_cmd
 
 DALI = ("--loader", "dali", "--num_workers", "1", "--batch_size_per_gpu", "2")  # 32 images / (2 x 2) = 8 steps
 
@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     """One uninterrupted 2-rank DALI epoch (8 steps)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = run(launch_cmd(2, 29741, data, out, *DALI, "--max_steps", "8"))
+    r = run(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8"))
     assert r.returncode == 0, r.stderr[-6000:]
     return logged_losses(out)
 
@@ -75,12 +75,12 @@ def _exit_step(out: Path) -> int:
 
 def test_max_steps_then_resume_is_bitwise(data, tmp_path, reference):
     out = tmp_path / "run"
-    r = run(launch_cmd(2, 29742, data, out, *DALI, "--max_steps", "3"))
+    r = run(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "3"))
     assert r.returncode == 0, r.stderr[-6000:]
     # the exit checkpoint carries the DALI readers' position (it did not: the loop closed the loader first)
     per_rank = torch.load(ckpt.latest(str(out)) / "rank_1.pt", weights_only=False)
     assert per_rank["loader"]["batches_consumed"] == 3 and per_rank["loader"]["extra"] is not None
-    r = run(launch_cmd(2, 29743, data, out, *DALI, "--max_steps", "8"))  # --max_steps may change
+    r = run(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8"))  # --max_steps may change
     assert r.returncode == 0, r.stderr[-6000:]
     assert "resume: --max_steps was 3, is 8" in r.stderr
     _assert_continues(out, reference)
@@ -88,14 +88,14 @@ def test_max_steps_then_resume_is_bitwise(data, tmp_path, reference):
 
 def test_sigusr1_to_mugs_train_saves_exits_cleanly_and_resumes_bitwise(data, tmp_path, reference):
     out = tmp_path / "run"
-    cmd = launch_cmd(2, 29744, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2")
+    cmd = launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2")
     r = _interrupt(cmd, out, signal.SIGUSR1)
     assert r.returncode == 0, r.stderr[-6000:]
     assert "stopped by SIGUSR1" in r.stderr
     stopped = _exit_step(out)
     assert 2 <= stopped < 8 and ckpt.latest(str(out)).name == f"step_{stopped:08d}"
     assert not _processes_mentioning(str(out)), "workers outlived mugs-train"
-    r = run(launch_cmd(2, 29745, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"))
+    r = run(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"))
     assert r.returncode == 0, r.stderr[-6000:]
     _assert_continues(out, reference)
 
@@ -103,7 +103,7 @@ def test_sigusr1_to_mugs_train_saves_exits_cleanly_and_resumes_bitwise(data, tmp
 def test_sigusr1_to_plain_torchrun_leaves_no_worker_training_unsupervised(data, tmp_path):
     """SIGUSR1 kills plain torchrun (its default action); its workers notice, save and exit."""
     out = tmp_path / "run"
-    cmd = train_cmd(2, 29756, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2")
+    cmd = train_cmd(2, free_port(), data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2")
     r = _interrupt(cmd, out, signal.SIGUSR1)
     assert r.returncode == -signal.SIGUSR1
     t0 = time.time()
@@ -116,19 +116,19 @@ def test_sigusr1_to_plain_torchrun_leaves_no_worker_training_unsupervised(data, 
 
 def test_resume_with_other_model_settings_is_refused_naming_each(data, tmp_path):
     out = tmp_path / "run"
-    r = run(launch_cmd(1, 29746, data, out, "--batch_size_per_gpu", "4", "--max_steps", "1"))
+    r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "4", "--max_steps", "1"))
     assert r.returncode == 0, r.stderr[-6000:]
     # same shapes (silently resumed before) and other shapes (a size-mismatch traceback before)
-    r = run(launch_cmd(1, 29747, data, out, "--batch_size_per_gpu", "4", "--num_heads", "4", "--embed_dim", "64"))
+    r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "4", "--num_heads", "4", "--embed_dim", "64"))
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--num_heads was 2, is 4" in last and "--embed_dim was 32, is 64" in last
-    r = run(launch_cmd(1, 29748, data, out, "--batch_size_per_gpu", "4", "--epochs", "5"))
+    r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "4", "--epochs", "5"))
     assert r.returncode == 2 and "--epochs was 3, is 5" in r.stderr.strip().splitlines()[-1]
     # another process count must keep the global batch: the refusal names the value that does
-    r = run(launch_cmd(2, 29749, data, out, "--batch_size_per_gpu", "4", "--check_only"))
+    r = run(launch_cmd(2, 0, data, out, "--batch_size_per_gpu", "4", "--check_only"))
     assert r.returncode == 2 and "use --batch_size_per_gpu 2" in r.stderr.strip().splitlines()[-1]
-    r = run(launch_cmd(2, 29749, data, out, "--batch_size_per_gpu", "2", "--num_workers", "3", "--check_only"))
+    r = run(launch_cmd(2, 0, data, out, "--batch_size_per_gpu", "2", "--num_workers", "3", "--check_only"))
     assert r.returncode == 0 and "1 -> 2 processes" in r.stderr and "--num_workers was 0, is 3" in r.stderr
     assert json.loads((out / "config.json").read_text())["num_heads"] == 2  # a refused resume wrote nothing
 
@@ -137,23 +137,23 @@ def test_resume_onto_other_process_counts_continues_the_global_order(data, tmp_p
     """2 -> 1 and 1 -> 2 processes at global batch 4 (torchvision crops are seeded per sample, so
     the runs match the 1-process reference up to fp32 summation order)."""
     ref = tmp_path / "ref"
-    r = run(launch_cmd(1, 29751, data, ref, "--batch_size_per_gpu", "4", "--max_steps", "6"))
+    r = run(launch_cmd(1, 0, data, ref, "--batch_size_per_gpu", "4", "--max_steps", "6"))
     assert r.returncode == 0, r.stderr[-6000:]
     reference = logged_losses(ref)
 
     two_one = tmp_path / "two_one"
-    r = run(launch_cmd(2, 29752, data, two_one, "--batch_size_per_gpu", "2", "--max_steps", "3"))
+    r = run(launch_cmd(2, 0, data, two_one, "--batch_size_per_gpu", "2", "--max_steps", "3"))
     assert r.returncode == 0, r.stderr[-6000:]
-    r = run(launch_cmd(1, 29753, data, two_one, "--batch_size_per_gpu", "4", "--max_steps", "6"))
+    r = run(launch_cmd(1, 0, data, two_one, "--batch_size_per_gpu", "4", "--max_steps", "6"))
     assert r.returncode == 0, r.stderr[-6000:]
     assert "2 -> 1 processes" in r.stderr and "at step 3" in r.stderr
 
     one_two = tmp_path / "one_two"  # stopped by Ctrl-C (SIGINT to mugs-train) this time
-    r = _interrupt(launch_cmd(1, 29754, data, one_two, "--batch_size_per_gpu", "4", "--max_steps", "6",
+    r = _interrupt(launch_cmd(1, 0, data, one_two, "--batch_size_per_gpu", "4", "--max_steps", "6",
                               "--ckpt_every_steps", "2"), one_two, signal.SIGINT)
     assert r.returncode == 0 and "stopped by SIGINT" in r.stderr, r.stderr[-6000:]
     assert _exit_step(one_two) < 6
-    r = run(launch_cmd(2, 29755, data, one_two, "--batch_size_per_gpu", "2", "--max_steps", "6"))
+    r = run(launch_cmd(2, 0, data, one_two, "--batch_size_per_gpu", "2", "--max_steps", "6"))
     assert r.returncode == 0, r.stderr[-6000:]
     for out in (two_one, one_two):
         got = logged_losses(out)

@@ -131,13 +131,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     for sig in FORWARDED:
         signal.signal(sig, _forward)
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     for name in ("torch.distributed.run", "torch.distributed.elastic"):  # the workers say what went wrong
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(_torchrun_argv(opts, flags)))
+    except (DistNetworkError, RendezvousError) as e:  # e.g. the rendezvous port is taken
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return _fail(f"the workers' rendezvous failed ({first}): pass a free --master_port "
+                     "(or --rdzv_endpoint HOST:PORT)")
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         if all(c in (2, 3, 4) for c in codes.values()):  # the worker printed its one-line reason
