@@ -58,12 +58,17 @@ def _processes_mentioning(text: str) -> list:
     return pids
 
 
-def _interrupt(cmd: list, out: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
-    """Start the run, send `sig` to the mugs-train process once step 2's checkpoint is complete."""
+def _interrupt(cmd: list, out: Path, sig: signal.Signals, to_last_worker: bool = False) -> subprocess.CompletedProcess:
+    """Start the run, send `sig` to the mugs-train process (or to one of its workers)
+    once step 2's checkpoint is complete."""
     e = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
     _wait_for(out / "checkpoints" / "step_00000002" / "COMPLETE", proc)
-    proc.send_signal(sig)
+    if to_last_worker:
+        workers = sorted(p for p in _processes_mentioning(str(out)) if p != proc.pid)
+        os.kill(workers[-1], sig)
+    else:
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
@@ -98,6 +103,16 @@ def test_sigusr1_to_mugs_train_saves_exits_cleanly_and_resumes_bitwise(data, tmp
     r = run(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"))
     assert r.returncode == 0, r.stderr[-6000:]
     _assert_continues(out, reference)
+
+
+def test_sigterm_to_one_worker_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    r = _interrupt(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"), out,
+                   signal.SIGTERM, to_last_worker=True)
+    assert r.returncode == 0, r.stderr[-6000:]
+    stopped = _exit_step(out)
+    assert 2 < stopped < 8 and ckpt.latest(str(out)).name == f"step_{stopped:08d}"
+    assert "stopped by" in r.stderr
 
 
 def test_sigusr1_to_plain_torchrun_leaves_no_worker_training_unsupervised(data, tmp_path):
