@@ -29,9 +29,10 @@ FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(PROG, add_help=False, allow_abbrev=False)
-    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1)
-    p.add_argument("--nnodes", type=int, default=1)
+    p = argparse.ArgumentParser(PROG, add_help=False, allow_abbrev=False,
+                                usage=f"{PROG} [launcher options] [--] TRAINING FLAGS (listed below)")
+    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="workers (GPUs) per node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes; run one mugs-train per node")
     p.add_argument("--node_rank", "--node-rank", type=int, default=0)
     p.add_argument("--master_addr", "--master-addr", default="127.0.0.1")
     p.add_argument("--master_port", "--master-port", type=int, default=None)
@@ -118,6 +119,9 @@ def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+    if "-h" in flags or "--help" in flags:
+        print(_launcher_parser().format_help())
+        parse_config(["--help"])  # the training flags; exits 0
     world = opts.nproc_per_node * opts.nnodes
     if opts.nproc_per_node < 1 or opts.nnodes < 1:
         return _fail(f"--nproc_per_node {opts.nproc_per_node} / --nnodes {opts.nnodes} must be at least 1")
