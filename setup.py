@@ -37,7 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mugs-replay-trace=mugs.training.replay_trace:main",
-            "mugs-train=mugs.training.trainer:main",
+            "mugs-train=mugs.training.launch:main",
             "mugs-quickstart=mugs.apps.quickstart:main",
             "mugs-consolidate=mugs.training.consolidate:main",
             "mugs-scan-data=mugs.pipeline.scan:main",

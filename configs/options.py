@@ -46,7 +46,9 @@ class MugsConfig:
     loss_weights: list = _opt([1.0, 1.0, 1.0], "weights of the instance, local-group, group losses", nargs=3)
     # --- optimisation (original flags)
     momentum_teacher: float = _opt(0.996, "teacher EMA momentum at step 0 (cosine to 1)")
-    use_fp16: bool = _opt(False, "original flag; same as --precision fp16")
+    use_fp16: bool = _opt(False, "original flag, kept so the paper's commands run verbatim: true = train in "
+                                 "half precision (bf16 here, no loss scaling) when --precision is auto; "
+                                 "false = --precision decides")
     weight_decay: float = _opt(0.04, "weight decay at step 0")
     weight_decay_end: float = _opt(0.2, "weight decay at the end (cosine)")
     clip_grad: float = _opt(3.0, "per-parameter gradient norm clip (0 disables)")
@@ -64,7 +66,7 @@ class MugsConfig:
     local_crops_scale: tuple = _opt((0.05, 0.25), "RandomResizedCrop scale of the local crops", nargs=2)
     timm_auto_augment_par: str = _opt("rand-m9-mstd0.5-inc1", "RandAugment policy of the strong branch")
     color_aug: bool = _opt(False, "original flag (unused by the original's pipeline)")
-    size_crops: list = _opt([96], "local crop size in pixels", nargs="+")
+    size_crops: list = _opt([96], "local crop size in pixels (one value: every local crop has this size)", nargs="+")
     strong_ratio: float = _opt(0.45, "RandAugment translate as a fraction of the crop size")
     re_prob: float = _opt(0.25, "random-erasing probability of the strong branch")
     vanilla_weak_augmentation: bool = _opt(False, "use the plain DINO weak augmentation for all student crops")
@@ -92,7 +94,7 @@ class MugsConfig:
     pred_hidden_dim: int = _opt(4096, "hidden width of the student predictors")
     center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre")
     device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"))
-    precision: str = _opt("auto", "compute precision (auto: bf16 on cuda, fp32 on cpu)", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = _opt("auto", "compute precision (auto: bf16 on cuda or with --use_fp16 true, else fp32)", choices=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = _opt(False, "recompute each block in backward")
     compile: bool = _opt(False, "torch.compile each block")
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes")
@@ -101,13 +103,9 @@ class MugsConfig:
     ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)")
     ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)")
     ckpt_keep: int = _opt(2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)")
-    memory_pointer: str = _opt("fixed", "local-group memory write pointer: fixed (advance by rows written) or "
-                                "original (the paper's code: 2x rows in its non-wrapping branch)",
-                               choices=("fixed", "original"))
-
-    @property
-    def global_crop_size(self) -> int:
-        return self.img_size
+    memory_pointer: str = _opt("fixed", "local-group memory write pointer: fixed (advances by the rows written) "
+                               "or original (the paper code's: twice that in its non-wrapping branch; "
+                               "for exact reproduction, used by the Table-1 runs)", choices=("fixed", "original"))
 
     @property
     def local_crop_size(self) -> int:
@@ -116,7 +114,7 @@ class MugsConfig:
     @property
     def compute_precision(self) -> str:
         if self.precision == "auto":
-            return "bf16" if self.device == "cuda" else "fp32"
+            return "bf16" if self.device == "cuda" or self.use_fp16 else "fp32"
         return self.precision
 
     @property

@@ -225,10 +225,10 @@ def _read_rank_file(path: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]
     """This rank's `rank_N.pt` (RNG + loader), None if the checkpoint was written by another
     number of ranks; a missing file at the same world size is a broken checkpoint."""
     f = path / f"rank_{_rank()}.pt"
+    if meta.get("world_size", _world_size()) != _world_size():  # another process count: DCP reshards the
+        return None  # rest; a rank's RNG and DALI state do not carry over (the trainer re-derives them)
     if not f.is_file():
-        if meta.get("world_size") == _world_size():
-            raise CheckpointError(f"{f}: missing (the checkpoint was written by {_world_size()} ranks)")
-        return None
+        raise CheckpointError(f"{f}: missing (the checkpoint was written by {_world_size()} ranks)")
     blob = safe_torch_load(f, released=False)  # ours: tensors and plain types only
     if not isinstance(blob, dict) or "rng" not in blob:
         raise CheckpointError(f"{f}: not a per-rank state file (no `rng` entry)")

@@ -88,6 +88,11 @@ def draw_recipes(rng: np.random.Generator, aug: AugmentConfig, batch: int):
     return weak, g.reshape(-1), loc.reshape(-1), local_weak.T
 
 
+# check_image reasons that also stop DALI's decoder (it converts CMYK, palette and RGBA images and
+# decodes by content, so "cmyk", "mode" and "format_mismatch" files are read fine)
+_UNDECODABLE = frozenset({"non_image", "unreadable", "corrupt", "truncated"})
+
+
 class DaliLoader(MultiCropLoader):
     backend = "dali"
 
@@ -107,15 +112,18 @@ class DaliLoader(MultiCropLoader):
         self._pipes: Dict[str, Any] = {}
 
     # -- pipelines ---------------------------------------------------------------------------
-    def _build(self, files: List[str], epoch: int, checkpoints: Optional[Dict[str, str]]):
+    def _build(self, files: List[str], epoch: int, start: int, checkpoints: Optional[Dict[str, str]]):
+        """Pipelines over `files`; resuming at step `start` without checkpoints (another world size)
+        seeds them from (seed, epoch, rank, start) so the restarted random streams are fresh ones."""
         gpu = self.device.type == "cuda"
+        at = () if start == 0 or checkpoints else (start,)
         common = dict(num_threads=self.num_threads, device_id=self.device_id, enable_checkpointing=True)
         ck = checkpoints or {}
         B, aug = self.batch_size, self.aug
         with _quiet_build():
             pipes = {"cutter": cutter_pipeline(
                 files, self.num_global, aug.local_crops_number, aug, "mixed" if gpu else "cpu", self.debug,
-                batch_size=B, seed=derive_seed(self.seed, epoch, self.rank, 0),
+                batch_size=B, seed=derive_seed(self.seed, epoch, self.rank, 0, *at),
                 prefetch_queue_depth=self.prefetch, checkpoint=ck.get("cutter"), **common)}
             sizes = {"global": (aug.global_size, self.num_global)}
             if aug.local_crops_number:
@@ -123,7 +131,7 @@ class DaliLoader(MultiCropLoader):
             for salt, (name, (size, count)) in enumerate(sizes.items(), 1):
                 pipes[name] = augment_pipeline(
                     aug, size, "gpu" if gpu else "cpu", batch_size=B * count,
-                    seed=derive_seed(self.seed, epoch, self.rank, salt), prefetch_queue_depth=1,
+                    seed=derive_seed(self.seed, epoch, self.rank, salt, *at), prefetch_queue_depth=1,
                     checkpoint=ck.get(name), **common)
             for p in pipes.values():
                 p.build()
@@ -145,7 +153,7 @@ class DaliLoader(MultiCropLoader):
         files_idx = order[skip:]
         files = [self.index.paths[i] for i in files_idx]
         self._pipes = {}
-        pipes = self._build(files, epoch, extra)
+        pipes = self._build(files, epoch, start, extra)
         self._pipes = pipes
         try:
             for step in range(start, len(self)):
@@ -191,14 +199,18 @@ class DaliLoader(MultiCropLoader):
         return self._finish(teacher, student, weak, pos, files_idx, debug)
 
     def _decode_error(self, err: Exception, files: List[str], epoch: int, step: int) -> DataError:
-        from .scan import describe_bad_files
+        from .scan import check_image
 
         B = self.batch_size
         # the failing sample is in this step's batch or, with prefetching, a few batches later
         done = len(self) - len(files) // B  # steps before `files` starts
         lo = (step - done) * B
         candidates = files[lo: lo + (self.prefetch + 1) * B]
-        bad = describe_bad_files(candidates)
+        bad = []
+        for path in candidates:  # DALI decodes CMYK, palette/RGBA PNGs, grayscale: only name what it cannot
+            reason, detail = check_image(path, min_size=1, keep_grayscale=True)
+            if reason in _UNDECODABLE:
+                bad.append(f"{path} ({reason}: {detail})")
         lines = [l.strip() for l in str(err).splitlines() if l.strip()]
         after = [lines[i + 1] for i, l in enumerate(lines[:-1]) if l.endswith("encountered:")]
         dali_said = after[0] if after else (lines[-1] if lines else type(err).__name__)

@@ -77,15 +77,26 @@ class MultiCropLoader:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key in ("seed", "world_size", "batch_size", "num_images"):
-            mine = getattr(self, key) if key != "num_images" else len(self.index)
-            if state[key] != mine:
-                raise ValueError(
-                    f"cannot resume the data position step-exactly: {key} was {state[key]}, is {mine}"
-                )
-        extra = state.get("extra") if state.get("backend") == self.backend and state["rank"] == self.rank else None
-        self.epoch = int(state["epoch"])
-        self._consumed = int(state["batches_consumed"])
+        """Resume where `state` left off. The position is global (epoch, steps consumed: global step k
+        covers entries [k*G, (k+1)*G) of the epoch's permutation for every layout with B x W = G), so a
+        state written with another world size resumes the same sample order; its backend state (DALI
+        checkpoints) then does not apply and the random ops restart from seeds of (seed, epoch, rank, step)."""
+        mine = {"seed": self.seed, "num_images": len(self.index), "global batch": self.batch_size * self.world_size}
+        theirs = {"seed": state["seed"], "num_images": state["num_images"],
+                  "global batch": state["batch_size"] * state["world_size"]}
+        for key in mine:
+            if theirs[key] != mine[key]:
+                raise ValueError(f"cannot resume the data position step-exactly: {key} was {theirs[key]}, is {mine[key]}")
+        same_layout = (state.get("backend") == self.backend and state["rank"] == self.rank
+                       and state["world_size"] == self.world_size)
+        self.seek(int(state["epoch"]), int(state["batches_consumed"]), state.get("extra") if same_layout else None)
+
+    def seek(self, epoch: int, batches_consumed: int, extra: Any = None) -> None:
+        """The next iteration of `epoch` starts at global step `batches_consumed` of it."""
+        if not 0 <= batches_consumed <= len(self):
+            raise ValueError(f"position {batches_consumed} is outside the epoch's {len(self)} steps")
+        self.epoch = int(epoch)
+        self._consumed = int(batches_consumed)
         self._resume = (self.epoch, self._consumed, extra)
 
     def _finish(self, teacher, student, weak, order_pos, files_idx, debug=None) -> MultiCropBatch:

@@ -2,11 +2,16 @@
 # Shared body of the slurm/vit_*.sh templates; they set RUN and `source` this file (sourcing keeps
 # the USR1 trap they installed first thing: a shell without one dies of the signal).
 #
-# What it does: Table-1 flags from mugs.configs.table1 -> one `srun` task per node running
-# torchrun (c10d rendezvous on the first node) -> train_fsdp.py. On SIGUSR1 (the time-limit
-# warning, #SBATCH --signal=B:USR1@300, or `scancel --signal=USR1 --batch JOB`) it touches
-# OUTPUT_DIR/STOP, which every rank checks after each step: the trainer checkpoints and exits 0,
-# then this shell runs `scontrol requeue`; the requeued job resumes from OUTPUT_DIR.
+# What it does: Table-1 flags from mugs.configs.table1 -> the start-up checks (flags, data path,
+# output dir, a resume with other settings: one line, exit 2, before anything is allocated) ->
+# one `srun` task per node running mugs-train (python -m mugs.training.launch: torchrun in-process,
+# c10d rendezvous on the first node) -> python -m mugs.training.trainer on every GPU.
+# Signals: SIGUSR1 to this batch shell (the time-limit warning, #SBATCH --signal=B:USR1@300, or
+# `scancel --signal=USR1 --batch JOB`) touches OUTPUT_DIR/STOP, which every rank checks after each
+# step: the trainer checkpoints and exits 0, then this shell runs `scontrol requeue`; the requeued
+# job resumes from OUTPUT_DIR. SIGTERM here (scancel, preemption) saves the same way, never requeues.
+# `scancel --signal=USR1 JOB` (the steps) reaches mugs-train, which passes it to its workers: they
+# save and exit 0 with "stopped by SIGUSR1", which this shell requeues like its own USR1.
 #
 # Environment (all optional; sbatch passes the submitting shell's environment into the job):
 #   DATA_PATH           ImageNet train folder or mugs-scan-data list (default /datasets/imagenet/train)
@@ -75,20 +80,22 @@ MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-loca
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 
-# torchrun ignores USR1 (its default action would kill it and orphan the workers): `scancel -f
-# --signal=USR1` then reaches the trainers directly, which save on it themselves.
+TRAIN_ARGS=(--data_path "$DATA_PATH" --output_dir "$OUTPUT_DIR" "${FLAGS[@]}" "${SYSTEM_FLAGS[@]}" "${EXTRA[@]}" "$@")
+# mugs-train handles USR1/TERM/INT itself (passes them to its workers); USR1 is ignored only until
+# it has installed its handler, so a signal during its start-up does not kill it
 CMD=(srun --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
      --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' mugs-task
-     "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
+     "$PYTHON" -m mugs.training.launch --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
      --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-mugs}"
-     --max_restarts=0 "$MUGS_ROOT/train_fsdp.py"
-     --data_path "$DATA_PATH" --output_dir "$OUTPUT_DIR" "${FLAGS[@]}" "${SYSTEM_FLAGS[@]}" "${EXTRA[@]}" "$@")
+     -- "${TRAIN_ARGS[@]}")
 
 if [ -n "${MUGS_DRY_RUN:-}" ]; then
     printf '%q ' "${CMD[@]}"; echo
     exit 0
 fi
-mkdir -p "$OUTPUT_DIR" || exit 2
+# every start-up check in this one process, before srun: a bad flag or path is the job log's last line
+"$PYTHON" -m mugs.training.launch --check_only --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+    -- "${TRAIN_ARGS[@]}" || exit 2
 log "job ${SLURM_JOB_ID:-?} ($RUN) restart ${SLURM_RESTART_COUNT:-0}: $NNODES nodes x $GPUS_PER_NODE processes," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
 log "NCCL: $(env | grep -E '^(TORCH_)?NCCL_' | sort | tr '\n' ' ')"

@@ -59,10 +59,11 @@ def dry_run(name: str, nodes: int, gpus: int, *args: str, **env: str) -> subproc
 
 
 def launched(r: subprocess.CompletedProcess):
-    """(srun+torchrun options, train_fsdp.py argv) from a dry run's printed command."""
+    """(srun+mugs-train options, trainer argv) from a dry run's printed command."""
     assert r.returncode == 0, r.stderr
     tokens = shlex.split(r.stdout.strip().splitlines()[-1])
-    i = next(i for i, t in enumerate(tokens) if t.endswith("train_fsdp.py"))
+    assert "mugs.training.launch" in tokens  # the launcher that checks first
+    i = tokens.index("--")
     return tokens[:i], tokens[i + 1:]
 
 
@@ -96,6 +97,7 @@ def test_template_launches_table1_flags_at_the_paper_shape(name):
     got = {k: getattr(cfg, k) for k in expected}
     assert got == expected
     assert cfg.hsdp and cfg.device == "cuda"  # shard in node, replicate across; GPUs unless told otherwise
+    assert cfg.memory_pointer == "original"  # exact reproduction of the paper code's memory
     assert nodes * gpus * cfg.batch_size_per_gpu == global_batch
 
 

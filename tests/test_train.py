@@ -45,7 +45,10 @@ def _assert_bitwise_equal(a: dict, b: dict):
     (["--arch", "vit_huge"], "--arch"),
     (["--data_path", "/nonexistent/dir"], "does not exist"),
     (["--size_crops", "12"], "multiple of --patch_size"),
-    (["--batch_size_per_gpu", "2", "--local_group_knn_top_n", "8"], "smaller than --local_group_knn_top_n"),
+    (["--lr", "nan"], "--lr nan must be a finite number >= 0"),
+    (["--lr", "-0.1"], "--lr -0.1 must be a finite number >= 0"),
+    (["--size_crops", "96", "64"], "--size_crops 96 64: give one size"),
+    (["--memory_size", "2", "--local_group_knn_top_n", "8"], "smaller than --local_group_knn_top_n"),
     (["--local_crops_scale", "0.5", "0.2"], "--local_crops_scale"),
     (["--use_bn_in_head", "maybe"], "true or false"),
 ])

@@ -34,3 +34,29 @@ def train_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list
 def run(cmd: list, timeout: int = 600, env: dict = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def free_port() -> int:
+    """A port nobody listens on now (fixed ports collide with other jobs on a shared machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list:
+    """The same run through mugs-train (python -m mugs.training.launch), which checks first.
+    port 0: a free one."""
+    port = port or free_port()
+    return [sys.executable, "-m", "mugs.training.launch", f"--nproc_per_node={nproc}", f"--master_port={port}",
+            "--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, *extra]
+
+
+def logged_losses(out: Path) -> list:
+    """(step, loss/total) of every step a run dir's TensorBoard events hold, in the order written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars("loss/total")]

@@ -1,4 +1,11 @@
-"""The training run: config -> distributed set-up -> build -> resume -> loop -> checkpoint and exit."""
+"""The training run: checks -> distributed set-up -> build -> resume -> epochs -> checkpoint and exit.
+
+`python -m mugs.training.trainer FLAGS` is what every worker runs (mugs-train and the SLURM
+templates start it through torchrun; `torchrun train_fsdp.py FLAGS` is the same). Every way a run
+can end writes a checkpoint that resumes step-exactly: the end, `--max_steps`, SIGUSR1, SIGTERM,
+SIGINT (Ctrl-C) and OUTPUT_DIR/STOP all save while the loader is still positioned, and the position
+is global, so a run may resume on another number of processes with the same global batch.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,41 +15,53 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..configs.options import MugsConfig, parse_config
+from ..core.dist import DistInfo, NoDeviceError, init_distributed, launched_world_size, shutdown
 from ..model.network import build_network
 from ..model.objective import MugsObjective
+from ..pipeline.batch import DataError
+from ..pipeline.sharding import derive_seed
 from ..core import checkpoint as ckpt
 from ..core.errors import CheckpointError
-from ..core.dist import DistInfo, init_distributed, launched_world_size, shutdown
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
 from .parallelize import DTYPES, parallelize
+from .resume_guard import check_resume
 from .schedules import build_schedules
 from .step import MugsTrainStep, NonFiniteLossError
-from .validate import ConfigError, validate
+from .validate import ConfigError, check_output_dir, validate
 
 STOP_FILE = "STOP"  # `touch OUTPUT_DIR/STOP` asks a run to checkpoint and exit, like SIGUSR1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of them
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1 or by OUTPUT_DIR/STOP; handlers are installed first thing."""
+    """Set by SIGTERM/SIGUSR1/SIGINT, by OUTPUT_DIR/STOP, or by the death of the launching process
+    (plain torchrun dies of SIGUSR1: its workers then save instead of training on unsupervised).
+    Handlers are installed first thing; repeating a signal changes nothing (a launcher may forward
+    one the worker also got)."""
 
     def __init__(self, output_dir: str):
         self.signal: Optional[str] = None
         self.stop_file = Path(output_dir) / STOP_FILE
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # only a torchrun worker watches its parent (a plain `python` run may outlive its shell)
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.signal = signal.Signals(signum).name
+        self.signal = self.signal or signal.Signals(signum).name
 
     def requested(self) -> bool:
         if self.signal is None and self.stop_file.exists():
             self.signal = "STOP file"
+        if self.signal is None and self.parent is not None and os.getppid() != self.parent:
+            self.signal = "the exit of its launcher (torchrun)"
         return self.signal is not None
 
 
@@ -61,7 +80,8 @@ def build_models(cfg: MugsConfig, info: DistInfo):
     torch.manual_seed(cfg.seed)  # same initial weights, queues and memories on every rank
     student = build_network(cfg, teacher=False)
     teacher = build_network(cfg, teacher=True)
-    teacher.load_state_dict(student.state_dict(), strict=False)  # the predictors have no teacher twin
+    shared = {k: v for k, v in student.state_dict().items() if PREDICTOR not in k}
+    teacher.load_state_dict(shared, strict=True)  # any other key the two do not share is a bug
     objective = MugsObjective(cfg, student.backbone.embed_dim)
     student.to(info.device), teacher.to(info.device), objective.to(info.device)
     prec = cfg.compute_precision
@@ -71,127 +91,197 @@ def build_models(cfg: MugsConfig, info: DistInfo):
     return student, teacher, objective
 
 
+class Run:
+    """One training run: the models, the data and where the loop is (`step`, counted globally)."""
+
+    def __init__(self, cfg: MugsConfig, info: DistInfo, stop: StopRequest, notes: List[str]):
+        from ..pipeline import build_loader_from_config
+
+        self.cfg, self.info, self.stop, self.notes = cfg, info, stop, notes
+        self.student, self.teacher, self.objective = build_models(cfg, info)
+        self.optimizer = build_adamw(self.student, cfg.patch_embed_lr_mult)
+        try:
+            self.loader = build_loader_from_config(cfg, rank=info.rank, world_size=info.world_size,
+                                                   device=info.device.type, dtype=DTYPES[cfg.compute_precision])
+        except (DataError, ValueError, OSError) as e:
+            raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
+        self.iters = len(self.loader)
+        self.global_batch = cfg.batch_size_per_gpu * info.world_size
+        self.sched = build_schedules(cfg, self.iters, self.global_batch)
+        self.total = cfg.epochs * self.iters
+        self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
+        self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer, arch=cfg.arch,
+                                     clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer)
+        self.step = 0
+        self.reason: Optional[str] = None  # why the loop ends; None while it runs
+        self.last_save = time.monotonic()
+        self.resumed_from = self.resume()
+        self.mon = Monitor(cfg.output_dir, self.stop_at, self.step, enabled=info.is_main)
+
+    # -- resume ------------------------------------------------------------------------------
+    def _warn(self, msg: str) -> None:
+        """Resume warnings (a checkpoint set aside) on rank 0's stderr: the monitor starts after resume."""
+        if self.info.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def resume(self) -> Optional[Path]:
+        """Continue from the newest checkpoint: the same process count restores each rank's RNG and
+        DALI state (bit-exact); another count reshards (DCP) and continues the global data position."""
+        rank = self.info.rank
+        # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none loads)
+        meta = ckpt.resume_latest(self.cfg.output_dir, student=self.student, teacher=self.teacher,
+                                  optimizer=self.optimizer, objective=self.objective, log=self._warn)
+        if meta is None:
+            torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
+            return None
+        last = Path(meta["path"])
+        self.step = int(meta["step"])
+        epoch, pos = divmod(self.step, self.iters)
+        try:
+            if meta["loader"] is not None:
+                self.loader.load_state_dict(meta["loader"])
+            else:
+                self.loader.seek(epoch, pos)
+                torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
+        except ValueError as e:  # e.g. the data set changed under the run
+            raise ConfigError(f"--data_path {self.cfg.data_path}: {e}; resume on the data the run started "
+                              "with, or use a new --output_dir") from None
+        return last
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> int:
+        if self.resumed_from is not None:
+            self.mon.message(f"resumed from {self.resumed_from} at step {self.step}")
+        for note in self.notes:
+            self.mon.message(f"resume: {note}")
+        if self.notes:
+            self.mon.log({"event": "resume_changes", "changes": self.notes})
+        if self.step >= self.stop_at:  # nothing left to do: the checkpoint of this step exists
+            self.reason = "finished" if self.step >= self.total else f"reached --max_steps {self.cfg.max_steps}"
+        try:
+            while self.reason is None:
+                self.train_epoch()
+            self.mon.message(f"{self.reason} at step {self.step}/{self.total}; checkpoint in "
+                             f"{ckpt.checkpoint_root(self.cfg.output_dir)}; TensorBoard: tensorboard --logdir "
+                             f"{Path(self.cfg.output_dir) / 'tb'}")
+            self.mon.log({"event": "exit", "reason": self.reason, "step": self.step})
+            if self.info.is_main and self.stop.stop_file.exists():
+                self.stop.stop_file.unlink()
+            return 0
+        except NonFiniteLossError as e:
+            self.mon.message(f"mugs: error: {e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is "
+                             "intact; lower --lr or raise --clip_grad / --warmup_epochs and resume.")
+            self.mon.log({"event": "nonfinite_loss", "step": self.step, "message": str(e)})
+            return 3
+        finally:
+            self.mon.close()
+
+    def train_epoch(self) -> None:
+        """Steps until the epoch ends or the run stops; every save happens while the loader still
+        holds its position, so the checkpoint carries where the next batch comes from."""
+        epoch = self.step // self.iters
+        self.loader.set_epoch(epoch)  # keeps a resumed mid-epoch position of this epoch
+        t0 = time.perf_counter()
+        for batch in self.loader:
+            self.train_step(batch, epoch, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            self.after_step()
+            if self.reason is not None or self.step % self.iters == 0:
+                return
+        raise RuntimeError(f"the loader ended epoch {epoch} after {self.step % self.iters} of {self.iters} batches")
+
+    def train_step(self, batch, epoch: int, data_time: float) -> None:
+        s, step = self.sched, self.step
+        t0 = time.perf_counter()
+        lr, wd, m = s.lr(step), s.weight_decay(step), s.momentum(step)
+        res = self.step_fn(batch.teacher, batch.student, batch.weak_flags, epoch=epoch, momentum=m, lr=lr,
+                           weight_decay=wd, step_index=step)
+        self.step += 1
+        dt = data_time + time.perf_counter() - t0
+        scalars = {f"loss/{k}": v for k, v in res.losses.items()}
+        scalars.update({"sched/lr": lr, "sched/weight_decay": wd, "sched/teacher_momentum": m,
+                        "sched/teacher_temp": res.teacher_temp, "data/weak_ratio": res.n_weak / self.global_batch,
+                        "perf/images_per_s": self.global_batch / dt, "perf/step_time_s": dt, "epoch": epoch})
+        mem = gpu_memory_gb()
+        if mem is not None:
+            scalars["perf/gpu_mem_gb"] = mem
+        self.mon.step(self.step, scalars)
+
+    def after_step(self) -> None:
+        """Decide (the same on every rank) whether to stop and whether to save, then save once."""
+        cfg, step = self.cfg, self.step
+        epoch_end = step % self.iters == 0
+        due = bool(cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or bool(
+            cfg.ckpt_every_minutes and time.monotonic() - self.last_save > 60 * cfg.ckpt_every_minutes)
+        stop_now, due = _sync_flags([self.stop.requested(), due], self.info.device)
+        if stop_now:
+            self.reason = f"stopped by {self.stop.signal or 'a signal on another rank'}"
+        elif step >= self.stop_at:
+            self.reason = "finished" if step >= self.total else f"reached --max_steps {cfg.max_steps}"
+        if self.reason is not None or epoch_end or due:
+            snapshot = epoch_end and cfg.saveckp_freq > 0 and (step // self.iters) % cfg.saveckp_freq == 0
+            self.save(keep_forever=snapshot or step >= self.total)
+
+    def save(self, keep_forever: bool) -> None:
+        cfg = self.cfg
+        try:
+            ckpt.save(cfg.output_dir, self.step, self.step // self.iters, student=self.student, teacher=self.teacher,
+                      optimizer=self.optimizer, objective=self.objective, loader_state=self.loader.state_dict(),
+                      keep=cfg.ckpt_keep, keep_forever=keep_forever,
+                      extra={"config": dataclasses.asdict(cfg), "world_size": self.info.world_size})
+        except Exception as e:  # disk full, quota, permissions: DCP wraps the OSError of the failing rank
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointWriteError(
+                f"cannot write the step-{self.step} checkpoint under {ckpt.checkpoint_root(cfg.output_dir)} "
+                f"({type(e).__name__}: {first}): free disk space or fix the folder, then resume; the last "
+                f"complete checkpoint ({ckpt.latest(cfg.output_dir)}) is intact") from None
+        self.last_save = time.monotonic()
+
+
+class CheckpointWriteError(RuntimeError):
+    """Saving failed (a full disk, a quota): one line, exit 4; the previous checkpoint still resumes."""
+
+
+def _say(msg: str) -> None:
+    print(f"mugs: error: {msg}", file=sys.stderr, flush=True)
+
+
 def train(cfg: MugsConfig) -> int:
-    """Returns the process exit code."""
+    """Returns the process exit code: 0 done or stopped with a checkpoint, 2 a user error (one line),
+    3 a non-finite loss, 4 a checkpoint that could not be written."""
     world = launched_world_size()
+    first_rank = os.environ.get("RANK", "0") == "0"  # checks every rank fails alike: say it once
     try:
         validate(cfg, world)
+        check_output_dir(cfg.output_dir)
+        notes = check_resume(cfg, world)
     except ConfigError as e:
-        print(f"mugs: error: {e}", file=sys.stderr)
+        if first_rank:
+            _say(str(e))
         return 2
     stop = StopRequest(cfg.output_dir)
-    info = init_distributed(cfg.device, cfg.hsdp)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     try:
-        return _train(cfg, info, stop)
-    except CheckpointError as e:  # no complete checkpoint loads: stop, never start afresh over them
-        if info.is_main:
-            print(f"mugs: error: {e}", file=sys.stderr)
+        info = init_distributed(cfg.device, cfg.hsdp)
+    except NoDeviceError as e:
+        _say(str(e))
         return 2
+    try:
+        if info.is_main:
+            (Path(cfg.output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return Run(cfg, info, stop, notes).train()
+    except (ConfigError, DataError, CheckpointError) as e:  # CheckpointError: no complete checkpoint loads
+        _say(str(e))
+        return 2
+    except CheckpointWriteError as e:
+        _say(str(e))
+        return 4
     finally:
         shutdown()
-
-
-def _train(cfg: MugsConfig, info: DistInfo, stop: StopRequest) -> int:
-    from ..pipeline import build_loader_from_config
-
-    student, teacher, objective = build_models(cfg, info)
-    optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    in_dtype = DTYPES[cfg.compute_precision]
-    loader = build_loader_from_config(cfg, rank=info.rank, world_size=info.world_size, device=info.device.type,
-                                      dtype=in_dtype)
-    iters = len(loader)
-    if iters == 0:
-        raise ConfigError(f"the data has fewer images than one global batch ({cfg.batch_size_per_gpu} x {info.world_size})")
-    global_batch = cfg.batch_size_per_gpu * info.world_size
-    sched = build_schedules(cfg, iters, global_batch)
-    total = cfg.epochs * iters
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
-                            freeze_last_layer=cfg.freeze_last_layer)
-
-    step, loader_state = 0, None
-    meta = ckpt.resume_latest(cfg.output_dir, student=student, teacher=teacher, optimizer=optimizer,
-                              objective=objective, log=lambda m: info.is_main and print(m, file=sys.stderr, flush=True))
-    last = meta and meta["path"]
-    if meta is not None:
-        step, loader_state = int(meta["step"]), meta["loader"]
-    else:
-        torch.manual_seed(cfg.seed + 1 + info.rank)  # drop-path masks differ between ranks
-    mon = Monitor(cfg.output_dir, stop_at, step, enabled=info.is_main)
-    if last is not None:
-        mon.message(f"resumed from {last} at step {step}")
-
-    def save(keep_forever: bool = False) -> None:
-        ckpt.save(cfg.output_dir, step, step // iters, student=student, teacher=teacher, optimizer=optimizer,
-                  objective=objective, loader_state=loader.state_dict(), keep=cfg.ckpt_keep,
-                  keep_forever=keep_forever, extra={"config": dataclasses.asdict(cfg)})
-        nonlocal last_save
-        last_save = time.monotonic()
-
-    last_save = time.monotonic()
-    reason = "finished"
-    try:
-        while step < stop_at:
-            epoch = step // iters
-            loader.set_epoch(epoch)
-            if loader_state is not None and step % iters:  # mid-epoch: continue with the next batch
-                loader.load_state_dict(loader_state)
-            loader_state = None  # at an epoch boundary (seed, epoch) alone define the data
-            t0 = time.perf_counter()
-            for batch in loader:
-                lr, wd, m = sched.lr(step), sched.weight_decay(step), sched.momentum(step)
-                res = step_fn(batch.teacher, batch.student, batch.weak_flags, epoch=epoch, momentum=m, lr=lr,
-                              weight_decay=wd, step_index=step)
-                step += 1
-                dt = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                scalars = {f"loss/{k}": v for k, v in res.losses.items()}
-                scalars.update({"sched/lr": lr, "sched/weight_decay": wd, "sched/teacher_momentum": m,
-                                "sched/teacher_temp": res.teacher_temp, "data/weak_ratio": res.n_weak / global_batch,
-                                "perf/images_per_s": global_batch / dt, "perf/step_time_s": dt, "epoch": epoch})
-                mem = gpu_memory_gb()
-                if mem is not None:
-                    scalars["perf/gpu_mem_gb"] = mem
-                mon.step(step, scalars)
-                epoch_end = step % iters == 0
-                due = (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or (
-                    cfg.ckpt_every_minutes and time.monotonic() - last_save > 60 * cfg.ckpt_every_minutes)
-                stop_now, due = _sync_flags([stop.requested(), bool(due)], info.device)
-                if stop_now or step >= stop_at:
-                    reason = f"stopped by {stop.signal or 'a signal on another rank'}" if stop_now else (
-                        "finished" if step >= total else f"reached --max_steps {cfg.max_steps}")
-                    break
-                if epoch_end or due:
-                    save(keep_forever=epoch_end and cfg.saveckp_freq > 0 and (step // iters) % cfg.saveckp_freq == 0)
-                if epoch_end:
-                    break
-            else:
-                raise RuntimeError(f"the loader ended epoch {epoch} after {step % iters} of {iters} batches")
-            if reason != "finished" or step >= stop_at:
-                break
-        save(keep_forever=step >= total)
-        mon.message(f"{reason} at step {step}/{total}; checkpoint in {ckpt.checkpoint_root(cfg.output_dir)}; "
-                    f"TensorBoard: tensorboard --logdir {Path(cfg.output_dir) / 'tb'}")
-        mon.log({"event": "exit", "reason": reason, "step": step})
-        if info.is_main and stop.stop_file.exists():
-            stop.stop_file.unlink()
-        return 0
-    except NonFiniteLossError as e:
-        mon.message(f"mugs: error: {e}. The last checkpoint ({ckpt.latest(cfg.output_dir)}) is intact; "
-                    "lower --lr or raise --clip_grad / --warmup_epochs and resume.")
-        mon.log({"event": "nonfinite_loss", "step": step, "message": str(e)})
-        return 3
-    finally:
-        mon.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return train(parse_config(argv))
 
 
-if __name__ == "__main__":  # `torchrun -m mugs.training.trainer FLAGS`, as train_fsdp.py
+if __name__ == "__main__":
     sys.exit(main())

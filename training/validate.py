@@ -1,16 +1,22 @@
-"""Start-up checks: a bad flag fails in one clear line before anything is allocated."""
+"""Start-up checks: a bad flag, data path or output dir fails in one clear line before anything
+is allocated. `mugs-train` runs them in one process before it starts any worker; the trainer
+runs them again (it may be launched by plain torchrun)."""
 from __future__ import annotations
 
+import math
 import os
+import uuid
+from pathlib import Path
 
 from ..configs.options import ARCHS, MugsConfig
 
 
 class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line naming the flag."""
+    """A setting that cannot work; the message is one line naming the flag or path and the fix."""
 
 
 def validate(cfg: MugsConfig, world_size: int = 1) -> None:
+    """The flags alone (no file system access beyond the data path's existence)."""
     def fail(msg: str) -> None:
         raise ConfigError(msg)
 
@@ -28,8 +34,15 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
         fail(f"--optimizer {cfg.optimizer!r} is not supported: only adamw (the paper's optimiser)")
     if cfg.use_bn_in_head:
         fail("--use_bn_in_head true is not supported (the paper's runs use false)")
-    if cfg.use_fp16 or cfg.precision == "fp16":
-        fail("fp16 is not supported with FSDP2 here: use --precision bf16 (same speed, no loss scaling)")
+    for name in ("lr", "min_lr"):
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v < 0:
+            fail(f"--{name} {v} must be a finite number >= 0")
+    if cfg.lr == 0:
+        fail("--lr 0 would not train: give a positive base lr (the paper's default is 0.0008)")
+    if len(cfg.size_crops) != 1:
+        fail(f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
+             f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)")
     g, l, p = cfg.img_size, cfg.local_crop_size, cfg.patch_size
     if p <= 0 or g % p:
         fail(f"global crop size {g} (--img_size) is not a multiple of --patch_size {p}")
@@ -45,13 +58,14 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
         fail("--local_crops_number must be at least 1 (the losses average large- and small-crop pairs)")
     if not 0 <= cfg.prob <= 1:
         fail(f"--prob {cfg.prob} is not a probability")
+    if cfg.loader == "dali" and cfg.num_workers < 1:
+        fail(f"--num_workers {cfg.num_workers}: the DALI loader needs at least 1 thread per process")
     if cfg.batch_size_per_gpu < 1:
         fail("--batch_size_per_gpu must be at least 1")
-    global_batch = cfg.batch_size_per_gpu * world_size
-    if global_batch < cfg.local_group_knn_top_n:
-        fail(f"global batch {global_batch} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}")
+    # (no "global batch >= top-k" rule: the memory starts random, so top-k always finds rows)
     if cfg.mem_size < cfg.local_group_knn_top_n:
         fail(f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}")
+    global_batch = cfg.batch_size_per_gpu * world_size
     for name in ("instance_queue_size", "local_group_queue_size"):
         if getattr(cfg, name) < 2 * global_batch:
             fail(f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global batch = {2 * global_batch})")
@@ -61,3 +75,35 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
         fail(f"--warmup_epochs {cfg.warmup_epochs} must be in [0, --epochs {cfg.epochs})")
     if cfg.max_steps < 0 or cfg.ckpt_every_steps < 0 or cfg.ckpt_keep < 1:
         fail("--max_steps and --ckpt_every_steps must be >= 0 and --ckpt_keep >= 1")
+
+
+def check_data(cfg: MugsConfig, world_size: int) -> int:
+    """Lists the data once; returns the number of images. One line naming the path on failure."""
+    from ..pipeline.batch import DataError
+    from ..pipeline.files import load_index
+
+    try:
+        n = len(load_index(cfg.data_path))
+    except (DataError, ValueError, OSError) as e:
+        raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
+    global_batch = cfg.batch_size_per_gpu * world_size
+    if n < global_batch:
+        raise ConfigError(f"--data_path {cfg.data_path} has {n} images, fewer than one global batch "
+                          f"({world_size} processes x --batch_size_per_gpu {cfg.batch_size_per_gpu}): "
+                          "add images or lower --batch_size_per_gpu")
+    return n
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Creates the output dir and proves it writable (a probe file), or one line saying what to do."""
+    out = Path(output_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output_dir {out} is a file, not a folder: remove it or choose another path")
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir {out} is not writable ({e.strerror or e}): fix its permissions "
+                          "(chmod / chattr -i) or choose another --output_dir") from None

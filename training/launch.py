@@ -1,0 +1,164 @@
+"""`mugs-train [--nproc_per_node N] [torchrun options] [--] FLAGS`: check, then launch the workers.
+
+Everything a user can get wrong (a flag, the data path, the output dir, a resume with other
+settings) is checked here, in one process, and reported as the last line on the screen (exit 2)
+before any worker starts. Only then does this process become torchrun (torch.distributed.run,
+in-process) running `python -m mugs.training.trainer FLAGS` on each rank.
+
+Signals: this process is the one to signal. SIGUSR1, SIGTERM and SIGINT (Ctrl-C) are passed on
+to every worker, which checkpoints after its current step and exits 0; then this process exits 0.
+(Plain torchrun dies of SIGUSR1, orphaning its workers, and answers SIGTERM/SIGINT by killing the
+workers after a timeout; here it handles only SIGHUP/SIGQUIT, which stop the workers at once.)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from ..configs.options import parse_config
+from .validate import ConfigError, check_data, check_output_dir, validate
+
+PROG = "mugs-train"
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def _launcher_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(PROG, add_help=False, allow_abbrev=False,
+                                usage=f"{PROG} [launcher options] [--] TRAINING FLAGS (listed below)")
+    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="workers (GPUs) per node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes; run one mugs-train per node")
+    p.add_argument("--node_rank", "--node-rank", type=int, default=0)
+    p.add_argument("--master_addr", "--master-addr", default="127.0.0.1")
+    p.add_argument("--master_port", "--master-port", type=int, default=None)
+    p.add_argument("--rdzv_backend", "--rdzv-backend", default=None)
+    p.add_argument("--rdzv_endpoint", "--rdzv-endpoint", default=None)
+    p.add_argument("--rdzv_id", "--rdzv-id", default=None)
+    p.add_argument("--check_only", "--check-only", action="store_true",
+                   help="run the checks and exit (slurm/launch.sh does this before srun)")
+    return p
+
+
+def split_argv(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    """Launcher options first (or anywhere, before an optional `--`), training flags after."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return _launcher_parser().parse_args(argv[:i]), argv[i + 1:]
+    return _launcher_parser().parse_known_args(argv)
+
+
+def _fail(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def check(flags: List[str], world: int) -> List[str]:
+    """All start-up checks in this one process; raises ConfigError. Returns the resume notes."""
+    from .resume_guard import check_resume
+
+    cfg = parse_config(flags)  # argparse: usage + one error line, exit 2
+    validate(cfg, world)
+    check_data(cfg, world)
+    check_output_dir(cfg.output_dir)
+    return check_resume(cfg, world)
+
+
+def _children(pid: int) -> List[int]:
+    """Direct child processes of `pid` (the workers torchrun started)."""
+    kids: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            kids += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    except OSError:  # no /proc/*/children: scan every process's parent
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    pass
+    return kids
+
+
+def _forward(signum, _frame) -> None:
+    workers = _children(os.getpid())
+    name = signal.Signals(signum).name
+    if not workers:  # still checking / rendezvous: nothing to save yet
+        print(f"{PROG}: {name} before the workers started: exiting", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    print(f"{PROG}: {name}: asking {len(workers)} workers to checkpoint and exit", file=sys.stderr, flush=True)
+    for pid in workers:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
+    from torch.distributed.launcher.api import LaunchConfig
+
+    argv = [f"--nproc_per_node={opts.nproc_per_node}", f"--nnodes={opts.nnodes}", "--max_restarts=0"]
+    if opts.rdzv_backend:
+        argv += [f"--rdzv_backend={opts.rdzv_backend}", f"--rdzv_endpoint={opts.rdzv_endpoint}"]
+        if opts.rdzv_id:
+            argv.append(f"--rdzv_id={opts.rdzv_id}")
+    else:
+        argv += [f"--node_rank={opts.node_rank}", f"--master_addr={opts.master_addr}"]
+        if opts.master_port is not None:
+            argv.append(f"--master_port={opts.master_port}")
+    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # torch >= 2.8
+        argv.append("--signals_to_handle=SIGHUP,SIGQUIT")  # USR1/TERM/INT stay ours: _forward
+    return argv + ["-m", "mugs.training.trainer", *flags]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+    if "-h" in flags or "--help" in flags:
+        print(_launcher_parser().format_help())
+        parse_config(["--help"])  # the training flags; exits 0
+    world = opts.nproc_per_node * opts.nnodes
+    if opts.nproc_per_node < 1 or opts.nnodes < 1:
+        return _fail(f"--nproc_per_node {opts.nproc_per_node} / --nnodes {opts.nnodes} must be at least 1")
+    try:
+        notes = check(flags, world)
+    except ConfigError as e:
+        return _fail(str(e))
+    if opts.check_only:
+        for note in notes:
+            print(f"{PROG}: resume: {note}", file=sys.stderr)
+        return 0
+    for sig in FORWARDED:
+        signal.signal(sig, _forward)
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import get_args_parser, run
+
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # the workers say what went wrong
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(_torchrun_argv(opts, flags)))
+    except (DistNetworkError, RendezvousError) as e:  # e.g. the rendezvous port is taken
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return _fail(f"the workers' rendezvous failed ({first}): pass a free --master_port "
+                     "(or --rdzv_endpoint HOST:PORT)")
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        if all(c in (2, 3, 4) for c in codes.values()):  # the worker printed its one-line reason
+            return max(codes.values())
+        rank, code = min(codes.items())
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        print(f"{PROG}: error: worker rank {rank} {how} (its output above says why; out of memory if "
+              "SIGKILL)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

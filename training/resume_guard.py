@@ -1,0 +1,95 @@
+"""Resuming an output dir must continue THAT run: the settings it was started with are compared
+with the new flags before anything is built.
+
+Safe to change on resume (logged): where and how often output goes, how many loader workers,
+how the step is executed (activation checkpointing, compile, HSDP), the paths (a moved data set
+or output dir), the flags the original accepts but ignores, and the process count as long as the
+global batch stays the same (the data position is global: see pipeline/sharding.py). Everything
+else shapes the model, the losses, the schedules or the data order and is refused; this includes
+`--epochs`, because the cosine schedules span all epochs, so the steps already taken followed
+another schedule than a longer run would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..configs.options import MugsConfig
+from ..core import checkpoint as ckpt
+from .validate import ConfigError
+
+SAFE_TO_CHANGE = frozenset({
+    # output cadence and length of this invocation
+    "saveckp_freq", "ckpt_every_steps", "ckpt_every_minutes", "ckpt_keep", "max_steps",
+    # execution only: same numbers, other speed/memory
+    "num_workers", "activation_checkpointing", "compile", "hsdp",
+    # paths (the loader itself refuses a data set with another number of images)
+    "data_path", "output_dir",
+    # accepted for the original's command lines and ignored
+    "dist_url", "local_rank", "rank", "world_size", "use_prefetcher", "debug", "ddpjob",
+})
+# checked as the global batch (per-GPU batch x processes), not field by field
+BATCH_FIELDS = frozenset({"batch_size_per_gpu"})
+
+
+def saved_run(output_dir: str) -> Optional[Tuple[Path, Dict[str, Any], int]]:
+    """(checkpoint, its config, the process count that wrote it) of the newest checkpoint, or None."""
+    last = ckpt.latest(output_dir)
+    if last is None:
+        return None
+    meta = json.loads((last / "COMPLETE").read_text())
+    config = meta.get("config")
+    if config is None:  # written before checkpoints carried their config
+        cfg_file = Path(output_dir) / "config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    return last, config, int(meta.get("world_size", 0))
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return "(unset)" if v is None else str(v)
+
+
+def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
+    """Raises ConfigError naming every refused change; returns notes on the allowed ones."""
+    found = saved_run(cfg.output_dir)
+    if found is None:
+        return []
+    last, old, old_world = found
+    new = dataclasses.asdict(cfg)
+    refused, notes = [], []
+    for name, value in new.items():
+        if name not in old or name in BATCH_FIELDS:
+            continue
+        was, now = _norm(old[name]), _norm(value)
+        if was == now:
+            continue
+        change = f"--{name} was {_show(was)}, is {_show(now)}"
+        (notes if name in SAFE_TO_CHANGE else refused).append(change)
+    if refused:
+        raise ConfigError(
+            f"{cfg.output_dir} holds a run started with other settings ({'; '.join(refused)}): these shape "
+            f"the model, losses, schedules or data order, so resuming from {last.name} would not continue "
+            f"that run. Pass the saved values ({Path(cfg.output_dir) / 'config.json'}) or use a new --output_dir")
+    old_world = old_world or world_size  # checkpoints without a process count: assume unchanged
+    old_bs = int(old.get("batch_size_per_gpu", cfg.batch_size_per_gpu))
+    old_global, new_global = old_bs * old_world, cfg.batch_size_per_gpu * world_size
+    if old_global != new_global:
+        keep = (f"use --batch_size_per_gpu {old_global // world_size} to keep it" if old_global % world_size == 0
+                else f"no per-GPU batch keeps it on {world_size} processes: use a process count dividing {old_global}")
+        raise ConfigError(
+            f"global batch {cfg.batch_size_per_gpu} x {world_size} processes = {new_global} differs from the "
+            f"checkpoint's {old_bs} x {old_world} = {old_global} (the lr scaling and data order depend on it): {keep}")
+    if old_world != world_size:
+        notes.append(f"{old_world} -> {world_size} processes, --batch_size_per_gpu {old_bs} -> "
+                     f"{cfg.batch_size_per_gpu} (global batch {old_global} kept)")
+    return notes
