@@ -34,11 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.flops import MugsShape, step_flops_per_image
-from benchmarks.hardware import GPU_PEAKS
+from mugs.benchmarks.flops import MugsShape, step_flops_per_image
+from mugs.benchmarks.hardware import GPU_PEAKS
 from mugs.configs.table1 import RUNS
 
 BF16_PEAK = {name: peaks["bf16"] for name, peaks in GPU_PEAKS}  # dense bf16 TFLOP/s (SXM)

@@ -1,17 +1,14 @@
 """benchmarks/scaling.py: parameter counts match the built networks, the projection behaves sanely."""
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import scaling  # noqa: E402
-from benchmarks.flops import MugsShape  # noqa: E402
-from mugs.configs.options import MugsConfig  # noqa: E402
-from mugs.model.network import build_network  # noqa: E402
+from mugs.benchmarks import scaling
+from mugs.benchmarks.flops import MugsShape
+from mugs.configs.options import MugsConfig
+from mugs.model.network import build_network
 
 ARGS = dict(results="", assume_mfu=0.5, overlap=0.85, strategy="hsdp", student_passes=2, latency_us=20.0,
             ib_latency_us=40.0)
