@@ -48,16 +48,24 @@ class MugsNetwork(nn.Module):
         return self.heads(outs, [o.patch_mean.detach() for o, g in zip(outs, is_global) if g])
 
     def heads(self, outs: Sequence[BackboneOutput], memory_tokens: Sequence[torch.Tensor]) -> MugsOutputs:
-        """The three heads on the backbone outputs of consecutive crop runs (crop-major rows)."""
+        """The three heads on the backbone outputs of consecutive crop runs (crop-major rows).
+
+        Head outputs leave in (at least) fp32 even when the heads compute in bf16, so that the
+        losses' InfoNCE logits against the queue and the group softmax over the prototypes are
+        fp32 arithmetic, not bf16-rounded."""
         cls_all = torch.cat([o.cls for o in outs])
         return MugsOutputs(
-            instance=self.instance_head(cls_all) if self.instance_head is not None else None,
-            local_group=self.local_group_head(torch.cat([o.relation for o in outs]))
+            instance=_fp32(self.instance_head(cls_all)) if self.instance_head is not None else None,
+            local_group=_fp32(self.local_group_head(torch.cat([o.relation for o in outs])))
             if self.local_group_head is not None
             else None,
-            group=self.group_head(cls_all) if self.group_head is not None else None,
+            group=_fp32(self.group_head(cls_all)) if self.group_head is not None else None,
             memory_tokens=torch.cat(list(memory_tokens)),
         )
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def same_size_runs(crops: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
