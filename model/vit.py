@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,9 @@ ARCH_SHAPES = {
 }
 
 
+Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch
+
+
 @dataclass
 class BackboneOutput:
     cls: torch.Tensor  # [B, D] final-normed CLS token (instance and group features)
@@ -45,25 +48,29 @@ class BackboneOutput:
 
 
 class MultiResBlock(Block):
-    """timm `Block` (same modules, same names) that also takes a list of [B_i, N_i, D] batches.
+    """timm `Block` (same modules, same names) that also runs several token batches in one pass.
 
-    A tensor goes through timm's own forward unchanged (evaluation hooks and the explicit
-    attention path keep working); a list goes through `forward_list`."""
+    - `blk(x)` with a tensor: timm's own forward, unchanged (evaluation hooks and the explicit
+      attention path keep working);
+    - `blk(flat, sizes=((B_0, N_0), (B_1, N_1), ...))`: `flat` is the batches packed as
+      [sum_i B_i N_i, D] rows (batch i's [B_i, N_i, D] tokens flattened, in order) and the
+      result is packed the same way. The model keeps its tokens packed from the first block
+      to the last, so no block concatenates or splits activations;
+    - `blk([x_0, x_1, ...])`: the same for a list of [B_i, N_i, D] tensors (packs and unpacks)."""
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False):
+    def forward(self, x, attn_mask=None, is_causal: bool = False, sizes: Optional[Sizes] = None):
         if isinstance(x, (list, tuple)):
-            return self.forward_list(list(x))
+            sizes = tuple((t.shape[0], t.shape[1]) for t in x)
+            return unpack(self.forward_packed(pack(x), sizes), sizes)
+        if sizes is not None:
+            return self.forward_packed(x, sizes)
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
-    def forward_list(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        shapes = [x.shape for x in xs]
-        sizes = [b * n for b, n, _ in shapes]
-        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])  # [sum_i B_i N_i, D]
-        flat = flat + self._drop_path(self.drop_path1, self.ls1(self._attention(self.norm1(flat), shapes)), shapes)
-        flat = flat + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(flat))), shapes)
-        return [t.view(s) for t, s in zip(flat.split(sizes), shapes)]
+    def forward_packed(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+        flat = flat + self._drop_path(self.drop_path1, self.ls1(self._attention(self.norm1(flat), sizes)), sizes)
+        return flat + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(flat))), sizes)
 
-    def _attention(self, flat: torch.Tensor, shapes) -> torch.Tensor:
+    def _attention(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
         """timm Attention's maths with the QKV and output projections over all tokens at once and
         attention (SDPA unless timm's `fused_attn` is off) per resolution."""
         attn = self.attn
@@ -71,7 +78,7 @@ class MultiResBlock(Block):
         if getattr(attn, "gate", None) is not None:
             raise NotImplementedError("gated attention has no list forward")
         outs = []
-        for part, (b, n, _) in zip(qkv.split([b * n for b, n, _ in shapes]), shapes):
+        for part, (b, n) in zip(qkv.split([b * n for b, n in sizes]), sizes):
             q, k, v = part.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = attn.q_norm(q), attn.k_norm(k)
             if attn.fused_attn:
@@ -85,12 +92,21 @@ class MultiResBlock(Block):
         return attn.proj_drop(attn.proj(out))
 
     @staticmethod
-    def _drop_path(drop: nn.Module, branch: torch.Tensor, shapes) -> torch.Tensor:
-        """Stochastic depth per SAMPLE: the mask is drawn on each resolution's [B_i, N_i, D] view."""
+    def _drop_path(drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+        """Stochastic depth per SAMPLE: the mask is drawn on each batch's [B_i, N_i, D] view."""
         if isinstance(drop, nn.Identity):
             return branch
-        parts = branch.split([b * n for b, n, _ in shapes])
-        return torch.cat([drop(p.view(s)).reshape(p.shape) for p, s in zip(parts, shapes)])
+        return pack([drop(t) for t in unpack(branch, sizes)])
+
+
+def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B_i, N_i, D] tensors -> one [sum_i B_i N_i, D] tensor."""
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+def unpack(flat: torch.Tensor, sizes: Sizes) -> List[torch.Tensor]:
+    """Inverse of `pack`: views [B_i, N_i, D] of `flat`."""
+    return [t.view(b, n, -1) for t, (b, n) in zip(flat.split([b * n for b, n in sizes]), sizes)]
 
 
 class MugsViT(VisionTransformer):
@@ -145,9 +161,11 @@ class MugsViT(VisionTransformer):
     def forward_tokens_list(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """`forward_tokens` for batches of different crop sizes, each block entered ONCE for all."""
         tokens = [self.norm_pre(self._pos_embed(self.patch_embed(x))) for x in xs]
+        sizes = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        flat = pack(tokens)
         for blk in self.blocks:
-            tokens = blk(tokens)
-        return tokens
+            flat = blk(flat, sizes=sizes)
+        return unpack(flat, sizes)
 
     def relation(self, queries: torch.Tensor, memory) -> torch.Tensor:
         """Local-group feature of each query [B, D]: [q, its top-k memory rows] through the relation block(s)."""
