@@ -8,8 +8,11 @@ paper-style step instead (benchmarks/paper_style.py); `--compare` runs both, one
 the other in this process, and reports optimised / baseline images per second.
 
 Timing: `--warmup` steps, then `--steps` steps each timed with time.perf_counter after a
-device synchronize (the step already syncs once for its loss check); then a separate
-instrumented pass of `--phase_steps` steps gives the per-phase split (benchmarks/phases.py).
+device synchronize (the step already syncs once for its loss check). Then, untimed: one step
+with every c10d collective counted (benchmarks/collectives.py: `collectives_per_step`, by
+phase, and `fsdp_units`), on CUDA one step under torch.cuda.set_sync_debug_mode
+(`host_syncs_per_step`), and a pass of `--phase_steps` steps for the per-phase split
+(benchmarks/phases.py, through the step's `on_phase` hook).
 MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
 peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (DESIGN.md's MFU).
 Each run appends one JSON line per mode to every `--out` file (rank 0).
@@ -133,14 +136,18 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
            "step_time_min_s": min(times), "losses": res.losses, **hardware.peak_memory(device)}
     # one more step with every c10d call counted, split by the phase that issued it
     counter = CollectiveCounter()
-    with on_phase(step_fn, counter.phase), counter:
-        run(step_fn)
-    by_phase = counter.per_phase()
-    out["collectives_per_step"] = counter.totals()
-    out["collectives_by_phase"] = by_phase
-    out["fsdp_collectives_per_step"] = {  # FSDP's parameter traffic: the forward and backward phases
-        k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
-    out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
+    try:
+        with on_phase(step_fn, counter.phase), counter:
+            run(step_fn)
+    except Exception as e:  # e.g. a torch.compile version that refuses an active dispatch mode
+        out["collectives_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    else:
+        by_phase = counter.per_phase()
+        out["collectives_per_step"] = counter.totals()
+        out["collectives_by_phase"] = by_phase
+        out["fsdp_collectives_per_step"] = {  # FSDP's parameter traffic: the forward and backward phases
+            k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
+        out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
     if device.type == "cuda":
         out["host_syncs_per_step"] = count_host_syncs(lambda: run(step_fn))
     if args.phase_steps > 0:
