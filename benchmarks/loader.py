@@ -1,6 +1,6 @@
 """Loader throughput: images per second (one image = all its crops), DALI vs torchvision.
 
-    python benchmarks/loader.py --backend dali --batch-size 32 --batches 20 [--data DIR]
+    python -m mugs.benchmarks.loader --backend dali --batch-size 32 --batches 20 [--data DIR]
         [--device cpu|gpu] [--workers W] [--global-size 224 --local-size 96 --local-crops 10]
 
 `--workers 0` (torchvision) runs the transforms in-process, so its CPU-ms per image is

@@ -7,8 +7,10 @@ What differs from the optimised step (training/step.py under FSDP2), and why eac
   (22 instead of our 12), with a host sync (`.item()`) per loss as the original logs them;
 - per-tensor Python loops for gradient clipping (a host sync per tensor) and the EMA;
 - non-fused, non-foreach AdamW; a plain module (no FSDP: what DDP on one GPU runs).
-Shared with the optimised step: one backbone pass per crop-resolution group (the original
-does that too), the heads, the memory/queue/centre updates (MugsObjective.update_state).
+- one backbone pass per crop-resolution group, as the original runs it (the optimised step
+  enters each block once for all resolutions: model/vit.py's list forward).
+Shared with the optimised step: the model and its heads, the memory/queue/centre updates
+(MugsObjective.update_state).
 The losses are the same numbers (tests/test_bench_paper_style.py checks it).
 """
 from __future__ import annotations
@@ -20,14 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugs.model.losses import weighted_total
-from mugs.model.network import build_network
+from mugs.model.network import MugsNetwork, MugsOutputs, build_network, same_size_runs
 from mugs.model.objective import MugsObjective
 from mugs.training.optim import cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
 from mugs.training.step import StepResult
-
-
-def _no_op(label: str) -> None:
-    pass
 
 
 def use_materialised_attention(net: nn.Module) -> int:
@@ -57,6 +55,15 @@ def build_paper_style(cfg, device: torch.device):
         g["lr_mult"] = cfg.patch_embed_lr_mult if "patch_embed" in g["name"] else 1.0
     optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=False, fused=False)
     return student, teacher, objective, optimizer
+
+
+def per_resolution_forward(net: MugsNetwork, crops: Sequence[torch.Tensor], memory) -> MugsOutputs:
+    """The original's forward: one backbone pass (and relation-block pass) per run of same-size crops."""
+    runs = same_size_runs(crops)
+    use_memory = memory if net.local_group_head is not None else None
+    outs = [net.backbone.forward_mugs(torch.cat(list(crops[a:b])), use_memory) for a, b in runs]
+    memory_tokens = [o.patch_mean.detach() for o, (a, _) in zip(outs, runs) if crops[a].shape[-1] == crops[0].shape[-1]]
+    return net.heads(outs, memory_tokens)
 
 
 def pairwise_infonce(student: torch.Tensor, teacher: torch.Tensor, n_crops: int, queue: torch.Tensor,
@@ -95,9 +102,9 @@ def _halves(large: List[torch.Tensor], small: List[torch.Tensor]) -> torch.Tenso
 
 
 class PaperStyleStep:
-    """Same call signature and result as training.step.MugsTrainStep; `mark(label)` times phases."""
+    """Same call signature, result and `on_phase` hook as training.step.MugsTrainStep."""
 
-    mark: Callable[[str], None] = staticmethod(_no_op)  # benchmarks/phases.py hooks a timer here
+    on_phase: Optional[Callable[[str], None]] = None  # benchmarks/phases.py times phases with it
 
     def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: float,
                  freeze_last_layer: int):
@@ -107,6 +114,10 @@ class PaperStyleStep:
         self.ema_pairs = [(s[name], p) for name, p in teacher.named_parameters()]
         for p in teacher.parameters():
             p.requires_grad_(False)
+
+    def _mark(self, label: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(label)
 
     def losses(self, s_out, t_out, n_crops: int, epoch: int) -> dict:
         obj, w = self.objective, self.objective.loss_weights
@@ -133,16 +144,16 @@ class PaperStyleStep:
         if lr is not None:
             set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
         with torch.no_grad():
-            t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
-        self.mark("teacher_fwd")
-        s_out = self.student(student_crops, self.objective.student_memory)
-        self.mark("student_fwd")
+            t_out = per_resolution_forward(self.teacher, teacher_crops, self.objective.teacher_memory)
+        self._mark("teacher_fwd")
+        s_out = per_resolution_forward(self.student, student_crops, self.objective.student_memory)
+        self._mark("student_fwd")
         losses = self.losses(s_out, t_out, len(student_crops), epoch)
         logged = {k: v.item() for k, v in losses.items() if v is not None}  # one sync per loss, as the original logs
-        self.mark("loss")
+        self._mark("loss")
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        self.mark("backward")
+        self._mark("backward")
         if self.clip_grad:
             clip = clip_value(self.clip_grad, self.arch, epoch)
             for p in self.student.parameters():  # the original's clip_gradients: one norm (and sync) per tensor
@@ -151,13 +162,13 @@ class PaperStyleStep:
                     if coef < 1:
                         p.grad.data.mul_(coef)
         cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
-        self.mark("clip")
+        self._mark("clip")
         self.optimizer.step()
-        self.mark("optimizer")
+        self._mark("optimizer")
         n_weak = self.objective.update_state(s_out, t_out, weak_flags)
-        self.mark("state_update")
+        self._mark("state_update")
         with torch.no_grad():
             for ps, pt in self.ema_pairs:  # the original's EMA loop, one tensor at a time
                 pt.data.mul_(momentum).add_((1 - momentum) * ps.detach().data)
-        self.mark("ema")
+        self._mark("ema")
         return StepResult(losses=logged, n_weak=n_weak, teacher_temp=self.objective.group_loss.teacher_temp(epoch))

@@ -8,10 +8,11 @@ Communication per GPU per step, following training/parallelize.py (FSDP2: one un
 transformer block and the relation block, reshard after forward; the root unit -- patch
 embedding, tokens, final norm, heads -- stays unsharded after forward):
 - all-gather of unit params (param dtype, 2 B in bf16): teacher forward 1x; student forward
-  once per backbone pass (2: the 224-px group, then the 96-px group); student backward
-  re-gathers once per pass (2). Root: teacher 1x + student 1x.
-- reduce-scatter of grads (fp32 reduce, 4 B): once per backbone pass per unit (FSDP2 reduces
-  on every post-backward of a module called twice); root once.
+  once per backbone pass (1: model/vit.py runs the 224-px and 96-px crops in one pass;
+  `--student_passes 2` models the original's two passes); student backward re-gathers once
+  per pass. Root: teacher 1x + student 1x.
+- reduce-scatter of grads (fp32 reduce, 4 B): once per unit and step, whatever the passes
+  (measured: benchmarks/step.py's `collectives_per_step` on 2 ranks); root once.
 - HSDP (`--strategy hsdp`, default): shard within a node over NVLink, then an all-reduce
   of each reduce-scattered shard across nodes over InfiniBand. `--strategy fsdp`: shard over
   all GPUs, ring-limited by InfiniBand once there is more than one node.
@@ -34,11 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.flops import MugsShape, step_flops_per_image
-from benchmarks.hardware import GPU_PEAKS
+from mugs.benchmarks.flops import MugsShape, step_flops_per_image
+from mugs.benchmarks.hardware import GPU_PEAKS
 from mugs.configs.table1 import RUNS
 
 BF16_PEAK = {name: peaks["bf16"] for name, peaks in GPU_PEAKS}  # dense bf16 TFLOP/s (SXM)
@@ -92,7 +90,7 @@ def param_counts(s: MugsShape) -> dict:
 
 
 def comm_time_s(s: MugsShape, nodes: int, gpu: Gpu, *, strategy: str = "hsdp", param_bytes: int = 2,
-                reduce_bytes: int = 4, student_passes: int = 2, latency_us: float = 20.0,
+                reduce_bytes: int = 4, student_passes: int = 1, latency_us: float = 20.0,
                 ib_latency_us: float = 40.0) -> dict:
     """Seconds of communication per step per GPU (before overlap) and the bytes behind it."""
     world = nodes * GPUS_PER_NODE
@@ -104,12 +102,12 @@ def comm_time_s(s: MugsShape, nodes: int, gpu: Gpu, *, strategy: str = "hsdp", p
     shard_bw = (gpu.nvlink_gbs if shard <= GPUS_PER_NODE else gpu.ib_gbs) * 1e9
     ring = (shard - 1) / shard
     gathers = (1 + 2 * student_passes) * p["backbone_units"] + p["teacher_root"] + p["student_root"]
-    reduced = student_passes * p["backbone_units"] + p["student_root"]
+    reduced = p["backbone_units"] + p["student_root"]
     bytes_shard = ring * (gathers * param_bytes + reduced * reduce_bytes)
     bytes_rep = 2 * (replicas - 1) / replicas * reduced / shard * reduce_bytes if replicas > 1 else 0.0
-    n_coll = (1 + 2 * student_passes) * p["n_units"] + 2 + student_passes * p["n_units"] + 1
+    n_coll = (1 + 2 * student_passes) * p["n_units"] + 2 + p["n_units"] + 1
     lat = latency_us if shard <= GPUS_PER_NODE else ib_latency_us
-    t_lat = n_coll * lat * 1e-6 + (student_passes * p["n_units"] + 1 if replicas > 1 else 0) * ib_latency_us * 1e-6
+    t_lat = n_coll * lat * 1e-6 + (p["n_units"] + 1 if replicas > 1 else 0) * ib_latency_us * 1e-6
     small = 8 * (ib_latency_us if nodes > 1 else latency_us) * 1e-6  # loss average, queues, memories, centre, flags
     t = bytes_shard / shard_bw + bytes_rep / (gpu.ib_gbs * 1e9) + t_lat
     return {"t_comm_s": t, "t_latency_s": small, "bytes_shard": bytes_shard, "bytes_replicate": bytes_rep}
@@ -178,8 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--assume_mfu", type=float, default=0.4, help="compute MFU where nothing was measured")
     p.add_argument("--overlap", type=float, default=0.85, help="fraction of min(compute, comm) hidden")
     p.add_argument("--strategy", choices=("hsdp", "fsdp"), default="hsdp")
-    p.add_argument("--student_passes", type=int, default=2, help="backbone passes per student step (1 if the "
-                   "224/96 crops shared one pass)")
+    p.add_argument("--student_passes", type=int, default=1, help="backbone passes per student step (1: the "
+                   "fused multi-resolution pass; 2: the original's 224-px then 96-px pass)")
     p.add_argument("--nvlink_gbs", type=float, default=None, help="override the intra-node bus bandwidth, GB/s per GPU")
     p.add_argument("--ib_gbs", type=float, default=None, help="override the inter-node bandwidth, GB/s per GPU")
     p.add_argument("--latency_us", type=float, default=20.0)

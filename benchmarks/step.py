@@ -8,15 +8,18 @@ paper-style step instead (benchmarks/paper_style.py); `--compare` runs both, one
 the other in this process, and reports optimised / baseline images per second.
 
 Timing: `--warmup` steps, then `--steps` steps each timed with time.perf_counter after a
-device synchronize (the step already syncs once for its loss check); then a separate
-instrumented pass of `--phase_steps` steps gives the per-phase split (benchmarks/phases.py).
+device synchronize (the step already syncs once for its loss check). Then, untimed: one step
+with every c10d collective counted (benchmarks/collectives.py: `collectives_per_step`, by
+phase, and `fsdp_units`), on CUDA one step under torch.cuda.set_sync_debug_mode
+(`host_syncs_per_step`), and a pass of `--phase_steps` steps for the per-phase split
+(benchmarks/phases.py, through the step's `on_phase` hook).
 MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
 peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (DESIGN.md's MFU).
 Each run appends one JSON line per mode to every `--out` file (rank 0).
 
-    python benchmarks/step.py --arch vit_large --batch_size_per_gpu 16 --compare
-    torchrun --nproc_per_node 8 benchmarks/step.py --arch vit_base --batch_size_per_gpu 42
-    python benchmarks/step.py --device cpu --arch vit_tiny --batch_size_per_gpu 4 --steps 3 --compare
+    python -m mugs.benchmarks.step --arch vit_large --batch_size_per_gpu 16 --compare
+    torchrun --nproc_per_node 8 -m mugs.benchmarks.step --arch vit_base --batch_size_per_gpu 42
+    python -m mugs.benchmarks.step --device cpu --arch vit_tiny --batch_size_per_gpu 4 --steps 3 --compare
 Other MugsConfig flags (e.g. --instance_queue_size 4096, --embed_dim 64 with --arch custom)
 pass through to the model configuration.
 """
@@ -31,23 +34,22 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from benchmarks import hardware
-from benchmarks.flops import MugsShape, step_flops_per_image
-from benchmarks.paper_style import PaperStyleStep, build_paper_style
-from benchmarks.phases import PhaseTimer, device_sync, instrumented_baseline, instrumented_optimised
+from mugs.benchmarks import hardware
+from mugs.benchmarks.flops import MugsShape, step_flops_per_image
+from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
+from mugs.benchmarks.collectives import CollectiveCounter
+from mugs.benchmarks.phases import PhaseTimer, device_sync, on_phase
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
 from mugs.core.dist import DistInfo, init_distributed, shutdown
 from mugs.training.optim import build_adamw
-from mugs.training.parallelize import DTYPES
+from mugs.training.parallelize import DTYPES, FSDPModule
 from mugs.training.step import MugsTrainStep
 from mugs.training.trainer import build_models
 from mugs.training.validate import ConfigError, validate
@@ -55,6 +57,7 @@ from mugs.training.validate import ConfigError, validate
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step.jsonl"
 # Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
 PAPER_BATCH = {"vit_tiny": 64, **{r.flags["arch"]: r.batch_size_per_gpu for r in RUNS.values()}}
+FSDP_PHASES = ("teacher_fwd", "student_fwd", "backward")
 LR, WEIGHT_DECAY, MOMENTUM = 1e-5, 0.04, 0.996  # small lr: the synthetic data must not blow up
 
 
@@ -107,37 +110,74 @@ def synthetic_batch(cfg: MugsConfig, device: torch.device, dtype: torch.dtype, s
     return teacher, teacher + local, weak
 
 
-def measure(step_fn, instrument, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args) -> dict:
+def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args) -> dict:
     t_crops, s_crops, weak = synthetic_batch(cfg, device, dtype)
     epoch = cfg.freeze_last_layer  # steady state: the prototype layer is trained too
+    steps_done = 0
 
-    def run(fn, i: int):
+    def run(fn):
+        nonlocal steps_done
+        steps_done += 1
         return fn(t_crops, s_crops, weak, epoch=epoch, momentum=MOMENTUM, lr=LR, weight_decay=WEIGHT_DECAY,
-                  step_index=i)
+                  step_index=steps_done - 1)
 
     sync = device_sync(device)
-    for i in range(args.warmup):
-        run(step_fn, i)
+    for _ in range(args.warmup):
+        run(step_fn)
     sync()
     hardware.reset_peak_memory(device)
     times = []
-    for i in range(args.steps):
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        res = run(step_fn, args.warmup + i)
+        res = run(step_fn)
         sync()
         times.append(time.perf_counter() - t0)
     out = {"step_time_s": statistics.fmean(times), "step_time_median_s": statistics.median(times),
            "step_time_min_s": min(times), "losses": res.losses, **hardware.peak_memory(device)}
+    # one more step with every c10d call counted, split by the phase that issued it
+    counter = CollectiveCounter()
+    try:
+        with on_phase(step_fn, counter.phase), counter:
+            run(step_fn)
+    except Exception as e:  # e.g. a torch.compile version that refuses an active dispatch mode
+        out["collectives_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    else:
+        by_phase = counter.per_phase()
+        out["collectives_per_step"] = counter.totals()
+        out["collectives_by_phase"] = by_phase
+        out["fsdp_collectives_per_step"] = {  # FSDP's parameter traffic: the forward and backward phases
+            k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
+        out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
+    if device.type == "cuda":
+        out["host_syncs_per_step"] = count_host_syncs(lambda: run(step_fn))
     if args.phase_steps > 0:
         timer = PhaseTimer(sync)
-        with instrument(step_fn, timer) as inst:
-            for i in range(args.phase_steps):
+        with on_phase(step_fn, timer.mark):
+            for _ in range(args.phase_steps):
                 timer.start()
-                run(inst, i)
+                run(step_fn)
                 timer.mark("other")
         out["phases_s"] = timer.mean(args.phase_steps)
         out["phase_method"] = "device synchronize + time.perf_counter at phase boundaries, separate pass"
     return out
+
+
+def count_host_syncs(fn) -> int:
+    """Host-device synchronisations during `fn()`: torch.cuda.set_sync_debug_mode("warn") warns once per sync."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def fsdp_units(model: torch.nn.Module) -> int:
+    """Modules carrying their own FSDP2 parameter group (each is all-gathered as one unit)."""
+    return sum(1 for m in model.modules() if isinstance(m, FSDPModule))
 
 
 def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
@@ -146,8 +186,9 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
                             freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
-    res = measure(step_fn, instrumented_optimised, cfg, info.device, DTYPES[cfg.compute_precision], args)
+    res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args)
     return {"mode": "optimised", "precision": cfg.compute_precision, "fsdp": True, "tf32": False,
+            "fsdp_units": fsdp_units(student), "fsdp_units_teacher": fsdp_units(teacher),
             "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile, "shape": shape, **res}
 
 
@@ -160,7 +201,7 @@ def bench_baseline(cfg: MugsConfig, info: DistInfo, args) -> dict:
     saved = (cuda.allow_tf32, torch.backends.cudnn.allow_tf32)
     cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.baseline_tf32)
     try:
-        res = measure(step_fn, instrumented_baseline, cfg, info.device, torch.float32, args)
+        res = measure(step_fn, cfg, info.device, torch.float32, args)
     finally:
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return {"mode": "paper_style", "precision": "fp32", "fsdp": False, "tf32": bool(args.baseline_tf32),
@@ -223,10 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         validate(cfg.replace(data_path=os.getcwd()), world)
     except ConfigError as e:
-        print(f"benchmarks/step.py: error: {e}", file=sys.stderr)
+        print(f"mugs.benchmarks.step: error: {e}", file=sys.stderr)
         return 2
     if (args.baseline or args.compare) and world > 1:
-        print("benchmarks/step.py: error: the paper-style baseline runs on one process (no torchrun)", file=sys.stderr)
+        print("mugs.benchmarks.step: error: the paper-style baseline runs on one process (no torchrun)", file=sys.stderr)
         return 2
     info = init_distributed(cfg.device)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .heads import ContrastiveHead, GroupHead
 from .memory import LocalGroupMemory
-from .vit import MugsViT, build_backbone
+from .vit import BackboneOutput, MugsViT, build_backbone
 
 
 @dataclass
@@ -39,31 +39,44 @@ class MugsNetwork(nn.Module):
         self.group_head = group_head
 
     def forward(self, crops: Sequence[torch.Tensor], memory: Optional[LocalGroupMemory]) -> MugsOutputs:
-        """Runs each run of same-size crops through the backbone in ONE pass."""
-        cls: List[torch.Tensor] = []
-        rel: List[torch.Tensor] = []
-        mem_tokens: List[torch.Tensor] = []
-        global_size = crops[0].shape[-1]
+        """All crops in ONE backbone pass: each run of same-size crops is one batch of the block's
+        list forward, so every block (one FSDP unit) is entered once per forward for all crops."""
+        runs = same_size_runs(crops)
         use_memory = memory if self.local_group_head is not None else None
-        start = 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            out = self.backbone.forward_mugs(torch.cat(list(crops[start:end])), use_memory)
-            cls.append(out.cls)
-            if out.relation is not None:
-                rel.append(out.relation)
-            if crops[start].shape[-1] == global_size:
-                mem_tokens.append(out.patch_mean.detach())
-            start = end
-        cls_all = torch.cat(cls)
+        outs = self.backbone.forward_mugs_list([torch.cat(list(crops[a:b])) for a, b in runs], use_memory)
+        is_global = [crops[a].shape[-1] == crops[0].shape[-1] for a, _ in runs]
+        return self.heads(outs, [o.patch_mean.detach() for o, g in zip(outs, is_global) if g])
+
+    def heads(self, outs: Sequence[BackboneOutput], memory_tokens: Sequence[torch.Tensor]) -> MugsOutputs:
+        """The three heads on the backbone outputs of consecutive crop runs (crop-major rows).
+
+        Head outputs leave in (at least) fp32 even when the heads compute in bf16, so that the
+        losses' InfoNCE logits against the queue and the group softmax over the prototypes are
+        fp32 arithmetic, not bf16-rounded."""
+        cls_all = torch.cat([o.cls for o in outs])
         return MugsOutputs(
-            instance=self.instance_head(cls_all) if self.instance_head is not None else None,
-            local_group=self.local_group_head(torch.cat(rel)) if self.local_group_head is not None else None,
-            group=self.group_head(cls_all) if self.group_head is not None else None,
-            memory_tokens=torch.cat(mem_tokens),
+            instance=_fp32(self.instance_head(cls_all)) if self.instance_head is not None else None,
+            local_group=_fp32(self.local_group_head(torch.cat([o.relation for o in outs])))
+            if self.local_group_head is not None
+            else None,
+            group=_fp32(self.group_head(cls_all)) if self.group_head is not None else None,
+            memory_tokens=torch.cat(list(memory_tokens)),
         )
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def same_size_runs(crops: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
+    """[(start, end)] of the maximal runs of consecutive crops with equal spatial size."""
+    runs: List[Tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 def build_network(cfg, *, teacher: bool) -> MugsNetwork:

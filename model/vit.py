@@ -7,6 +7,12 @@
 2. One extra relation block (a timm `Block`): the local-group feature is the
    relation block's output for the query token q = mean of ALL tokens of the
    last block (before the final norm) followed by its top-k memory neighbours.
+3. One block pass for all crop resolutions (the list forward of DINOv3's
+   `layers/block.py`, written on timm's `Block`): a block given a LIST of token
+   batches runs LayerNorm, QKV, projection and MLP once on the concatenated tokens
+   of all resolutions and SDPA attention per resolution. Under FSDP2 each block is
+   then entered, hence all-gathered, once per forward for all the student's crops.
+   Drop path stays per sample (each resolution's batch draws its own masks).
 Parameter names equal the original's (`blocks.N.attn.qkv`, `relation_blocks.0`...),
 so timm `vit_*_patch16_224` checkpoints and the released files map 1:1.
 """
@@ -15,12 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 
 # embed_dim, depth, num_heads (the DINO/Mugs/timm definitions)
@@ -32,11 +37,76 @@ ARCH_SHAPES = {
 }
 
 
+Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch
+
+
 @dataclass
 class BackboneOutput:
     cls: torch.Tensor  # [B, D] final-normed CLS token (instance and group features)
     patch_mean: torch.Tensor  # [B, D] mean of the final-normed patch tokens (what the memory stores)
     relation: Optional[torch.Tensor]  # [B, D] final-normed relation-block query token (local-group feature)
+
+
+class MultiResBlock(Block):
+    """timm `Block` (same modules, same names) that also runs several token batches in one pass.
+
+    - `blk(x)` with a tensor: timm's own forward, unchanged (evaluation hooks and the explicit
+      attention path keep working);
+    - `blk(flat, sizes=((B_0, N_0), (B_1, N_1), ...))`: `flat` is the batches packed as
+      [sum_i B_i N_i, D] rows (batch i's [B_i, N_i, D] tokens flattened, in order) and the
+      result is packed the same way. The model keeps its tokens packed from the first block
+      to the last, so no block concatenates or splits activations;
+    - `blk([x_0, x_1, ...])`: the same for a list of [B_i, N_i, D] tensors (packs and unpacks)."""
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False, sizes: Optional[Sizes] = None):
+        if isinstance(x, (list, tuple)):
+            sizes = tuple((t.shape[0], t.shape[1]) for t in x)
+            return unpack(self.forward_packed(pack(x), sizes), sizes)
+        if sizes is not None:
+            return self.forward_packed(x, sizes)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward_packed(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+        flat = flat + self._drop_path(self.drop_path1, self.ls1(self._attention(self.norm1(flat), sizes)), sizes)
+        return flat + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(flat))), sizes)
+
+    def _attention(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+        """timm Attention's maths with the QKV and output projections over all tokens at once and
+        attention (SDPA unless timm's `fused_attn` is off) per resolution."""
+        attn = self.attn
+        qkv = attn.qkv(flat)
+        if getattr(attn, "gate", None) is not None:
+            raise NotImplementedError("gated attention has no list forward")
+        outs = []
+        for part, (b, n) in zip(qkv.split([b * n for b, n in sizes]), sizes):
+            q, k, v = part.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            if attn.fused_attn:
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+            else:  # timm's explicit path, when a caller switched it on (materialised weights, FLOP counting)
+                o = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+            outs.append(o.transpose(1, 2).reshape(b * n, -1))
+        out = torch.cat(outs)
+        if getattr(attn, "norm", None) is not None:  # timm >= 1.0.10: optional norm before proj (Identity here)
+            out = attn.norm(out)
+        return attn.proj_drop(attn.proj(out))
+
+    @staticmethod
+    def _drop_path(drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+        """Stochastic depth per SAMPLE: the mask is drawn on each batch's [B_i, N_i, D] view."""
+        if isinstance(drop, nn.Identity):
+            return branch
+        return pack([drop(t) for t in unpack(branch, sizes)])
+
+
+def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B_i, N_i, D] tensors -> one [sum_i B_i N_i, D] tensor."""
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+def unpack(flat: torch.Tensor, sizes: Sizes) -> List[torch.Tensor]:
+    """Inverse of `pack`: views [B_i, N_i, D] of `flat`."""
+    return [t.view(b, n, -1) for t, (b, n) in zip(flat.split([b * n for b, n in sizes]), sizes)]
 
 
 class MugsViT(VisionTransformer):
@@ -45,11 +115,11 @@ class MugsViT(VisionTransformer):
     def __init__(self, *, num_relation_blocks: int = 1, **kwargs):
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
         kwargs.setdefault("qkv_bias", True)
-        super().__init__(num_classes=0, dynamic_img_size=True, **kwargs)
+        super().__init__(num_classes=0, dynamic_img_size=True, block_fn=MultiResBlock, **kwargs)
         dim, heads = self.embed_dim, self.blocks[0].attn.num_heads
         mlp_ratio = self.blocks[0].mlp.fc1.out_features / dim
         self.relation_blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=kwargs["qkv_bias"], norm_layer=kwargs["norm_layer"])
+            MultiResBlock(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=kwargs["qkv_bias"], norm_layer=kwargs["norm_layer"])
             for _ in range(num_relation_blocks)
         )
         self.relation_blocks.apply(self._init_relation)
@@ -86,26 +156,41 @@ class MugsViT(VisionTransformer):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the last block, BEFORE the final norm: [B, 1 + N, D]."""
-        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:  # recompute each block in backward; names stay unchanged
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        return self.blocks(self.norm_pre(self._pos_embed(self.patch_embed(x))))
+
+    def forward_tokens_list(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """`forward_tokens` for batches of different crop sizes, each block entered ONCE for all."""
+        tokens = [self.norm_pre(self._pos_embed(self.patch_embed(x))) for x in xs]
+        sizes = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        flat = pack(tokens)
+        for blk in self.blocks:
+            flat = blk(flat, sizes=sizes)
+        return unpack(flat, sizes)
+
+    def relation(self, queries: torch.Tensor, memory) -> torch.Tensor:
+        """Local-group feature of each query [B, D]: [q, its top-k memory rows] through the relation block(s)."""
+        rx = torch.cat((queries.unsqueeze(1), memory.neighbours(queries).to(queries.dtype)), dim=1)
+        for blk in self.relation_blocks:
+            rx = blk(rx)
+        return self.norm(rx[:, 0])
 
     def forward_mugs(self, x: torch.Tensor, memory=None) -> BackboneOutput:
         """Features for the three Mugs heads; `memory` None skips the relation block."""
-        tokens = self.forward_tokens(x)
-        relation = None
+        return self.forward_mugs_list([x], memory)[0]
+
+    def forward_mugs_list(self, xs: Sequence[torch.Tensor], memory=None) -> List[BackboneOutput]:
+        """`forward_mugs` for each batch of `xs` (crop sizes may differ) in one pass per block; the
+        relation block, too, runs once on the concatenated queries of all batches."""
+        tokens = self.forward_tokens_list(xs)
+        relation: List[Optional[torch.Tensor]] = [None] * len(tokens)
         if memory is not None and len(self.relation_blocks) > 0:
-            query = tokens.mean(dim=1)
-            neighbours = memory.neighbours(query).to(query.dtype)
-            rx = torch.cat((query.unsqueeze(1), neighbours), dim=1)
-            for blk in self.relation_blocks:
-                rx = blk(rx)
-            relation = self.norm(rx[:, 0])
-        normed = self.norm(tokens)
-        return BackboneOutput(cls=normed[:, 0], patch_mean=normed[:, 1:].mean(dim=1), relation=relation)
+            queries = [t.mean(dim=1) for t in tokens]
+            relation = list(self.relation(torch.cat(queries), memory).split([q.shape[0] for q in queries]))
+        outs = []
+        for t, rel in zip(tokens, relation):
+            normed = self.norm(t)
+            outs.append(BackboneOutput(cls=normed[:, 0], patch_mean=normed[:, 1:].mean(dim=1), relation=rel))
+        return outs
 
 
 def build_backbone(

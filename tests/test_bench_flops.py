@@ -1,17 +1,14 @@
 """The analytic FLOP model (benchmarks/flops.py) against torch's FlopCounterMode on a tiny Mugs pair,
 and its ViT-L figures against DESIGN.md."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image  # noqa: E402
-from mugs.configs.options import MugsConfig  # noqa: E402
-from mugs.model.network import build_network  # noqa: E402
-from mugs.model.objective import MugsObjective  # noqa: E402
+from mugs.benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image
+from mugs.configs.options import MugsConfig
+from mugs.model.network import build_network
+from mugs.model.objective import MugsObjective
 
 
 def tiny_cfg(**kw) -> MugsConfig:

@@ -1,17 +1,14 @@
 """benchmarks/scaling.py: parameter counts match the built networks, the projection behaves sanely."""
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import scaling  # noqa: E402
-from benchmarks.flops import MugsShape  # noqa: E402
-from mugs.configs.options import MugsConfig  # noqa: E402
-from mugs.model.network import build_network  # noqa: E402
+from mugs.benchmarks import scaling
+from mugs.benchmarks.flops import MugsShape
+from mugs.configs.options import MugsConfig
+from mugs.model.network import build_network
 
 ARGS = dict(results="", assume_mfu=0.5, overlap=0.85, strategy="hsdp", student_passes=2, latency_us=20.0,
             ib_latency_us=40.0)
@@ -45,7 +42,7 @@ def test_communication_model():
     one, three = scaling.comm_time_s(s, 1, gpu), scaling.comm_time_s(s, 3, gpu)
     assert three["bytes_replicate"] > 0 == one["bytes_replicate"]
     assert scaling.comm_time_s(s, 3, gpu, strategy="fsdp")["t_comm_s"] > three["t_comm_s"]  # IB-bound rings
-    assert scaling.comm_time_s(s, 3, gpu, student_passes=1)["t_comm_s"] < three["t_comm_s"]
+    assert scaling.comm_time_s(s, 3, gpu, student_passes=2)["t_comm_s"] > three["t_comm_s"]  # the original's 2 passes
     assert scaling.comm_time_s(s, 3, gpu, param_bytes=4)["bytes_shard"] > three["bytes_shard"]
     assert scaling.step_time_s(1.0, 0.5, 0.0, overlap=1.0) == 1.0
     assert scaling.step_time_s(1.0, 0.5, 0.0, overlap=0.0) == 1.5

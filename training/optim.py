@@ -35,13 +35,14 @@ def param_groups(model: nn.Module) -> List[dict]:
 
 
 def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 0.2, fused: Optional[bool] = None) -> torch.optim.AdamW:
-    """AdamW over the four groups; fused kernel on CUDA, foreach elsewhere."""
+    """AdamW over the four groups; torch's fused kernel on every device type that has one (CUDA, CPU...)."""
     groups = param_groups(model)
     for g in groups:
         g["lr_mult"] = patch_embed_lr_mult if "patch_embed" in g["name"] else 1.0
     if fused is None:
-        first = next(model.parameters())
-        fused = first.is_cuda
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused = next(model.parameters()).device.type in _get_fused_kernels_supported_devices()
     kwargs = {"fused": True} if fused else {"foreach": True}
     opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kwargs)
     init_adamw_state(opt)

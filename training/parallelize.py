@@ -1,29 +1,69 @@
-"""Apply activation checkpointing, compile and FSDP2 to the student and the teacher, in that order.
+"""Activation checkpointing, torch.compile and FSDP2 for the student and the teacher: ONE function, in that order.
 
-Order matters: activation checkpointing wraps each block first (so recompute
-happens inside the block), `torch.compile` then compiles each (wrapped) block,
-and FSDP2 shards each block and finally the root, so parameters are
-all-gathered per block just before it runs. The teacher gets the SAME
-sharding plan, which makes the EMA a purely local update over matching shards.
+1. Activation checkpointing (student only; the teacher runs under no_grad and keeps
+   no activations): each transformer block and the relation block get their forward
+   wrapped by `torch.utils.checkpoint.checkpoint` (non-reentrant), so everything
+   inside a block is recomputed in backward. The wrapper replaces the block's
+   `forward` in place instead of nesting the block in a wrapper module, so
+   parameter names stay `blocks.N.*`: checkpoints, the timm export and the
+   student/teacher EMA pairing do not depend on the flag.
+2. `torch.compile` of each block (`Module.compile`), the checkpointed forward
+   included, so recompute happens inside the compiled region.
+3. FSDP2 (`fully_shard`): each block, the relation block, then the root
+   (patch embedding, position embedding, final norm and the heads). Parameters are
+   all-gathered per unit just before it runs; the blocks are entered once per
+   forward for all crop resolutions (model/vit.py's list forward), so per step each
+   student block is all-gathered once in forward, once in backward and
+   reduce-scattered once.
+
+Reshard policy (`reshard_after_forward`) and why:
+- student blocks and relation block: True. A block's parameters are freed after its
+  forward and all-gathered again in backward: the memory of one gathered block at a
+  time, for one extra all-gather per block that backward prefetch hides.
+- student root: False. Its heads run last in forward and first in backward, and its
+  patch embedding last in backward, so freeing it after forward would only re-gather
+  the same bytes at once; it is resharded at the end of backward.
+- teacher, every unit: True. The teacher has no backward, so nothing would reuse a
+  gathered copy within the step, and after the step the EMA changes the shards,
+  which would make a kept copy stale (the step also reshards the teacher root after
+  its forward, for torch versions that never reshard a root).
+The teacher gets the SAME sharding plan, which makes the EMA a purely local update
+over matching shards.
+Prefetch: block i prefetches block i+1 in forward (the relation block after the last
+block) and block i-1 in backward, one unit ahead, as DINOv3 does; FSDP2's own
+implicit prefetch would issue each all-gather only when the CPU reaches the block.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 
 try:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch < 2.6
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..model.network import MugsNetwork
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _blocks(net: MugsNetwork) -> nn.ModuleList:
-    return net.backbone.blocks
+def checkpoint_forward_(module: nn.Module) -> nn.Module:
+    """Recompute `module`'s activations in backward; its parameters and their names are unchanged."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed
+    return module
 
 
 def parallelize(
@@ -35,17 +75,31 @@ def parallelize(
     compile: bool = False,
     is_teacher: bool = False,
 ) -> MugsNetwork:
-    """Shard `net` in place: per transformer block, the relation block, then the root."""
-    blocks = _blocks(net)
-    # in-place forms keep parameter names unchanged, so checkpoints and the EMA pairing
-    # do not depend on these flags
-    if activation_checkpointing and not is_teacher:  # the teacher keeps no activations anyway
-        net.backbone.set_grad_checkpointing(True)
+    """Apply AC, compile and FSDP2 to `net` in place (see the module docstring for order and policy)."""
+    blocks = list(net.backbone.blocks)
+    relation = list(net.backbone.relation_blocks)
+    units = blocks + relation
+    if activation_checkpointing and not is_teacher:
+        for blk in units:
+            checkpoint_forward_(blk)
     if compile:
-        for blk in blocks:
+        for blk in units:
             blk.compile()
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
-    for blk in list(blocks) + list(net.backbone.relation_blocks):
+    for blk in units:
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=is_teacher)
+    # explicit prefetch, one unit ahead; the relation block only runs when its head exists
+    order = blocks + (relation if net.local_group_head is not None else [])
+    for cur, nxt in zip(order, order[1:]):
+        cur.set_modules_to_forward_prefetch([nxt])
+        if not is_teacher:
+            nxt.set_modules_to_backward_prefetch([cur])
     return net
+
+
+def reshard_(net: nn.Module) -> None:
+    """Free any gathered parameters of `net`'s FSDP units (no communication)."""
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -1,18 +1,35 @@
-"""One Mugs training step, in the order the original takes it (see tests/data/parity/README.md)."""
+"""One Mugs training step, in the order the original takes it (see tests/data/parity/README.md).
+
+Host-device synchronisation: ONE per step, after backward. The losses are stacked on
+the device, averaged over ranks and copied to the host only once backward has been
+queued, so nothing stalls the device between forward and backward; a NaN/inf on any
+rank still raises before clipping, the optimizer, the queues/centre/memories and the
+EMA touch any state. (Syncs inside the objective, e.g. data-dependent indexing, are
+counted by benchmarks/gpu_suite.sh with torch.cuda.set_sync_debug_mode.)
+
+Each phase runs inside a `torch.profiler.record_function("mugs.<phase>")` range, so a
+profiler trace shows it; `on_phase(label)`, when set, is called as each phase ends
+(benchmarks/phases.py times phases with it, benchmarks/collectives.py splits the
+collectives by phase). Phases: teacher_fwd, student_fwd, loss, backward, loss_check,
+clip (incl. the last-layer freeze), optimizer, state_update, ema.
+"""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from ..core.dist import mean_over_ranks
 from ..model.network import MugsNetwork
 from ..model.objective import MugsObjective
 from .ema import ema_pairs, ema_update_
 from .optim import cancel_last_layer_grads, clip_per_parameter_, clip_value, set_lr_wd
+from .parallelize import reshard_
 
 
 class NonFiniteLossError(RuntimeError):
@@ -27,7 +44,7 @@ class StepResult:
 
 
 class MugsTrainStep:
-    """Teacher forward, student forward, losses, backward, clipping, freeze, AdamW, state updates, EMA."""
+    """Teacher forward, student forward, losses, backward, loss check, clipping, freeze, AdamW, state, EMA."""
 
     def __init__(
         self,
@@ -39,14 +56,21 @@ class MugsTrainStep:
         arch: str,
         clip_grad: float,
         freeze_last_layer: int,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        on_phase: Optional[Callable[[str], None]] = None,
     ):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
         self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
-        self.autocast = autocast
+        self.on_phase = on_phase
         self.teacher_params, self.student_params = ema_pairs(student, teacher)
         for p in teacher.parameters():
             p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _phase(self, label: str):
+        with record_function(f"mugs.{label}"):
+            yield
+        if self.on_phase is not None:
+            self.on_phase(label)
 
     def __call__(
         self,
@@ -65,33 +89,43 @@ class MugsTrainStep:
         `record`, when given, receives the outputs and the raw and clipped gradients."""
         if lr is not None:
             set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
-        with self.autocast():
-            with torch.no_grad():
-                t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
+        with self._phase("teacher_fwd"), torch.no_grad():
+            t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
+            reshard_(self.teacher)  # the EMA below changes the shards: no gathered copy may outlive the forward
+        with self._phase("student_fwd"):
             s_out = self.student(student_crops, self.objective.student_memory)
+        with self._phase("loss"):
             losses = self.objective(s_out, t_out, len(student_crops), epoch)
-        present = {k: v for k, v in losses.items() if v is not None}
-        # averaged over ranks: the logged numbers are global, and a NaN on one rank stops all of them
-        values = mean_over_ranks(torch.stack([v.detach().float() for v in present.values()])).cpu()
-        if not torch.isfinite(values).all():
-            bad = [k for k, v in zip(present, values.tolist()) if not torch.isfinite(torch.tensor(v))]
-            raise NonFiniteLossError(f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values.tolist()))})")
-
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+            present = {k: v for k, v in losses.items() if v is not None}
+            stacked = torch.stack([v.detach().float() for v in present.values()])
+        with self._phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+        with self._phase("loss_check"):
+            # the step's one host sync; averaged over ranks: the logged numbers are global, and a NaN
+            # on one rank stops all of them, before anything below changes state
+            values = mean_over_ranks(stacked).cpu().tolist()
+            bad = [k for k, v in zip(present, values) if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLossError(
+                    f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values))})")
         if record is not None:
             record["outputs"] = (s_out, t_out)
             record["grads_raw"] = _grads(self.student)
-        if self.clip_grad:
-            clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, self.arch, epoch))
-        cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
+        with self._phase("clip"):
+            if self.clip_grad:
+                clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, self.arch, epoch))
+            cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
         if record is not None:
             record["grads_clipped"] = _grads(self.student)
-        self.optimizer.step()
-        n_weak = self.objective.update_state(s_out, t_out, weak_flags)
-        ema_update_(self.teacher_params, self.student_params, momentum)
+        with self._phase("optimizer"):
+            self.optimizer.step()
+        with self._phase("state_update"):
+            n_weak = self.objective.update_state(s_out, t_out, weak_flags)
+        with self._phase("ema"):
+            ema_update_(self.teacher_params, self.student_params, momentum)
         return StepResult(
-            losses=dict(zip(present, values.tolist())),
+            losses=dict(zip(present, values)),
             n_weak=n_weak,
             teacher_temp=self.objective.group_loss.teacher_temp(epoch),
         )

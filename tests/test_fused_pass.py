@@ -1,0 +1,125 @@
+"""The fused multi-resolution pass (model/vit.py list forward) and parallelize's activation checkpointing."""
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from mugs.benchmarks.paper_style import per_resolution_forward
+from mugs.model.network import build_network, same_size_runs
+from mugs.model.objective import MugsObjective
+from mugs.model.vit import MultiResBlock, build_backbone
+from mugs.training.parallelize import checkpoint_forward_
+from fsdp_worker import tiny_cfg
+
+
+def _crops(b=3, n_local=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(b, 3, 16, 16, generator=g) for _ in range(n_local)]
+
+
+def _net_pair():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(3)
+    net = build_network(cfg, teacher=False)
+    return net, copy.deepcopy(net), MugsObjective(cfg, cfg.embed_dim)
+
+
+def test_fused_pass_equals_one_pass_per_resolution_outputs_and_gradients():
+    fused, ref, objective = _net_pair()
+    crops = _crops()
+    a, b = fused(crops, objective.student_memory), per_resolution_forward(ref, crops, objective.student_memory)
+    for field in ("instance", "local_group", "group", "memory_tokens"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=2e-6, rtol=1e-5, msg=field)
+    (a.instance.sum() + a.local_group.square().sum() + a.group.sum()).backward()
+    (b.instance.sum() + b.local_group.square().sum() + b.group.sum()).backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert any("relation_blocks" in n for n in grads) and any("blocks.1." in n for n in grads)
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_each_block_and_the_relation_block_run_once_per_forward_for_all_crops():
+    net, _, objective = _net_pair()
+    calls = {}
+    for name, m in net.backbone.named_modules():
+        if isinstance(m, MultiResBlock):
+            m.register_forward_pre_hook(lambda _m, _a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    net(_crops(), objective.student_memory)
+    assert calls == {"blocks.0": 1, "blocks.1": 1, "relation_blocks.0": 1}
+
+
+def test_parameter_names_stay_timm_names():
+    vit = build_backbone("custom", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32)
+    timm_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                                 dynamic_img_size=True)
+    own = {k for k in vit.state_dict() if not k.startswith("relation_blocks.")}
+    assert own == set(timm_vit.state_dict())
+    assert all(isinstance(b, MultiResBlock) for b in [*vit.blocks, *vit.relation_blocks])
+
+
+def test_drop_path_is_per_sample_in_the_fused_pass():
+    torch.manual_seed(0)
+    blk = MultiResBlock(16, 2, qkv_bias=True, drop_path=0.5).train()
+    xs = [torch.randn(40, 5, 16), torch.randn(40, 3, 16)]
+    torch.manual_seed(1)
+    ys = blk(xs)
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            kept = set()
+            for i in range(x.shape[0]):  # each sample equals one of the 4 keep/drop choices of its own two branches
+                xi = x[i : i + 1]
+                found = None
+                for d1 in (0, 1):
+                    h = xi + d1 * 2 * blk.attn(blk.norm1(xi))
+                    for d2 in (0, 1):
+                        if torch.allclose(y[i : i + 1], h + d2 * 2 * blk.mlp(blk.norm2(h)), atol=1e-5):
+                            found = (d1, d2)
+                assert found is not None, f"sample {i}: not a per-sample drop-path output"
+                kept.add(found)
+            assert len(kept) >= 3  # masks really differ between samples
+
+
+def test_tensor_input_is_timm_block_forward():
+    torch.manual_seed(0)
+    blk = MultiResBlock(16, 2, qkv_bias=True).eval()
+    x = torch.randn(4, 7, 16)
+    torch.testing.assert_close(blk(x), blk([x])[0], atol=1e-6, rtol=1e-5)
+
+
+def test_same_size_runs():
+    crops = _crops(n_local=2)
+    assert same_size_runs(crops) == [(0, 2), (2, 4)]
+    assert same_size_runs(crops[:2]) == [(0, 2)]
+
+
+def test_activation_checkpointing_recomputes_in_backward_and_keeps_names_and_gradients():
+    plain, ckpt, objective = _net_pair()
+    names = [n for n, _ in ckpt.named_parameters()]
+    for blk in [*ckpt.backbone.blocks, *ckpt.backbone.relation_blocks]:
+        checkpoint_forward_(blk)
+    assert [n for n, _ in ckpt.named_parameters()] == names
+    mlp_calls = []
+    ckpt.backbone.blocks[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    crops = _crops()
+    for net in (plain, ckpt):
+        out = net(crops, objective.student_memory)
+        (out.instance.sum() + out.group.sum() + out.local_group.sum()).backward()
+    assert len(mlp_calls) == 2  # forward, then the recompute in backward
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():  # no grad: a plain forward, nothing saved for a recompute
+        ckpt(crops, objective.student_memory)
+    assert len(mlp_calls) == 3
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_teacher_and_global_only_inputs_use_the_same_code(n_local):
+    net, ref, objective = _net_pair()
+    crops = _crops(n_local=n_local)
+    with torch.no_grad():
+        a, b = net(crops, objective.student_memory), per_resolution_forward(ref, crops, objective.student_memory)
+    torch.testing.assert_close(a.group, b.group, atol=2e-6, rtol=1e-5)
+    assert a.memory_tokens.shape[0] == 2 * 3
