@@ -165,7 +165,7 @@ class PaperStyleStep:
         self._mark("clip")
         self.optimizer.step()
         self._mark("optimizer")
-        n_weak = self.objective.update_state(s_out, t_out, weak_flags)
+        n_weak = int(self.objective.update_state(s_out, t_out, weak_flags))
         self._mark("state_update")
         with torch.no_grad():
             for ps, pt in self.ema_pairs:  # the original's EMA loop, one tensor at a time

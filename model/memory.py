@@ -39,9 +39,12 @@ class LocalGroupMemory(RingBuffer):
         return self.rows[index]
 
     @torch.no_grad()
-    def push(self, rows: torch.Tensor, keep: Optional[torch.Tensor] = None) -> int:
-        """Write every rank's `rows` (where `keep`), in rank order; returns the count offered."""
+    def push(self, rows: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Write every rank's `rows` (where `keep`), in rank order; returns the count (a tensor).
+
+        The training step gathers once for all its writes and calls `write_kept` itself."""
         rows = gather_rows(rows.to(self.rows.dtype))
-        if keep is not None:
-            rows = rows[gather_rows(keep.to(device=rows.device, dtype=torch.bool))]
-        return self.write(rows)
+        if keep is None:
+            self.write(rows)
+            return torch.tensor(rows.shape[0])
+        return self.write_kept(rows, gather_rows(keep.to(device=rows.device, dtype=torch.bool)))

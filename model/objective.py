@@ -18,11 +18,6 @@ from .ring_buffer import RingBuffer
 from .network import MugsOutputs
 
 
-def _crop_major_keys(teacher: torch.Tensor) -> torch.Tensor:
-    """Teacher crop 0's keys from every rank (rank order), then crop 1's: the queue's write order."""
-    return torch.cat([gather_rows(c) for c in teacher.detach().chunk(2)])
-
-
 class MugsObjective(nn.Module):
     def __init__(self, cfg, embed_dim: int):
         super().__init__()
@@ -60,16 +55,28 @@ class MugsObjective(nn.Module):
         return losses
 
     @torch.no_grad()
-    def update_state(self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor) -> int:
-        """After the losses: queues, centre and memories; returns the student-memory rows written."""
+    def update_state(self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor) -> torch.Tensor:
+        """After the losses: queues, centre and memories; returns the student-memory rows written (a tensor).
+
+        Everything the writes need from the other ranks travels in ONE all-gather (plus the centre's
+        all-reduce), and nothing here waits for the host."""
         w = self.loss_weights
+        b = weak_flags.shape[0]
+        parts = {}  # name -> [b, width] local piece, concatenated along dim 1 for one gather
         if w[0] > 0:
-            self.instance_queue.write(_crop_major_keys(teacher.instance))
+            parts["instance"] = torch.cat(teacher.instance.detach().float().chunk(2), dim=1)
         if w[1] > 0:
-            self.local_group_queue.write(_crop_major_keys(teacher.local_group))
+            parts["local_group"] = torch.cat(teacher.local_group.detach().float().chunk(2), dim=1)
+        parts["student_memory"] = student.memory_tokens[:b].detach().float()
+        parts["teacher_memory"] = teacher.memory_tokens[:b].detach().float()
+        parts["keep"] = weak_flags.to(device=parts["student_memory"].device, dtype=torch.float32).view(b, 1)
+        widths = [t.shape[1] for t in parts.values()]
+        gathered = dict(zip(parts, gather_rows(torch.cat(list(parts.values()), dim=1)).split(widths, dim=1)))
+        for name in ("instance", "local_group"):
+            if name in gathered:  # crop 0's keys of every rank (rank order), then crop 1's
+                getattr(self, f"{name}_queue").write(torch.cat(gathered[name].chunk(2, dim=1)))
         if w[2] > 0:
             self.group_loss.update_center(teacher.group)
-        b = weak_flags.shape[0]
-        n_weak = self.student_memory.push(student.memory_tokens[:b], keep=weak_flags)
-        self.teacher_memory.push(teacher.memory_tokens[:b])
+        n_weak = self.student_memory.write_kept(gathered["student_memory"], gathered["keep"].view(-1) > 0.5)
+        self.teacher_memory.write(gathered["teacher_memory"])
         return n_weak

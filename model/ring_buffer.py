@@ -40,6 +40,36 @@ class RingBuffer(nn.Module):
         return self.rows.shape[0]
 
     @torch.no_grad()
+    def write_kept(self, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Write the rows where `keep` (in order), as `write(rows[keep])` would, but without the
+        host synchronisation boolean indexing costs: the slots touched are the next len(rows) from
+        the pointer, each gets its kept row or keeps its value. Returns the kept count (a tensor)."""
+        m = rows.shape[0]
+        keep = keep.to(device=rows.device, dtype=torch.bool)
+        count = keep.sum()
+        if m > self.size:  # only the newest `size` kept rows can survive
+            order = torch.cumsum(keep, 0) - 1 - (count - self.size).clamp(min=0)
+        else:
+            order = torch.cumsum(keep, 0) - 1
+        window = min(m, self.size)
+        valid = keep & (order >= 0) & (order < window)
+        source = torch.full((window + 1,), -1, dtype=torch.long, device=rows.device)  # slot `window`: discard
+        source.scatter_(0, torch.where(valid, order, window), torch.arange(m, device=rows.device))
+        source = source[:window]
+        slots = (self.ptr + torch.arange(window, device=rows.device)) % self.size
+        written = torch.where((source >= 0).unsqueeze(1), rows[source.clamp(min=0)].to(self.rows.dtype),
+                              self.rows[slots])
+        self.rows.index_copy_(0, slots, written)
+        self._advance(count.clamp(max=self.size))
+        return count
+
+    def _advance(self, written) -> None:
+        advance = written
+        if self.pointer == "original":  # 2n when the write did not wrap, n when it did
+            advance = torch.where(self.ptr + written <= self.size, 2 * written, written)
+        self.ptr.copy_((self.ptr + advance) % self.size)
+
+    @torch.no_grad()
     def write(self, rows: torch.Tensor) -> int:
         """Write `rows` [n, dim] from the pointer on, wrapping; returns n (rows offered)."""
         n = rows.shape[0]
@@ -49,8 +79,5 @@ class RingBuffer(nn.Module):
         written = rows.shape[0]
         index = (self.ptr + torch.arange(written, device=rows.device)) % self.size
         self.rows.index_copy_(0, index, rows)
-        advance = written
-        if self.pointer == "original":  # 2n when the write did not wrap, n when it did
-            advance = torch.where(self.ptr + written <= self.size, 2 * written, written)
-        self.ptr.copy_((self.ptr + advance) % self.size)
+        self._advance(written)
         return n

@@ -69,3 +69,21 @@ def test_original_pointer_rule_reproduces_the_traces_pointers(path):
     assert len(pointer_checks) == 2 and all(c.ok for c in checks), [c for c in checks if not c.ok]
     fixed = {c.name for c in R.replay(trace, memory_pointer="fixed")}
     assert not any("pointer (original rule)" in n for n in fixed)
+
+
+@pytest.mark.parametrize("pointer", ["fixed", "original"])
+@pytest.mark.parametrize("size, m, ptr", [(8, 5, 6), (4, 7, 1), (5, 5, 0), (3, 9, 2)])
+def test_write_kept_equals_writing_the_kept_rows(pointer, size, m, ptr):
+    """The sync-free masked write the training step uses == write(rows[keep]), overflow included."""
+    torch.manual_seed(size * 31 + m)
+    rows = torch.randn(m, 2)
+    for keep in (torch.rand(m) > 0.4, torch.zeros(m, dtype=torch.bool), torch.ones(m, dtype=torch.bool)):
+        a, b = _ring(size, 2, pointer=pointer), _ring(size, 2, pointer=pointer)
+        a.rows.copy_(torch.randn(size, 2))
+        b.rows.copy_(a.rows)
+        a.ptr.fill_(ptr)
+        b.ptr.fill_(ptr)
+        count = a.write_kept(rows, keep)
+        b.write(rows[keep])
+        assert int(count) == int(keep.sum())
+        assert torch.equal(a.rows, b.rows) and int(a.ptr) == int(b.ptr), (keep, a.rows, b.rows)

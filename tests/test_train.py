@@ -1,5 +1,6 @@
 """train_fsdp.py end to end on CPU: flags, 2-rank FSDP runs, resume after SIGKILL, logs, NaN stop."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -98,6 +99,28 @@ def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: 
     raise AssertionError("checkpoint never appeared")
 
 
+def _kill_process_tree(root: int) -> list:
+    """SIGKILL `root` and every descendant at once (found through /proc); returns the pids killed."""
+    children: dict = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
 def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(data, tmp_path):
     flags = ("--batch_size_per_gpu", "4", "--max_steps", "5", "--ckpt_every_steps", "1")
     ref = tmp_path / "ref"
@@ -109,13 +132,14 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
     proc = subprocess.Popen(train_cmd(2, 29712, data, killed, *flags), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_checkpoint(killed, 2, proc)
-    import os
-
-    os.killpg(proc.pid, signal.SIGKILL)
+    victims = _kill_process_tree(proc.pid)  # torchrun AND its workers (they run in sessions of their own)
     proc.wait()
+    assert len(victims) >= 3, victims  # torchrun + 2 workers were alive and were killed
+    killed_at = int(ckpt.latest(str(killed)).name.split("_")[1])
+    assert killed_at < 5  # the job died mid-run: the restart below really resumes
     r = run(train_cmd(2, 29713, data, killed, *flags))
     assert r.returncode == 0, r.stderr[-12000:]
-    assert "resumed from" in r.stderr
+    assert f"resumed from {killed / 'checkpoints' / f'step_{killed_at:08d}'} at step {killed_at}" in r.stderr
     _assert_bitwise_equal(_final_state(ref), _final_state(killed))
 
     # 2) crash while step 3's checkpoint is being written: it must not count, resume from step 2

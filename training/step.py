@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from ..core.dist import mean_over_ranks
+from ..core.dist import mean_over_ranks, world_size
 from ..model.network import MugsNetwork
 from ..model.objective import MugsObjective
 from .ema import ema_pairs, ema_update_
@@ -97,14 +97,16 @@ class MugsTrainStep:
         with self._phase("loss"):
             losses = self.objective(s_out, t_out, len(student_crops), epoch)
             present = {k: v for k, v in losses.items() if v is not None}
-            stacked = torch.stack([v.detach().float() for v in present.values()])
+            n_local_weak = weak_flags.to(device=losses["total"].device).sum().float().view(1)
+            stacked = torch.cat([torch.stack([v.detach().float() for v in present.values()]), n_local_weak])
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
         with self._phase("loss_check"):
             # the step's one host sync; averaged over ranks: the logged numbers are global, and a NaN
             # on one rank stops all of them, before anything below changes state
-            values = mean_over_ranks(stacked).cpu().tolist()
+            *values, mean_weak = mean_over_ranks(stacked).cpu().tolist()
+            n_weak = mean_weak * world_size()  # the weak images of the global batch
             bad = [k for k, v in zip(present, values) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(
@@ -121,12 +123,12 @@ class MugsTrainStep:
         with self._phase("optimizer"):
             self.optimizer.step()
         with self._phase("state_update"):
-            n_weak = self.objective.update_state(s_out, t_out, weak_flags)
+            self.objective.update_state(s_out, t_out, weak_flags)
         with self._phase("ema"):
             ema_update_(self.teacher_params, self.student_params, momentum)
         return StepResult(
             losses=dict(zip(present, values)),
-            n_weak=n_weak,
+            n_weak=round(n_weak),
             teacher_temp=self.objective.group_loss.teacher_temp(epoch),
         )
 
