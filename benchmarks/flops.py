@@ -16,7 +16,7 @@ recompute from activation checkpointing (model FLOPs, not hardware FLOPs).
 Backward = 2x forward for every matmul whose input AND weight need gradients; 1x for
 the patch embedding (the pixels need no gradient) and the loss matmuls against the
 queue / teacher targets (constants). Teacher: forward only.
-ViT-L/16: 123.1 GFLOP per 224-px forward, 22.5 per 96-px (DESIGN.md), ~1.66 TFLOP per image per step.
+ViT-L/16: 123.1 GFLOP per 224-px forward, 22.5 per 96-px (docs/performance.md), ~1.66 TFLOP per image per step.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def backbone_blocks_flops(s: MugsShape, size: int) -> float:
 
 
 def backbone_forward_flops(s: MugsShape, size: int) -> float:
-    """Patch embedding + blocks, one crop (what DESIGN.md's 123 / 22.5 GFLOP refer to)."""
+    """Patch embedding + blocks, one crop (what docs/performance.md's 123 / 22.5 GFLOP refer to)."""
     return patch_embed_flops(s, size) + backbone_blocks_flops(s, size)
 
 

@@ -64,7 +64,7 @@ def peak_tflops(device: torch.device, precision: str, tf32: bool = False) -> Opt
 
 
 def bf16_peak_tflops(device: torch.device) -> Optional[float]:
-    """The GPU's bf16 dense peak (DESIGN.md's MFU reference); None on CPU."""
+    """The GPU's bf16 dense peak (docs/performance.md's MFU reference); None on CPU."""
     return peak_tflops(device, "bf16") if device.type == "cuda" else None
 
 

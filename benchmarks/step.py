@@ -14,7 +14,7 @@ phase, and `fsdp_units`), on CUDA one step under torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`), and a pass of `--phase_steps` steps for the per-phase split
 (benchmarks/phases.py, through the step's `on_phase` hook).
 MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
-peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (DESIGN.md's MFU).
+peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (docs/performance.md's MFU).
 Each run appends one JSON line per mode to every `--out` file (rank 0).
 
     python -m mugs.benchmarks.step --arch vit_large --batch_size_per_gpu 16 --compare

@@ -1,1 +1,1 @@
-"""mugs.model."""
+"""mugs.model: the ViT backbone with the relation block, the heads, the losses, the ring buffers (queues, memories), the student/teacher network, converters."""

@@ -1,5 +1,5 @@
 """The analytic FLOP model (benchmarks/flops.py) against torch's FlopCounterMode on a tiny Mugs pair,
-and its ViT-L figures against DESIGN.md."""
+and its ViT-L figures against docs/performance.md."""
 
 import pytest
 import torch
@@ -68,7 +68,7 @@ def test_vit_large_matches_design_doc():
     assert backbone_forward_flops(s, 96) / 1e9 == pytest.approx(22.5, rel=0.01)
     per_image = step_flops_per_image(s)
     assert per_image["total"] / 1e12 == pytest.approx(1.66, rel=0.02)
-    # backbone-only DESIGN.md figure: teacher 2x224 fwd, student (x3) on 2x224 + 10x96
+    # backbone-only docs/performance.md figure: teacher 2x224 fwd, student (x3) on 2x224 + 10x96
     backbone_only = 2 * 123.1e9 + 3 * (2 * 123.1e9 + 10 * 22.54e9)
     assert per_image["total"] > backbone_only  # heads, relation block and losses come on top
     assert per_image["total"] < 1.02 * backbone_only

@@ -32,7 +32,7 @@ def test_vit_large_on_40_a100_takes_about_a_day_at_half_mfu():
     row = scaling.project(scaling.TABLE1[-1], scaling.GPUS["a100"], 5, SimpleNamespace(**ARGS))
     assert row["gpus"] == 40 and row["global_batch"] == 640 and row["iters_per_epoch"] == 1281167 // 640
     compute_only_hours = 250 * row["iters_per_epoch"] * row["t_compute_ms"] / 1e3 / 3600
-    assert compute_only_hours == pytest.approx(24, rel=0.1)  # DESIGN.md: about one day
+    assert compute_only_hours == pytest.approx(24, rel=0.1)  # docs/performance.md: about one day
     assert row["hours"] >= compute_only_hours and 0.5 < row["efficiency"] <= 1
 
 

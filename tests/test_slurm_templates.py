@@ -13,8 +13,8 @@ from mugs.configs.options import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Independent statement of Table 1 (DESIGN.md / the paper's README), not read from configs/table1.py.
-# Defaults every run shares (DESIGN.md "Defaults" + the paper's pretraining.sh):
+# Independent statement of Table 1 (docs/method.md / the paper's README), not read from configs/table1.py.
+# Defaults every run shares (docs/method.md "Defaults" + the paper's pretraining.sh):
 PAPER_DEFAULTS = dict(
     patch_size=16, lr=0.0008, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, momentum_teacher=0.996,
     clip_grad=3.0, drop_path_rate=0.1, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),

@@ -1,1 +1,1 @@
-"""mugs.training: the FSDP2 trainer pieces (step, optimiser, schedules, EMA, checkpoints)."""
+"""mugs.training: the FSDP2 trainer (launcher, loop, step, optimiser, schedules, EMA, resume guard); the checkpoint format is mugs.core.checkpoint."""
