@@ -95,9 +95,17 @@ def _smooth(values: List[float], window: int) -> np.ndarray:
     return (c[1:] - c[np.arange(1, len(v) + 1) - n]) / n
 
 
-def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: float) -> None:
-    """Each loss smoothed (raw faint behind), the chance level, and where the lr peaks and the
-    group head's last layer is unfrozen (read from the logged lr and epoch)."""
+def chance_levels(cfg) -> dict:
+    """Each loss's value for outputs that carry no information: ln(queue + 1) for InfoNCE (one
+    positive among the queue's keys), ln(prototypes) for the group loss (a uniform teacher)."""
+    return {"instance": float(np.log(cfg.instance_queue_size + 1)),
+            "local_group": float(np.log(cfg.local_group_queue_size + 1)),
+            "group": float(np.log(cfg.group_out_dim))}
+
+
+def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: dict) -> None:
+    """Each loss smoothed (raw faint behind) with its chance level (dotted, same colour), and where
+    the lr peaks and the group head's last layer is unfrozen (read from the logged lr and epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +115,7 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     ea.Reload()
     tags = ea.Tags()["scalars"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     steps: List[int] = []
     for tag, colour in (("loss/total", "black"), ("loss/instance", "tab:blue"), ("loss/local_group", "tab:orange"),
                         ("loss/group", "tab:green")):
@@ -116,9 +124,11 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
         ev = ea.Scalars(tag)
         steps, values = [e.step for e in ev], [e.value for e in ev]
         ax.plot(steps, values, color=colour, alpha=0.2, linewidth=0.8)
-        ax.plot(steps, _smooth(values, max(5, len(values) // 40)), color=colour, linewidth=1.8,
-                label=tag.split("/")[1])
-    ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance (ln {round(np.exp(chance))})")
+        name = tag.split("/")[1]
+        ax.plot(steps, _smooth(values, max(5, len(values) // 40)), color=colour, linewidth=1.8, label=name)
+        if name in chance:
+            ax.axhline(chance[name], color=colour, linestyle=":", linewidth=1.2,
+                       label=f"{name} at chance (ln {round(np.exp(chance[name]))})")
     if "sched/lr" in tags:
         lr = ea.Scalars("sched/lr")
         peak = lr[int(np.argmax([e.value for e in lr]))].step
@@ -131,7 +141,7 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
     ax.set_xlabel("step")
     ax.set_ylabel("loss (raw faint, moving average bold)")
     ax.set_title("Mugs pretraining on Fashion-MNIST (quickstart)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -197,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     nets = {key: load_backbone(run_dir, key=key, ckpt=ckpt)[:2] for key in ("student", "teacher")}
     after = {key: knn_accuracy(net, train_dir, val_dir, img_size) for key, (net, _) in nets.items()}
     loss_curve(run_dir / "tb", work / "loss_curve.png", freeze_last_layer_epochs=cfg.freeze_last_layer,
-               chance=float(np.log(cfg.group_out_dim)))
+               chance=chance_levels(cfg))
     attention_png(*nets["teacher"], val_dir, work / "attention.png", img_size)
     results = {"knn_top1_raw_pixels": pixels, "knn_top1_random_init": before, "knn_top1_pretrained": after["student"],
                "knn_top1_pretrained_teacher": after["teacher"], "gain_points": 100 * (after["student"] - before),
