@@ -25,6 +25,13 @@ def add_checkpoint_args(ap: argparse.ArgumentParser, positional: bool = True) ->
                     help="attention heads, only needed for custom-size backbone-only files")
 
 
+def add_split_args(ap: argparse.ArgumentParser) -> None:
+    """Where the labelled train and val images are (k-NN and linear probing)."""
+    ap.add_argument("--data_path", default=None, help="ImageFolder root holding train/ and val/")
+    ap.add_argument("--train", default=None, help="train ImageFolder dir (with --val, instead of --data_path)")
+    ap.add_argument("--val", default=None, help="val ImageFolder dir")
+
+
 def add_runtime_args(ap: argparse.ArgumentParser, batch_size: Optional[int] = 128) -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--batch_size_per_gpu", type=int, default=batch_size, help="images per process and step")
@@ -33,10 +40,12 @@ def add_runtime_args(ap: argparse.ArgumentParser, batch_size: Optional[int] = 12
     ap.add_argument("--crop", type=int, default=224, help="evaluation views: centre crop of this size")
 
 
-def run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run `body`; a bad input becomes `prog: error: ...` on stderr and exit status 2."""
+def run(prog: str, body: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Run `body`: its exit status (0 when it returns results instead); a bad input becomes
+    `prog: error: ...` on stderr and exit status 2."""
     try:
-        return body(args)
+        rc = body(args)
+        return rc if isinstance(rc, int) else 0  # bodies that return their results succeeded
     except (EvalError, dist.NoDeviceError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

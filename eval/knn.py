@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import dist
-from .cli import add_checkpoint_args, add_runtime_args, log, run
+from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_val_dirs
 from .features import cached, checkpoint_identity, cls_features, extract, fingerprint
 from .load import load_backbone
@@ -61,9 +61,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(ap)
-    ap.add_argument("--data_path", default=None, help="ImageFolder root holding train/ and val/")
-    ap.add_argument("--train", default=None, help="train ImageFolder dir (with --val, instead of --data_path)")
-    ap.add_argument("--val", default=None, help="val ImageFolder dir")
+    add_split_args(ap)
     ap.add_argument("--nb_knn", type=int, nargs="+", default=[20], help="k values (the paper reports 20)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="voting temperature (default: 0.05 ViT-S, 0.04 ViT-B/L, as in the paper's scripts)")
@@ -117,11 +115,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    def body(args: argparse.Namespace) -> int:
-        evaluate(args)
-        return 0
-
-    return run(PROG, body, parser().parse_args(argv))
+    return run(PROG, evaluate, parser().parse_args(argv))
 
 
 if __name__ == "__main__":

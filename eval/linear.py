@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..configs.options import bool_flag
 from ..core import dist
-from .cli import add_checkpoint_args, add_runtime_args, log, run
+from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
 from .errors import EvalError
 from .features import block_features, loader
@@ -114,9 +114,7 @@ def validate(heads, batches, feat, device, n_heads: int, num_labels: int) -> Lis
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(ap)
-    ap.add_argument("--data_path", default=None, help="ImageFolder root holding train/ and val/")
-    ap.add_argument("--train", default=None, help="train ImageFolder dir (with --val, instead of --data_path)")
-    ap.add_argument("--val", default=None, help="val ImageFolder dir")
+    add_split_args(ap)
     ap.add_argument("--output_dir", default="./linear_eval", help="checkpoint.pth, log.txt, results.json go here")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--lr", type=float, nargs="+", default=None,
@@ -249,11 +247,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    def body(args: argparse.Namespace) -> int:
-        evaluate(args)
-        return 0
-
-    return run(PROG, body, parser().parse_args(argv))
+    return run(PROG, evaluate, parser().parse_args(argv))
 
 
 if __name__ == "__main__":
