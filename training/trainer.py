@@ -269,7 +269,11 @@ def train(cfg: MugsConfig) -> int:
         if info.is_main:
             (Path(cfg.output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         return Run(cfg, info, stop, notes).train()
-    except (ConfigError, DataError, CheckpointError) as e:  # CheckpointError: no complete checkpoint loads
+    except CheckpointError as e:  # no complete checkpoint loads; every rank raises the same agreed message
+        if info.is_main:
+            _say(str(e))
+        return 2
+    except (ConfigError, DataError) as e:  # may be one rank's own (its image does not decode): each says it
         _say(str(e))
         return 2
     except CheckpointWriteError as e:
