@@ -54,7 +54,7 @@ def test_fsdp_collectives_per_step_meet_the_floor(record):
 def test_no_collective_between_forward_and_backward(record):
     phases = record["collectives_by_phase"]
     assert "loss" not in phases or not any(phases["loss"].values())  # the loss average waits until after backward
-    assert phases["loss_check"] == {"all_reduce": 1, "bytes": 16}  # the 4 losses, fp32, one all-reduce
+    assert phases["loss_check"] == {"all_reduce": 1, "bytes": 20}  # 4 losses + the weak count, fp32, one all-reduce
     assert phases["clip"]["all_reduce"] == 1  # per-parameter clipping: one all-reduce of all squared norms
 
 

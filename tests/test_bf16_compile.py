@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mugs.model.losses import InfoNCELoss
+from mugs.model.ring_buffer import RingBuffer
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
 from mugs.training.optim import build_adamw
@@ -49,7 +50,7 @@ def test_two_ranks_bf16_compile_fused_adamw_track_fp32(data, tmp_path):
             assert a == a and abs(a) != float("inf"), (k, l16[k])
             assert abs(a - b) <= LOSS_RTOL * abs(b), (k, l16[k], l32[k])
     assert l16 != l32  # the bf16 path really ran (fp32 would give the same numbers)
-    from mugs.training import checkpoint as ckpt
+    from mugs.core import checkpoint as ckpt
 
     path = ckpt.latest(str(tmp_path / "bf16"))
     ckpt.consolidate(path, tmp_path / "final.pt")
@@ -78,11 +79,12 @@ def test_losses_see_fp32_head_outputs_when_the_model_computes_in_bf16():
         assert out.instance.dtype == out.local_group.dtype == out.group.dtype == torch.float32
     # the InfoNCE logits against the queue are fp32 arithmetic: float64 of the same inputs agrees to fp32 noise
     loss: InfoNCELoss = objective.instance_loss
-    got = loss(s_out.instance, t_out.instance, len(s))
-    ref = InfoNCELoss(cfg.instance_out_dim, cfg.instance_queue_size, loss.temperature).double()
-    ref.queue.copy_(loss.queue.double())
-    want = ref(s_out.instance.double(), t_out.instance.double(), len(s))
+    queue = objective.instance_queue
+    got = loss(s_out.instance, t_out.instance, len(s), queue)
+    ref_queue = RingBuffer(queue.size, cfg.instance_out_dim).double()
+    ref_queue.rows.copy_(queue.rows.double())
+    want = loss(s_out.instance.double(), t_out.instance.double(), len(s), ref_queue)
     assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
     # the bf16 inputs themselves would be several orders of magnitude further off
-    bf = loss(s_out.instance.bfloat16(), t_out.instance.bfloat16(), len(s))
+    bf = loss(s_out.instance.bfloat16(), t_out.instance.bfloat16(), len(s), queue)
     assert abs(bf.item() - want.item()) > 10 * abs(got.item() - want.item())
