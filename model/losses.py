@@ -26,16 +26,17 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def _pair_mean(pair_loss: torch.Tensor, n_global: int = 2) -> torch.Tensor:
     """pair_loss [2 teacher crops, S student crops] -> 0.5*(mean large + mean small), same-index pairs skipped.
 
-    A fixed weight per pair (no boolean indexing: that would synchronise with the host); S > n_global
-    always, since the config requires at least one local crop."""
+    Sums under fixed 0/1 masks divided by the pair counts (boolean indexing would synchronise with
+    the host); S > n_global always, since the config requires at least one local crop."""
     t, s = pair_loss.shape
     large = torch.zeros(t, s, dtype=pair_loss.dtype, device=pair_loss.device)
     large[:, :n_global] = 1.0
     large[torch.arange(t), torch.arange(t)] = 0.0  # student crop i is not compared with teacher crop i
     small = torch.zeros_like(large)
     small[:, n_global:] = 1.0
-    weights = 0.5 * (large / (t * n_global - t) + small / (t * (s - n_global)))
-    return (pair_loss * weights).sum()
+    large_mean = (pair_loss * large).sum() / (t * n_global - t)
+    small_mean = (pair_loss * small).sum() / (t * (s - n_global))
+    return 0.5 * (large_mean + small_mean)
 
 
 class InfoNCELoss(nn.Module):
