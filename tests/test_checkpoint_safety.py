@@ -1,6 +1,5 @@
 """No file in a run dir or handed to a tool runs code; released full checkpoints load; broken checkpoints
 are set aside (single-process parts; the 2-rank trainer fallback is in test_checkpoint_fallback.py)."""
-import argparse
 import json
 import pathlib
 import pickle

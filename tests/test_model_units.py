@@ -1,5 +1,4 @@
 """Behaviour the golden traces do not pin: wrap-around, schedules, weights, clipping rules, naming."""
-import math
 
 import numpy as np
 import pytest
