@@ -1,54 +1,128 @@
 #!/usr/bin/env bash
-# One-call GPU acceptance and measurement pass for ONE GPU (<= ~8 minutes, every part under its own timeout).
-#   bash benchmarks/gpu_suite.sh              # from anywhere; needs torch, timm, tensorboard; DALI optional
-# Parts, in priority order (a part is skipped when the budget SUITE_BUDGET_S, default 470 s, runs short):
-#   a. train_fsdp.py end to end: ~30 steps of ViT-S/16 on JPEGs made here, bf16 + torch.compile + fused AdamW,
-#      DALI "mixed" (GPU) decode when nvidia.dali imports, else the torchvision loader; SIGKILLed after the
-#      step-10 checkpoint and resumed to step 30.
-#   c. the Mugs step (benchmarks/step.py): ViT-L/16 at 16 per GPU, optimised vs paper-style in one process
-#      (images/s, MFU, peak memory, speed-up); d. host syncs per step (torch.cuda.set_sync_debug_mode) and
-#      the measured collectives come in the same records.
-#   b. the DALI GPU loader's images/s (2 global + 10 local crops) at batch 64 and 128.
-#   c'. ViT-S/16 at 64 and ViT-B/16 at 42 per GPU (Table 1).
-# Results: JSON lines (with the GPU's name) appended to benchmarks/results/{step,loader,train_e2e}.jsonl,
-# logs and summary.md in benchmarks/results/gpu_suite/<time>-<gpu>/ (and copied under $OUT when set).
-# `mugs` need not be installed: this checkout is installed into a temp dir (pip --target, no index), or
-# mapped there by symlinks when pip cannot build it. DALI from copied wheels: DALI_WHEELS=DIR (see
-# benchmarks/README.md, "DALI without a package index").
+# One-call GPU acceptance and measurement pass for ONE GPU, built so that no finished figure is lost.
+#   bash benchmarks/gpu_suite.sh              # on a GPU machine: needs torch, timm, tensorboard; DALI optional
+#   bash benchmarks/gpu_suite.sh --rehearse   # the same plumbing on CPU with tiny shapes (CI runs this)
+#   SUITE_ONLY=vit_large bash benchmarks/gpu_suite.sh   # one part again (<= 150 s); names in PARTS below
+# Parts, in this order, each under its own timeout and skipped when the budget (SUITE_BUDGET_S) runs short:
+#   preflight   versions, GPU, /dev/shm; builds the ViT-L pair and runs one bf16 step (stops the suite if it fails)
+#   gemm        the bf16 GEMM ceiling measured here (8192^3, 3 warm-up, 10 timed): MFU's honest denominator
+#   vit_large   the Mugs step, ViT-L/16 at 16 per GPU: optimised bf16 vs paper-style strict fp32 and TF32
+#   train_e2e   train_fsdp.py ViT-S/16 bf16 + compile on JPEGs made here, SIGKILLed after the step-10
+#               checkpoint and resumed to step 30
+#   vit_small, vit_base   the step at the Table-1 batches (64, 42)
+#   dali_loader the DALI GPU loader's images/s (2 x 224 + 10 x 96 crops) at batch 64 and 128, when DALI imports
+# After EVERY part, when $OUT is set, $OUT holds the run's JSONL records, summary.md and logs.tar.gz
+# (<= 7 files, no folder), each replaced atomically: a kill at any minute keeps every finished part.
+# The run's own folder is runs/gpu_suite/<time>-<device>/ (ignored by git; committing results is on purpose).
+# The interpreter is $PYTHON, else python3 or python, whichever imports torch. `mugs` need not be installed:
+# this checkout is installed into a temp dir (pip --target, no index) or mapped there by symlinks.
+# DALI from copied wheels: DALI_WHEELS=DIR (benchmarks/README.md, "DALI without a package index").
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 START=$(date +%s)
-BUDGET=${SUITE_BUDGET_S:-470}
-PY=${PYTHON:-python}
+PARTS="preflight gemm vit_large train_e2e vit_small vit_base dali_loader"
 err() { echo "gpu_suite: error: $*" >&2; exit 2; }
 
-# ---------------------------------------------------------------- 0. a GPU, or stop at once
-command -v "$PY" >/dev/null || err "no '$PY' on PATH (set PYTHON=/path/to/python)"
-GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null) \
-  || err "'$PY -c \"import torch\"' failed: install torch first"
-[ -n "$GPU" ] || err "no CUDA GPU visible (torch.cuda.is_available() is False): nothing measured; run this on a GPU machine"
+REHEARSE=0
+case "${1:-}" in
+  "") ;;
+  --rehearse) REHEARSE=1 ;;
+  *) err "unknown argument '$1' (usage: bash benchmarks/gpu_suite.sh [--rehearse])" ;;
+esac
+ONLY=${SUITE_ONLY:-}
+[ -z "$ONLY" ] || [[ " $PARTS " == *" $ONLY "* ]] || err "SUITE_ONLY=$ONLY is not a part; parts: $PARTS"
+BUDGET=${SUITE_BUDGET_S:-$([ -n "$ONLY" ] && echo 150 || echo 520)}
+
+# ---------------------------------------------------------------- 0. an interpreter with torch, a GPU, or stop at once
+PY=""
+for c in ${PYTHON:-} python3 python; do
+  if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PY=$c; break; fi
+  [ -n "${PYTHON:-}" ] && [ "$c" = "$PYTHON" ] && err "PYTHON=$PYTHON cannot import torch"
+done
+[ -n "$PY" ] || err "neither python3 nor python imports torch here (set PYTHON=/path/to/python)"
+if [ $REHEARSE = 1 ]; then
+  GPU="CPU rehearsal"
+else
+  GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null)
+  [ -n "$GPU" ] || err "no CUDA GPU visible (torch.cuda.is_available() is False): nothing measured; run this on a GPU machine, or --rehearse"
+fi
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/mugs_gpu_suite.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 SLUG=$(echo "$GPU" | tr -cs 'A-Za-z0-9' '_' | sed 's/_$//')
-RUN_DIR=$ROOT/benchmarks/results/gpu_suite/$(date -u +%Y%m%d-%H%M%S)-$SLUG
-mkdir -p "$RUN_DIR"
-LOG=$RUN_DIR/suite.log
-exec > >(tee -a "$LOG") 2>&1
-echo "gpu_suite: $GPU; logs in $RUN_DIR"
+RUN_DIR=${SUITE_RUN_DIR:-$ROOT/runs/gpu_suite/$(date -u +%Y%m%d-%H%M%S)-$SLUG}
+mkdir -p "$RUN_DIR/logs"
+exec > >(tee -a "$RUN_DIR/logs/suite.log") 2>&1
+echo "gpu_suite: $GPU; python: $(command -v "$PY"); run folder $RUN_DIR${OUT:+; published to $OUT after every part}"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
-# ---------------------------------------------------------------- 1. this checkout as `mugs`, DALI if given
+# ---------------------------------------------------------------- shapes: the real ones, or tiny ones on CPU
+if [ $REHEARSE = 1 ]; then
+  export CUDA_VISIBLE_DEVICES=""
+  TINY=(--device cpu --arch custom --embed_dim 32 --depth 2 --num_heads 2 --patch_size 8 --img_size 32 --local_size 16
+        --local_crops_number 2 --head_hidden_dim 32 --pred_hidden_dim 48 --instance_out_dim 16 --local_group_out_dim 16
+        --group_out_dim 64 --group_bottleneck_dim 16 --instance_queue_size 64 --local_group_queue_size 64
+        --memory_size 32 --local_group_knn_top_n 3)
+  L_ARGS=("${TINY[@]}" --batch_size_per_gpu 4 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
+  S_ARGS=("${TINY[@]}" --batch_size_per_gpu 4)
+  B_ARGS=("${TINY[@]}" --batch_size_per_gpu 2)
+  STEPS=(--steps 2 --warmup 1)
+  GEMM=(--device cpu --size 256 --dtype fp32 --reps 3)
+  TRAIN=(--device cpu --precision fp32 --compile false --arch custom --embed_dim 32 --depth 2 --num_heads 2
+         --patch_size 8 --img_size 32 --size_crops 16 --local_crops_number 2 --head_hidden_dim 32 --pred_hidden_dim 48
+         --instance_out_dim 16 --local_group_out_dim 16 --group_out_dim 64 --group_bottleneck_dim 16
+         --instance_queue_size 64 --local_group_queue_size 64 --memory_size 32 --local_group_knn_top_n 3
+         --batch_size_per_gpu 4)
+  LOADER=(--device cpu --images 32 --batches 2 --warmup 1 --global-size 64 --local-size 32 --local-crops 2)
+  LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2 COMPILE=false
+else
+  L_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
+  S_ARGS=(--arch vit_small --batch_size_per_gpu 64)
+  B_ARGS=(--arch vit_base --batch_size_per_gpu 42)
+  STEPS=(--steps 10 --warmup 3)
+  GEMM=(--size 8192 --dtype bf16 --reps 10 --warmup 3)
+  TRAIN=(--device cuda --precision bf16 --compile true --arch vit_small --batch_size_per_gpu 32)
+  LOADER=(--device gpu --images 320 --batches 8 --warmup 2)
+  LOADER_BATCHES="64 128" IMAGES=320 WORKERS_MAX=8 COMPILE=true
+fi
+
+# ---------------------------------------------------------------- publishing: after every part, atomically
+status() { echo "$*" >>"$RUN_DIR/status.txt"; echo "== $*"; }
+publish() {
+  "$PY" -m mugs.benchmarks.gpu_summary table --run_dir "$RUN_DIR" >"$RUN_DIR/summary.md" 2>>"$RUN_DIR/logs/suite.log"
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT"
+  local f
+  for f in "$RUN_DIR"/*.jsonl "$RUN_DIR/summary.md"; do
+    [ -f "$f" ] && cp "$f" "$OUT/.publishing" && mv -f "$OUT/.publishing" "$OUT/$(basename "$f")"
+  done
+  tar -czf "$OUT/.publishing" -C "$RUN_DIR" logs && mv -f "$OUT/.publishing" "$OUT/logs.tar.gz"
+}
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# part NAME LIMIT MIN FUNCTION: runs FUNCTION with T = its timeout (LIMIT, or what is left), then publishes
+part() {
+  local name=$1 limit=$2 min=$3 fn=$4 rem
+  [ -z "$ONLY" ] || [ "$ONLY" = "$name" ] || return 0
+  rem=$(left)
+  echo "[t=$(( $(date +%s) - START ))s] $name"
+  if [ "$rem" -lt "$min" ]; then status "$name: skipped (${rem}s of the ${BUDGET}s budget left)"; publish; return 0; fi
+  T=$(( limit < rem - 5 ? limit : rem - 5 ))
+  "$fn" "$name"
+  publish
+}
+
+# ---------------------------------------------------------------- this checkout as `mugs`, DALI if given
 SITE=$TMP/site
 mkdir -p "$SITE" "$TMP/src"
-cp -r "$ROOT/setup.py" "$ROOT"/{model,pipeline,training,configs,eval,core,benchmarks} "$TMP/src/" 2>/dev/null
+PKG_DIRS="model pipeline training configs eval core benchmarks apps"  # setup.py's PACKAGES
+for d in setup.py $PKG_DIRS; do cp -r "$ROOT/$d" "$TMP/src/" || err "cannot copy $ROOT/$d"; done
 rm -rf "$TMP/src/benchmarks/results"
-if "$PY" -m pip install -q --no-deps --no-index --no-build-isolation --target "$SITE" "$TMP/src" >"$RUN_DIR/install.log" 2>&1; then
+if "$PY" -m pip install -q --no-deps --no-index --no-build-isolation --target "$SITE" "$TMP/src" >"$RUN_DIR/logs/install.log" 2>&1; then
   HOW="pip install --target (this checkout)"
 else  # no pip/setuptools able to build offline: map the package folders by symlinks, as setup.py names them
   rm -rf "$SITE" && mkdir -p "$SITE/mugs" && touch "$SITE/mugs/__init__.py"
-  for d in model pipeline training configs eval core benchmarks; do ln -s "$ROOT/$d" "$SITE/mugs/$d"; done
-  HOW="symlinks to this checkout (pip could not build: see install.log)"
+  for d in $PKG_DIRS; do ln -s "$ROOT/$d" "$SITE/mugs/$d"; done
+  HOW="symlinks to this checkout (pip could not build offline: logs/install.log says why)"
 fi
 PATHS=$SITE
 if [ -n "${DALI_WHEELS:-}" ] && ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
@@ -58,55 +132,85 @@ if [ -n "${DALI_WHEELS:-}" ] && ! "$PY" -c "import nvidia.dali" 2>/dev/null; the
     mkdir -p "$TMP/wheels" && cat "$DALI_WHEELS"/*.part-* | tar -x -C "$TMP/wheels" \
       && WHEELS=$(dirname "$(find "$TMP/wheels" -name 'nvidia_dali*.whl' | head -1)")
   fi
-  if "$PY" -m pip install -q --no-index --no-deps --target "$TMP/dali" "$WHEELS"/*.whl >>"$RUN_DIR/install.log" 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --target "$TMP/dali" "$WHEELS"/*.whl >>"$RUN_DIR/logs/install.log" 2>&1; then
     PATHS=$PATHS:$TMP/dali
   else
-    echo "gpu_suite: DALI wheels in $WHEELS did not install (see install.log); going on without DALI"
+    echo "gpu_suite: DALI wheels in $WHEELS did not install (see logs/install.log); going on without DALI"
   fi
 fi
 export PYTHONPATH="$PATHS${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import mugs.training.step, mugs.benchmarks.step" || err "cannot import mugs from $SITE (see $RUN_DIR/install.log)"
+"$PY" -c "import mugs.training.step, mugs.benchmarks.step, mugs.apps" \
+  || { status "install: cannot import mugs from $SITE"; publish; err "cannot import mugs from $SITE (see $RUN_DIR/logs/install.log)"; }
 DALI=$("$PY" -c "import nvidia.dali; print(nvidia.dali.__version__)" 2>/dev/null)
-echo "mugs: $HOW; DALI: ${DALI:-not importable (torchvision loader; part b skipped)}"
-{ nvidia-smi -L 2>/dev/null; "$PY" -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)"; } \
-  | tee "$RUN_DIR/env.txt"
+echo "mugs: $HOW; DALI: ${DALI:-not importable (torchvision loader; dali_loader skipped)}"
+nvidia-smi >"$RUN_DIR/logs/nvidia-smi.txt" 2>&1
 
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-STATUS=()
-# budget NAME LIMIT MIN: sets T to the timeout to use (LIMIT, or what is left); fails when fewer than MIN s remain
-budget() {
-  local rem; rem=$(left)
-  echo "[t=$(( $(date +%s) - START ))s]"
-  if [ "$rem" -lt "$3" ]; then STATUS+=("$1: skipped (${rem}s of the budget left)"); echo "== $1: skipped"; return 1; fi
-  T=$(( $2 < rem - 5 ? $2 : rem - 5 ))
-}
-OUTS=(--out "$ROOT/benchmarks/results/step.jsonl" --out "$RUN_DIR/step.jsonl")
-step() {  # step NAME LIMIT MIN ARGS...
-  local name=$1 t; budget "$@" || return 0; t=$T; shift 3
-  echo "== $name (timeout ${t}s): python -m mugs.benchmarks.step $*"
-  timeout --kill-after=10 "$t" "$PY" -m mugs.benchmarks.step "$@" "${OUTS[@]}" --tag "gpu_suite:$name" \
-    >"$RUN_DIR/$name.log" 2>&1
+# ---------------------------------------------------------------- the parts
+preflight() {
+  echo "== preflight (timeout ${T}s): python -m mugs.benchmarks.preflight ${L_ARGS[*]}"
+  timeout --kill-after=5 "$T" "$PY" -m mugs.benchmarks.preflight "${L_ARGS[@]}" --out "$RUN_DIR/env.jsonl" \
+    >"$RUN_DIR/logs/preflight.log" 2>&1
   local rc=$?
-  grep -E '^\[|speed-up|Error' "$RUN_DIR/$name.log" | grep -v '^{' | tail -6
-  STATUS+=("$name: exit $rc")
+  head -1 "$RUN_DIR/logs/preflight.log"
+  if [ $rc -ne 0 ]; then
+    status "preflight: FAILED (exit $rc): $(grep -m1 'preflight: FAILED' "$RUN_DIR/logs/preflight.log" || tail -1 "$RUN_DIR/logs/preflight.log")"
+    publish
+    echo "gpu_suite: preflight failed: every later part would fail the same way; stopping (logs/preflight.log)" >&2
+    exit 3
+  fi
+  status "preflight: ok"
 }
 
-# ---------------------------------------------------------------- a. train end to end, kill, resume
-DATA=$("$PY" -c "from mugs.benchmarks.loader import synth_imagenet_like; print(synth_imagenet_like(320))")
+CEILING=()
+gemm() {
+  timeout --kill-after=5 "$T" "$PY" -m mugs.benchmarks.gemm_ceiling "${GEMM[@]}" --out "$RUN_DIR/env.jsonl" \
+    >"$RUN_DIR/logs/gemm.log" 2>&1
+  local rc=$?
+  head -1 "$RUN_DIR/logs/gemm.log"
+  status "gemm: exit $rc"
+}
+ceiling() {  # the measured GEMM ceiling of this run (or of the run folder's earlier part), as a step flag
+  local c
+  c=$("$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if 'gemm_ceiling' in l]; print(r[-1]['tflops_median'] if r else '')" \
+      "$RUN_DIR/env.jsonl" 2>/dev/null)
+  CEILING=(); [ -n "$c" ] && CEILING=(--ceiling_tflops "$c")
+}
+
+step() {  # step NAME ARGS...: the step benchmark, its records appended as each mode finishes
+  local name=$1; shift
+  ceiling
+  echo "== $name (timeout ${T}s): python -m mugs.benchmarks.step $* ${STEPS[*]}"
+  timeout --kill-after=10 "$T" "$PY" -m mugs.benchmarks.step "$@" "${STEPS[@]}" --phase_steps 1 "${CEILING[@]}" \
+    --out "$RUN_DIR/step.jsonl" --tag "gpu_suite:$name" >"$RUN_DIR/logs/$name.log" 2>&1
+  local rc=$?
+  grep -E '^\[|speed-up|Error' "$RUN_DIR/logs/$name.log" | tail -8
+  status "$name: exit $rc$([ $rc -eq 124 ] && echo ' (timed out: the modes it finished are recorded)')"
+}
+vit_large() { step "$1" "${L_ARGS[@]}"; }
+vit_small() { step "$1" "${S_ARGS[@]}"; }
+vit_base() { step "$1" "${B_ARGS[@]}"; }
+
+workers() {  # loader workers: WORKERS_MAX, fewer when /dev/shm is small (each worker's batches pass through it)
+  local shm_mb
+  shm_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+  if [ -z "$shm_mb" ] || [ "$shm_mb" -lt 1024 ]; then echo 0
+  elif [ "$shm_mb" -lt 8192 ]; then echo $(( WORKERS_MAX < 2 ? WORKERS_MAX : 2 ))
+  else echo "$WORKERS_MAX"; fi
+}
+
 train_e2e() {
-  local t; budget train_e2e 270 150 || return 0; t=$T
-  local out=$TMP/train loader=torchvision
+  local out=$TMP/train loader=torchvision data nw
   [ -n "$DALI" ] && loader=dali
-  # one GPU: plain python (a one-process group), so that killing its process group kills the trainer itself
-  local cmd=("$PY" "$ROOT/train_fsdp.py"
-    --data_path "$DATA" --output_dir "$out" --device cuda --precision bf16 --compile true --loader "$loader"
-    --arch vit_small --batch_size_per_gpu 32 --epochs 4 --warmup_epochs 1 --max_steps 30
-    --ckpt_every_steps 10 --ckpt_every_minutes 0 --num_workers 8)
-  echo "== train_e2e (timeout ${t}s): ${cmd[*]}"
+  data=$("$PY" -c "from mugs.benchmarks.loader import synth_imagenet_like; print(synth_imagenet_like($IMAGES))")
+  nw=$(workers)
+  # one process (a one-process group), so that killing its process group kills the trainer itself
+  local cmd=("$PY" "$ROOT/train_fsdp.py" --data_path "$data" --output_dir "$out" --loader "$loader" "${TRAIN[@]}"
+    --epochs 4 --warmup_epochs 1 --max_steps 30 --ckpt_every_steps 10 --ckpt_every_minutes 0 --num_workers "$nw")
+  echo "== train_e2e (timeout ${T}s, $nw loader workers for $(df -Ph /dev/shm | awk 'NR==2 {print $2}') /dev/shm): ${cmd[*]}"
   local t0; t0=$(date +%s)
-  setsid "${cmd[@]}" >"$RUN_DIR/train_first.log" 2>&1 &
+  setsid "${cmd[@]}" >"$RUN_DIR/logs/train_first.log" 2>&1 &
   local pid=$! killed_at=""
-  while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt $(( t * 65 / 100 )) ]; do
+  while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt $(( T * 65 / 100 )) ]; do
     if [ -f "$out/checkpoints/step_00000010/COMPLETE" ]; then
       kill -9 -- "-$pid" 2>/dev/null; killed_at=after_step_10; break
     fi
@@ -115,44 +219,40 @@ train_e2e() {
   kill -9 -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   local first=$(( $(date +%s) - t0 )) rc=1 resumed=""
   if [ -n "$killed_at" ]; then
-    timeout --kill-after=10 $(( t - first > 30 ? t - first : 30 )) "${cmd[@]}" >"$RUN_DIR/train_resume.log" 2>&1
+    timeout --kill-after=10 $(( T - first > 30 ? T - first : 30 )) "${cmd[@]}" >"$RUN_DIR/logs/train_resume.log" 2>&1
     rc=$?
-    resumed=$(sed -n 's/.*resumed from .* at step \([0-9]*\).*/\1/p' "$RUN_DIR/train_resume.log" | head -1)
+    resumed=$(sed -n 's/.*resumed from .* at step \([0-9]*\).*/\1/p' "$RUN_DIR/logs/train_resume.log" | head -1)
   fi
+  local arch bs prec
+  arch=$(printf '%s\n' "${TRAIN[@]}" | sed -n '/^--arch$/{n;p}'); bs=$(printf '%s\n' "${TRAIN[@]}" | sed -n '/^--batch_size_per_gpu$/{n;p}')
+  prec=$(printf '%s\n' "${TRAIN[@]}" | sed -n '/^--precision$/{n;p}')
   "$PY" -m mugs.benchmarks.gpu_summary train-record --output_dir "$out" --gpu "$GPU" --loader "$loader" \
+    --arch "$arch" --batch_size_per_gpu "$bs" --steps 30 --precision "$prec" --compile "$COMPILE" \
     --killed "${killed_at:-no}" --resumed_at "${resumed:-0}" --exit_code "$rc" --first_s "$first" \
-    --total_s $(( $(date +%s) - t0 )) --out "$ROOT/benchmarks/results/train_e2e.jsonl" --out "$RUN_DIR/train_e2e.jsonl"
-  tail -3 "$RUN_DIR/train_resume.log" 2>/dev/null || tail -20 "$RUN_DIR/train_first.log"
-  STATUS+=("train_e2e: killed at ${killed_at:-never (see train_first.log)}, resumed at ${resumed:-no}, exit $rc")
+    --total_s $(( $(date +%s) - t0 )) --out "$RUN_DIR/train_e2e.jsonl" >/dev/null
+  tail -3 "$RUN_DIR/logs/train_resume.log" 2>/dev/null || tail -20 "$RUN_DIR/logs/train_first.log"
+  status "train_e2e: killed ${killed_at:-never (see logs/train_first.log)}, resumed at ${resumed:-no}, exit $rc"
 }
-train_e2e
 
-# ---------------------------------------------------------------- c + d. the ViT-L step (with syncs and collectives)
-step vit_large_b16_compare 150 60 --arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compare \
-  --steps 6 --warmup 3 --phase_steps 1
-
-# ---------------------------------------------------------------- b. the DALI GPU loader
-loader() {  # loader BATCH
-  local name=loader_dali_b$1 t; budget "loader_dali_b$1" 60 30 || return 0; t=$T
-  if [ -z "$DALI" ]; then STATUS+=("$name: skipped (DALI not importable)"); return 0; fi
-  echo "== $name (timeout ${t}s)"
-  timeout --kill-after=10 "$t" "$PY" -m mugs.benchmarks.loader --backend dali --device gpu --batch-size "$1" \
-    --batches 8 --warmup 2 --images 320 --out "$ROOT/benchmarks/results/loader.jsonl" >"$RUN_DIR/$name.log" 2>&1
-  local rc=$?
-  tail -1 "$RUN_DIR/$name.log"
-  [ $rc -eq 0 ] && tail -1 "$ROOT/benchmarks/results/loader.jsonl" >>"$RUN_DIR/loader.jsonl"
-  STATUS+=("$name: exit $rc")
+dali_loader() {
+  if [ -z "$DALI" ]; then status "dali_loader: skipped (DALI not importable)"; return 0; fi
+  local b rc
+  for b in $LOADER_BATCHES; do
+    timeout --kill-after=10 $(( T / 2 )) "$PY" -m mugs.benchmarks.loader --backend dali --batch-size "$b" "${LOADER[@]}" \
+      --out "$RUN_DIR/loader.jsonl" >"$RUN_DIR/logs/dali_loader_b$b.log" 2>&1
+    rc=$?
+    tail -1 "$RUN_DIR/logs/dali_loader_b$b.log"
+    status "dali_loader batch $b: exit $rc"
+  done
 }
-loader 64
-loader 128
 
-# ---------------------------------------------------------------- c'. ViT-S and ViT-B at their Table-1 batches
-step vit_small_b64 75 45 --arch vit_small --batch_size_per_gpu 64 --steps 6 --warmup 3 --phase_steps 0
-step vit_base_b42 75 45 --arch vit_base --batch_size_per_gpu 42 --steps 6 --warmup 3 --phase_steps 0
-
-# ---------------------------------------------------------------- summary
-"$PY" -m mugs.benchmarks.gpu_summary table --run_dir "$RUN_DIR" | tee "$RUN_DIR/summary.md"
+part preflight 45 20 preflight
+part gemm 30 10 gemm
+part vit_large 170 60 vit_large
+part train_e2e 200 90 train_e2e
+part vit_small 60 30 vit_small
+part vit_base 60 30 vit_base
+part dali_loader 60 30 dali_loader
 echo "== suite done in $(( $(date +%s) - START ))s"
-printf '  %s\n' "${STATUS[@]}" | tee -a "$RUN_DIR/summary.md"
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r "$RUN_DIR" "$OUT/"; fi
+cat "$RUN_DIR/summary.md"
 exit 0

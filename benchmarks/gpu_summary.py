@@ -14,9 +14,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-TRAIN_STEPS = 30  # what gpu_suite.sh asks train_fsdp.py for (--max_steps)
-
-
 def _scalars(tb_dir: Path) -> dict:
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -39,12 +36,14 @@ def train_record(a) -> dict:
     sc = _scalars(out / "tb") if (out / "tb").exists() else {}
     losses = [v for _, v in sc.get("loss/total", [])]
     ips = [v for s, v in sc.get("perf/images_per_s", []) if s > 3]  # steady state: after compile and warm-up
-    ok = (a.exit_code == 0 and final_step == TRAIN_STEPS and 0 < a.resumed_at < TRAIN_STEPS and bool(losses)
+    ok = (a.exit_code == 0 and final_step == a.steps and 0 < a.resumed_at < a.steps and bool(losses)
           and all(math.isfinite(v) for v in losses))
     return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "bench": "train_e2e",
-        "gpu": a.gpu, "loader": a.loader, "precision": "bf16", "compile": True, "arch": "vit_small",
-        "batch_size_per_gpu": 32, "killed": a.killed, "resumed_at_step": a.resumed_at, "final_step": final_step,
+        "gpu": a.gpu, "loader": a.loader, "precision": a.precision, "compile": a.compile, "arch": a.arch,
+        "batch_size_per_gpu": a.batch_size_per_gpu, "steps": a.steps,
+        # the torchvision loader decodes on the CPU (~45 CPU-ms per image of 14 crops): its images/s is the loader's
+        "loader_bound": a.loader == "torchvision", "killed": a.killed, "resumed_at_step": a.resumed_at, "final_step": final_step,
         "exit_code": a.exit_code, "first_run_s": a.first_s, "total_s": a.total_s,
         "loss_total_first_last": [losses[0], losses[-1]] if losses else None,
         "losses_finite": bool(losses) and all(math.isfinite(v) for v in losses),
@@ -64,26 +63,58 @@ def _f(x, fmt: str = ".1f") -> str:
 
 
 def table(run_dir: Path) -> str:
+    """Markdown: one row per record of the run, in the suite's order, then the suite's status lines."""
     lines = ["| part | what | result |", "|---|---|---|"]
-    for r in _read(run_dir / "train_e2e.jsonl"):
-        lines.append(f"| a. train_fsdp.py e2e | ViT-S/16 bf16+compile, {r['loader']} loader, SIGKILL + resume | "
-                     f"{'OK' if r['ok'] else 'FAILED'}: resumed at {r['resumed_at_step']}, final step "
-                     f"{r['final_step']}, loss {r['loss_total_first_last']}, {_f(r['images_per_s_median'])} img/s |")
-    for r in _read(run_dir / "loader.jsonl"):
-        lines.append(f"| b. DALI loader | batch {r['batch_size']}, {r['global_size']}/{r['local_size']} px x "
-                     f"(2 + {r['local_crops']}) crops, {r['device']} | {r['img_per_s']:.0f} img/s |")
+    for r in _read(run_dir / "env.jsonl"):
+        if r["bench"] == "preflight":
+            step = r.get("step") or {}
+            lines.append(f"| preflight | Python {r.get('python')}, torch {r.get('torch')}, timm {r.get('timm')}, numpy "
+                         f"{r.get('numpy')}, CUDA {r.get('cuda')}, {r.get('device_name') or 'CPU'}, /dev/shm "
+                         f"{_f(r.get('dev_shm_gb'))} GB | " + (f"OK: {step.get('arch')} {step.get('precision')} step in "
+                         f"{_f(step.get('step_s'), '.2f')} s" if r.get("ok") else f"FAILED: {r.get('error', '')[:120]}") + " |")
+        else:
+            lines.append(f"| GEMM ceiling | {r['dtype']} {r['size']}^3, {r['reps']} reps | {r['tflops_median']:.3g} TFLOP/s "
+                         f"median" + (f" ({100 * r['fraction_of_spec']:.0f}% of the {r['spec_peak_tflops']:g} spec)"
+                                      if r.get("fraction_of_spec") else "") + " |")
     for r in _read(run_dir / "step.jsonl"):
-        if "error" in r:
-            lines.append(f"| c. step | {r['arch']} {r['mode']} batch {r['batch_size_per_gpu']} | ERROR {r['error'][:80]} |")
-            continue
-        extra = f", speed-up {r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else ""
-        syncs = r.get("host_syncs_per_step")
-        lines.append(
-            f"| c. step | {r['arch']} {r['mode']} {r['precision']} batch {r['batch_size_per_gpu']} | "
-            f"{r['images_per_s']:.1f} img/s, MFU {_f(100 * r['mfu_bf16_peak'] if r.get('mfu_bf16_peak') else None)}% "
-            f"(bf16 peak), peak mem {r['peak_mem_gb']:.1f} GB{extra}"
-            + (f", d. host syncs/step {syncs}" if syncs is not None else "") + " |")
+        lines.append(_step_row(r))
+    for r in _read(run_dir / "train_e2e.jsonl"):
+        ips = _f(r["images_per_s_median"])
+        lines.append(f"| train e2e | {r['arch']} {r['precision']}{' + compile' if r['compile'] else ''}, {r['loader']} "
+                     f"loader, SIGKILL + resume | {'OK' if r['ok'] else 'FAILED'}: resumed at {r['resumed_at_step']}, "
+                     f"final step {r['final_step']} of {r['steps']}, loss {r['loss_total_first_last']}, {ips} img/s"
+                     + (" (loader-bound: CPU torchvision decode, not a GPU figure)" if r.get("loader_bound") else "") + " |")
+    for r in _read(run_dir / "loader.jsonl"):
+        lines.append(f"| DALI loader | batch {r['batch_size']}, {r['global_size']}/{r['local_size']} px x "
+                     f"(2 + {r['local_crops']}) crops, {r['device']} | {r['img_per_s']:.0f} img/s |")
+    status = run_dir / "status.txt"
+    if status.exists():
+        lines += ["", "Parts:"] + [f"- {l}" for l in status.read_text().splitlines() if l.strip()]
     return "\n".join(lines)
+
+
+def _step_row(r: dict) -> str:
+    part = r.get("tag", "").replace("gpu_suite:", "")
+    what = f"{part + ': ' if part else ''}{r['arch']} {r.get('baseline', r['mode'])} batch {r['batch_size_per_gpu']}"
+    if "error" in r:
+        return f"| step | {what} | ERROR {r['error'][:80]} |"
+    if r.get("mfu_bf16_peak"):
+        mfu = f"MFU {100 * r['mfu_bf16_peak']:.1f}% of bf16 spec"
+    else:
+        mfu = f"MFU {_f(100 * r['mfu'] if r.get('mfu') else None)}% of {r['precision']} spec"
+    if r.get("mfu_measured_ceiling"):
+        mfu += f", {100 * r['mfu_measured_ceiling']:.1f}% of the measured GEMM"
+    if r.get("mfu_suspect"):
+        mfu += " (SUSPECT)"
+    parts = [f"{r['images_per_s']:.1f} img/s", mfu, f"peak mem {r['peak_mem_gb']:.1f} GB"]
+    if r.get("speedup_vs_baseline"):
+        parts.append(f"optimised speed-up over this: {r['speedup_vs_baseline']:.2f}x")
+    for key, label in (("host_syncs_per_step", "host syncs/step"), ("host_syncs_per_iteration", "host syncs/iteration")):
+        if r.get(key) is not None:
+            parts.append(f"{label} {r[key]}")
+    if r.get("compile_graphs"):
+        parts.append(f"compile {r['compile_graphs']}")
+    return f"| step | {what} {r['precision']}{' + compile' if r.get('compile') else ''} | {', '.join(parts)} |"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -98,6 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t.add_argument("--exit_code", type=int, required=True)
     t.add_argument("--first_s", type=float, default=0)
     t.add_argument("--total_s", type=float, default=0)
+    t.add_argument("--arch", required=True)
+    t.add_argument("--batch_size_per_gpu", type=int, required=True)
+    t.add_argument("--steps", type=int, required=True, help="the run's --max_steps")
+    t.add_argument("--precision", required=True)
+    t.add_argument("--compile", type=lambda x: x == "true", required=True)
     t.add_argument("--out", action="append", default=[])
     s = sub.add_parser("table")
     s.add_argument("--run_dir", required=True)

@@ -5,7 +5,10 @@ local crops), the three losses, queue/centre/memory updates, per-parameter clipp
 AdamW and the EMA: training/step.py's MugsTrainStep on FSDP2-sharded models built by
 training/trainer.py:build_models (world size 1 without torchrun). `--baseline` runs the
 paper-style step instead (benchmarks/paper_style.py); `--compare` runs both, one after
-the other in this process, and reports optimised / baseline images per second.
+the other in this process: the paper-style step once per `--baselines` precision (strict
+fp32, and TF32 matmuls as the paper's torch 1.7 ran on A100), each record carrying the
+optimised images per second over its own (`speedup_vs_baseline`). Each mode's record is
+written the moment that mode finishes.
 
 Timing: `--warmup` steps, then `--steps` steps each timed with time.perf_counter after a
 device synchronize (the step already syncs once for its loss check). Then, untimed: one step
@@ -14,7 +17,10 @@ phase, and `fsdp_units`), on CUDA one step under torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`), and a pass of `--phase_steps` steps for the per-phase split
 (benchmarks/phases.py, through the step's `on_phase` hook).
 MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
-peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (docs/performance.md's MFU).
+peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (docs/performance.md's MFU),
+`mfu_measured_ceiling` the bf16 GEMM rate measured on the same device (`--ceiling_tflops`);
+`mfu_suspect` flags an MFU above MFU_SUSPECT of spec. At world size 1 the counted collectives
+are not FSDP traffic (FSDP2 issues none), so `fsdp_collectives_per_step` is null there.
 Each run appends one JSON line per mode to every `--out` file (rank 0).
 
     python -m mugs.benchmarks.step --arch vit_large --batch_size_per_gpu 16 --compare
@@ -35,6 +41,7 @@ import sys
 import time
 import traceback
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -58,6 +65,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step.jsonl"
 # Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
 PAPER_BATCH = {"vit_tiny": 64, **{r.flags["arch"]: r.batch_size_per_gpu for r in RUNS.values()}}
 FSDP_PHASES = ("teacher_fwd", "student_fwd", "backward")
+BASELINE_PRECISIONS = ("fp32", "tf32")  # the paper-style step's matmul modes
+MFU_SUSPECT = 0.8  # an MFU above this fraction of the spec peak is a timing or FLOP-count error, not a result
 LR, WEIGHT_DECAY, MOMENTUM = 1e-5, 0.04, 0.996  # small lr: the synthetic data must not blow up
 
 
@@ -80,14 +89,26 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--baseline", action="store_true", help="only the paper-style step")
     mode.add_argument("--compare", action="store_true", help="optimised and paper-style; prints the speed-up")
-    p.add_argument("--baseline_tf32", action="store_true",
-                   help="let the fp32 baseline use TF32 matmuls (torch < 1.12's default, the paper's era)")
+    p.add_argument("--baselines", default=None, type=_baselines,
+                   help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, torch < 1.12's "
+                   "default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 does not exist)")
     p.add_argument("--peak_tflops", type=float, default=None, help="override the MFU denominator")
+    p.add_argument("--ceiling_tflops", type=float, default=None,
+                   help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds mfu_measured_ceiling")
     p.add_argument("--out", action="append", default=None, help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
     p.add_argument("--tag", default="", help="free text stored in the record")
     args, rest = p.parse_known_args(argv)
+    args.baselines = args.baselines or (("fp32", "tf32") if args.device == "cuda" else ("fp32",))
     args.out = args.out or [str(DEFAULT_OUT)]
     return args, rest
+
+
+def _baselines(text: str) -> tuple:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in BASELINE_PRECISIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(BASELINE_PRECISIONS)}")
+    return names
 
 
 def make_config(args, rest: List[str]) -> MugsConfig:
@@ -145,8 +166,12 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         by_phase = counter.per_phase()
         out["collectives_per_step"] = counter.totals()
         out["collectives_by_phase"] = by_phase
-        out["fsdp_collectives_per_step"] = {  # FSDP's parameter traffic: the forward and backward phases
-            k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
+        if dist_world_size() > 1:  # FSDP's parameter traffic: the forward and backward phases
+            out["fsdp_collectives_per_step"] = {
+                k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
+        else:  # FSDP2 issues no collectives on one rank: what was counted is not FSDP traffic
+            out["fsdp_collectives_per_step"] = None
+            out["collectives_note"] = "world size 1: FSDP2 skips its collectives; counts are not FSDP traffic"
         out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
     if device.type == "cuda":
         out["host_syncs_per_step"] = count_host_syncs(lambda: run(step_fn))
@@ -160,6 +185,10 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         out["phases_s"] = timer.mean(args.phase_steps)
         out["phase_method"] = "device synchronize + time.perf_counter at phase boundaries, separate pass"
     return out
+
+
+def dist_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def count_host_syncs(fn) -> int:
@@ -192,19 +221,20 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
             "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile, "shape": shape, **res}
 
 
-def bench_baseline(cfg: MugsConfig, info: DistInfo, args) -> dict:
+def bench_baseline(cfg: MugsConfig, info: DistInfo, args, tf32: bool = False) -> dict:
     student, teacher, objective, optimizer = build_paper_style(cfg, info.device)
     step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
                              freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     cuda = torch.backends.cuda.matmul
     saved = (cuda.allow_tf32, torch.backends.cudnn.allow_tf32)
-    cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.baseline_tf32)
+    cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
         res = measure(step_fn, cfg, info.device, torch.float32, args)
     finally:
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    return {"mode": "paper_style", "precision": "fp32", "fsdp": False, "tf32": bool(args.baseline_tf32),
+    return {"mode": "paper_style", "precision": "fp32", "fsdp": False, "tf32": tf32,
+            "baseline": "tf32" if tf32 else "fp32_strict",
             "activation_checkpointing": False, "compile": False, "shape": shape, **res}
 
 
@@ -218,6 +248,7 @@ def finish_record(r: dict, cfg: MugsConfig, info: DistInfo, args, run_id: str) -
     peak = args.peak_tflops or hardware.peak_tflops(dev, r["precision"], r["tf32"])
     bf16 = hardware.bf16_peak_tflops(dev)
     achieved = flops_step / step_time / 1e12
+    ceiling = args.ceiling_tflops
     import timm
 
     return {
@@ -234,13 +265,21 @@ def finish_record(r: dict, cfg: MugsConfig, info: DistInfo, args, run_id: str) -
         **r,
         "flops_per_image": per_image, "flops_per_step_per_device": flops_step, "achieved_tflops": achieved,
         "peak_tflops": peak, "mfu": achieved / peak if peak else None,
-        "mfu_bf16_peak": achieved / bf16 if bf16 else None, "tag": args.tag, "cmd": " ".join(sys.argv),
+        "mfu_bf16_peak": achieved / bf16 if bf16 else None,
+        "ceiling_tflops": ceiling, "mfu_measured_ceiling": achieved / ceiling if ceiling else None,
+        # above MFU_SUSPECT of the spec peak the step time or the FLOP count is wrong, not the GPU fast
+        "mfu_suspect": bool(bf16 and achieved / bf16 > MFU_SUSPECT) or bool(peak and achieved / peak > MFU_SUSPECT),
+        "tag": args.tag, "cmd": " ".join(sys.argv),
     }
 
 
 def summary(rec: dict) -> str:
-    mfu = f"MFU {100 * rec['mfu']:.1f}% of {rec['peak_tflops']:.3g} TFLOP/s" if rec.get("mfu") else "MFU n/a"
-    lines = [f"[{rec['mode']}] {rec['arch']} {rec['precision']} batch {rec['batch_size_per_gpu']} x "
+    mfu = f"MFU {100 * rec['mfu']:.1f}% of {rec['peak_tflops']:.3g} TFLOP/s (spec)" if rec.get("mfu") else "MFU n/a"
+    if rec.get("mfu_measured_ceiling"):
+        mfu += f", {100 * rec['mfu_measured_ceiling']:.1f}% of the {rec['ceiling_tflops']:.3g} TFLOP/s GEMM measured here"
+    if rec.get("mfu_suspect"):
+        mfu += f" [SUSPECT: above {MFU_SUSPECT:.0%} of spec: a timing or FLOP-count error]"
+    lines = [f"[{rec.get('baseline', rec['mode'])}] {rec['arch']} {rec['precision']} batch {rec['batch_size_per_gpu']} x "
              f"{rec['world_size']}: {rec['images_per_s']:.2f} img/s/device, step {rec['step_time_s']:.4f} s "
              f"(median {rec['step_time_median_s']:.4f}), {rec['achieved_tflops']:.3g} TFLOP/s, {mfu}, "
              f"peak mem {rec['peak_mem_gb']:.2f} GB ({rec['peak_mem_kind']})"]
@@ -271,45 +310,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     info = init_distributed(cfg.device)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    benches = ([] if args.baseline else [bench_optimised]) + ([bench_baseline] if args.baseline or args.compare else [])
-    records, rc = [], 0
+    benches = [] if args.baseline else [("optimised", bench_optimised)]
+    if args.baseline or args.compare:
+        benches += [(f"paper_style_{b}", partial(bench_baseline, tf32=b == "tf32")) for b in args.baselines]
+    optimised, rc = None, 0
     try:
-        for bench in benches:
+        for name, bench in benches:
             try:
-                records.append(finish_record(bench(cfg, info, args), cfg, info, args, run_id))
-            except Exception as e:  # e.g. out of memory: record it and go on with the other mode
+                rec = finish_record(bench(cfg, info, args), cfg, info, args, run_id)
+            except Exception as e:  # e.g. out of memory: record it and go on with the other modes
                 traceback.print_exc()
-                records.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                "run_id": run_id, "bench": "mugs_step", "mode": bench.__name__.replace("bench_", ""),
-                                "arch": cfg.arch, "batch_size_per_gpu": cfg.batch_size_per_gpu,
-                                "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile,
-                                "device": info.device.type, "device_name": hardware.device_name(info.device),
-                                "torch": torch.__version__, "error": f"{type(e).__name__}: {str(e)[:400]}",
-                                "cmd": " ".join(sys.argv)})
+                rec = error_record(name, e, cfg, info, run_id)
                 rc = 3
+            if "error" not in rec and rec["mode"] == "optimised":
+                optimised = rec
+            elif "error" not in rec and optimised is not None:  # optimised images/s over this baseline's
+                rec["speedup_vs_baseline"] = optimised["images_per_s"] / rec["images_per_s"]
+            if info.is_main:
+                emit(rec, args.out)
             free_memory(info.device)
-        ok = [r for r in records if "error" not in r]
-        if args.compare and len(ok) == 2:
-            speedup = ok[0]["images_per_s"] / ok[1]["images_per_s"]
-            for r in ok:
-                r["speedup_vs_baseline"] = speedup
-        if info.is_main:
-            for r in records:
-                if "error" not in r:
-                    print(summary(r))
-            if args.compare and len(ok) == 2:
-                print(f"speed-up (optimised / paper-style images per second): {ok[0]['speedup_vs_baseline']:.2f}x")
-            for path in args.out:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a") as f:
-                    for r in records:
-                        f.write(json.dumps(r) + "\n")
-            for r in records:
-                print(json.dumps(r))
     finally:
         shutdown()
     return rc
 
+
+def error_record(mode: str, e: Exception, cfg: MugsConfig, info: DistInfo, run_id: str) -> dict:
+    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "run_id": run_id, "bench": "mugs_step", "mode": mode, "arch": cfg.arch,
+            "batch_size_per_gpu": cfg.batch_size_per_gpu, "activation_checkpointing": cfg.activation_checkpointing,
+            "compile": cfg.compile, "device": info.device.type, "device_name": hardware.device_name(info.device),
+            "torch": torch.__version__, "error": f"{type(e).__name__}: {str(e)[:400]}", "cmd": " ".join(sys.argv)}
+
+
+def emit(rec: dict, outs: Sequence[str]) -> None:
+    """Print and append ONE record the moment its mode finishes, so a run killed later keeps it."""
+    if "error" not in rec:
+        print(summary(rec))
+        if "speedup_vs_baseline" in rec:
+            label = "TF32" if rec["tf32"] else "strict fp32"
+            print(f"speed-up vs paper-style {label} (optimised / paper-style images per second): "
+                  f"{rec['speedup_vs_baseline']:.2f}x")
+    for path in outs:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,7 +38,7 @@ def _finite_positive(x):
 
 def test_compare_runs_and_writes_records(tmp_path):
     r, out, wall = _run(["--steps", "2", "--warmup", "1", "--phase_steps", "1", "--compare", "--tag", "pytest",
-                   "--activation_checkpointing"], tmp_path)
+                   "--activation_checkpointing", "--ceiling_tflops", "0.5"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     printed = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
@@ -62,11 +62,18 @@ def test_compare_runs_and_writes_records(tmp_path):
         assert all(v >= 0 for v in rec["phases_s"].values())
         assert set(rec["losses"]) == {"instance", "local_group", "group", "total"}
         assert rec["tag"] == "pytest"
-    # the printed speed-up is the one recorded, and it is optimised over baseline, not the reverse
-    printed_speedup = float(re.search(r"speed-up .*: ([0-9.]+)x", r.stdout).group(1))
-    assert printed_speedup == pytest.approx(opt["speedup_vs_baseline"], abs=0.006)
-    assert opt["speedup_vs_baseline"] == pytest.approx(base["step_time_s"] / opt["step_time_s"])
-    assert base["speedup_vs_baseline"] == opt["speedup_vs_baseline"]
+        # MFU against the measured GEMM ceiling as well as the spec peak; a plausible MFU is not flagged
+        assert rec["ceiling_tflops"] == 0.5
+        assert rec["mfu_measured_ceiling"] == pytest.approx(rec["achieved_tflops"] / 0.5)
+        assert rec["mfu_suspect"] is False
+    # the printed speed-up is the one recorded, on the baseline's record, optimised over baseline (not the reverse)
+    printed_speedup = float(re.search(r"speed-up vs paper-style strict fp32 .*: ([0-9.]+)x", r.stdout).group(1))
+    assert printed_speedup == pytest.approx(base["speedup_vs_baseline"], abs=0.006)
+    assert base["speedup_vs_baseline"] == pytest.approx(base["step_time_s"] / opt["step_time_s"])
+    assert "speedup_vs_baseline" not in opt  # written before the baseline ran
+    assert base["baseline"] == "fp32_strict" and not base["tf32"]
+    # one rank: the counted collectives are not FSDP traffic, and the record says so
+    assert opt["fsdp_collectives_per_step"] is None and "world size 1" in opt["collectives_note"]
     assert opt["fsdp"] and not base["fsdp"] and base["precision"] == "fp32"
     assert opt["activation_checkpointing"] and not base["activation_checkpointing"]  # the baseline never recomputes
     assert opt["run_id"] == base["run_id"]
@@ -81,4 +88,4 @@ def test_compare_runs_and_writes_records(tmp_path):
     run_dir.mkdir()
     (run_dir / "step.jsonl").write_text(out.read_text())
     rows = table(run_dir).splitlines()[2:]
-    assert len(rows) == 2 and all("img/s" in row for row in rows) and "speed-up" in rows[0]
+    assert len(rows) == 2 and all("img/s" in row for row in rows) and "speed-up" in rows[1]
