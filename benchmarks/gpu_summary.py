@@ -1,7 +1,7 @@
 """benchmarks/gpu_suite.sh's two helpers: the record of its train-kill-resume run, and the summary table.
 
-    python -m mugs.benchmarks.gpu_summary train-record --output_dir OUT --gpu NAME ... --out FILE
-    python -m mugs.benchmarks.gpu_summary table --run_dir benchmarks/results/gpu_suite/<run>
+    python -m mugs.benchmarks.gpu_summary train-record --output_dir OUT --gpu NAME --arch A ... --out FILE
+    python -m mugs.benchmarks.gpu_summary table --run_dir runs/gpu_suite/<run>
 """
 from __future__ import annotations
 

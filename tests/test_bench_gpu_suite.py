@@ -38,7 +38,8 @@ def test_step_module_runs_as_installed_package():
 
 def _args(out, **kw):
     base = dict(output_dir=str(out), gpu="G", loader="dali", killed="after_step_10", resumed_at=10, exit_code=0,
-                first_s=1.0, total_s=2.0)
+                first_s=1.0, total_s=2.0, arch="vit_small", batch_size_per_gpu=32, steps=30, precision="bf16",
+                compile=True)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -60,3 +61,6 @@ def test_train_record_ok_only_for_a_real_mid_run_resume_to_the_last_step(tmp_pat
     assert not gpu_summary.train_record(_args(tmp_path, resumed_at=30))["ok"]  # resumed after the end: no resume
     assert not gpu_summary.train_record(_args(tmp_path, resumed_at=0))["ok"]
     assert not gpu_summary.train_record(_args(tmp_path, exit_code=1))["ok"]
+    assert not gpu_summary.train_record(_args(tmp_path, steps=40))["ok"]  # stopped short of the steps asked for
+    # a torchvision-fed run's images/s is the CPU loader's, and the record says so
+    assert not rec["loader_bound"] and gpu_summary.train_record(_args(tmp_path, loader="torchvision"))["loader_bound"]
