@@ -62,6 +62,7 @@ def test_compare_runs_and_writes_records(tmp_path):
         assert all(v >= 0 for v in rec["phases_s"].values())
         assert set(rec["losses"]) == {"instance", "local_group", "group", "total"}
         assert rec["tag"] == "pytest"
+        assert rec["compile_graphs"] == {"enabled": False, "graphs": 0, "fell_back": False, "graph_breaks": 0}
     # the printed speed-up is the one recorded, and it is optimised over baseline, not the reverse
     printed_speedup = float(re.search(r"speed-up .*: ([0-9.]+)x", r.stdout).group(1))
     assert printed_speedup == pytest.approx(opt["speedup_vs_baseline"], abs=0.006)
