@@ -72,7 +72,11 @@ class MultiResBlock(Block):
             return unpack(self.forward_packed(pack(x), sizes), sizes)
         if sizes is not None:
             return self.forward_packed(x, sizes)
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        # timm's Block.forward took no attn_mask before 1.0.16 and no is_causal before 1.0.26: pass only what is set
+        kw = {"attn_mask": attn_mask} if attn_mask is not None else {}
+        if is_causal:
+            kw["is_causal"] = True
+        return super().forward(x, **kw)
 
     def forward_packed(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
         flat = flat + self._drop_path(self.drop_path1, self.ls1(self._attention(self.norm1(flat), sizes)), sizes)
