@@ -21,9 +21,10 @@ setup(
     package_dir=PACKAGES,
     package_data={"mugs.pipeline": ["data/*"]},
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "timm>=1.0",
+        # ranges; constraints.txt pins what CI tests (pip install -c constraints.txt ...)
+        "torch>=2.11",  # the GPU machine's torch
+        "torchvision>=0.26",
+        "timm>=0.9.6",  # oldest with VisionTransformer(dynamic_img_size=...); tests/run_oldest_timm.sh runs it
         "numpy",
         "tensorboard",
         "tqdm",

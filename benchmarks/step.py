@@ -56,7 +56,7 @@ from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
 from mugs.core.dist import DistInfo, init_distributed, shutdown
 from mugs.training.optim import build_adamw
-from mugs.training.parallelize import DTYPES, FSDPModule
+from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
 from mugs.training.step import MugsTrainStep
 from mugs.training.trainer import build_models
 from mugs.training.validate import ConfigError, validate
@@ -131,7 +131,10 @@ def synthetic_batch(cfg: MugsConfig, device: torch.device, dtype: torch.dtype, s
     return teacher, teacher + local, weak
 
 
-def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args) -> dict:
+def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args,
+            compile_since: Optional[dict] = None) -> dict:
+    """Time the step; `compile_since` (a `compile_counts()` from before the models were compiled) adds
+    `compile_graphs`: the graphs compiled up to the end of the timed steps and whether any block fell back."""
     t_crops, s_crops, weak = synthetic_batch(cfg, device, dtype)
     epoch = cfg.freeze_last_layer  # steady state: the prototype layer is trained too
     steps_done = 0
@@ -154,7 +157,8 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         sync()
         times.append(time.perf_counter() - t0)
     out = {"step_time_s": statistics.fmean(times), "step_time_median_s": statistics.median(times),
-           "step_time_min_s": min(times), "losses": res.losses, **hardware.peak_memory(device)}
+           "step_time_min_s": min(times), "losses": res.losses, **hardware.peak_memory(device),
+           "compile_graphs": compile_report(compile_since is not None, since=compile_since)}
     # one more step with every c10d call counted, split by the phase that issued it
     counter = CollectiveCounter()
     try:
@@ -210,12 +214,14 @@ def fsdp_units(model: torch.nn.Module) -> int:
 
 
 def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
+    before = compile_counts()
     student, teacher, objective = build_models(cfg, info)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
     step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
                             freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
-    res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args)
+    res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args,
+                  compile_since=before if cfg.compile else None)
     return {"mode": "optimised", "precision": cfg.compute_precision, "fsdp": True, "tf32": False,
             "fsdp_units": fsdp_units(student), "fsdp_units_teacher": fsdp_units(teacher),
             "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile, "shape": shape, **res}
@@ -256,7 +262,7 @@ def finish_record(r: dict, cfg: MugsConfig, info: DistInfo, args, run_id: str) -
         "bench": "mugs_step", "mode": r.pop("mode"), "arch": cfg.arch, "embed_dim": shape.embed_dim,
         "depth": shape.depth, "precision": r.pop("precision"), "fsdp": r.pop("fsdp"), "tf32": r.pop("tf32"),
         "activation_checkpointing": r.pop("activation_checkpointing"), "compile": r.pop("compile"),
-        "batch_size_per_gpu": b, "world_size": info.world_size,
+        "compile_graphs": r.pop("compile_graphs"), "batch_size_per_gpu": b, "world_size": info.world_size,
         "img_size": cfg.img_size, "local_size": cfg.local_crop_size, "local_crops_number": cfg.local_crops_number,
         "steps": args.steps, "warmup": args.warmup, "device": dev.type, "device_name": hardware.device_name(dev),
         "torch": torch.__version__, "timm": timm.__version__,
@@ -283,6 +289,10 @@ def summary(rec: dict) -> str:
              f"{rec['world_size']}: {rec['images_per_s']:.2f} img/s/device, step {rec['step_time_s']:.4f} s "
              f"(median {rec['step_time_median_s']:.4f}), {rec['achieved_tflops']:.3g} TFLOP/s, {mfu}, "
              f"peak mem {rec['peak_mem_gb']:.2f} GB ({rec['peak_mem_kind']})"]
+    cg = rec.get("compile_graphs") or {}
+    if cg.get("enabled"):
+        lines.append(f"  torch.compile: {cg['graphs']} graph(s), {cg['graph_breaks']} graph break(s)"
+                     + (", SOME CALLS FELL BACK TO EAGER (recompile limit?)" if cg["fell_back"] else ""))
     if "phases_s" in rec:
         total = sum(rec["phases_s"].values())
         lines.append("  phases (s, % of instrumented step): " + " | ".join(

@@ -58,8 +58,12 @@ def timm_state_dict(backbone, spec: ArchSpec, img_size: Optional[int] = None) ->
             sd["pos_embed"] = backbone.interpolated_pos_embed(side, side).detach().clone()
     from timm.models.vision_transformer import VisionTransformer
 
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in VisionTransformer(**timm_kwargs(spec, size)).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            ref = VisionTransformer(**timm_kwargs(spec, size))
+    except RuntimeError:  # older timm builds its drop-path schedule with Tensor.item(), which meta tensors refuse
+        ref = VisionTransformer(**timm_kwargs(spec, size))
+    expected = {k: v.shape for k, v in ref.state_dict().items()}
     diff = shape_diff(expected, {k: v.shape for k, v in sd.items()})
     if diff:  # a guard: the names and shapes must be exactly timm's
         raise CheckpointError(f"the backbone does not map onto timm's VisionTransformer: {diff}")

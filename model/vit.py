@@ -58,13 +58,25 @@ class MultiResBlock(Block):
       to the last, so no block concatenates or splits activations;
     - `blk([x_0, x_1, ...])`: the same for a list of [B_i, N_i, D] tensors (packs and unpacks)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the drop-path rate as a TENSOR (non-persistent: no state-dict key). A compiled block reads
+        # this instead of timm's Python float `drop_prob`, which Dynamo would guard on: with one rate
+        # per depth every block would be a new graph and past the recompile limit blocks run eagerly.
+        rate = getattr(self.drop_path1, "drop_prob", 0.0)
+        self.register_buffer("drop_path_rate", torch.tensor(float(rate)), persistent=False)
+
     def forward(self, x, attn_mask=None, is_causal: bool = False, sizes: Optional[Sizes] = None):
         if isinstance(x, (list, tuple)):
             sizes = tuple((t.shape[0], t.shape[1]) for t in x)
             return unpack(self.forward_packed(pack(x), sizes), sizes)
         if sizes is not None:
             return self.forward_packed(x, sizes)
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        # timm's Block.forward took no attn_mask before 1.0.16 and no is_causal before 1.0.26: pass only what is set
+        kw = {"attn_mask": attn_mask} if attn_mask is not None else {}
+        if is_causal:
+            kw["is_causal"] = True
+        return super().forward(x, **kw)
 
     def forward_packed(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
         flat = flat + self._drop_path(self.drop_path1, self.ls1(self._attention(self.norm1(flat), sizes)), sizes)
@@ -91,12 +103,27 @@ class MultiResBlock(Block):
             out = attn.norm(out)
         return attn.proj_drop(attn.proj(out))
 
-    @staticmethod
-    def _drop_path(drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
-        """Stochastic depth per SAMPLE: the mask is drawn on each batch's [B_i, N_i, D] view."""
+    def _drop_path(self, drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+        """Stochastic depth per SAMPLE: the mask is drawn on each batch's [B_i, N_i, D] view.
+
+        Eager: timm's `DropPath` itself, so the RNG draws are exactly the released code's. Under
+        torch.compile: the same maths with the rate read from the `drop_path_rate` buffer, so every
+        block of a model traces to ONE graph whatever its rate (Dynamo specialises on Python floats)."""
         if isinstance(drop, nn.Identity):
             return branch
-        return pack([drop(t) for t in unpack(branch, sizes)])
+        if not torch.compiler.is_compiling():
+            return pack([drop(t) for t in unpack(branch, sizes)])
+        if not self.training:
+            return branch
+        keep = 1.0 - self.drop_path_rate
+        scale_by_keep = getattr(drop, "scale_by_keep", True)
+        outs = []
+        for t in unpack(branch, sizes):
+            mask = t.new_empty((t.shape[0],) + (1,) * (t.ndim - 1)).bernoulli_(keep)
+            if scale_by_keep:  # timm divides only when keep > 0 (the mask is all zeros otherwise)
+                mask = mask / torch.where(keep > 0, keep, torch.ones_like(keep))
+            outs.append(t * mask)
+        return pack(outs)
 
 
 def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:

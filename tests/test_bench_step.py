@@ -66,6 +66,7 @@ def test_compare_runs_and_writes_records(tmp_path):
         assert rec["ceiling_tflops"] == 0.5
         assert rec["mfu_measured_ceiling"] == pytest.approx(rec["achieved_tflops"] / 0.5)
         assert rec["mfu_suspect"] is False
+        assert rec["compile_graphs"] == {"enabled": False, "graphs": 0, "fell_back": False, "graph_breaks": 0}
     # the printed speed-up is the one recorded, on the baseline's record, optimised over baseline (not the reverse)
     printed_speedup = float(re.search(r"speed-up vs paper-style strict fp32 .*: ([0-9.]+)x", r.stdout).group(1))
     assert printed_speedup == pytest.approx(base["speedup_vs_baseline"], abs=0.006)

@@ -42,6 +42,9 @@ def test_two_ranks_bf16_compile_fused_adamw_track_fp32(data, tmp_path):
     assert r16.returncode == 0, r16.stderr[-6000:]
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert cfg["precision"] == "bf16" and cfg["compile"] is True
+    exit_rec = json.loads((tmp_path / "bf16" / "log.txt").read_text().splitlines()[-1])
+    assert exit_rec["event"] == "exit" and exit_rec["compile_graphs"]["enabled"], exit_rec
+    assert exit_rec["compile_graphs"]["graphs"] > 0 and not exit_rec["compile_graphs"]["fell_back"], exit_rec
     l32, l16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert set(l16) == set(l32) == {"loss/total", "loss/instance", "loss/local_group", "loss/group"}
     for k in l32:

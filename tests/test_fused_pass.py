@@ -123,3 +123,17 @@ def test_teacher_and_global_only_inputs_use_the_same_code(n_local):
         a, b = net(crops, objective.student_memory), per_resolution_forward(ref, crops, objective.student_memory)
     torch.testing.assert_close(a.group, b.group, atol=2e-6, rtol=1e-5)
     assert a.memory_tokens.shape[0] == 2 * 3
+
+
+def test_tensor_forward_passes_timm_only_the_attention_arguments_set():
+    """timm < 1.0.16 takes no attn_mask and < 1.0.26 no is_causal: the plain call must work on every timm."""
+    import inspect
+
+    from timm.models.vision_transformer import Block
+
+    blk = MultiResBlock(16, 2, qkv_bias=True).eval()
+    x = torch.randn(2, 5, 16)
+    out = blk(x)
+    assert torch.equal(out, Block.forward(blk, x))
+    if "attn_mask" in inspect.signature(Block.forward).parameters:
+        torch.testing.assert_close(blk(x, attn_mask=torch.zeros(5, 5)), out)

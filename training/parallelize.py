@@ -8,7 +8,10 @@
    parameter names stay `blocks.N.*`: checkpoints, the timm export and the
    student/teacher EMA pairing do not depend on the flag.
 2. `torch.compile` of each block (`Module.compile`), the checkpointed forward
-   included, so recompute happens inside the compiled region.
+   included, so recompute happens inside the compiled region. All blocks share one
+   code object, hence Dynamo's recompile limit (8): nothing a block is traced with may
+   differ per depth (the drop-path rate is a tensor buffer, model/vit.py), so a model
+   compiles to a handful of graphs whatever its depth (`compile_report` counts them).
 3. FSDP2 (`fully_shard`): each block, the relation block, then the root
    (patch embedding, position embedding, final norm and the heads). Parameters are
    all-gathered per unit just before it runs; the blocks are entered once per
@@ -36,6 +39,7 @@ implicit prefetch would issue each all-gather only when the CPU reaches the bloc
 from __future__ import annotations
 
 import functools
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -74,6 +78,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     is_teacher: bool = False,
+    compile_backend: Optional[str] = None,
 ) -> MugsNetwork:
     """Apply AC, compile and FSDP2 to `net` in place (see the module docstring for order and policy)."""
     blocks = list(net.backbone.blocks)
@@ -84,7 +89,7 @@ def parallelize(
             checkpoint_forward_(blk)
     if compile:
         for blk in units:
-            blk.compile()
+            blk.compile(**({"backend": compile_backend} if compile_backend else {}))
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     for blk in units:
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
@@ -103,3 +108,24 @@ def reshard_(net: nn.Module) -> None:
     for m in net.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def compile_counts() -> Dict[str, int]:
+    """This process's Dynamo counters so far (torch.compile keeps them per process, all models together)."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames": int(frames["total"]),
+            "frames_ok": int(frames["ok"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def compile_report(enabled: bool, since: Optional[Dict[str, int]] = None) -> Dict[str, object]:
+    """What torch.compile did (since `since`, a `compile_counts()`): `graphs` compiled and whether any
+    call `fell_back` to eager (a frame Dynamo gave up on, e.g. at the recompile limit: the block then
+    runs uncompiled while `--compile true` is set). `graph_breaks`: splits inside compiled frames."""
+    if not enabled:
+        return {"enabled": False, "graphs": 0, "fell_back": False, "graph_breaks": 0}
+    now, base = compile_counts(), since or {}
+    d = {k: v - base.get(k, 0) for k, v in now.items()}
+    return {"enabled": True, "graphs": d["graphs"], "fell_back": d["frames"] > d["frames_ok"],
+            "graph_breaks": d["graph_breaks"]}

@@ -29,7 +29,7 @@ from ..core import checkpoint as ckpt
 from ..core.errors import CheckpointError
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
-from .parallelize import DTYPES, parallelize
+from .parallelize import DTYPES, compile_counts, compile_report, parallelize
 from .resume_guard import check_resume
 from .schedules import build_schedules
 from .step import MugsTrainStep, NonFiniteLossError
@@ -98,6 +98,7 @@ class Run:
         from ..pipeline import build_loader_from_config
 
         self.cfg, self.info, self.stop, self.notes = cfg, info, stop, notes
+        self.compile_since = compile_counts()
         self.student, self.teacher, self.objective = build_models(cfg, info)
         self.optimizer = build_adamw(self.student, cfg.patch_embed_lr_mult)
         try:
@@ -164,7 +165,13 @@ class Run:
             self.mon.message(f"{self.reason} at step {self.step}/{self.total}; checkpoint in "
                              f"{ckpt.checkpoint_root(self.cfg.output_dir)}; TensorBoard: tensorboard --logdir "
                              f"{Path(self.cfg.output_dir) / 'tb'}")
-            self.mon.log({"event": "exit", "reason": self.reason, "step": self.step})
+            exit_rec = {"event": "exit", "reason": self.reason, "step": self.step}
+            if self.cfg.compile:  # how many graphs torch.compile made, and whether any block ran eagerly
+                exit_rec["compile_graphs"] = compiled = compile_report(True, since=self.compile_since)
+                if compiled["fell_back"]:
+                    self.mon.message(f"warning: --compile true, but some calls ran eagerly (torch.compile fell "
+                                     f"back after {compiled['graphs']} graphs; TORCH_LOGS=recompiles says why)")
+            self.mon.log(exit_rec)
             if self.info.is_main and self.stop.stop_file.exists():
                 self.stop.stop_file.unlink()
             return 0
