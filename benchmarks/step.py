@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -58,7 +59,8 @@ from mugs.core.dist import DistInfo, init_distributed, shutdown
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
 from mugs.training.step import MugsTrainStep
-from mugs.training.trainer import build_models
+from mugs.training.monitor import gpu_memory_gb
+from mugs.training.trainer import build_models, loop_step
 from mugs.training.validate import ConfigError, validate
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step.jsonl"
@@ -179,6 +181,11 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
     if device.type == "cuda":
         out["host_syncs_per_step"] = count_host_syncs(lambda: run(step_fn))
+        if isinstance(step_fn, MugsTrainStep):  # the whole loop iteration: trainer.loop_step (step + its
+            # flags, agreed in the step's all-reduce) and the memory read of the per-step log line
+            iteration = functools.partial(loop_step, step_fn, stop=None, ckpt_every_minutes=cfg.ckpt_every_minutes,
+                                          last_save=time.monotonic())
+            out["host_syncs_per_iteration"] = count_host_syncs(lambda: (run(iteration), gpu_memory_gb()))
     if args.phase_steps > 0:
         timer = PhaseTimer(sync)
         with on_phase(step_fn, timer.mark):

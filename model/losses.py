@@ -27,11 +27,13 @@ def _pair_mean(pair_loss: torch.Tensor, n_global: int = 2) -> torch.Tensor:
     """pair_loss [2 teacher crops, S student crops] -> 0.5*(mean large + mean small), same-index pairs skipped.
 
     Sums under fixed 0/1 masks divided by the pair counts (boolean indexing would synchronise with
-    the host); S > n_global always, since the config requires at least one local crop."""
+    the host); S > n_global always, since the config requires at least one local crop. The masks are
+    built on pair_loss's device with no index tensor: a CPU-built one (e.g. `torch.arange(t)`) would
+    cost an H2D copy and a stream sync per loss (tests/test_host_sync.py)."""
     t, s = pair_loss.shape
     large = torch.zeros(t, s, dtype=pair_loss.dtype, device=pair_loss.device)
     large[:, :n_global] = 1.0
-    large[torch.arange(t), torch.arange(t)] = 0.0  # student crop i is not compared with teacher crop i
+    large.diagonal().zero_()  # (i, i) for i < t: student crop i is not compared with teacher crop i
     small = torch.zeros_like(large)
     small[:, n_global:] = 1.0
     large_mean = (pair_loss * large).sum() / (t * n_global - t)

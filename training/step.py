@@ -4,8 +4,12 @@ Host-device synchronisation: ONE per step, after backward. The losses are stacke
 the device, averaged over ranks and copied to the host only once backward has been
 queued, so nothing stalls the device between forward and backward; a NaN/inf on any
 rank still raises before clipping, the optimizer, the queues/centre/memories and the
-EMA touch any state. (Syncs inside the objective, e.g. data-dependent indexing, are
-counted by benchmarks/gpu_suite.sh with torch.cuda.set_sync_debug_mode.)
+EMA touch any state. The caller's per-step host flags (`flags`: the trainer's stop and
+checkpoint-due signals) ride in the same all-reduce and come back OR-ed over ranks, so a
+training-loop iteration has this one sync too; nothing on the hot path builds a host
+tensor that meets device tensors (tests/test_host_sync.py checks both on CPU). On CUDA,
+benchmarks/step.py counts the syncs with torch.cuda.set_sync_debug_mode
+(`host_syncs_per_step`, and `host_syncs_per_iteration` for training/trainer.py:loop_step).
 
 Each phase runs inside a `torch.profiler.record_function("mugs.<phase>")` range, so a
 profiler trace shows it; `on_phase(label)`, when set, is called as each phase ends
@@ -18,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +45,7 @@ class StepResult:
     losses: Dict[str, float]
     n_weak: int
     teacher_temp: float
+    flags: Tuple[bool, ...] = ()  # the caller's `flags`, each OR-ed over ranks
 
 
 class MugsTrainStep:
@@ -84,9 +89,12 @@ class MugsTrainStep:
         weight_decay: Optional[float] = None,
         step_index: int = 0,
         record: Optional[dict] = None,
+        flags: Sequence[bool] = (),
     ) -> StepResult:
         """`lr`/`weight_decay` None leaves the optimiser's groups as the caller set them.
-        `record`, when given, receives the outputs and the raw and clipped gradients."""
+        `record`, when given, receives the outputs and the raw and clipped gradients.
+        `flags` (host booleans) are agreed over ranks in the step's one all-reduce: the result's
+        `flags` holds each one OR-ed over ranks."""
         if lr is not None:
             set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
         with self._phase("teacher_fwd"), torch.no_grad():
@@ -97,15 +105,20 @@ class MugsTrainStep:
         with self._phase("loss"):
             losses = self.objective(s_out, t_out, len(student_crops), epoch)
             present = {k: v for k, v in losses.items() if v is not None}
-            n_local_weak = weak_flags.to(device=losses["total"].device).sum().float().view(1)
-            stacked = torch.cat([torch.stack([v.detach().float() for v in present.values()]), n_local_weak])
+            dev = losses["total"].device
+            n_local_weak = weak_flags.to(device=dev).sum().float().view(1)
+            # host values enter as fill kernels' scalars (torch.full), not as an H2D copy of a host tensor
+            host_flags = [torch.full((1,), float(bool(f)), device=dev) for f in flags]
+            stacked = torch.cat([torch.stack([v.detach().float() for v in present.values()]), n_local_weak,
+                                 *host_flags])
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
         with self._phase("loss_check"):
             # the step's one host sync; averaged over ranks: the logged numbers are global, and a NaN
             # on one rank stops all of them, before anything below changes state
-            *values, mean_weak = mean_over_ranks(stacked).cpu().tolist()
+            averaged = mean_over_ranks(stacked).cpu().tolist()
+            values, mean_weak, mean_flags = averaged[:len(present)], averaged[len(present)], averaged[len(present) + 1:]
             n_weak = mean_weak * world_size()  # the weak images of the global batch
             bad = [k for k, v in zip(present, values) if not math.isfinite(v)]
             if bad:
@@ -130,6 +143,7 @@ class MugsTrainStep:
             losses=dict(zip(present, values)),
             n_weak=round(n_weak),
             teacher_temp=self.objective.group_loss.teacher_temp(epoch),
+            flags=tuple(f > 0 for f in mean_flags),  # a mean of 0/1 values is > 0 when any rank set it
         )
 
 

@@ -32,7 +32,7 @@ from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts, compile_report, parallelize
 from .resume_guard import check_resume
 from .schedules import build_schedules
-from .step import MugsTrainStep, NonFiniteLossError
+from .step import MugsTrainStep, NonFiniteLossError, StepResult
 from .validate import ConfigError, check_output_dir, validate
 
 STOP_FILE = "STOP"  # `touch OUTPUT_DIR/STOP` asks a run to checkpoint and exit, like SIGUSR1
@@ -65,14 +65,22 @@ class StopRequest:
         return self.signal is not None
 
 
-def _sync_flags(flags: Sequence[bool], device: torch.device) -> list:
-    """Every rank gets the OR of each flag over ranks (one all-reduce of a few numbers)."""
-    import torch.distributed as dist
+def local_flags(stop: Optional[StopRequest], ckpt_every_minutes: float, last_save: float) -> List[bool]:
+    """This rank's per-iteration flags, host values only: [stop requested, checkpoint due by the clock].
+    Each rank sees its own signals and clock; `loop_step` has them agreed (OR over ranks)."""
+    time_due = bool(ckpt_every_minutes and time.monotonic() - last_save > 60 * ckpt_every_minutes)
+    return [bool(stop is not None and stop.requested()), time_due]
 
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(x) for x in t.tolist()]
+
+def loop_step(step_fn: MugsTrainStep, teacher_crops, student_crops, weak_flags, *, stop: Optional[StopRequest],
+              ckpt_every_minutes: float, last_save: float, **step_kw) -> StepResult:
+    """The device side of one training-loop iteration: this rank's flags, sampled before the step,
+    travel in the step's one all-reduce and come back agreed in `StepResult.flags` (no all-reduce or
+    host sync of their own). The rest of the iteration (logging, the stop/save decision) is host
+    arithmetic on the floats returned. Run.train_step runs it; benchmarks/step.py counts its host
+    syncs (`host_syncs_per_iteration`)."""
+    flags = local_flags(stop, ckpt_every_minutes, last_save)
+    return step_fn(teacher_crops, student_crops, weak_flags, flags=flags, **step_kw)
 
 
 def build_models(cfg: MugsConfig, info: DistInfo):
@@ -190,19 +198,21 @@ class Run:
         self.loader.set_epoch(epoch)  # keeps a resumed mid-epoch position of this epoch
         t0 = time.perf_counter()
         for batch in self.loader:
-            self.train_step(batch, epoch, time.perf_counter() - t0)
+            res = self.train_step(batch, epoch, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            self.after_step()
+            self.after_step(*res.flags)
             if self.reason is not None or self.step % self.iters == 0:
                 return
         raise RuntimeError(f"the loader ended epoch {epoch} after {self.step % self.iters} of {self.iters} batches")
 
-    def train_step(self, batch, epoch: int, data_time: float) -> None:
+    def train_step(self, batch, epoch: int, data_time: float) -> StepResult:
+        """The step (with this rank's stop/checkpoint flags agreed in its one sync) and its log line."""
         s, step = self.sched, self.step
         t0 = time.perf_counter()
         lr, wd, m = s.lr(step), s.weight_decay(step), s.momentum(step)
-        res = self.step_fn(batch.teacher, batch.student, batch.weak_flags, epoch=epoch, momentum=m, lr=lr,
-                           weight_decay=wd, step_index=step)
+        res = loop_step(self.step_fn, batch.teacher, batch.student, batch.weak_flags, stop=self.stop,
+                        ckpt_every_minutes=self.cfg.ckpt_every_minutes, last_save=self.last_save, epoch=epoch,
+                        momentum=m, lr=lr, weight_decay=wd, step_index=step)
         self.step += 1
         dt = data_time + time.perf_counter() - t0
         scalars = {f"loss/{k}": v for k, v in res.losses.items()}
@@ -213,14 +223,15 @@ class Run:
         if mem is not None:
             scalars["perf/gpu_mem_gb"] = mem
         self.mon.step(self.step, scalars)
+        return res
 
-    def after_step(self) -> None:
-        """Decide (the same on every rank) whether to stop and whether to save, then save once."""
+    def after_step(self, stop_now: bool, time_due: bool) -> None:
+        """Decide (the same on every rank) whether to stop and whether to save, then save once.
+        `stop_now`/`time_due`: the flags agreed over ranks in the step just taken (`local_flags`,
+        sampled before it: a signal arriving during a step is acted on after the next one)."""
         cfg, step = self.cfg, self.step
         epoch_end = step % self.iters == 0
-        due = bool(cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or bool(
-            cfg.ckpt_every_minutes and time.monotonic() - self.last_save > 60 * cfg.ckpt_every_minutes)
-        stop_now, due = _sync_flags([self.stop.requested(), due], self.info.device)
+        due = bool(cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or time_due
         if stop_now:
             self.reason = f"stopped by {self.stop.signal or 'a signal on another rank'}"
         elif step >= self.stop_at:
