@@ -10,6 +10,7 @@
 #   train_e2e   train_fsdp.py ViT-S/16 bf16 + compile on JPEGs made here, SIGKILLed after the step-10
 #               checkpoint and resumed to step 30
 #   vit_small, vit_base   the step at the Table-1 batches (64, 42)
+#   vit_large_compile     the optimised ViT-L step again with --compile (graphs compiled, any eager fall-back)
 #   dali_loader the DALI GPU loader's images/s (2 x 224 + 10 x 96 crops) at batch 64 and 128, when DALI imports
 # After EVERY part, when $OUT is set, $OUT holds the run's JSONL records, summary.md and logs.tar.gz
 # (<= 7 files, no folder), each replaced atomically: a kill at any minute keeps every finished part.
@@ -20,7 +21,7 @@
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 START=$(date +%s)
-PARTS="preflight gemm vit_large train_e2e vit_small vit_base dali_loader"
+PARTS="preflight gemm vit_large train_e2e vit_small vit_base vit_large_compile dali_loader"
 err() { echo "gpu_suite: error: $*" >&2; exit 2; }
 
 REHEARSE=0
@@ -65,6 +66,7 @@ if [ $REHEARSE = 1 ]; then
         --memory_size 32 --local_group_knn_top_n 3)
   L_ARGS=("${TINY[@]}" --batch_size_per_gpu 4 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
   S_ARGS=("${TINY[@]}" --batch_size_per_gpu 4)
+  LC_ARGS=("${TINY[@]}" --batch_size_per_gpu 4 --drop_path_rate 0.3 --compile --compile_backend eager)
   B_ARGS=("${TINY[@]}" --batch_size_per_gpu 2)
   STEPS=(--steps 2 --warmup 1)
   GEMM=(--device cpu --size 256 --dtype fp32 --reps 3)
@@ -78,6 +80,7 @@ if [ $REHEARSE = 1 ]; then
 else
   L_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
   S_ARGS=(--arch vit_small --batch_size_per_gpu 64)
+  LC_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compile)
   B_ARGS=(--arch vit_base --batch_size_per_gpu 42)
   STEPS=(--steps 10 --warmup 3)
   GEMM=(--size 8192 --dtype bf16 --reps 10 --warmup 3)
@@ -189,6 +192,7 @@ step() {  # step NAME ARGS...: the step benchmark, its records appended as each 
 vit_large() { step "$1" "${L_ARGS[@]}"; }
 vit_small() { step "$1" "${S_ARGS[@]}"; }
 vit_base() { step "$1" "${B_ARGS[@]}"; }
+vit_large_compile() { step "$1" "${LC_ARGS[@]}"; }
 
 workers() {  # loader workers: WORKERS_MAX, fewer when /dev/shm is small (each worker's batches pass through it)
   local shm_mb
@@ -252,6 +256,7 @@ part vit_large 170 60 vit_large
 part train_e2e 200 90 train_e2e
 part vit_small 60 30 vit_small
 part vit_base 60 30 vit_base
+part vit_large_compile 150 90 vit_large_compile
 part dali_loader 60 30 dali_loader
 echo "== suite done in $(( $(date +%s) - START ))s"
 cat "$RUN_DIR/summary.md"

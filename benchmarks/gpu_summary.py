@@ -83,7 +83,8 @@ def table(run_dir: Path) -> str:
         lines.append(f"| train e2e | {r['arch']} {r['precision']}{' + compile' if r['compile'] else ''}, {r['loader']} "
                      f"loader, SIGKILL + resume | {'OK' if r['ok'] else 'FAILED'}: resumed at {r['resumed_at_step']}, "
                      f"final step {r['final_step']} of {r['steps']}, loss {r['loss_total_first_last']}, {ips} img/s"
-                     + (" (loader-bound: CPU torchvision decode, not a GPU figure)" if r.get("loader_bound") else "") + " |")
+                     + (" (loader-bound: CPU torchvision decode, not a GPU figure)" if r.get("loader_bound") else "")
+                     + (f", compile {cg}" if (cg := (r.get("exit_event") or {}).get("compile_graphs")) else "") + " |")
     for r in _read(run_dir / "loader.jsonl"):
         lines.append(f"| DALI loader | batch {r['batch_size']}, {r['global_size']}/{r['local_size']} px x "
                      f"(2 + {r['local_crops']}) crops, {r['device']} | {r['img_per_s']:.0f} img/s |")

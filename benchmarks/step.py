@@ -80,6 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                    help="optimised step's compute precision (auto: bf16 on cuda, fp32 on cpu); the baseline is fp32")
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (optimised step)")
+    p.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; eager or "
+                   "aot_eager rehearse the graph count on CPU in seconds)")
     p.add_argument("--batch_size_per_gpu", type=int, default=None, help="default: the paper's per-GPU batch")
     p.add_argument("--local_crops_number", type=int, default=10)
     p.add_argument("--img_size", type=int, default=224)
@@ -222,7 +224,7 @@ def fsdp_units(model: torch.nn.Module) -> int:
 
 def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     before = compile_counts()
-    student, teacher, objective = build_models(cfg, info)
+    student, teacher, objective = build_models(cfg, info, compile_backend=args.compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
     step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
                             freeze_last_layer=cfg.freeze_last_layer)
@@ -269,6 +271,7 @@ def finish_record(r: dict, cfg: MugsConfig, info: DistInfo, args, run_id: str) -
         "bench": "mugs_step", "mode": r.pop("mode"), "arch": cfg.arch, "embed_dim": shape.embed_dim,
         "depth": shape.depth, "precision": r.pop("precision"), "fsdp": r.pop("fsdp"), "tf32": r.pop("tf32"),
         "activation_checkpointing": r.pop("activation_checkpointing"), "compile": r.pop("compile"),
+        "compile_backend": (args.compile_backend or "inductor") if cfg.compile else None,
         "compile_graphs": r.pop("compile_graphs"), "batch_size_per_gpu": b, "world_size": info.world_size,
         "img_size": cfg.img_size, "local_size": cfg.local_crop_size, "local_crops_number": cfg.local_crops_number,
         "steps": args.steps, "warmup": args.warmup, "device": dev.type, "device_name": hardware.device_name(dev),

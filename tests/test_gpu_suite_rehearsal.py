@@ -53,7 +53,9 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     for s in steps:
         assert "error" not in s, s
         by_tag.setdefault(s["tag"], []).append(s)
-    assert set(by_tag) == {"gpu_suite:vit_large", "gpu_suite:vit_small", "gpu_suite:vit_base"}
+    assert set(by_tag) == {"gpu_suite:vit_large", "gpu_suite:vit_small", "gpu_suite:vit_base", "gpu_suite:vit_large_compile"}
+    compiled = by_tag["gpu_suite:vit_large_compile"][0]["compile_graphs"]
+    assert compiled["enabled"] and compiled["graphs"] > 0 and not compiled["fell_back"], compiled
     large = by_tag["gpu_suite:vit_large"]
     # optimised first, then the paper-style step in strict fp32 and in TF32, each with its own speed-up
     assert [s.get("baseline", s["mode"]) for s in large] == ["optimised", "fp32_strict", "tf32"]
@@ -69,7 +71,7 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     assert [l["batch_size"] for l in loader] == [8, 16] and all(l["img_per_s"] > 0 for l in loader)
     summary = (out / "summary.md").read_text()
     for part in ("preflight: ok", "gemm: exit 0", "vit_large: exit 0", "train_e2e: killed after_step_10",
-                 "vit_small: exit 0", "vit_base: exit 0", "dali_loader batch 16: exit 0"):
+                 "vit_small: exit 0", "vit_base: exit 0", "vit_large_compile: exit 0", "dali_loader batch 16: exit 0"):
         assert part in summary, summary
     assert "loader-bound" not in summary  # the DALI loader fed the rehearsal's training run
 

@@ -83,8 +83,9 @@ def loop_step(step_fn: MugsTrainStep, teacher_crops, student_crops, weak_flags, 
     return step_fn(teacher_crops, student_crops, weak_flags, flags=flags, **step_kw)
 
 
-def build_models(cfg: MugsConfig, info: DistInfo):
-    """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded."""
+def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str] = None):
+    """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded.
+    `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals)."""
     torch.manual_seed(cfg.seed)  # same initial weights, queues and memories on every rank
     student = build_network(cfg, teacher=False)
     teacher = build_network(cfg, teacher=True)
@@ -94,8 +95,9 @@ def build_models(cfg: MugsConfig, info: DistInfo):
     student.to(info.device), teacher.to(info.device), objective.to(info.device)
     prec = cfg.compute_precision
     parallelize(student, info.mesh, precision=prec, activation_checkpointing=cfg.activation_checkpointing,
-                compile=cfg.compile)
-    parallelize(teacher, info.mesh, precision=prec, compile=cfg.compile, is_teacher=True)
+                compile=cfg.compile, compile_backend=compile_backend)
+    parallelize(teacher, info.mesh, precision=prec, compile=cfg.compile, compile_backend=compile_backend,
+                is_teacher=True)
     return student, teacher, objective
 
 
