@@ -4,8 +4,8 @@ torchrun gives each worker a file to report its failure in (TORCHELASTIC_ERROR_F
 torch.distributed.elastic's error handler) and reads it back into the ProcessFailure of a worker that
 exited non-zero. A worker that stops on a user error (exit 2/3/4) writes its one-line message there
 with the exact time (`record`); `blame` picks, among the failed workers torchrun reports, the one to
-name: the earliest that recorded a message, else one killed by a signal other than the SIGTERM/SIGKILL
-of torchrun's tear-down, else the lowest rank.
+name: the earliest that recorded a message, else one killed by a signal other than the SIGTERM of
+torchrun's tear-down, else the lowest rank.
 """
 from __future__ import annotations
 
@@ -54,8 +54,7 @@ def blame(failures: Dict[int, Any]) -> Tuple[int, int, str]:
     if told:
         _, rank, m = told[0]
         return rank, int(m["exit_code"]), f"worker rank {rank} failed first (exit {m['exit_code']}): {m['message']}"
-    teardown = {-signal.SIGTERM, -signal.SIGKILL}
-    signalled = [r for r, f in failures.items() if f.exitcode < 0 and f.exitcode not in teardown]
+    signalled = [r for r, f in failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
     killed = [r for r, f in failures.items() if f.exitcode < 0]
     rank = min(signalled or killed or failures)
     code = failures[rank].exitcode
