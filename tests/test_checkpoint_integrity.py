@@ -21,7 +21,6 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 
 import eval_helpers as H
 from mugs.core import checkpoint as ckpt
-from mugs.core.errors import CheckpointError
 from mugs.eval import export, knn
 from mugs.training import consolidate, verify_checkpoint
 from mugs.training.optim import build_adamw
@@ -72,14 +71,6 @@ def flip_inside_a_tensor(ckpt_dir: Path, tensor: torch.Tensor, n: int = 32) -> P
             shard.write_bytes(bytes(blob))
             return shard
     raise AssertionError("tensor bytes not found in any shard")
-
-
-def one_line_error(capsys, *needles):
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if "warning:" not in line]
-    assert len(err) == 1 and ": error: " in err[0], err
-    for n in needles:
-        assert n in err[0], (n, err[0])
-    return err[0]
 
 
 # ---------------------------------------------------------------- checksums
@@ -194,8 +185,7 @@ _PEAK = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
     from mugs.core import checkpoint as ckpt
-    from mugs.core.errors import CheckpointError
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         ckpt.read_parts(Path(sys.argv[1]), ["teacher"])
         print("LOADED")
