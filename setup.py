@@ -30,6 +30,7 @@ setup(
         "tqdm",
         "matplotlib",
         "scikit-learn",
+        "crc32c",  # checkpoint checksums in hardware (core/integrity.py; zlib's CRC-32 without it)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
@@ -41,6 +42,7 @@ setup(
             "mugs-train=mugs.training.launch:main",
             "mugs-quickstart=mugs.apps.quickstart:main",
             "mugs-consolidate=mugs.training.consolidate:main",
+            "mugs-verify-checkpoint=mugs.training.verify_checkpoint:main",
             "mugs-scan-data=mugs.pipeline.scan:main",
             "mugs-eval-knn=mugs.eval.knn:main",
             "mugs-eval-linear=mugs.eval.linear:main",

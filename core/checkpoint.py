@@ -4,12 +4,20 @@ Layout: OUTPUT_DIR/checkpoints/step_00001234/ holds the DCP shards of the models
 the optimizer and the loss state (`student`, `teacher`, `optimizer`, `objective`),
 one `rank_N.pt` per rank (its RNG states and its loader position: tensors and plain
 types only) and, written LAST by rank 0 after every rank finished, `COMPLETE`
-(JSON: step, epoch, time, world size, config). Everything is first written under
-`.tmp-step_...` and renamed when complete, so a crash mid-write never leaves a
-directory that looks valid; only `COMPLETE` directories count. A complete
-checkpoint that does not load is set aside by `resume_latest` as `broken-step_...`.
+(JSON: step, epoch, time, world size, config, and `checksums`: the algorithm and each
+file's checksum, `core/integrity.py`). Everything is first written under a name unique to
+this write (`.tmp-step_N.HOST.PID.RANDOM`, so two writers can never mix shards) and renamed
+when complete, so a crash mid-write never leaves a directory that looks valid; only
+`COMPLETE` directories count. A write that fails on any rank (a full disk) removes the
+partial directory and raises CheckpointWriteError (one line, the folder and its free space).
 
-Every file is read with `safe_load`'s restricted readers: nothing in a run dir runs.
+Every reader verifies the checksums before trusting a checkpoint (one without them, written
+before they existed, loads with a one-line note that it is unverified). A complete checkpoint
+that does not load or verify is set aside by `resume_latest` as `broken-step_...`.
+
+Every file is read with `safe_load`'s restricted, confined and bounded readers: nothing in a run
+dir runs, nothing outside a checkpoint dir is opened, no declared size allocates more than the
+shards hold.
 The trainer (save/resume_latest) and the evaluation tools (resolve/read_parts/
 consolidate) both use this module; neither imports the other.
 """
@@ -20,14 +28,16 @@ import os
 import random
 import re
 import shutil
+import socket
+import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
@@ -38,12 +48,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .dist import barrier, rank as _rank, world_size as _world_size
-from .errors import CheckpointError
+from . import integrity, lease
+from .dist import agree, barrier, broadcast_from_main, gather_to_main, rank as _rank, world_size as _world_size
+from .errors import CheckpointError, CheckpointWriteError, OwnerError
 from .safe_load import (
     METADATA_FILE,
     SafeFileSystemReader,
     SafeLoadPlanner,
+    check_storage,
+    confined,
     first_line,
     read_dcp_metadata,
     safe_torch_load,
@@ -53,6 +66,7 @@ from .safe_load import (
 _NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 BROKEN_PREFIX = "broken-"
+TMP_PREFIX = ".tmp-step_"
 
 
 # ---------------------------------------------------------------- layout
@@ -81,7 +95,9 @@ def latest(output_dir: "str | Path") -> Optional[Path]:
 def read_complete(path: Path) -> Dict[str, Any]:
     """The COMPLETE metadata of checkpoint dir `path` (CheckpointError if unreadable)."""
     try:
-        meta = json.loads((path / COMPLETE).read_text())
+        meta = json.loads(confined(path, COMPLETE).read_text())
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path / COMPLETE}: unreadable ({first_line(e)})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
@@ -161,31 +177,98 @@ def _write_complete(tmp: Path, meta: Dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def _own_files(tmp: Path, rank: int) -> List[str]:
+    """The files rank `rank` wrote into `tmp` (DCP names each rank's shards `__RANK_*`)."""
+    mine = [p.name for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or p.name == f"rank_{rank}.pt"]
+    if rank == 0 and (tmp / METADATA_FILE).is_file():
+        mine.append(METADATA_FILE)
+    return sorted(mine)
+
+
+def _checksums(tmp: Path, per_rank: List[Dict[str, str]]) -> Dict[str, Any]:
+    """Every rank's checksums of its own files (read back from its page cache), plus any file no rank
+    claimed, checksummed here: every file of the checkpoint but COMPLETE is covered."""
+    files: Dict[str, str] = {}
+    for sums in per_rank:
+        files.update(sums)
+    for p in sorted(tmp.iterdir()):
+        if p.name not in files and p.name != COMPLETE:
+            files[p.name] = integrity.checksum_file(p)
+    return {"algorithm": integrity.DEFAULT, "files": files}
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(p).free
+        except OSError:
+            continue
+        return f"{free / 2**30:.2f} GB free" if free >= 2**30 else f"{free / 2**20:.1f} MB free"
+    return "free space unknown"
+
+
 def save(output_dir: str, step: int, epoch: int, *, student, teacher, optimizer, objective,
          loader_state: Any, keep: int, keep_forever: bool = False, extra: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
+    Any failure on any rank (a full disk, a quota, permissions) removes the partial directory and
+    raises CheckpointWriteError with the same one line on every rank; the previous checkpoints are
+    untouched. OwnerError if another run has taken over this output dir's lease (nothing published).
     `loader_state` must be tensors/plain types (it is read back with weights_only=True)."""
     rank = _rank()
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    barrier()
-    dcp.save(_app_state(student, teacher, optimizer, objective), checkpoint_id=str(tmp))
-    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank}.pt")
-    barrier()
-    if rank == 0:
+    tmp = root / broadcast_from_main(
+        f"{TMP_PREFIX}{step:08d}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+
+    def attempt(what: str, fn: Callable[[], Any]) -> Any:
+        """Run this rank's part; every rank learns whether any rank failed (one all-reduce)."""
+        result, failure = None, None
+        try:
+            result = fn()
+        except OwnerError as e:
+            failure = f"owner|{e}"
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps the failing rank's OSError
+            failure = f"write|{what}: {_one_line_reason(e)}"
+        failure = agree(failure)
+        if failure is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kind, msg = failure.split("|", 1)
+            if kind == "owner":
+                raise OwnerError(msg)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint step {step} to {tmp.parent} ({msg}; {_free_space(root)}): free disk "
+                f"space or fix the folder, then resume; the partial checkpoint was removed and the last complete "
+                f"one ({latest(output_dir) or 'none'}) is intact")
+        return result
+
+    def start() -> None:
+        if rank == 0:
+            lease.check_owned(output_dir)
+            tmp.mkdir(parents=True)
+
+    def write() -> Dict[str, str]:
+        dcp.save(_app_state(student, teacher, optimizer, objective), checkpoint_id=str(tmp))
+        torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank}.pt")
+        return {name: integrity.checksum_file(tmp / name) for name in _own_files(tmp, rank)}
+
+    def publish(per_rank: Optional[List[Dict[str, str]]]) -> None:
+        if rank != 0:
+            return
         meta = {"step": step, "epoch": epoch, "time": time.time(), "keep_forever": keep_forever,
-                "world_size": _world_size(), **(extra or {})}
+                "world_size": _world_size(), **(extra or {}), "checksums": _checksums(tmp, per_rank)}
+        lease.check_owned(output_dir)  # a run that lost its output dir publishes nothing
         _write_complete(tmp, meta)
         if final.exists():  # a re-save of the same step replaces the old one
             shutil.rmtree(final)
         os.replace(tmp, final)
         _prune(output_dir, keep)
-    barrier()
+
+    attempt("creating it", start)
+    sums = attempt("writing the shards", write)
+    per_rank = gather_to_main(sums)
+    attempt("publishing it", lambda: publish(per_rank))
     return final
 
 
@@ -201,30 +284,69 @@ def _prune(output_dir: str, keep: int) -> None:
     rolling = [p for p in ckpts if not _keep_forever(p)]
     for p in rolling[: max(0, len(rolling) - keep)]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in checkpoint_root(output_dir).glob(".tmp-step_*"):  # leftovers of crashed writes
-        if p.name != f".tmp-step_{step_of(ckpts[-1]):08d}":
+    for p in checkpoint_root(output_dir).glob(TMP_PREFIX + "*"):  # leftovers of crashed writes
+        if _writer_gone(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the writer of temporary dir `tmp` (`.tmp-step_N.HOST.PID.RANDOM`) is gone: a process of
+    this host that no longer exists, or a write untouched for longer than the lease's stale limit."""
+    parts = tmp.name[len(TMP_PREFIX):].split(".")  # the host name may hold dots
+    if len(parts) >= 4 and ".".join(parts[1:-2]) == socket.gethostname() and parts[-2].isdigit():
+        try:
+            os.kill(int(parts[-2]), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+    try:
+        return time.time() - tmp.stat().st_mtime > lease.stale_after_s()
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------- read (training: collective)
-def check_shard_files(path: Path, md) -> None:
-    """Every shard file the metadata points into exists and is long enough (a cheap check, by size,
-    that names the file; DCP itself would fail later on some rank with a bare EOFError)."""
-    need: Dict[str, int] = {}
-    for info in (md.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for rel, size in sorted(need.items()):
-        f = path / rel
+def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1)) -> bool:
+    """Check the files of checkpoint dir `path` against the checksums its COMPLETE `meta` records:
+    every recorded file confined to `path` and present, no file of the checkpoint unrecorded, each
+    value equal. `share` (rank, world size): ranks split the reading, each checksums every
+    world-size-th file of the sorted list. True if verified, False if the checkpoint has no checksums (written before them);
+    CheckpointError naming the first mismatching file."""
+    sums = meta.get("checksums")
+    if sums is None:
+        return False
+    if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict):
+        raise CheckpointError(f"{path / COMPLETE}: malformed `checksums` entry")
+    files: Dict[str, str] = sums["files"]
+    algorithm = sums.get("algorithm")
+    if algorithm not in integrity.ALGORITHMS:
+        raise CheckpointError(f"{path / COMPLETE}: checksum algorithm {algorithm!r} is not available here "
+                              "(pip install crc32c)")
+    on_disk = {p.name for p in path.iterdir() if p.name != COMPLETE}
+    unrecorded = sorted(on_disk - set(files))
+    if unrecorded:
+        raise CheckpointError(f"{path / unrecorded[0]}: not part of the checkpoint as written (no checksum in COMPLETE)")
+    names = sorted(files)
+    for name in names[share[0]::share[1]]:
+        f = confined(path, name)
         if not f.is_file():
-            raise CheckpointError(f"{f}: missing (a shard of this checkpoint)")
-        if f.stat().st_size < size:
-            raise CheckpointError(f"{f}: truncated ({f.stat().st_size} bytes; the metadata needs {size})")
+            raise CheckpointError(f"{f}: missing (a file of this checkpoint)")
+        got = integrity.checksum_file(f, algorithm)
+        if got != files[name]:
+            raise CheckpointError(f"{f}: checksum mismatch ({algorithm} {got}, COMPLETE records {files[name]}): "
+                                  "the file changed after it was written")
+    return True
+
+
+def _unverified_note(path: Path) -> str:
+    return f"mugs: warning: checkpoint {path} was written before checkpoints carried checksums: loaded unverified"
 
 
 def _read_rank_file(path: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """This rank's `rank_N.pt` (RNG + loader), None if the checkpoint was written by another
     number of ranks; a missing file at the same world size is a broken checkpoint."""
-    f = path / f"rank_{_rank()}.pt"
+    f = confined(path, f"rank_{_rank()}.pt")
     if meta.get("world_size", _world_size()) != _world_size():  # another process count: DCP reshards the
         return None  # rest; a rank's RNG and DALI state do not carry over (the trainer re-derives them)
     if not f.is_file():
@@ -233,21 +355,6 @@ def _read_rank_file(path: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]
     if not isinstance(blob, dict) or "rng" not in blob:
         raise CheckpointError(f"{f}: not a per-rank state file (no `rng` entry)")
     return blob
-
-
-def _agree(failure: Optional[str]) -> Optional[str]:
-    """The first rank's failure message on every rank if any rank failed, else None (one all-reduce
-    of a flag; the messages are gathered only when something failed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return failure
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() == 0:
-        return None
-    messages: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, failure)
-    return next(m for m in messages if m is not None)
 
 
 def _one_line_reason(e: BaseException) -> str:
@@ -271,11 +378,14 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
     failure = None
     try:  # local checks first, so that all ranks enter (or skip) the collective read together
         meta = read_complete(path)
-        check_shard_files(path, read_dcp_metadata(path / METADATA_FILE))
+        check_storage(path, read_dcp_metadata(confined(path, METADATA_FILE)))  # named, confined, sized
+        meta["verified"] = verify(path, meta, share=(_rank(), _world_size()))  # then every byte
         per_rank = _read_rank_file(path, meta)
     except CheckpointError as e:
         failure = str(e)
-    failure = _agree(failure)
+    except OSError as e:  # an unreadable directory or file
+        failure = f"{path}: {first_line(e)}"
+    failure = agree(failure)
     if failure is not None:
         raise CheckpointError(failure)
     try:
@@ -287,7 +397,7 @@ def load(path: Path, *, student, teacher, optimizer, objective) -> Dict[str, Any
         objective.load_state_dict(state["objective"])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - missing/truncated shards, bad state
         failure = f"{path}: {_one_line_reason(e)}"
-    failure = _agree(failure)
+    failure = agree(failure)
     if failure is not None:
         raise CheckpointError(failure)
     if per_rank is not None:
@@ -326,6 +436,8 @@ def resume_latest(output_dir: str, *, student, teacher, optimizer, objective,
             log(f"mugs: warning: checkpoint {path.name} does not load: {e}")
             continue
         if _rank() == 0:
+            if not meta["verified"]:
+                log(_unverified_note(path))
             for bad, _ in broken:
                 log(f"mugs: warning: set aside {bad.name} as {_set_aside(bad).name}; resuming from {path.name}")
         barrier()
@@ -342,9 +454,17 @@ def resume_latest(output_dir: str, *, student, teacher, optimizer, objective,
 def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The top-level entries `parts` ("student", "teacher", "optimizer", "objective"; None:
     all) of checkpoint dir `path` as full CPU tensors and plain values, without a process
-    group. CheckpointError (one line) if they are absent or the checkpoint does not load."""
-    md = read_dcp_metadata(path / METADATA_FILE)
-    check_shard_files(path, md)
+    group, after verifying every file's checksum (a checkpoint without checksums is read with a
+    one-line note on stderr). CheckpointError (one line) if they are absent, the checkpoint does not
+    verify, or it does not load; nothing is allocated from the metadata before it passed `check_storage`."""
+    try:
+        meta = read_complete(path)
+        md = read_dcp_metadata(confined(path, METADATA_FILE))
+        check_storage(path, md)
+        if not verify(path, meta):
+            print(_unverified_note(path), file=sys.stderr, flush=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
     planner_data = md.planner_data or {}
     state: Dict[str, Any] = {}
     for fqn, m in md.state_dict_metadata.items():
@@ -374,3 +494,15 @@ def consolidate(path: Path, out: Path) -> None:
     blob = read_parts(path)
     blob["meta"] = meta
     save_file_atomically(blob, Path(out))
+
+
+def check(path: Path) -> bool:
+    """Everything a reader checks before trusting checkpoint dir `path`, without loading it: the marker,
+    the metadata (restricted unpickler), confinement and sizes of every record, every file's checksum.
+    True if verified, False if it has no checksums (older); CheckpointError (one line) if broken."""
+    try:
+        meta = read_complete(path)
+        check_storage(path, read_dcp_metadata(confined(path, METADATA_FILE)))
+        return verify(path, meta)
+    except OSError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None

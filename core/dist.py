@@ -47,6 +47,39 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def agree(failure: Optional[str]) -> Optional[str]:
+    """The first rank's failure message on every rank if any rank failed, else None (one all-reduce
+    of a flag; the messages are gathered only when something failed)."""
+    if not initialized() or dist.get_world_size() == 1:
+        return failure
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return None
+    messages: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, failure)
+    return next(m for m in messages if m is not None)
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (identity in one process)."""
+    if not initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(obj) -> Optional[list]:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    if not initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 # ---------------------------------------------------------------- set-up
 @dataclass
 class DistInfo:

@@ -13,20 +13,27 @@ No file is ever given to Python's full unpickler. Three places would otherwise d
   that `DefaultLoadPlanner.load_bytes` reads with `weights_only=False`: `SafeLoadPlanner`.
 `SafeFileSystemReader` + `SafeLoadPlanner` go to every `dcp.load` (trainer resume, eval,
 consolidate). A refused file is a `CheckpointError` naming it, raised before any of it runs.
+
+Reads are also confined and bounded (`check_storage`, run by `SafeFileSystemReader.read_metadata`
+and before anything is allocated from the metadata): every file the metadata names is a plain
+file name resolving inside the checkpoint dir (no `..`, no absolute path, no symlink leading out),
+and every declared tensor fits the bytes its shard records actually hold.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import math
+import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 
 from .errors import CheckpointError
 
@@ -75,9 +82,77 @@ def read_dcp_metadata(path: "str | Path") -> Metadata:
     return md
 
 
+def confined(directory: "str | Path", name: Any) -> Path:
+    """`directory/name` if `name` is a plain relative file name whose path resolves inside `directory`
+    (symlinks followed); else CheckpointError naming it."""
+    root = Path(directory)
+    if not isinstance(name, (str, os.PathLike)) or not str(name):
+        raise CheckpointError(f"{root}: refused: the metadata names a file by a {type(name).__name__}, not a name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{root}: refused: the metadata names {str(name)!r}, outside the checkpoint directory")
+    f = root / rel
+    real, real_root = f.resolve(), root.resolve()
+    if real_root not in real.parents:
+        raise CheckpointError(f"{f}: refused: it resolves to {real}, outside the checkpoint directory "
+                              "(a symlink leading out)")
+    return f
+
+
+def _numel(shape) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def check_storage(directory: "str | Path", md: Metadata) -> Dict[str, int]:
+    """Before anything is read or allocated from `md`: every shard file it names is confined to
+    `directory`, exists and is as long as its records need, and every declared tensor fits the bytes
+    of its chunks' records (size x dtype of each chunk <= the record's length; the chunks' records
+    hold at least the whole tensor), so a forged size cannot allocate more than the shards hold.
+    Returns {file: bytes needed}. CheckpointError (one line naming the file) otherwise."""
+    directory = Path(directory)
+    storage = md.storage_data or {}
+    need: Dict[str, int] = {}
+    for info in storage.values():
+        if int(info.offset) < 0 or int(info.length) < 0:
+            raise CheckpointError(f"{directory / str(info.relative_path)}: refused: a record at a negative offset or length")
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(need.items()):
+        f = confined(directory, rel)
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (a shard of this checkpoint)")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{f}: truncated ({f.stat().st_size} bytes; the metadata needs {size})")
+    for fqn, m in (md.state_dict_metadata or {}).items():
+        if not isinstance(m, TensorStorageMetadata):
+            continue
+        item = torch.empty((), dtype=m.properties.dtype).element_size()
+        want, have, seen = _numel(m.size) * item, 0, set()
+        for chunk in m.chunks:
+            info = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if info is None:
+                raise CheckpointError(f"{directory / METADATA_FILE}: entry {fqn} has a chunk without a record")
+            nbytes = _numel(chunk.sizes) * item
+            if any(int(o) < 0 or int(o) + int(n) > int(d) for o, n, d in zip(chunk.offsets, chunk.sizes, m.size)) \
+                    or len(chunk.sizes) != len(m.size):
+                raise CheckpointError(f"{directory / METADATA_FILE}: entry {fqn} has a chunk outside its "
+                                      f"declared shape {tuple(m.size)}")
+            if nbytes > int(info.length):
+                raise CheckpointError(f"{directory / str(info.relative_path)}: refused: entry {fqn} declares "
+                                      f"{nbytes} bytes in a record of {int(info.length)}")
+            key = (info.relative_path, int(info.offset))
+            if key not in seen:
+                seen.add(key)
+                have += nbytes
+        if want > have:
+            raise CheckpointError(f"{directory / METADATA_FILE}: refused: entry {fqn} declares shape "
+                                  f"{tuple(m.size)} ({want} bytes) but its shard records hold {have} bytes")
+    return need
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader whose `.metadata` goes through `read_dcp_metadata` and whose read
-    errors name the shard file they came from (DCP reports a bare EOFError/UnpicklingError)."""
+    """DCP's FileSystemReader whose `.metadata` goes through `read_dcp_metadata` and `check_storage`
+    (confined, bounded) and whose read errors name the shard file they came from (DCP reports a
+    bare EOFError/UnpicklingError)."""
 
     _reading = None
 
@@ -97,7 +172,8 @@ class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
-        md = read_dcp_metadata(Path(self.path) / name)
+        md = read_dcp_metadata(confined(self.path, name))
+        check_storage(self.path, md)
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id

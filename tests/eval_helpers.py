@@ -78,6 +78,19 @@ def save_run(output_dir: Path, cfg: MugsConfig, step: int = 6, epoch: int = 3, s
     return path, student, teacher, objective
 
 
+def reseal(ckpt_dir: Path) -> None:
+    """Recompute the checksums COMPLETE records after a test changed a file on purpose: whoever can plant
+    a file can rewrite COMPLETE too, so the safe readers, not the checksums, must refuse a payload."""
+    import json
+
+    from mugs.core import integrity
+
+    meta = json.loads((ckpt_dir / "COMPLETE").read_text())
+    files = {p.name: integrity.checksum_file(p) for p in sorted(ckpt_dir.iterdir()) if p.name != "COMPLETE"}
+    meta["checksums"] = {"algorithm": integrity.DEFAULT, "files": files}
+    (ckpt_dir / "COMPLETE").write_text(json.dumps(meta))
+
+
 def trace(name: str = "mugs_step_seed0_epoch0.pt") -> dict:
     return torch.load(PARITY / name, weights_only=True)
 

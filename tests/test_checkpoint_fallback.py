@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mugs.core import checkpoint as ckpt
+from eval_helpers import reseal
 from train_helpers import make_image_folder, run, train_cmd
 
 FLAGS = ("--batch_size_per_gpu", "4", "--ckpt_every_steps", "1")
@@ -63,6 +64,7 @@ def test_broken_newest_falls_back_to_the_previous_and_all_broken_stops(data, tmp
     # both ranks stop, rank 0 reports rank 1's reason, nothing is touched and the payload never ran
     marker = tmp_path / "PWNED"
     torch.save({"rng": Payload(marker), "loader": None}, root / "step_00000004" / "rank_1.pt")
+    reseal(root / "step_00000004")  # a planter rewrites COMPLETE's checksums too: the safe reader must refuse
     (root / "step_00000003" / ".metadata").write_bytes(b"")
     before = _listing(root)
     r = run(train_cmd(2, 29744, data, out, *FLAGS, "--max_steps", "6"))

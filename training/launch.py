@@ -5,6 +5,13 @@ settings) is checked here, in one process, and reported as the last line on the 
 before any worker starts. Only then does this process become torchrun (torch.distributed.run,
 in-process) running `python -m mugs.training.trainer FLAGS` on each rank.
 
+Ownership: before any worker starts, this process takes the output dir's lease (core/lease.py;
+with --nnodes > 1 global rank 0's worker takes it instead) and hands its token to the workers:
+a second launch into the same --output_dir is refused in one line naming the owner.
+
+Failures: a worker that stops on a user error says so in one line; this process's last line then
+names the rank that failed first and why, with that worker's exit code (training/failure.py).
+
 Signals: this process is the one to signal. SIGUSR1, SIGTERM and SIGINT (Ctrl-C) are passed on
 to every worker, which checkpoints after its current step and exits 0; then this process exits 0.
 (Plain torchrun dies of SIGUSR1, orphaning its workers, and answers SIGTERM/SIGINT by killing the
@@ -22,6 +29,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..configs.options import parse_config
+from ..core import lease
+from ..core.errors import EXIT_USER, OwnerError
+from . import failure
 from .validate import ConfigError, check_data, check_output_dir, validate
 
 PROG = "mugs-train"
@@ -53,9 +63,9 @@ def split_argv(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     return _launcher_parser().parse_known_args(argv)
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = EXIT_USER) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-    return 2
+    return code
 
 
 def check(flags: List[str], world: int) -> List[str]:
@@ -66,6 +76,7 @@ def check(flags: List[str], world: int) -> List[str]:
     validate(cfg, world)
     check_data(cfg, world)
     check_output_dir(cfg.output_dir)
+    lease.peek(cfg.output_dir)  # another live run owns it: say so before anything else
     return check_resume(cfg, world)
 
 
@@ -127,12 +138,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"--nproc_per_node {opts.nproc_per_node} / --nnodes {opts.nnodes} must be at least 1")
     try:
         notes = check(flags, world)
-    except ConfigError as e:
+    except (ConfigError, OwnerError) as e:
         return _fail(str(e))
     if opts.check_only:
         for note in notes:
             print(f"{PROG}: resume: {note}", file=sys.stderr)
         return 0
+    held = None
+    if opts.nnodes == 1:  # several nodes: one launcher each, so global rank 0's worker takes the lease
+        try:
+            held = lease.acquire(parse_config(flags).output_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except (OwnerError, OSError) as e:
+            return _fail(str(e))
+        os.environ[lease.TOKEN_ENV] = held.token  # the workers adopt it
+    try:
+        return _launch(opts, flags)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _launch(opts: argparse.Namespace, flags: List[str]) -> int:
     for sig in FORWARDED:
         signal.signal(sig, _forward)
     from torch.distributed import DistNetworkError
@@ -149,14 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"the workers' rendezvous failed ({first}): pass a free --master_port "
                      "(or --rdzv_endpoint HOST:PORT)")
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        if all(c in (2, 3, 4) for c in codes.values()):  # the worker printed its one-line reason
-            return max(codes.values())
-        rank, code = min(codes.items())
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        print(f"{PROG}: error: worker rank {rank} {how} (its output above says why; out of memory if "
-              "SIGKILL)", file=sys.stderr)
-        return 1
+        rank, code, why = failure.blame(e.failures)
+        return _fail(why, code)
     return 0
 
 

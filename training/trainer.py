@@ -25,8 +25,9 @@ from ..model.network import build_network
 from ..model.objective import MugsObjective
 from ..pipeline.batch import DataError
 from ..pipeline.sharding import derive_seed
-from ..core import checkpoint as ckpt
-from ..core.errors import CheckpointError
+from ..core import checkpoint as ckpt, lease
+from ..core.errors import EXIT_NONFINITE, EXIT_USER, CheckpointError, CheckpointWriteError, OwnerError
+from . import failure
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts, compile_report, parallelize
@@ -186,10 +187,12 @@ class Run:
                 self.stop.stop_file.unlink()
             return 0
         except NonFiniteLossError as e:
-            self.mon.message(f"mugs: error: {e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is "
-                             "intact; lower --lr or raise --clip_grad / --warmup_epochs and resume.")
+            msg = (f"{e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is intact; lower --lr or "
+                   "raise --clip_grad / --warmup_epochs and resume.")
+            self.mon.message(f"mugs: error: {msg}")
             self.mon.log({"event": "nonfinite_loss", "step": self.step, "message": str(e)})
-            return 3
+            failure.record(msg, EXIT_NONFINITE)
+            return EXIT_NONFINITE
         finally:
             self.mon.close()
 
@@ -243,32 +246,26 @@ class Run:
             self.save(keep_forever=snapshot or step >= self.total)
 
     def save(self, keep_forever: bool) -> None:
+        """A full disk or any write failure: CheckpointWriteError, the same one line on every rank."""
         cfg = self.cfg
-        try:
-            ckpt.save(cfg.output_dir, self.step, self.step // self.iters, student=self.student, teacher=self.teacher,
-                      optimizer=self.optimizer, objective=self.objective, loader_state=self.loader.state_dict(),
-                      keep=cfg.ckpt_keep, keep_forever=keep_forever,
-                      extra={"config": dataclasses.asdict(cfg), "world_size": self.info.world_size})
-        except Exception as e:  # disk full, quota, permissions: DCP wraps the OSError of the failing rank
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointWriteError(
-                f"cannot write the step-{self.step} checkpoint under {ckpt.checkpoint_root(cfg.output_dir)} "
-                f"({type(e).__name__}: {first}): free disk space or fix the folder, then resume; the last "
-                f"complete checkpoint ({ckpt.latest(cfg.output_dir)}) is intact") from None
+        ckpt.save(cfg.output_dir, self.step, self.step // self.iters, student=self.student, teacher=self.teacher,
+                  optimizer=self.optimizer, objective=self.objective, loader_state=self.loader.state_dict(),
+                  keep=cfg.ckpt_keep, keep_forever=keep_forever,
+                  extra={"config": dataclasses.asdict(cfg), "world_size": self.info.world_size})
         self.last_save = time.monotonic()
 
 
-class CheckpointWriteError(RuntimeError):
-    """Saving failed (a full disk, a quota): one line, exit 4; the previous checkpoint still resumes."""
-
-
-def _say(msg: str) -> None:
-    print(f"mugs: error: {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, code: int = EXIT_USER, show: bool = True) -> int:
+    """A worker's one-line error: on the console (unless another rank says the same) and to the launcher."""
+    if show:
+        print(f"mugs: error: {msg}", file=sys.stderr, flush=True)
+    failure.record(msg, code)
+    return code
 
 
 def train(cfg: MugsConfig) -> int:
-    """Returns the process exit code: 0 done or stopped with a checkpoint, 2 a user error (one line),
-    3 a non-finite loss, 4 a checkpoint that could not be written."""
+    """Returns the process exit code (core/errors.py): 0 done or stopped with a checkpoint, 2 a user error
+    (one line), 3 a non-finite loss, 4 a checkpoint that could not be written."""
     world = launched_world_size()
     first_rank = os.environ.get("RANK", "0") == "0"  # checks every rank fails alike: say it once
     try:
@@ -276,30 +273,25 @@ def train(cfg: MugsConfig) -> int:
         check_output_dir(cfg.output_dir)
         notes = check_resume(cfg, world)
     except ConfigError as e:
-        if first_rank:
-            _say(str(e))
-        return 2
+        return _say(str(e), show=first_rank)
     stop = StopRequest(cfg.output_dir)
     try:
         info = init_distributed(cfg.device, cfg.hsdp)
     except NoDeviceError as e:
-        _say(str(e))
-        return 2
+        return _say(str(e))
+    held = None
     try:
+        held = lease.hold(cfg.output_dir, log=lambda m: print(m, file=sys.stderr, flush=True))  # one owner
         if info.is_main:
             (Path(cfg.output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         return Run(cfg, info, stop, notes).train()
-    except CheckpointError as e:  # no complete checkpoint loads; every rank raises the same agreed message
-        if info.is_main:
-            _say(str(e))
-        return 2
+    except (CheckpointError, OwnerError, CheckpointWriteError) as e:  # agreed by every rank: rank 0 says it
+        return _say(str(e), e.exit_code, show=info.is_main)
     except (ConfigError, DataError) as e:  # may be one rank's own (its image does not decode): each says it
-        _say(str(e))
-        return 2
-    except CheckpointWriteError as e:
-        _say(str(e))
-        return 4
+        return _say(str(e))
     finally:
+        if held is not None:
+            held.release()
         shutdown()
 
 

@@ -1,4 +1,4 @@
-"""Test-only fault injection, active when this folder is on PYTHONPATH (see tests/test_train.py).
+"""Test-only fault injection, active when this folder is on PYTHONPATH (tests/test_train.py, test_failures.py).
 
 MUGS_FAULT_CRASH_IN_SAVE=N: the process that is about to write checkpoint step N's
 COMPLETE marker dies (os._exit) instead, as a crash in the middle of a checkpoint write
@@ -22,3 +22,24 @@ if _STEP is not None:
         return _write_complete(tmp, meta)
 
     _ckpt._write_complete = _crash_at_step
+
+# MUGS_FAULT_ENOSPC_IN_SAVE=N: on rank MUGS_FAULT_RANK (default 1) only, every fsync of a file of
+# step N's temporary checkpoint fails with ENOSPC, as on a full (network) disk; the other ranks write.
+_ENOSPC = os.environ.get("MUGS_FAULT_ENOSPC_IN_SAVE")
+
+if _ENOSPC is not None and os.environ.get("RANK", "0") == os.environ.get("MUGS_FAULT_RANK", "1"):
+    import errno
+
+    _fsync = os.fsync
+    _needle = f".tmp-step_{int(_ENOSPC):08d}."
+
+    def _full_disk_fsync(fd):
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = ""
+        if _needle in where:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+        return _fsync(fd)
+
+    os.fsync = _full_disk_fsync

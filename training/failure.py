@@ -1,0 +1,65 @@
+"""How a worker tells the launcher why it failed, and how the launcher names the rank that failed first.
+
+torchrun gives each worker a file to report its failure in (TORCHELASTIC_ERROR_FILE, the format of
+torch.distributed.elastic's error handler) and reads it back into the ProcessFailure of a worker that
+exited non-zero. A worker that stops on a user error (exit 2/3/4) writes its one-line message there
+with the exact time (`record`); `blame` picks, among the failed workers torchrun reports, the one to
+name: the earliest that recorded a message, else one killed by a signal other than the SIGTERM of
+torchrun's tear-down, else the lowest rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from ..core.errors import EXIT_CRASH
+
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+_KEY = "mugs"  # our entry in extraInfo: {"message", "exit_code", "time", "rank"}
+
+
+def record(message: str, exit_code: int) -> None:
+    """Write this worker's one-line failure where its launcher (torchrun) reads it; nothing without one."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    now = time.time()
+    data = {"message": {"message": message, "extraInfo": {
+        "py_callstack": "", "timestamp": str(int(now)),
+        _KEY: {"message": message, "exit_code": exit_code, "time": now, "rank": int(os.environ.get("RANK", 0))}}}}
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the console line is still there
+
+
+def _ours(f: Any) -> Optional[Dict[str, Any]]:
+    data = getattr(f, "error_file_data", None)
+    try:
+        return data["message"]["extraInfo"][_KEY]
+    except (KeyError, TypeError):
+        return None
+
+
+def blame(failures: Dict[int, Any]) -> Tuple[int, int, str]:
+    """(rank, exit code, one-line description) of the worker to name among torchrun's `failures`
+    (global rank -> ProcessFailure)."""
+    told = sorted(((m["time"], rank, m) for rank, f in failures.items() if (m := _ours(f)) is not None),
+                  key=lambda x: (x[0], x[1]))
+    if told:
+        _, rank, m = told[0]
+        return rank, int(m["exit_code"]), f"worker rank {rank} failed first (exit {m['exit_code']}): {m['message']}"
+    signalled = [r for r, f in failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
+    killed = [r for r, f in failures.items() if f.exitcode < 0]
+    rank = min(signalled or killed or failures)
+    code = failures[rank].exitcode
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
+        return rank, EXIT_CRASH, f"worker rank {rank} was killed by {name}{hint}; its output above says what it was doing"
+    return rank, EXIT_CRASH, f"worker rank {rank} exited with code {code} (its traceback above says why)"
