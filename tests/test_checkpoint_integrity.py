@@ -185,7 +185,8 @@ _PEAK = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
     from mugs.core import checkpoint as ckpt
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from mugs.core.errors import CheckpointError
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         ckpt.read_parts(Path(sys.argv[1]), ["teacher"])
         print("LOADED")
