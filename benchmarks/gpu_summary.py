@@ -112,7 +112,8 @@ def _step_row(r: dict) -> str:
         parts.append(f"optimised speed-up over this: {r['speedup_vs_baseline']:.2f}x")
     for key, label in (("host_syncs_per_step", "host syncs/step"), ("host_syncs_per_iteration", "host syncs/iteration")):
         if r.get(key) is not None:
-            parts.append(f"{label} {r[key]}")
+            calls = r.get(f"{key}_calls")
+            parts.append(f"{label} {r[key]}" + (f" (calls {calls})" if calls else ""))
     if r.get("compile_graphs"):
         parts.append(f"compile {r['compile_graphs']}")
     return f"| step | {what} {r['precision']}{' + compile' if r.get('compile') else ''} | {', '.join(parts)} |"

@@ -44,7 +44,7 @@ import traceback
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -182,12 +182,12 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
             out["collectives_note"] = "world size 1: FSDP2 skips its collectives; counts are not FSDP traffic"
         out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
     if device.type == "cuda":
-        out["host_syncs_per_step"] = count_host_syncs(lambda: run(step_fn))
+        out.update(host_sync_record("step", lambda: run(step_fn)))
         if isinstance(step_fn, MugsTrainStep):  # the whole loop iteration: trainer.loop_step (step + its
             # flags, agreed in the step's all-reduce) and the memory read of the per-step log line
             iteration = functools.partial(loop_step, step_fn, stop=None, ckpt_every_minutes=cfg.ckpt_every_minutes,
                                           last_save=time.monotonic())
-            out["host_syncs_per_iteration"] = count_host_syncs(lambda: (run(iteration), gpu_memory_gb()))
+            out.update(host_sync_record("iteration", lambda: (run(iteration), gpu_memory_gb())))
     if args.phase_steps > 0:
         timer = PhaseTimer(sync)
         with on_phase(step_fn, timer.mark):
@@ -204,8 +204,12 @@ def dist_world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def count_host_syncs(fn) -> int:
-    """Host-device synchronisations during `fn()`: torch.cuda.set_sync_debug_mode("warn") warns once per sync."""
+SYNC_CALLS = 3  # calls counted one by one: a one-off sync (a lazy initialisation) shows as one call's excess
+
+
+def count_host_syncs(fn) -> Tuple[int, List[str]]:
+    """Host-device synchronisations during `fn()` and where each came from (file:line of the Python call):
+    torch.cuda.set_sync_debug_mode("warn") warns once per sync."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.cuda.synchronize()
@@ -214,7 +218,20 @@ def count_host_syncs(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in seen)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    return len(syncs), [f"{Path(w.filename).name}:{w.lineno}" for w in syncs]
+
+
+def host_sync_record(what: str, fn) -> dict:
+    """`host_syncs_per_<what>`: the most of SYNC_CALLS consecutive calls, with each call's count and the sites."""
+    counts, sites = [], {}
+    for _ in range(SYNC_CALLS):
+        n, where = count_host_syncs(fn)
+        counts.append(n)
+        for site in where:
+            sites[site] = sites.get(site, 0) + 1
+    return {f"host_syncs_per_{what}": max(counts), f"host_syncs_per_{what}_calls": counts,
+            f"host_sync_sites_{what}": sites}
 
 
 def fsdp_units(model: torch.nn.Module) -> int:
