@@ -1,6 +1,7 @@
 """Fixtures shared across test files: a small JPEG tree and the package installed from its wheel."""
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,30 @@ def _clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
+def _package_dirs() -> list:
+    """The running interpreter's package folders, whatever it is (a venv, a conda env, the system Python):
+    its site-packages and the existing folders on its sys.path, minus the work tree (tests/, sources)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    out = []
+    for d in dirs + sys.path:
+        if not d or not os.path.isdir(d):  # '' (cwd), zip files, editable-install path hooks
+            continue
+        p = Path(d).resolve()
+        if p == ROOT or ROOT in p.parents or str(p) in out:
+            continue
+        out.append(str(p))
+    return out
+
+
 @pytest.fixture(scope="session")
 def installed_wheel(tmp_path_factory):
     """A venv holding mugs installed NON-editable from a wheel built from a copy of the tracked files.
 
-    The venv sees the machine's torch/DALI/timm (system site-packages) but not the work tree; the
-    fixture checks that `mugs` is imported from the venv. Returns (venv bin dir, environment)."""
+    The venv sees the packages of the interpreter running the tests (torch, DALI, timm: a `.pth` file
+    lists its package folders, so this works from a venv, a conda env or the system Python alike) but not
+    the work tree; the fixture checks that `mugs` is imported from the venv. Returns (venv bin dir, env)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
@@ -43,11 +62,17 @@ def installed_wheel(tmp_path_factory):
                     str(tmp / "dist"), str(src)], check=True, env=env, timeout=300)
     wheel = next((tmp / "dist").glob("mugs-*.whl"))
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    # not --system-site-packages: from inside a venv that would link the BASE interpreter's packages
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     bindir = venv / "bin"
     subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, env=env, timeout=300)
-    where = subprocess.run([str(bindir / "python"), "-c", "import mugs.model, mugs.apps; print(mugs.model.__file__)"],
+    # only now the running interpreter's packages (after the install: its editable mugs must not count as
+    # installed); plain folder lines, so its .pth files (the editable mugs finder) do not run in the venv
+    site_dir = Path(subprocess.run([str(bindir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True, env=env).stdout.strip())
+    (site_dir / "_mugs_test_parent_packages.pth").write_text("\n".join(_package_dirs()) + "\n")
+    where = subprocess.run([str(bindir / "python"), "-c", "import mugs.model, mugs.apps, torch; print(mugs.model.__file__)"],
                            cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout.strip()
     assert where.startswith(str(venv)), f"mugs imported from {where}, not from the wheel in {venv}"
     return bindir, env
