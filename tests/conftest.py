@@ -11,6 +11,24 @@ import pytest
 from images import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+TIME_LIMIT_TIERS = ("distributed", "slurm", "quickstart")  # markers with their own limit in pytest.ini
+
+
+def pytest_addoption(parser):
+    for tier in TIME_LIMIT_TIERS:
+        parser.addini(f"timeout_{tier}", f"time limit in seconds of tests marked {tier} (pytest-timeout)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A tier's marker sets the test's pytest-timeout limit (the longest of its tiers); an explicit
+    @pytest.mark.timeout wins."""
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        limits = [float(config.getini(f"timeout_{t}")) for t in TIME_LIMIT_TIERS
+                  if item.get_closest_marker(t) is not None and config.getini(f"timeout_{t}")]
+        if limits:
+            item.add_marker(pytest.mark.timeout(max(limits)))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from mugs.core import checkpoint as ckpt
 from mugs.training.trainer import main as train_main
 from train_helpers import make_image_folder, run, train_cmd
 
+pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
