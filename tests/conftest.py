@@ -45,18 +45,14 @@ def _clean_env() -> dict:
 
 def _package_dirs() -> list:
     """The running interpreter's package folders, whatever it is (a venv, a conda env, the system Python):
-    its site-packages and the existing folders on its sys.path, minus the work tree (tests/, sources)."""
-    dirs = list(site.getsitepackages())
-    if site.ENABLE_USER_SITE:
-        dirs.append(site.getusersitepackages())
+    its site-packages (also those of a venv inside the checkout, as `python3 -m venv .venv` makes) and
+    the other existing folders on its sys.path outside the checkout (not tests/, not the sources)."""
+    sites = list(site.getsitepackages()) + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    others = [d for d in sys.path if d and not (Path(d).resolve() == ROOT or ROOT in Path(d).resolve().parents)]
     out = []
-    for d in dirs + sys.path:
-        if not d or not os.path.isdir(d):  # '' (cwd), zip files, editable-install path hooks
-            continue
-        p = Path(d).resolve()
-        if p == ROOT or ROOT in p.parents or str(p) in out:
-            continue
-        out.append(str(p))
+    for d in sites + others:
+        if os.path.isdir(d) and str(Path(d).resolve()) not in out:  # not '', zip files, editable path hooks
+            out.append(str(Path(d).resolve()))
     return out
 
 
