@@ -122,8 +122,9 @@ def _check_all(tasks: list, workers: int):
             for fut in as_completed(futures):
                 yield from fut.result()
         except BrokenProcessPool as e:
-            raise RuntimeError(f"mugs-scan-data: a decoding process died ({e}); a script that calls "
-                               "scan_dataset needs the `if __name__ == \"__main__\":` guard") from None
+            raise RuntimeError(f"mugs-scan-data: a decoding process died ({e}): killed (out of memory?), or "
+                               "a script that calls scan_dataset lacks the `if __name__ == \"__main__\":` guard "
+                               "it needs") from None
         finally:
             for fut in futures:
                 fut.cancel()

@@ -107,4 +107,4 @@ def test_scan_dataset_from_a_script_without_main_guard_fails_at_once(dirty_tree,
     script.write_text(_THREADED_PARENT.replace('if __name__ == "__main__":', "if True:"))
     r = subprocess.run([sys.executable, str(script), dirty_tree[0]], capture_output=True, text=True, timeout=180,
                        cwd=tmp_path)
-    assert r.returncode != 0 and 'needs the `if __name__ == "__main__":` guard' in r.stderr, r.stderr[-4000:]
+    assert r.returncode != 0 and 'lacks the `if __name__ == "__main__":` guard' in r.stderr, r.stderr[-4000:]
