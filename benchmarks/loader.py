@@ -7,8 +7,10 @@
 measured too: CPU time per image does not depend on other load, wall img/s does.
 Without --data, a folder of synthetic ImageNet-like JPEGs (~500x375, quality 90) is made once
 in the temp dir and reused. Warm-up batches (pipeline builds, worker start) are not timed.
-Appends one JSON line per run to benchmarks/results/loader.jsonl (machine, CPU count, load
-average, backend, settings, img/s): compare numbers only from the same machine and load.
+Appends one JSON line per run (machine, CPU count, load average, backend, settings, img/s) to
+--out, by default runs/benchmarks/loader.jsonl under the working directory (ignored by git in a
+checkout); the committed benchmarks/results/loader.jsonl changes only when --out names it.
+Compare numbers only from the same machine and load.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "loader.jsonl")
+RESULTS = os.path.join("runs", "benchmarks", "loader.jsonl")  # relative to the working directory
 
 
 def synth_imagenet_like(n: int, seed: int = 0) -> str:
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--global-size", type=int, default=224)
     ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--local-crops", type=int, default=10)
-    ap.add_argument("--out", default=RESULTS, help="JSON-lines file to append to")
+    ap.add_argument("--out", default=RESULTS, help=f"JSON-lines file to append to (default {RESULTS})")
     args = ap.parse_args(argv)
     result = run(args)
     print(f"{args.backend} ({result['device']}, {result['workers']} workers, batch {args.batch_size}, "

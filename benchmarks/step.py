@@ -63,7 +63,7 @@ from mugs.training.monitor import gpu_memory_gb
 from mugs.training.trainer import build_models, loop_step
 from mugs.training.validate import ConfigError, validate
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step.jsonl"
+DEFAULT_OUT = Path("runs") / "benchmarks" / "step.jsonl"  # working dir; benchmarks/results/ only via --out
 # Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
 PAPER_BATCH = {"vit_tiny": 64, **{r.flags["arch"]: r.batch_size_per_gpu for r in RUNS.values()}}
 FSDP_PHASES = ("teacher_fwd", "student_fwd", "backward")

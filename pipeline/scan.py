@@ -14,16 +14,23 @@ left-out file (path, reason, detail), plus empty class folders. Reasons:
   outside_class (a file directly in ROOT).
 Class indices count every class folder (sorted), as torchvision's ImageFolder does, so an
 empty class keeps its index and later classes do not shift.
+
+`scan_dataset` is safe to call from any process, also one that already runs threads (OpenMP, DALI,
+TensorBoard): its decoding processes come from a fork server (or spawn), never from forking the caller.
+Like every non-fork start method, the workers import the calling script, so a script that calls it
+needs the `if __name__ == "__main__":` guard (without it the scan stops with an error saying so).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import sys
 import time
-from multiprocessing import get_context
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageFile
@@ -84,6 +91,10 @@ def _check_task(task):
     return i, rel, label, reason, detail
 
 
+def _check_chunk(tasks):
+    return [_check_task(t) for t in tasks]
+
+
 def _progress(done: int, total: int, bad: int, t0: float, out) -> None:
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else 0.0
@@ -91,8 +102,36 @@ def _progress(done: int, total: int, bad: int, t0: float, out) -> None:
           file=out, flush=True)
 
 
-def scan(root: str, workers: int, min_size: int, keep_grayscale: bool, quiet: bool = False,
-         progress_every: float = 10.0) -> dict:
+_CHUNK = 32  # files per task sent to a worker
+
+
+def _pool_context():
+    """Worker processes that do not fork the caller: a fork() of a process holding threads copies their
+    locks (held ones included) but not the threads, and a worker can wait on such a lock forever."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _check_all(tasks: list, workers: int):
+    """Yields _check_task's results in completion order, from `workers` processes. A worker that dies
+    (e.g. a calling script without the `if __name__ == "__main__":` guard, which the workers import)
+    ends the scan with an error instead of a pool that restarts it forever."""
+    with ProcessPoolExecutor(max(1, min(workers, len(tasks))), mp_context=_pool_context()) as ex:
+        futures = [ex.submit(_check_chunk, tasks[i:i + _CHUNK]) for i in range(0, len(tasks), _CHUNK)]
+        try:
+            for fut in as_completed(futures):
+                yield from fut.result()
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"mugs-scan-data: a decoding process died ({e}): killed (out of memory?), or "
+                               "a script that calls scan_dataset lacks the `if __name__ == \"__main__\":` guard "
+                               "it needs") from None
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def scan_dataset(root: str, workers: int, min_size: int = 16, keep_grayscale: bool = False, quiet: bool = False,
+                 progress_every: float = 10.0) -> dict:
     """Scan ROOT; returns the report dict with the kept entries under "kept_entries"."""
     root = os.path.abspath(root)
     t0 = time.time()
@@ -110,14 +149,12 @@ def scan(root: str, workers: int, min_size: int, keep_grayscale: bool, quiet: bo
         print(f"mugs-scan-data: {len(tasks)} files in {len(classes)} class folders under {root}", file=out)
     results: List[Optional[tuple]] = [None] * len(tasks)
     bad, last = 0, time.time()
-    ctx = get_context("fork") if sys.platform.startswith("linux") else get_context()
-    with ctx.Pool(max(1, workers)) as pool:
-        for n, (i, rel, label, reason, detail) in enumerate(pool.imap_unordered(_check_task, tasks, chunksize=32), 1):
-            results[i] = (rel, label, reason, detail)
-            bad += reason is not None
-            if not quiet and time.time() - last >= progress_every:
-                _progress(n, len(tasks), bad, t0, out)
-                last = time.time()
+    for n, (i, rel, label, reason, detail) in enumerate(_check_all(tasks, workers), 1):
+        results[i] = (rel, label, reason, detail)
+        bad += reason is not None
+        if not quiet and time.time() - last >= progress_every:
+            _progress(n, len(tasks), bad, t0, out)
+            last = time.time()
     kept = [(rel, label) for rel, label, reason, _ in results if reason is None]
     left_out += [{"path": rel, "reason": reason, "detail": detail}
                  for rel, _, reason, detail in results if reason is not None]
@@ -135,6 +172,9 @@ def scan(root: str, workers: int, min_size: int, keep_grayscale: bool, quiet: bo
     }
 
 
+scan = scan_dataset  # the earlier name
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="mugs-scan-data", description=__doc__.split("\n")[0])
     ap.add_argument("root", help="ImageFolder root: ROOT/class/image")
@@ -148,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if not os.path.isdir(args.root):
         ap.error(f"{args.root} is not a folder")
-    report = scan(args.root, args.workers, args.min_size, args.keep_grayscale, args.quiet)
+    report = scan_dataset(args.root, args.workers, args.min_size, args.keep_grayscale, args.quiet)
     kept = report.pop("kept_entries")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)

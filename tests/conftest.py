@@ -1,6 +1,7 @@
 """Fixtures shared across test files: a small JPEG tree and the package installed from its wheel."""
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,24 @@ import pytest
 from images import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+TIME_LIMIT_TIERS = ("distributed", "slurm", "quickstart")  # markers with their own limit in pytest.ini
+
+
+def pytest_addoption(parser):
+    for tier in TIME_LIMIT_TIERS:
+        parser.addini(f"timeout_{tier}", f"time limit in seconds of tests marked {tier} (pytest-timeout)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A tier's marker sets the test's pytest-timeout limit (the longest of its tiers); an explicit
+    @pytest.mark.timeout wins."""
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        limits = [float(config.getini(f"timeout_{t}")) for t in TIME_LIMIT_TIERS
+                  if item.get_closest_marker(t) is not None and config.getini(f"timeout_{t}")]
+        if limits:
+            item.add_marker(pytest.mark.timeout(max(limits)))
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +43,26 @@ def _clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
+def _package_dirs() -> list:
+    """The running interpreter's package folders, whatever it is (a venv, a conda env, the system Python):
+    its site-packages (also those of a venv inside the checkout, as `python3 -m venv .venv` makes) and
+    the other existing folders on its sys.path outside the checkout (not tests/, not the sources)."""
+    sites = list(site.getsitepackages()) + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    others = [d for d in sys.path if d and not (Path(d).resolve() == ROOT or ROOT in Path(d).resolve().parents)]
+    out = []
+    for d in sites + others:
+        if os.path.isdir(d) and str(Path(d).resolve()) not in out:  # not '', zip files, editable path hooks
+            out.append(str(Path(d).resolve()))
+    return out
+
+
 @pytest.fixture(scope="session")
 def installed_wheel(tmp_path_factory):
     """A venv holding mugs installed NON-editable from a wheel built from a copy of the tracked files.
 
-    The venv sees the machine's torch/DALI/timm (system site-packages) but not the work tree; the
-    fixture checks that `mugs` is imported from the venv. Returns (venv bin dir, environment)."""
+    The venv sees the packages of the interpreter running the tests (torch, DALI, timm: a `.pth` file
+    lists its package folders, so this works from a venv, a conda env or the system Python alike) but not
+    the work tree; the fixture checks that `mugs` is imported from the venv. Returns (venv bin dir, env)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
@@ -43,11 +76,17 @@ def installed_wheel(tmp_path_factory):
                     str(tmp / "dist"), str(src)], check=True, env=env, timeout=300)
     wheel = next((tmp / "dist").glob("mugs-*.whl"))
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    # not --system-site-packages: from inside a venv that would link the BASE interpreter's packages
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     bindir = venv / "bin"
     subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, env=env, timeout=300)
-    where = subprocess.run([str(bindir / "python"), "-c", "import mugs.model, mugs.apps; print(mugs.model.__file__)"],
+    # only now the running interpreter's packages (after the install: its editable mugs must not count as
+    # installed); plain folder lines, so its .pth files (the editable mugs finder) do not run in the venv
+    site_dir = Path(subprocess.run([str(bindir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True, env=env).stdout.strip())
+    (site_dir / "_mugs_test_parent_packages.pth").write_text("\n".join(_package_dirs()) + "\n")
+    where = subprocess.run([str(bindir / "python"), "-c", "import mugs.model, mugs.apps, torch; print(mugs.model.__file__)"],
                            cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout.strip()
     assert where.startswith(str(venv)), f"mugs imported from {where}, not from the wheel in {venv}"
     return bindir, env

@@ -11,6 +11,8 @@ import torch
 from mugs.benchmarks.collectives import CollectiveCounter
 from test_bench_step import TINY
 
+pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+
 DEPTH = 3
 
 

@@ -33,6 +33,7 @@ def _losses(out):
     return {t: [e.value for e in ea.Scalars(t)] for t in ea.Tags()["scalars"] if t.startswith("loss/")}
 
 
+@pytest.mark.distributed
 def test_two_ranks_bf16_compile_fused_adamw_track_fp32(data, tmp_path):
     flags = ("--batch_size_per_gpu", "4", "--max_steps", "3")
     r32 = run(train_cmd(2, 29741, data, tmp_path / "fp32", *flags))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+
 HERE = Path(__file__).parent
 
 

@@ -106,6 +106,7 @@ def torchrun(module, *args):
     return proc
 
 
+@pytest.mark.distributed
 def test_knn_under_torchrun_gathers_the_same_features(run, odd_data, tmp_path):
     """2 gloo ranks write exactly the single-process features and results."""
     args = [str(run["dir"]), "--data_path", str(odd_data), "--resize", "32", "--crop", "32", "--num_workers", "0",
@@ -122,6 +123,7 @@ def test_knn_under_torchrun_gathers_the_same_features(run, odd_data, tmp_path):
     assert r1 == r2
 
 
+@pytest.mark.distributed
 def test_linear_under_torchrun_trains_one_ddp_head_and_counts_every_val_image(run, odd_data, tmp_path):
     from mugs.eval.data import eval_transform, image_folder
     from mugs.eval.features import block_features, loader

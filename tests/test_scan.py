@@ -1,6 +1,8 @@
 """mugs-scan-data finds every planted bad file, writes a list the loaders accept, reports why."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +51,60 @@ def test_scan_keep_grayscale_and_min_size(dirty_tree, tmp_path):
 def test_check_image_reports_good_file_size(dirty_tree):
     root, good, _ = dirty_tree
     assert check_image(good[0]) == (None, "64x48")
+
+
+# Run in a fresh interpreter so that its threads are there for sure, whatever ran before in this one.
+_THREADED_PARENT = r"""
+import json, os, sys, threading, time
+import torch                      # OpenMP / intra-op thread pool
+import nvidia.dali.fn             # DALI's own threads and atexit hooks, as in a training process
+from mugs.pipeline.scan import scan_dataset
+
+
+def run(root):
+    os.register_at_fork(after_in_child=lambda: os.write(2, b"FORKED-THREADED-PARENT\n"))
+    torch.set_num_threads(2)
+    torch.randn(256, 256) @ torch.randn(256, 256)  # start the intra-op pool
+    lock, stop = threading.Lock(), threading.Event()
+
+    def busy():                   # threads that keep taking a lock, as logging/TensorBoard writers do
+        while not stop.is_set():
+            with lock:
+                time.sleep(0.001)
+
+    for _ in range(3):
+        threading.Thread(target=busy, daemon=True).start()
+    assert threading.active_count() >= 4
+    report = scan_dataset(root, workers=2, min_size=8, quiet=True)
+    stop.set()
+    print(json.dumps({"kept": sorted(r for r, _ in report["kept_entries"]),
+                      "left_out": {i["path"]: i["reason"] for i in report["left_out"]}}))
+
+
+if __name__ == "__main__":        # the workers import this script (forkserver/spawn)
+    run(sys.argv[1])
+"""
+
+
+def test_scan_dataset_from_a_threaded_process_with_torch_and_dali(dirty_tree, tmp_path):
+    """The scan's workers never come from forking a process that runs threads (it hung once, forever, on a
+    futex a thread of the parent held): every fork of the caller would say so on stderr."""
+    root, good, bad = dirty_tree
+    script = tmp_path / "threaded_parent.py"
+    script.write_text(_THREADED_PARENT)
+    r = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "FORKED-THREADED-PARENT" not in r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kept"] == sorted(os.path.relpath(p, root) for p in good)
+    assert out["left_out"] == bad  # the same results as from the command line
+
+
+def test_scan_dataset_from_a_script_without_main_guard_fails_at_once(dirty_tree, tmp_path):
+    """The workers import the calling script; without the guard they die at start: one error, no endless pool."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(_THREADED_PARENT.replace('if __name__ == "__main__":', "if True:"))
+    r = subprocess.run([sys.executable, str(script), dirty_tree[0]], capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path)
+    assert r.returncode != 0 and 'lacks the `if __name__ == "__main__":` guard' in r.stderr, r.stderr[-4000:]

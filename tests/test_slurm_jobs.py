@@ -18,6 +18,8 @@ from slurm_cluster import LocalSlurm, _free_port, missing
 from test_slurm_templates import TABLE1
 from train_helpers import TINY_FLAGS, make_image_folder
 
+pytestmark = pytest.mark.slurm  # jobs on a local SLURM: pytest.ini's timeout_slurm
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "slurm/vit_large_250ep.sh"
 # the template asks for 5 nodes x 8 GPUs: here one node and no GPU; GPUS_PER_NODE=2 CPU processes (gloo)
@@ -86,6 +88,10 @@ def test_template_job_trains_and_checkpoints(slurm, data, tmp_path):
     assert ckpt_step(out) == 3 and exits(out)[-1]["reason"] == "reached --max_steps 3"
     assert "1 nodes x 2 processes" in log and "--nproc_per_node=2" in log
     assert "NCCL_IB_HCA=mlx5_test" in log and "NCCL_DEBUG=WARN" in log  # site settings pass, defaults apply
+    # the job's stderr is a file: plain progress lines (step, epoch, losses, img/s, ETA, memory), no bar
+    for step in (1, 3):
+        assert re.search(rf"mugs: step {step}/3 epoch 0 \| loss \d.* img/s .* ETA \S+ \| mem ", log), log[-6000:]
+    assert "\r" not in log
     cfg = json.loads((out / "config.json").read_text())
     # the template's Table-1 flags reached the trainer; EXTRA_ARGS (last) overrode model size and batch
     want = TABLE1["vit_large_250ep"][4]  # the test suite's own statement of Table 1

@@ -1,7 +1,12 @@
-"""What a long run reports: TensorBoard scalars, a JSON-lines log, and a progress bar with ETA (rank 0)."""
+"""What a long run reports: TensorBoard scalars, a JSON-lines log, and its progress with ETA (rank 0):
+a progress bar on a terminal; one plain line every PROGRESS_EVERY_STEPS steps or PROGRESS_EVERY_SECONDS
+seconds, whichever comes first, where stderr is a file or a pipe (SLURM logs, nohup, CI), so that
+`tail -f` shows something and the log does not fill with carriage-return updates."""
 from __future__ import annotations
 
+import datetime
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -9,17 +14,26 @@ from typing import Dict, Optional
 
 from tqdm.auto import tqdm
 
+# the progress line's cadence when stderr is not a terminal (the first and the last step always print)
+PROGRESS_EVERY_STEPS = 100
+PROGRESS_EVERY_SECONDS = 60.0
+
 
 class Monitor:
     """Rank 0 writes; other ranks get a Monitor that does nothing."""
 
-    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool, log_every: int = 10):
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool, log_every: int = 10,
+                 bar: Optional[bool] = None, every_steps: int = PROGRESS_EVERY_STEPS,
+                 every_seconds: float = PROGRESS_EVERY_SECONDS):
+        """bar: a progress bar (True) or plain progress lines (False); None: a bar iff stderr is a terminal."""
         self.enabled = enabled
         self.log_every = max(1, log_every)
         self.writer = None
         self.bar = None
         if not enabled:
             return
+        if bar is None:
+            bar = _is_terminal(sys.stderr)
         from torch.utils.tensorboard import SummaryWriter
 
         out = Path(output_dir)
@@ -27,8 +41,11 @@ class Monitor:
         self.tb_dir = out / "tb"
         self.writer = SummaryWriter(log_dir=str(self.tb_dir))
         self.log_path = out / "log.txt"
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="mugs", unit="step", dynamic_ncols=True,
-                        smoothing=0.1)
+        if bar:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="mugs", unit="step", dynamic_ncols=True,
+                            smoothing=0.1)
+        else:
+            self.lines = ProgressLines(total_steps, start_step, every_steps, every_seconds)
         self._t = time.perf_counter()
 
     def step(self, step: int, scalars: Dict[str, float]) -> None:
@@ -36,9 +53,12 @@ class Monitor:
             return
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4f}",
-                             img_s=f"{scalars.get('perf/images_per_s', 0):.1f}", refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4f}",
+                                 img_s=f"{scalars.get('perf/images_per_s', 0):.1f}", refresh=False)
+        else:
+            self.lines.step(step, scalars)
         if step % self.log_every == 0:
             self.log({"step": step, **scalars})
 
@@ -49,15 +69,75 @@ class Monitor:
             f.write(json.dumps(record) + "\n")
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.bar is not None:
             tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self.writer.flush()
         self.writer.close()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class ProgressLines:
+    """One line per `every_steps` steps or `every_seconds` seconds, whichever comes first, plus the first
+    and the last step, like DINOv2's MetricLogger:
+
+    mugs: step 200/780 epoch 1 | loss 5.0123 group 4.9871 instance 5.0244 local_group 5.0255 | 9.8 img/s
+    0.33 s/step | elapsed 0:01:05 ETA 0:03:10 | mem 1.4 GB (peak RSS)
+
+    (one line). img/s and s/step are wall-clock means since the previous line (data, step and checkpoints);
+    the ETA is the remaining steps at the mean wall-clock step time of this run so far."""
+
+    def __init__(self, total_steps: int, start_step: int, every_steps: int = PROGRESS_EVERY_STEPS,
+                 every_seconds: float = PROGRESS_EVERY_SECONDS, out=None):
+        self.total, self.start = total_steps, start_step
+        self.every_steps, self.every_seconds = max(1, every_steps), every_seconds
+        self.out = out
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last = start_step
+        self.images = 0.0  # images since the previous line
+
+    def step(self, step: int, scalars: Dict[str, float]) -> None:
+        now = time.perf_counter()
+        self.images += scalars.get("perf/images_per_s", 0.0) * scalars.get("perf/step_time_s", 0.0)
+        if not (step == self.start + 1 or step >= self.total or step % self.every_steps == 0
+                or now - self.t_last >= self.every_seconds):
+            return
+        window, steps = now - self.t_last, step - self.step_last
+        done = step - self.start
+        eta = (self.total - step) * (now - self.t0) / max(done, 1)
+        losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in sorted(scalars.items())
+                          if k.startswith("loss/") and k != "loss/total")
+        line = (f"mugs: step {step}/{self.total} epoch {int(scalars.get('epoch', 0))} | "
+                f"loss {scalars.get('loss/total', float('nan')):.4f} {losses} | "
+                f"{self.images / max(window, 1e-9):.1f} img/s {window / max(steps, 1):.2f} s/step | "
+                f"elapsed {_hms(now - self.t0)} ETA {_hms(eta)} | {_memory(scalars)}")
+        print(line, file=self.out or sys.stderr, flush=True)
+        self.t_last, self.step_last, self.images = now, step, 0.0
+
+
+def _memory(scalars: Dict[str, float]) -> str:
+    if "perf/gpu_mem_gb" in scalars:
+        return f"mem {scalars['perf/gpu_mem_gb']:.1f} GB (peak GPU)"
+    return f"mem {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB (peak RSS)"  # KiB on Linux
 
 
 def gpu_memory_gb() -> Optional[float]:

@@ -1,0 +1,17 @@
+"""A benchmark run by a user writes where --out says, by default under runs/ (ignored): never a tracked file."""
+import subprocess
+from pathlib import Path
+
+from mugs.benchmarks import loader, step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_outputs_are_ignored_paths_under_runs():
+    defaults = [Path(loader.RESULTS), step.DEFAULT_OUT, Path(step.parse_args([])[0].out[0])]
+    for path in defaults:
+        assert not path.is_absolute() and path.parts[:2] == ("runs", "benchmarks"), path
+        r = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)  # 0: ignored
+        assert r.returncode == 0, f"{path} is not ignored by git"
+        assert not subprocess.run(["git", "ls-files", str(path)], cwd=ROOT, capture_output=True,
+                                  text=True).stdout.strip(), f"{path} is tracked"
