@@ -14,12 +14,11 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from mugs.benchmarks import hardware
+from mugs.benchmarks import hardware, records
 from mugs.benchmarks.phases import device_sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,10 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "method": "torch.matmul n^3, each rep timed with time.perf_counter after a device synchronize"}
     print(f"{a.dtype} GEMM {a.size}^3 on {rec['device_name']}: {median:.1f} TFLOP/s median of {a.reps} "
           f"(best {rec['tflops_best']:.1f})" + (f", {100 * rec['fraction_of_spec']:.0f}% of the {spec:g} spec" if spec else ""))
-    for path in a.out:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    records.append(a.out, rec)
     print(json.dumps(rec))
     return 0
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from mugs.benchmarks import records
+
 def _scalars(tb_dir: Path) -> dict:
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -144,10 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(table(Path(a.run_dir)))
         return 0
     rec = train_record(a)
-    for path in a.out:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    records.append(a.out, rec)
     print(json.dumps(rec))
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from mugs.benchmarks import records
 
 RESULTS = os.path.join("runs", "benchmarks", "loader.jsonl")  # relative to the working directory
 
@@ -118,9 +119,7 @@ def main(argv=None) -> int:
           f"{result['img_per_s']:.1f} img/s"
           + (f", {result['cpu_ms_per_img']} CPU-ms/img" if result["cpu_ms_per_img"] is not None else "")
           + f"  [load avg {result['load_avg_1m']}]")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    records.append([args.out], result)
     return 0
 
 

@@ -18,8 +18,9 @@ import platform
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
+
+from mugs.benchmarks import records
 
 PREFLIGHT_BATCH = 2  # enough to run every loss (the group loss needs > 1 sample); small enough to be quick
 
@@ -88,10 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rec.update(ok=False, error=msg)
         print(f"preflight: FAILED: {msg}", file=sys.stderr)
     rec["seconds"] = time.perf_counter() - t0
-    for path in outs:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    records.append(outs, rec)
     print(json.dumps(rec), flush=True)
     return 0 if rec["ok"] else 3
 

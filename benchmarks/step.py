@@ -48,7 +48,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mugs.benchmarks import hardware
+from mugs.benchmarks import hardware, records
 from mugs.benchmarks.flops import MugsShape, step_flops_per_image
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.collectives import CollectiveCounter
@@ -387,10 +387,7 @@ def emit(rec: dict, outs: Sequence[str]) -> None:
             label = "TF32" if rec["tf32"] else "strict fp32"
             print(f"speed-up vs paper-style {label} (optimised / paper-style images per second): "
                   f"{rec['speedup_vs_baseline']:.2f}x")
-    for path in outs:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    records.append(outs, rec)
     print(json.dumps(rec), flush=True)
 
 if __name__ == "__main__":
