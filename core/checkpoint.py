@@ -197,14 +197,27 @@ def _checksums(tmp: Path, per_rank: List[Dict[str, str]]) -> Dict[str, Any]:
     return {"algorithm": integrity.DEFAULT, "files": files}
 
 
-def _free_space(path: Path) -> str:
+DISK_FULL_BYTES = 2**20  # below this a failed write is a full disk, whatever error the serializer raised
+
+
+def _free_space(path: Path) -> Optional[int]:
     for p in (path, *path.parents):
         try:
-            free = shutil.disk_usage(p).free
+            return shutil.disk_usage(p).free
         except OSError:
             continue
-        return f"{free / 2**30:.2f} GB free" if free >= 2**30 else f"{free / 2**20:.1f} MB free"
-    return "free space unknown"
+    return None
+
+
+def _write_failure(msg: str, path: Path) -> str:
+    """The reason and the free space; a nearly empty disk is named as such (torch's zip writer reports a
+    full disk as 'unexpected pos', not ENOSPC)."""
+    free = _free_space(path)
+    if free is None:
+        return f"{msg}; free space unknown"
+    if free < DISK_FULL_BYTES and "No space left on device" not in msg:
+        msg = f"No space left on device ({msg})"
+    return f"{msg}; " + (f"{free / 2**30:.2f} GB free" if free >= 2**30 else f"{free / 2**20:.1f} MB free")
 
 
 def save(output_dir: str, step: int, epoch: int, *, student, teacher, optimizer, objective,
@@ -238,7 +251,7 @@ def save(output_dir: str, step: int, epoch: int, *, student, teacher, optimizer,
             if kind == "owner":
                 raise OwnerError(msg)
             raise CheckpointWriteError(
-                f"cannot write checkpoint step {step} to {tmp.parent} ({msg}; {_free_space(root)}): free disk "
+                f"cannot write checkpoint step {step} to {tmp.parent} ({_write_failure(msg, root)}): free disk "
                 f"space or fix the folder, then resume; the partial checkpoint was removed and the last complete "
                 f"one ({latest(output_dir) or 'none'}) is intact")
         return result

@@ -174,3 +174,12 @@ def save_numpy1_style(obj, path: Path) -> None:
     module = types.ModuleType("numpy1_pickle")
     module.Pickler = _Numpy1Pickler
     torch.save(obj, path, pickle_module=module)
+
+
+def two_checkpoints(tmp_path) -> dict:
+    """A run dir with two complete checkpoints (steps 6 and 7, different weights): the fixture of the
+    checkpoint safety and integrity tests."""
+    cfg = tiny_cfg()
+    old = save_run(tmp_path / "run", cfg, step=6, epoch=3, seed=0)
+    new = save_run(tmp_path / "run", cfg, step=7, epoch=3, seed=1)
+    return dict(dir=tmp_path / "run", cfg=cfg, old=old, new=new)

@@ -37,11 +37,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture
 def saved(tmp_path):
-    """A run dir with two complete checkpoints (steps 6 and 7, different weights)."""
-    cfg = H.tiny_cfg()
-    old = H.save_run(tmp_path / "run", cfg, step=6, epoch=3, seed=0)
-    new = H.save_run(tmp_path / "run", cfg, step=7, epoch=3, seed=1)
-    return dict(dir=tmp_path / "run", cfg=cfg, old=old, new=new)
+    return H.two_checkpoints(tmp_path)
 
 
 def resume(saved, log):

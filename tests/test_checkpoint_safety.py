@@ -41,11 +41,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture
 def run(tmp_path):
-    """A run dir with two complete checkpoints (steps 6 and 7, different weights)."""
-    cfg = H.tiny_cfg()
-    old = H.save_run(tmp_path / "run", cfg, step=6, epoch=3, seed=0)
-    new = H.save_run(tmp_path / "run", cfg, step=7, epoch=3, seed=1)
-    return dict(dir=tmp_path / "run", cfg=cfg, old=old, new=new, marker=tmp_path / "PWNED")
+    return dict(H.two_checkpoints(tmp_path), marker=tmp_path / "PWNED")
 
 
 def fresh_models(cfg, seed=5):

@@ -124,3 +124,18 @@ def test_a_worker_killed_by_a_signal_is_named_not_the_rank_torn_down_with_it(dat
     _, stderr = proc.communicate(timeout=300)
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("mugs-train: error: worker rank 1 was killed by SIGKILL"), last
+
+
+def test_a_failed_write_on_an_almost_empty_disk_is_named_a_full_disk(monkeypatch, tmp_path):
+    """torch's zip writer reports ENOSPC as 'unexpected pos N vs M': the line still says the disk is full."""
+    import collections
+    import shutil
+
+    from mugs.core import checkpoint as ckpt
+
+    usage = collections.namedtuple("usage", "total used free")
+    zip_error = "writing the shards: RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 1000, 1000))
+    assert ckpt._write_failure(zip_error, tmp_path) == f"No space left on device ({zip_error}); 0.0 MB free"
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**39, 2**39))
+    assert ckpt._write_failure("Permission denied", tmp_path) == "Permission denied; 512.00 GB free"
