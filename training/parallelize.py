@@ -39,7 +39,7 @@ implicit prefetch would issue each all-gather only when the CPU reaches the bloc
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     is_teacher: bool = False,
-    compile_backend: Optional[str] = None,
+    compile_backend: Optional[Any] = None,  # a torch.compile backend: a name, or a callable (tests)
 ) -> MugsNetwork:
     """Apply AC, compile and FSDP2 to `net` in place (see the module docstring for order and policy)."""
     blocks = list(net.backbone.blocks)
@@ -89,7 +89,9 @@ def parallelize(
             checkpoint_forward_(blk)
     if compile:
         for blk in units:
-            blk.compile(**({"backend": compile_backend} if compile_backend else {}))
+            # static shapes: the step's shapes are fixed, and Dynamo's automatic dynamic shapes (the teacher
+            # and the student call one code object with different token counts) compiled slower generic kernels
+            blk.compile(dynamic=False, **({"backend": compile_backend} if compile_backend else {}))
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     for blk in units:
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
