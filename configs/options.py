@@ -112,6 +112,8 @@ class MugsConfig:
     knn_val_path: str = _opt("", "monitor's labelled queries: ImageFolder root or file list (same class numbering)")
     knn_subset_per_class: int = _opt(0, "monitor on a fixed subset of N images per class of each of the two "
                                         "(the one mugs-eval-knn --subset_per_class N takes); 0: all images")
+    knn_resize: int = _opt(0, "monitor's view: short side resized to this, then the centre --img_size crop "
+                              "(0: --img_size x 256/224, the protocol's 256/224 at 224 px)")
 
     @property
     def local_crop_size(self) -> int:

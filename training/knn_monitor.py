@@ -5,8 +5,8 @@ backbone's weighted 20-NN top-1/top-5 on a labelled bank (`--knn_train_path`) an
 (`--knn_val_path`), optionally a fixed subset of N images per class of each (`--knn_subset_per_class`).
 Same code and protocol as `mugs-eval-knn` (model/knn.py: final-normed CLS, k = 20, T by arch), at the
 evaluation view of the training resolution (pipeline/labelled.py's eval_view: resize 256 / crop 224
-at --img_size 224), so `mugs-eval-knn CKPT --train .. --val .. --subset_per_class N` on the checkpoint
-of that step gives the same figures (up to bf16 rounding on GPU: the monitor runs the teacher as it
+at --img_size 224; --knn_resize sets the resize), so `mugs-eval-knn CKPT --train .. --val ..
+--subset_per_class N --resize R --crop C` on the checkpoint of that step gives the same figures (up to bf16 rounding on GPU: the monitor runs the teacher as it
 trains, in --precision).
 
 Distributed: the images are split over the ranks (strided shards, padded to equal length), each rank
@@ -74,7 +74,8 @@ def load_sets(cfg: MugsConfig) -> Optional[Tuple[FileIndex, FileIndex]]:
 
 class KnnMonitor:
     def __init__(self, cfg: MugsConfig, bank: FileIndex, queries: FileIndex, device: torch.device):
-        tf = eval_transform(*eval_view(cfg.img_size))
+        self.view = (cfg.knn_resize, cfg.img_size) if cfg.knn_resize else eval_view(cfg.img_size)
+        tf = eval_transform(*self.view)
         self.bank, self.queries = LabelledImages(bank, tf), LabelledImages(queries, tf)
         self.num_classes = max(max(self.bank.targets), max(self.queries.targets)) + 1
         self.every = cfg.knn_every_epochs

@@ -28,7 +28,7 @@ SAFE_TO_CHANGE = frozenset({
     # paths (the loader itself refuses a data set with another number of images)
     "data_path", "output_dir",
     # the online k-NN monitor only reads the teacher (a run with it on is bitwise the run with it off)
-    "knn_every_epochs", "knn_train_path", "knn_val_path", "knn_subset_per_class",
+    "knn_every_epochs", "knn_train_path", "knn_val_path", "knn_subset_per_class", "knn_resize",
     # accepted for the original's command lines and ignored
     "dist_url", "local_rank", "rank", "world_size", "use_prefetcher", "debug", "ddpjob",
 })

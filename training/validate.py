@@ -77,6 +77,8 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
         fail("--max_steps and --ckpt_every_steps must be >= 0 and --ckpt_keep >= 1")
     if cfg.knn_every_epochs < 0 or cfg.knn_subset_per_class < 0:
         fail("--knn_every_epochs and --knn_subset_per_class must be >= 0 (0: monitor off / all images)")
+    if cfg.knn_resize and cfg.knn_resize < cfg.img_size:
+        fail(f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop (0: automatic)")
     if cfg.knn_every_epochs:
         for name in ("knn_train_path", "knn_val_path"):
             path = getattr(cfg, name)
