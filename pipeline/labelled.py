@@ -9,6 +9,7 @@ import random
 from collections import defaultdict
 from typing import List, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -20,14 +21,17 @@ SUBSET_SEED = 0  # fixed: the subset does not depend on a run's --seed, so runs 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
+def _geometry(resize: int, crop: int) -> list:
+    return [transforms.Resize(resize, interpolation=BICUBIC), transforms.CenterCrop(crop)]
+
+
+def _to_input() -> list:
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
 def eval_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
     """The DINO/Mugs evaluation view: bicubic resize of the short side, centre crop, ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=BICUBIC),
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(_geometry(resize, crop) + _to_input())
 
 
 def eval_view(img_size: int) -> Tuple[int, int]:
@@ -53,19 +57,29 @@ def subset_per_class(paths: Sequence[str], labels: Sequence[int], per_class: int
 
 
 class LabelledImages(Dataset):
-    """(view, label) of a FileIndex's images (optionally a subset of them), decoded with PIL as
-    torchvision's ImageFolder does (RGB)."""
+    """(eval_transform view, label) of a FileIndex's images (optionally a subset of them), decoded with
+    PIL as torchvision's ImageFolder does (RGB).
 
-    def __init__(self, index: FileIndex, transform, keep: Sequence[int] = ()):
+    `cache`: keep each image's resized and cropped pixels (uint8, crop x crop x 3 bytes: 150 KB at 224)
+    after its first read, so that a set read again and again (the k-NN monitor's, every N epochs) is
+    decoded once; ToTensor and Normalize run on the kept array, giving the very same tensor."""
+
+    def __init__(self, index: FileIndex, view: Tuple[int, int], keep: Sequence[int] = (), cache: bool = False):
         keep = list(keep) if keep else list(range(len(index)))
         self.paths = [index.paths[i] for i in keep]
         self.targets = [int(index.labels[i]) for i in keep]
-        self.transform = transform
+        self.geometry = transforms.Compose(_geometry(*view))
+        self.to_input = transforms.Compose(_to_input())
+        self.cache = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with open(self.paths[i], "rb") as f:
-            image = Image.open(f).convert("RGB")
-        return self.transform(image), self.targets[i]
+        pixels = self.cache.get(i) if self.cache is not None else None
+        if pixels is None:
+            with open(self.paths[i], "rb") as f:
+                pixels = np.asarray(self.geometry(Image.open(f).convert("RGB")), dtype=np.uint8).copy()
+            if self.cache is not None:
+                self.cache[i] = pixels
+        return self.to_input(pixels), self.targets[i]

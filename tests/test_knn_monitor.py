@@ -90,10 +90,24 @@ def test_measure_draws_no_random_number_restores_modes_and_a_bad_image_raises(se
     shutil.copytree(sets[1], bad)
     victim = sorted((bad / sorted(p.name for p in bad.iterdir())[0]).iterdir())[0]
     victim.write_bytes(b"not an image")
-    ds = LabelledImages(index_folder(str(bad)), eval_transform(36, 32))
+    ds = LabelledImages(index_folder(str(bad)), (36, 32))
     with pytest.raises(FeatureLoadError):
         extract_features(lambda x: x.flatten(1), ds, 3 * 32 * 32, batch_size=4, device=torch.device("cpu"),
                          threads=2, lockstep=True)
+
+
+@pytest.mark.timeout(60)
+def test_cached_images_are_the_eval_transform_tensors_bit_for_bit(sets):
+    from PIL import Image
+
+    ix = index_folder(str(sets[1]))
+    ds = LabelledImages(ix, (36, 32), cache=True)
+    tf = eval_transform(36, 32)
+    for _ in range(2):  # decoded, then from the cache
+        for i in (0, 5):
+            with Image.open(ix.paths[i]) as im:
+                assert torch.equal(ds[i][0], tf(im.convert("RGB"))) and ds[i][1] == ix.labels[i]
+    assert sorted(ds.cache) == [0, 5]
 
 
 @pytest.mark.timeout(60)

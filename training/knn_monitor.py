@@ -18,7 +18,8 @@ the next step and wait for rank 0 in its first collective).
 It never changes training: it draws no random number (the subset has its own generator, the
 DataLoader is not used, and the RNG states of torch, CUDA, numpy and Python are saved before and
 restored after it anyway), restores every module's train/eval mode, reshards the teacher, and does
-not touch the training loader. A failure inside it (an unreadable image: the ranks agree after each
+not touch the training loader. Each rank keeps its images' decoded crops after the first point
+(uint8; while its share is under CACHE_MAX_IMAGES), so later points cost the forwards only. A failure inside it (an unreadable image: the ranks agree after each
 batch) is a warning; the run goes on.
 """
 from __future__ import annotations
@@ -35,11 +36,12 @@ from ..core import dist
 from ..core.checkpoint import rng_state, set_rng_state
 from ..model.knn import K, default_temperature, extract_features, knn_classify
 from ..pipeline.files import FileIndex
-from ..pipeline.labelled import LabelledImages, eval_transform, eval_view, subset_per_class
+from ..pipeline.labelled import LabelledImages, eval_view, subset_per_class
 from .parallelize import reshard_
 from .validate import ConfigError, check_knn_data
 
-MAX_THREADS = 8  # image-decoding threads per rank (PIL releases the GIL)
+MAX_THREADS = 16  # image-decoding threads per rank (PIL releases the GIL), at most --num_workers
+CACHE_MAX_IMAGES = 25_000  # per rank: 3.7 GB of host memory at 224 px
 
 
 @dataclass
@@ -75,8 +77,10 @@ def load_sets(cfg: MugsConfig) -> Optional[Tuple[FileIndex, FileIndex]]:
 class KnnMonitor:
     def __init__(self, cfg: MugsConfig, bank: FileIndex, queries: FileIndex, device: torch.device):
         self.view = (cfg.knn_resize, cfg.img_size) if cfg.knn_resize else eval_view(cfg.img_size)
-        tf = eval_transform(*self.view)
-        self.bank, self.queries = LabelledImages(bank, tf), LabelledImages(queries, tf)
+        # decoded once, kept as uint8 crops, while a rank's share of the images stays under CACHE_MAX_IMAGES
+        share = -(-(len(bank) + len(queries)) // dist.world_size())
+        cache = share <= CACHE_MAX_IMAGES
+        self.bank, self.queries = LabelledImages(bank, self.view, cache=cache), LabelledImages(queries, self.view, cache=cache)
         self.num_classes = max(max(self.bank.targets), max(self.queries.targets)) + 1
         self.every = cfg.knn_every_epochs
         self.temperature = default_temperature(cfg.arch)
