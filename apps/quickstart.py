@@ -165,7 +165,7 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
 
 def _knn_panel(ax, knn, raw_pixels: Optional[float]) -> None:
     """The monitor's teacher k-NN top-1 per point (step 0 = random init), labelled with its value."""
-    steps, top1 = [e.step for e in knn], [e.value for e in knn]
+    steps, top1 = [e.step for e in knn], [round(e.value, 6) for e in knn]  # float32 events: 0.4805 not 0.48050001
     ax.plot(steps, top1, color="tab:blue", marker="o", linewidth=1.8, label="EMA teacher, k-NN top-1 (monitor)")
     if steps[0] == 0:
         ax.plot([0], [top1[0]], marker="o", markersize=9, color="tab:red", linestyle="none",
