@@ -114,5 +114,6 @@ def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size:
             if failure is not None:
                 raise FeatureLoadError(failure)
         rows.append(encode(images.to(device, non_blocking=True)).float())
+    next(it, None)  # the end of the iteration: a progress bar shows its last batch and closes
     local = torch.cat(rows)[:real] if rows else torch.zeros(0, dim, device=device)
     return dist.gather_indexed_rows(local, torch.tensor(index[:real], dtype=torch.long), n)
