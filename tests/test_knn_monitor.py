@@ -116,10 +116,14 @@ def test_cached_images_are_the_eval_transform_tensors_bit_for_bit(sets):
      "--knn_val_path /nonexistent/val does not exist"),
     (["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "{empty}"],
      "--knn_val_path {empty}: no class folders"),
+    (["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "{fewer}"],
+     "class folders differ (only in train: ['class_2'], only in val: [])"),
 ])
 def test_bad_monitor_paths_fail_before_training_in_one_line(sets, tmp_path, capsys, extra, needle):
     (tmp_path / "empty").mkdir()
-    fill = {"train": str(sets[0]), "empty": str(tmp_path / "empty")}
+    shutil.copytree(sets[1], tmp_path / "fewer")
+    shutil.rmtree(tmp_path / "fewer" / "class_2")  # ImageFolder would number the classes it has 0, 1
+    fill = {"train": str(sets[0]), "empty": str(tmp_path / "empty"), "fewer": str(tmp_path / "fewer")}
     extra = [e.format(**fill) for e in extra]
     code = launch_main(["--check_only", "--data_path", str(sets[0]), "--output_dir", str(tmp_path / "run"),
                         *TINY_FLAGS, "--batch_size_per_gpu", "2", *extra])

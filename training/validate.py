@@ -121,6 +121,14 @@ def check_knn_data(cfg: MugsConfig):
         except (ValueError, OSError) as e:
             raise ConfigError(f"--{name} {path}: {e}") from None
     bank, queries = found
+    if os.path.isdir(cfg.knn_train_path) and os.path.isdir(cfg.knn_val_path):
+        from ..pipeline.files import class_folders
+
+        only_t, only_v = (sorted(set(class_folders(a)) - set(class_folders(b)))[:5] for a, b in (
+            (cfg.knn_train_path, cfg.knn_val_path), (cfg.knn_val_path, cfg.knn_train_path)))
+        if only_t or only_v:  # ImageFolder numbering: the same folders or the labels would not match
+            raise ConfigError(f"--knn_train_path and --knn_val_path class folders differ (only in train: {only_t}, "
+                              f"only in val: {only_v})")
     unknown = sorted(set(queries.labels) - set(bank.labels))
     if unknown:
         raise ConfigError(f"--knn_val_path {cfg.knn_val_path} has classes {unknown[:5]} that --knn_train_path "
