@@ -218,3 +218,26 @@ def test_an_unreadable_image_is_a_warning_at_each_point_not_a_lost_run(sets, tmp
     assert "at epoch 1 (step 6) failed" in warnings[1] and "rank " in warnings[1]
     assert [r["step"] for r in _records(out, "knn_failed")] == [0, ITERS] and not _records(out, "knn")
     assert [s for s, _ in logged_losses(out)] == list(range(1, ITERS + 2))
+
+
+@pytest.mark.timeout(60)
+def test_cost_model_calibrates_the_flop_share_by_the_measured_share(tmp_path):
+    """benchmarks/knn_monitor_cost.py: measured share / FLOP share of a run, applied to the Table-1 FLOP shares."""
+    import dataclasses
+
+    from mugs.benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image
+    from mugs.benchmarks.knn_monitor_cost import IMAGENET_TRAIN, measured, table1
+
+    cfg = parse_config(["--data_path", "x", *TINY_FLAGS, "--batch_size_per_gpu", "4"])
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    recs = [{"event": "knn", "epoch": e, "step": 5 * e, "bank": 30, "queries": 10, "seconds": s,
+             "epoch_seconds": es} for e, s, es in ((0, 9.0, None), (1, 1.0, 10.0), (2, 2.0, 30.0))]
+    (tmp_path / "log.txt").write_text("\n".join(map(json.dumps, recs)) + "\n")
+    m = measured(tmp_path)
+    shape = MugsShape.from_config(cfg, 32, 2)
+    flop = 40 * backbone_forward_flops(shape, 32) / (5 * 4 * step_flops_per_image(shape)["total"])
+    assert m["measured_share"] == pytest.approx(3.0 / 40.0) and m["flop_share"] == pytest.approx(flop)
+    large = table1(m["calibration"], 10, 1000)["vit_large_250ep"]
+    vit_l = MugsShape.for_arch("vit_large")
+    want = 20_000 * backbone_forward_flops(vit_l, 224) / (IMAGENET_TRAIN * step_flops_per_image(vit_l)["total"])
+    assert large["flop_share"] == pytest.approx(want) and large["modelled_share"] == pytest.approx(m["calibration"] * want)
