@@ -5,8 +5,10 @@ Fashion-MNIST split with the real code path and shows what it learned, on CPU.
 2. k-NN accuracy of the network at its random initialisation (held-out split);
 3. `torchrun --nproc_per_node 2 -m mugs.training.trainer ...` (what train_fsdp.py runs): FSDP2 over gloo, the DALI CPU
    pipeline, the three Mugs losses, checkpoints, TensorBoard, progress bar with ETA;
+   with the online k-NN monitor on (--knn_every_epochs 1 on the held-out split: the teacher's
+   k-NN before the first step and after each epoch, same code and view as step 2);
 4. k-NN accuracy of the pretrained student (the headline) and of its EMA teacher; a loss-curve
-   PNG and an attention-map PNG. In a run of a few hundred steps the teacher, whose momentum
+   PNG (with the monitor's k-NN curve in a panel below the losses) and an attention-map PNG. In a run of a few hundred steps the teacher, whose momentum
    rises to 1 on a cosine, trails the student it averages (measured: 2-4 points); in the
    paper's 100+ epoch runs it is the other way round, so the eval tools default to the teacher.
 """
@@ -105,9 +107,12 @@ def chance_levels(cfg) -> dict:
             "group": float(np.log(cfg.group_out_dim))}
 
 
-def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: dict) -> None:
+def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: dict,
+               raw_pixels: Optional[float] = None) -> None:
     """Each loss smoothed (raw faint behind) with its chance level (dotted, same colour), and where
-    the lr peaks and the group head's last layer is unfrozen (read from the logged lr and epoch)."""
+    the lr peaks and the group head's last layer is unfrozen (read from the logged lr and epoch);
+    below, when the run logged `knn/top1` (the online k-NN monitor), the teacher's k-NN top-1 against
+    the step, from its random-init point, with the raw pixels' k-NN as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +122,12 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     ea.Reload()
     tags = ea.Tags()["scalars"]
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    knn = ea.Scalars("knn/top1") if "knn/top1" in tags else []
+    if knn:
+        fig, (ax, kax) = plt.subplots(2, 1, figsize=(10, 7), dpi=100, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     steps: List[int] = []
     for tag, colour in (("loss/total", "black"), ("loss/instance", "tab:blue"), ("loss/local_group", "tab:orange"),
                         ("loss/group", "tab:green")):
@@ -140,13 +150,45 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
         if unfrozen is not None:
             ax.axvline(unfrozen, color="tab:purple", linestyle="--", linewidth=1,
                        label=f"group last layer unfrozen (step {unfrozen})")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (raw faint, moving average bold)")
     ax.set_title("Mugs pretraining on Fashion-MNIST (quickstart)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if knn:
+        _knn_panel(kax, knn, raw_pixels)
+        kax.set_xlabel("step")
+    else:
+        ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def _knn_panel(ax, knn, raw_pixels: Optional[float]) -> None:
+    """The monitor's teacher k-NN top-1 per point (step 0 = random init), labelled with its value."""
+    steps, top1 = [e.step for e in knn], [round(e.value, 6) for e in knn]  # float32 events: 0.4805 not 0.48050001
+    ax.plot(steps, top1, color="tab:blue", marker="o", linewidth=1.8, label="EMA teacher, k-NN top-1 (monitor)")
+    if steps[0] == 0:
+        ax.plot([0], [top1[0]], marker="o", markersize=9, color="tab:red", linestyle="none",
+                label=f"random init ({top1[0]:.3f})")
+    for x, y in zip(steps, top1):
+        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+    if raw_pixels is not None:
+        ax.axhline(raw_pixels, color="grey", linestyle=":", linewidth=1.4, label=f"raw pixels ({raw_pixels:.3f})")
+    lo = min(top1 + ([raw_pixels] if raw_pixels is not None else []))
+    hi = max(top1 + ([raw_pixels] if raw_pixels is not None else []))
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.06))
+    ax.set_ylabel("k-NN top-1 (held-out)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def monitor_points(run_dir: Path) -> List[dict]:
+    """The run's k-NN monitor records (log.txt), one per point, without repeats."""
+    log = run_dir / "log.txt"
+    if not log.is_file():
+        return []
+    recs = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "knn"]
+    return [{k: r[k] for k in ("epoch", "step", "top1", "top5", "seconds", "epoch_seconds", "share_of_epoch")}
+            for r in recs]
 
 
 def attention_png(backbone, spec, val_dir: Path, out: Path, img_size: int, images: int = 4) -> None:
@@ -189,8 +231,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(run_dir)
     flags = QUICKSTART_FLAGS + ["--data_path", str(train_dir), "--output_dir", str(run_dir), "--epochs", str(args.epochs),
                                 "--max_steps", str(args.max_steps)]
+    img_size = parse_config(flags).img_size
+    # the online k-NN monitor on the held-out split, every epoch, in step 2's view (the 56-px images as they are)
+    flags += ["--knn_every_epochs", "1", "--knn_train_path", str(train_dir), "--knn_val_path", str(val_dir),
+              "--knn_resize", str(img_size)]
     cfg = parse_config(flags)
-    img_size = cfg.img_size
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"mugs-quickstart: data in {work / 'data'}; k-NN of the randomly initialised network...", flush=True)
     before = knn_accuracy(initial_backbone(flags), train_dir, val_dir, img_size)
@@ -209,11 +254,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     nets = {key: load_backbone(run_dir, key=key, ckpt=ckpt)[:2] for key in ("student", "teacher")}
     after = {key: knn_accuracy(net, train_dir, val_dir, img_size) for key, (net, _) in nets.items()}
     loss_curve(run_dir / "tb", work / "loss_curve.png", freeze_last_layer_epochs=cfg.freeze_last_layer,
-               chance=chance_levels(cfg))
+               chance=chance_levels(cfg), raw_pixels=pixels)
     attention_png(*nets["teacher"], val_dir, work / "attention.png", img_size)
     results = {"knn_top1_raw_pixels": pixels, "knn_top1_random_init": before, "knn_top1_pretrained": after["student"],
                "knn_top1_pretrained_teacher": after["teacher"], "gain_points": 100 * (after["student"] - before),
-               "epochs": args.epochs, "max_steps": args.max_steps, "minutes": (time.time() - t0) / 60}
+               "epochs": args.epochs, "max_steps": args.max_steps, "minutes": (time.time() - t0) / 60,
+               "knn_monitor": monitor_points(run_dir)}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nmugs-quickstart: k-NN top-1 on {len(list(val_dir.rglob('*.png')))} held-out images: "
           f"random init {before:.3f} -> pretrained {after['student']:.3f} ({results['gain_points']:+.1f} points; "

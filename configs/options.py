@@ -106,6 +106,14 @@ class MugsConfig:
     memory_pointer: str = _opt("fixed", "local-group memory write pointer: fixed (advances by the rows written) "
                                "or original (the paper code's: twice that in its non-wrapping branch; "
                                "for exact reproduction, used by the Table-1 runs)", choices=("fixed", "original"))
+    # online k-NN monitor (training/knn_monitor.py): the teacher's weighted 20-NN top-1/top-5 during the run
+    knn_every_epochs: int = _opt(0, "online k-NN monitor: every N epochs (and before the first step); 0: off")
+    knn_train_path: str = _opt("", "monitor's labelled bank: ImageFolder root or mugs-scan-data file list")
+    knn_val_path: str = _opt("", "monitor's labelled queries: ImageFolder root or file list (same class numbering)")
+    knn_subset_per_class: int = _opt(0, "monitor on a fixed subset of N images per class of each of the two "
+                                        "(the one mugs-eval-knn --subset_per_class N takes); 0: all images")
+    knn_resize: int = _opt(0, "monitor's view: short side resized to this, then the centre --img_size crop "
+                              "(0: --img_size x 256/224, the protocol's 256/224 at 224 px)")
 
     @property
     def local_crop_size(self) -> int:

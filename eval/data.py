@@ -14,20 +14,12 @@ from typing import Optional, Sequence, Tuple
 from torchvision import datasets, transforms
 
 from ..pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
+from ..pipeline.labelled import eval_transform  # noqa: F401 - shared with the training run's k-NN monitor
 from ..pipeline.tv_transforms import with_safe_posterize
 from .errors import DataError
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 BICUBIC = transforms.InterpolationMode.BICUBIC
-
-
-def eval_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=BICUBIC),
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
 
 
 def train_transform(crop: int = 224, kind: str = "strong") -> transforms.Compose:

@@ -14,19 +14,15 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..model.knn import cls_features, extract_features  # noqa: F401 - cls_features: re-exported
 from ..model.vit import MugsViT
 from ..core import dist
 from ..core.safe_load import safe_torch_load
 
 FeatureFn = Callable[[MugsViT, torch.Tensor], torch.Tensor]
-
-
-def cls_features(backbone: MugsViT, images: torch.Tensor) -> torch.Tensor:
-    """[B, D]: the final-normed CLS token (the relation block is not used)."""
-    return backbone.forward_mugs(images).cls
 
 
 def block_features(backbone: MugsViT, images: torch.Tensor, n_last_blocks: int = 1,
@@ -52,17 +48,13 @@ def loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.de
                       pin_memory=device.type == "cuda", persistent_workers=False, **kw)
 
 
-@torch.no_grad()
 def extract(backbone: MugsViT, dataset: Dataset, fn: FeatureFn, dim: int, *, batch_size: int, num_workers: int,
             device: torch.device, desc: str) -> Optional[torch.Tensor]:
-    """[len(dataset), dim] float32 CPU features in dataset order on rank 0; None on the other ranks."""
-    index = dist.shard(len(dataset))
-    rows = []
-    batches = loader(Subset(dataset, index), batch_size, num_workers, device)
-    for images, _ in tqdm(batches, desc=desc, disable=not dist.is_main(), dynamic_ncols=True):
-        rows.append(fn(backbone, images.to(device, non_blocking=True)).float())
-    local = torch.cat(rows) if rows else torch.zeros(0, dim, device=device)
-    return dist.gather_indexed_rows(local, torch.tensor(index, dtype=torch.long), len(dataset))
+    """[len(dataset), dim] float32 CPU features in dataset order on rank 0; None on the other ranks
+    (model/knn.py's extract_features, which the training run's k-NN monitor uses too)."""
+    return extract_features(lambda images: fn(backbone, images), dataset, dim, batch_size=batch_size,
+                            num_workers=num_workers, device=device,
+                            progress=lambda it: tqdm(it, desc=desc, disable=not dist.is_main(), dynamic_ncols=True))
 
 
 def fingerprint(**parts) -> str:

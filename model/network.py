@@ -38,9 +38,16 @@ class MugsNetwork(nn.Module):
         self.local_group_head = local_group_head
         self.group_head = group_head
 
-    def forward(self, crops: Sequence[torch.Tensor], memory: Optional[LocalGroupMemory]) -> MugsOutputs:
+    def forward(self, crops: Sequence[torch.Tensor], memory: Optional[LocalGroupMemory], *,
+                cls_only: bool = False) -> MugsOutputs:
         """All crops in ONE backbone pass: each run of same-size crops is one batch of the block's
-        list forward, so every block (one FSDP unit) is entered once per forward for all crops."""
+        list forward, so every block (one FSDP unit) is entered once per forward for all crops.
+
+        `cls_only`: `crops` is one batch of images and the result the backbone's final-normed CLS
+        [B, D] (model/knn.py's features; no heads, no relation block), through this module's call so
+        that a sharded network gathers its root parameters and casts the input as in training."""
+        if cls_only:
+            return self.backbone.forward_mugs(crops).cls
         runs = same_size_runs(crops)
         use_memory = memory if self.local_group_head is not None else None
         outs = self.backbone.forward_mugs_list([torch.cat(list(crops[a:b])) for a, b in runs], use_memory)

@@ -22,6 +22,11 @@
 #   EXTRA_ARGS          train_fsdp.py flags appended last, so they override (split on whitespace);
 #                       arguments after the script name (`sbatch slurm/x.sh --epochs 10`) go after them
 #   PYTHON              interpreter with mugs installed (default: python)
+#   KNN_VAL_PATH        labelled ImageNet val ImageFolder (val/<wnid>/*.JPEG) or file list: turns on the online
+#                       k-NN monitor (the teacher's 20-NN top-1/top-5 before step 1 and every KNN_EVERY_EPOCHS)
+#   KNN_TRAIN_PATH      the monitor's bank (default: DATA_PATH)
+#   KNN_EVERY_EPOCHS    default 1; KNN_SUBSET_PER_CLASS default 10: 10 images per class of train as the bank
+#                       and 10 per class of val as queries (10k + 10k; about 0.5% of a ViT-L epoch, README)
 #   MASTER_ADDR/PORT    rendezvous host/port (default: first node of the job, 20000 + job id % 20000)
 #   MUGS_DRY_RUN=1      print the command instead of running it (tests; checking a change)
 # Node count: sbatch --nodes=N. Partition, account, time: -p/-A/--time or SBATCH_PARTITION/_ACCOUNT/_TIMELIMIT.
@@ -75,12 +80,18 @@ mapfile -t FLAGS <<< "$FLAGS_TXT"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 # not hyper-parameters: shard within a node and replicate across nodes (a no-op on one node)
 SYSTEM_FLAGS=(--hsdp true)
+# the online k-NN monitor (reads the teacher only: the run is bitwise the same with it on or off)
+KNN_FLAGS=()
+if [ -n "${KNN_VAL_PATH:-}" ]; then
+    KNN_FLAGS=(--knn_every_epochs "${KNN_EVERY_EPOCHS:-1}" --knn_train_path "${KNN_TRAIN_PATH:-$DATA_PATH}"
+               --knn_val_path "$KNN_VAL_PATH" --knn_subset_per_class "${KNN_SUBSET_PER_CLASS:-10}")
+fi
 
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 
-TRAIN_ARGS=(--data_path "$DATA_PATH" --output_dir "$OUTPUT_DIR" "${FLAGS[@]}" "${SYSTEM_FLAGS[@]}" "${EXTRA[@]}" "$@")
+TRAIN_ARGS=(--data_path "$DATA_PATH" --output_dir "$OUTPUT_DIR" "${FLAGS[@]}" "${SYSTEM_FLAGS[@]}" "${KNN_FLAGS[@]}" "${EXTRA[@]}" "$@")
 # mugs-train handles USR1/TERM/INT itself (passes them to its workers); USR1 is ignored only until
 # it has installed its handler, so a signal during its start-up does not kill it
 CMD=(srun --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"

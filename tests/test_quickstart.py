@@ -24,6 +24,11 @@ def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path,
     for key in ("knn_top1_raw_pixels", "knn_top1_random_init", "knn_top1_pretrained", "knn_top1_pretrained_teacher"):
         assert 0.0 <= res[key] <= 1.0, key
     assert res["knn_top1_random_init"] > 0.15  # 10 classes: random features already beat chance
+    # the online k-NN monitor ran in training (its random-init point; 3 steps end no epoch): the EMA teacher
+    # at step 0 is the initial network, measured by the same code in the same view as "random init"
+    (point,) = res["knn_monitor"]
+    assert point["step"] == 0 and point["top1"] == pytest.approx(res["knn_top1_random_init"], abs=0.01)
+    assert "knn: random init (step 0): top-1" in r.stderr
     assert "reached --max_steps 3" in r.stderr  # the trainer ran (FSDP2, DALI CPU) and stopped where told
     assert "random init" in r.stdout and "TensorBoard" in r.stdout
     assert f"raw pixels {res['knn_top1_raw_pixels']:.3f}" in r.stdout

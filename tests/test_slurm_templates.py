@@ -123,3 +123,16 @@ def test_environment_overrides_and_extra_args_come_last():
     assert cfg.batch_size_per_gpu == 320 and cfg.min_lr == 1.5e-4  # 640 over 2 processes; the rest stays
     assert opt(runner, "--nproc_per_node") == "2" and opt(runner, "--rdzv_endpoint") == "head:1234"
     assert opt(runner, "--rdzv_id") == "77"
+
+
+def test_knn_monitor_is_off_by_default_and_knn_val_path_turns_it_on_with_the_suggested_subset():
+    _, argv = launched(dry_run("vit_large_250ep", 5, 8))
+    assert parse_config(argv).knn_every_epochs == 0
+    _, argv = launched(dry_run("vit_large_250ep", 5, 8, DATA_PATH="/d/train", KNN_VAL_PATH="/d/val"))
+    cfg = parse_config(argv)
+    assert (cfg.knn_every_epochs, cfg.knn_train_path, cfg.knn_val_path, cfg.knn_subset_per_class) == (
+        1, "/d/train", "/d/val", 10)
+    _, argv = launched(dry_run("vit_small_100ep", 1, 8, KNN_VAL_PATH="/d/val", KNN_EVERY_EPOCHS="5",
+                               KNN_SUBSET_PER_CLASS="20", KNN_TRAIN_PATH="/d/list.txt"))
+    cfg = parse_config(argv)
+    assert (cfg.knn_every_epochs, cfg.knn_train_path, cfg.knn_subset_per_class) == (5, "/d/list.txt", 20)

@@ -32,7 +32,7 @@ from ..configs.options import parse_config
 from ..core import lease
 from ..core.errors import EXIT_USER, OwnerError
 from . import failure
-from .validate import ConfigError, check_data, check_output_dir, validate
+from .validate import ConfigError, check_data, check_knn_data, check_output_dir, validate
 
 PROG = "mugs-train"
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -75,6 +75,7 @@ def check(flags: List[str], world: int) -> List[str]:
     cfg = parse_config(flags)  # argparse: usage + one error line, exit 2
     validate(cfg, world)
     check_data(cfg, world)
+    check_knn_data(cfg)
     check_output_dir(cfg.output_dir)
     lease.peek(cfg.output_dir)  # another live run owns it: say so before anything else
     return check_resume(cfg, world)

@@ -62,6 +62,13 @@ class Monitor:
         if step % self.log_every == 0:
             self.log({"step": step, **scalars})
 
+    def scalars(self, step: int, scalars: Dict[str, float]) -> None:
+        """TensorBoard scalars at `step` outside the step's own (the k-NN monitor's)."""
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+
     def log(self, record: Dict) -> None:
         if not self.enabled:
             return

@@ -1,7 +1,7 @@
 """Resuming an output dir must continue THAT run: the settings it was started with are compared
 with the new flags before anything is built.
 
-Safe to change on resume (logged): where and how often output goes, how many loader workers,
+Safe to change on resume (logged): where and how often output goes (the k-NN monitor included), how many loader workers,
 how the step is executed (activation checkpointing, compile, HSDP), the paths (a moved data set
 or output dir), the flags the original accepts but ignores, and the process count as long as the
 global batch stays the same (the data position is global: see pipeline/sharding.py). Everything
@@ -27,6 +27,8 @@ SAFE_TO_CHANGE = frozenset({
     "num_workers", "activation_checkpointing", "compile", "hsdp",
     # paths (the loader itself refuses a data set with another number of images)
     "data_path", "output_dir",
+    # the online k-NN monitor only reads the teacher (a run with it on is bitwise the run with it off)
+    "knn_every_epochs", "knn_train_path", "knn_val_path", "knn_subset_per_class", "knn_resize",
     # accepted for the original's command lines and ignored
     "dist_url", "local_rank", "rank", "world_size", "use_prefetcher", "debug", "ddpjob",
 })

@@ -28,6 +28,7 @@ from ..pipeline.sharding import derive_seed
 from ..core import checkpoint as ckpt, lease
 from ..core.errors import EXIT_NONFINITE, EXIT_USER, CheckpointError, CheckpointWriteError, OwnerError
 from . import failure
+from .knn_monitor import KnnMonitor, load_sets, timed
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts, compile_report, parallelize
@@ -109,6 +110,10 @@ class Run:
         from ..pipeline import build_loader_from_config
 
         self.cfg, self.info, self.stop, self.notes = cfg, info, stop, notes
+        knn_sets = load_sets(cfg)  # the monitor's paths listed before anything is built (ConfigError)
+        self.knn = KnnMonitor(cfg, *knn_sets, info.device) if knn_sets else None
+        self.knn_step: Optional[int] = None  # the step of the last k-NN point (kept in each checkpoint)
+        self.epoch_t0 = time.perf_counter()
         self.compile_since = compile_counts()
         self.student, self.teacher, self.objective = build_models(cfg, info)
         self.optimizer = build_adamw(self.student, cfg.patch_embed_lr_mult)
@@ -148,6 +153,7 @@ class Run:
             return None
         last = Path(meta["path"])
         self.step = int(meta["step"])
+        self.knn_step = meta.get("knn_step")  # a point already measured is not measured again
         epoch, pos = divmod(self.step, self.iters)
         try:
             if meta["loader"] is not None:
@@ -170,6 +176,7 @@ class Run:
             self.mon.log({"event": "resume_changes", "changes": self.notes})
         if self.step >= self.stop_at:  # nothing left to do: the checkpoint of this step exists
             self.reason = "finished" if self.step >= self.total else f"reached --max_steps {self.cfg.max_steps}"
+        self.knn_point(epoch_seconds=None)  # the random-init point (or one a stop at an epoch end left out)
         try:
             while self.reason is None:
                 self.train_epoch()
@@ -201,7 +208,7 @@ class Run:
         holds its position, so the checkpoint carries where the next batch comes from."""
         epoch = self.step // self.iters
         self.loader.set_epoch(epoch)  # keeps a resumed mid-epoch position of this epoch
-        t0 = time.perf_counter()
+        t0 = self.epoch_t0 = time.perf_counter()
         for batch in self.loader:
             res = self.train_step(batch, epoch, time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -241,6 +248,8 @@ class Run:
             self.reason = f"stopped by {self.stop.signal or 'a signal on another rank'}"
         elif step >= self.stop_at:
             self.reason = "finished" if step >= self.total else f"reached --max_steps {cfg.max_steps}"
+        if epoch_end and not stop_now:  # before the save, which records it (a stop leaves it to the resume)
+            self.knn_point(epoch_seconds=time.perf_counter() - self.epoch_t0)
         if self.reason is not None or epoch_end or due:
             snapshot = epoch_end and cfg.saveckp_freq > 0 and (step // self.iters) % cfg.saveckp_freq == 0
             self.save(keep_forever=snapshot or step >= self.total)
@@ -251,8 +260,34 @@ class Run:
         ckpt.save(cfg.output_dir, self.step, self.step // self.iters, student=self.student, teacher=self.teacher,
                   optimizer=self.optimizer, objective=self.objective, loader_state=self.loader.state_dict(),
                   keep=cfg.ckpt_keep, keep_forever=keep_forever,
-                  extra={"config": dataclasses.asdict(cfg), "world_size": self.info.world_size})
+                  extra={"config": dataclasses.asdict(cfg), "world_size": self.info.world_size,
+                         "knn_step": self.knn_step})
         self.last_save = time.monotonic()
+
+    def knn_point(self, epoch_seconds: Optional[float]) -> None:
+        """The k-NN monitor's point at this step if one is due and not yet measured (a resumed run
+        neither repeats nor skips one). Collective; a failure is a warning on rank 0."""
+        if self.knn is None or not self.knn.due(self.step, self.iters) or self.knn_step == self.step:
+            return
+        step, epoch = self.step, self.step // self.iters
+        res, seconds, why = timed(lambda: self.knn.measure(self.teacher))
+        self.knn_step = step
+        if why is not None:
+            self.mon.message(f"mugs: warning: k-NN monitor at epoch {epoch} (step {step}) failed ({why}); "
+                             "training goes on")
+            self.mon.log({"event": "knn_failed", "epoch": epoch, "step": step, "message": why})
+            return
+        if res is None:  # not rank 0
+            return
+        share = seconds / epoch_seconds if epoch_seconds else None
+        self.mon.scalars(step, {"knn/top1": res.top1, "knn/top5": res.top5, "knn/seconds": seconds})
+        self.mon.log({"event": "knn", "epoch": epoch, "step": step, "top1": res.top1, "top5": res.top5,
+                      "k": self.knn.k, "temperature": self.knn.temperature, "bank": res.bank, "queries": res.queries,
+                      "seconds": seconds, "epoch_seconds": epoch_seconds, "share_of_epoch": share})
+        when = f"epoch {epoch}" if epoch else "random init"
+        cost = f"{seconds:.1f} s" + (f"; epoch {epoch_seconds:.1f} s, {100 * share:.1f}%" if share else "")
+        self.mon.message(f"knn: {when} (step {step}): top-1 {res.top1:.4f} top-5 {res.top5:.4f}, "
+                         f"{self.knn.describe()} ({cost})")
 
 
 def _say(msg: str, code: int = EXIT_USER, show: bool = True) -> int:

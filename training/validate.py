@@ -75,6 +75,18 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
         fail(f"--warmup_epochs {cfg.warmup_epochs} must be in [0, --epochs {cfg.epochs})")
     if cfg.max_steps < 0 or cfg.ckpt_every_steps < 0 or cfg.ckpt_keep < 1:
         fail("--max_steps and --ckpt_every_steps must be >= 0 and --ckpt_keep >= 1")
+    if cfg.knn_every_epochs < 0 or cfg.knn_subset_per_class < 0:
+        fail("--knn_every_epochs and --knn_subset_per_class must be >= 0 (0: monitor off / all images)")
+    if cfg.knn_resize and cfg.knn_resize < cfg.img_size:
+        fail(f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop (0: automatic)")
+    if cfg.knn_every_epochs:
+        for name in ("knn_train_path", "knn_val_path"):
+            path = getattr(cfg, name)
+            if not path:
+                fail(f"--knn_every_epochs {cfg.knn_every_epochs} needs --{name} (a labelled ImageFolder root "
+                     "or a mugs-scan-data file list); or --knn_every_epochs 0")
+            if not os.path.exists(path):
+                fail(f"--{name} {path} does not exist")
 
 
 def check_data(cfg: MugsConfig, world_size: int) -> int:
@@ -92,6 +104,36 @@ def check_data(cfg: MugsConfig, world_size: int) -> int:
                           f"({world_size} processes x --batch_size_per_gpu {cfg.batch_size_per_gpu}): "
                           "add images or lower --batch_size_per_gpu")
     return n
+
+
+def check_knn_data(cfg: MugsConfig):
+    """The monitor's bank and queries listed once (training/knn_monitor.py reads them the same way):
+    (bank index, query index), or None when the monitor is off. One line naming the path on failure."""
+    if not cfg.knn_every_epochs:
+        return None
+    from ..pipeline.files import load_index
+
+    found = []
+    for name in ("knn_train_path", "knn_val_path"):
+        path = getattr(cfg, name)
+        try:
+            found.append(load_index(path))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--{name} {path}: {e}") from None
+    bank, queries = found
+    if os.path.isdir(cfg.knn_train_path) and os.path.isdir(cfg.knn_val_path):
+        from ..pipeline.files import class_folders
+
+        only_t, only_v = (sorted(set(class_folders(a)) - set(class_folders(b)))[:5] for a, b in (
+            (cfg.knn_train_path, cfg.knn_val_path), (cfg.knn_val_path, cfg.knn_train_path)))
+        if only_t or only_v:  # ImageFolder numbering: the same folders or the labels would not match
+            raise ConfigError(f"--knn_train_path and --knn_val_path class folders differ (only in train: {only_t}, "
+                              f"only in val: {only_v})")
+    unknown = sorted(set(queries.labels) - set(bank.labels))
+    if unknown:
+        raise ConfigError(f"--knn_val_path {cfg.knn_val_path} has classes {unknown[:5]} that --knn_train_path "
+                          f"{cfg.knn_train_path} lacks: the two must number the same classes")
+    return bank, queries
 
 
 def check_output_dir(output_dir: str) -> None:
