@@ -107,6 +107,18 @@ def chance_levels(cfg) -> dict:
             "group": float(np.log(cfg.group_out_dim))}
 
 
+def _merge_close(marks, within: int):
+    """Vertical-line events as (step, label) with their steps in the label; events fewer than `within`
+    steps apart are one line (else one hides the other)."""
+    merged = []
+    for step, label in sorted(marks):
+        if merged and step - merged[-1][0] < within:
+            merged[-1] = (merged[-1][0], merged[-1][1] + f" and {label} (step {step})")
+        else:
+            merged.append((step, f"{label} (step {step})"))
+    return merged
+
+
 def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: dict,
                raw_pixels: Optional[float] = None) -> None:
     """Each loss smoothed (raw faint behind) with its chance level (dotted, same colour), and where
@@ -141,15 +153,16 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
         if name in chance:
             ax.axhline(chance[name], color=colour, linestyle=":", linewidth=1.2,
                        label=f"{name} at chance (ln {round(np.exp(chance[name]))})")
+    marks = []  # (step, label): events drawn as vertical lines; events a few steps apart share one line
     if "sched/lr" in tags:
         lr = ea.Scalars("sched/lr")
-        peak = lr[int(np.argmax([e.value for e in lr]))].step
-        ax.axvline(peak, color="tab:red", linestyle="--", linewidth=1, label=f"lr peak (step {peak})")
+        marks.append((lr[int(np.argmax([e.value for e in lr]))].step, "lr peak"))
     if "epoch" in tags and freeze_last_layer_epochs > 0:
         unfrozen = next((e.step for e in ea.Scalars("epoch") if e.value >= freeze_last_layer_epochs), None)
         if unfrozen is not None:
-            ax.axvline(unfrozen, color="tab:purple", linestyle="--", linewidth=1,
-                       label=f"group last layer unfrozen (step {unfrozen})")
+            marks.append((unfrozen, "group last layer unfrozen"))
+    for (step, label), colour in zip(_merge_close(marks, max(steps, default=0) // 100 + 1), ("tab:red", "tab:purple")):
+        ax.axvline(step, color=colour, linestyle="--", linewidth=1, label=label)
     ax.set_ylabel("loss (raw faint, moving average bold)")
     ax.set_title("Mugs pretraining on Fashion-MNIST (quickstart)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

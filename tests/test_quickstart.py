@@ -53,3 +53,11 @@ def test_installed_benchmark_module_runs(installed_wheel, tmp_path):
     r = subprocess.run([str(bindir / "python"), "-m", "mugs.benchmarks.step", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-3000:]
+
+
+def test_loss_curve_events_a_few_steps_apart_share_one_line():
+    """The lr peak (step 156) and the unfreeze (157) were two lines on one pixel: one hid the other."""
+    from mugs.apps.quickstart import _merge_close
+
+    assert _merge_close([(157, "b"), (156, "a")], 8) == [(156, "a (step 156) and b (step 157)")]
+    assert _merge_close([(10, "a"), (500, "b")], 8) == [(10, "a (step 10)"), (500, "b (step 500)")]
