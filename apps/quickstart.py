@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs.options import parse_config
+from ..model.knn import K
 
 # The small-image setting: 56-px global crops, 24-px local crops, 8-px patches (7x7 tokens),
 # the plain DINO weak augmentation for the student (RandAugment is too destructive at this size).
@@ -52,7 +53,7 @@ QUICKSTART_FLAGS = [
 ]
 
 
-def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = 20, temperature: float = 0.05) -> float:
+def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K, temperature: float = 0.05) -> float:
     """Top-1 of weighted k-NN on the backbone's CLS features (mugs-eval-knn's protocol, k 20, T 0.05)."""
     from ..eval.data import eval_transform, image_folder
     from ..eval.features import cls_features, extract
@@ -69,7 +70,7 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = 2
     return top1
 
 
-def pixel_knn_accuracy(train_dir: Path, val_dir: Path, size: int, k: int = 20, temperature: float = 0.05) -> float:
+def pixel_knn_accuracy(train_dir: Path, val_dir: Path, size: int, k: int = K, temperature: float = 0.05) -> float:
     """The same k-NN on raw pixels (the normalised eval view, flattened): what features must beat."""
     from ..eval.data import eval_transform, image_folder
     from ..eval.knn import knn_classify

@@ -76,7 +76,7 @@ if [ $REHEARSE = 1 ]; then
          --instance_queue_size 64 --local_group_queue_size 64 --memory_size 32 --local_group_knn_top_n 3
          --batch_size_per_gpu 4)
   LOADER=(--device cpu --images 32 --batches 2 --warmup 1 --global-size 64 --local-size 32 --local-crops 2)
-  LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2 COMPILE=false
+  LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2
 else
   L_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
   S_ARGS=(--arch vit_small --batch_size_per_gpu 64)
@@ -86,7 +86,7 @@ else
   GEMM=(--size 8192 --dtype bf16 --reps 10 --warmup 3)
   TRAIN=(--device cuda --precision bf16 --compile true --arch vit_small --batch_size_per_gpu 32)
   LOADER=(--device gpu --images 320 --batches 8 --warmup 2)
-  LOADER_BATCHES="64 128" IMAGES=320 WORKERS_MAX=8 COMPILE=true
+  LOADER_BATCHES="64 128" IMAGES=320 WORKERS_MAX=8
 fi
 
 # ---------------------------------------------------------------- publishing: after every part, atomically
@@ -227,11 +227,7 @@ train_e2e() {
     rc=$?
     resumed=$(sed -n 's/.*resumed from .* at step \([0-9]*\).*/\1/p' "$RUN_DIR/logs/train_resume.log" | head -1)
   fi
-  local arch bs prec
-  arch=$(printf '%s\n' "${TRAIN[@]}" | sed -n '/^--arch$/{n;p}'); bs=$(printf '%s\n' "${TRAIN[@]}" | sed -n '/^--batch_size_per_gpu$/{n;p}')
-  prec=$(printf '%s\n' "${TRAIN[@]}" | sed -n '/^--precision$/{n;p}')
-  "$PY" -m mugs.benchmarks.gpu_summary train-record --output_dir "$out" --gpu "$GPU" --loader "$loader" \
-    --arch "$arch" --batch_size_per_gpu "$bs" --steps 30 --precision "$prec" --compile "$COMPILE" \
+  "$PY" -m mugs.benchmarks.gpu_summary train-record --output_dir "$out" --gpu "$GPU" \
     --killed "${killed_at:-no}" --resumed_at "${resumed:-0}" --exit_code "$rc" --first_s "$first" \
     --total_s $(( $(date +%s) - t0 )) --out "$RUN_DIR/train_e2e.jsonl" >/dev/null
   tail -3 "$RUN_DIR/logs/train_resume.log" 2>/dev/null || tail -20 "$RUN_DIR/logs/train_first.log"

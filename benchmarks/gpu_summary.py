@@ -1,6 +1,6 @@
 """benchmarks/gpu_suite.sh's two helpers: the record of its train-kill-resume run, and the summary table.
 
-    python -m mugs.benchmarks.gpu_summary train-record --output_dir OUT --gpu NAME --arch A ... --out FILE
+    python -m mugs.benchmarks.gpu_summary train-record --output_dir OUT --gpu NAME --killed ... --out FILE
     python -m mugs.benchmarks.gpu_summary table --run_dir runs/gpu_suite/<run>
 """
 from __future__ import annotations
@@ -27,7 +27,10 @@ def _scalars(tb_dir: Path) -> dict:
 
 
 def train_record(a) -> dict:
+    """The run's settings come from the config.json the trainer wrote into its output dir."""
     out = Path(a.output_dir)
+    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    steps = cfg.get("max_steps")
     final_step = None
     ckpts = sorted((out / "checkpoints").glob("step_*/COMPLETE")) if (out / "checkpoints").exists() else []
     if ckpts:
@@ -38,14 +41,14 @@ def train_record(a) -> dict:
     sc = _scalars(out / "tb") if (out / "tb").exists() else {}
     losses = [v for _, v in sc.get("loss/total", [])]
     ips = [v for s, v in sc.get("perf/images_per_s", []) if s > 3]  # steady state: after compile and warm-up
-    ok = (a.exit_code == 0 and final_step == a.steps and 0 < a.resumed_at < a.steps and bool(losses)
+    ok = (a.exit_code == 0 and bool(steps) and final_step == steps and 0 < a.resumed_at < steps and bool(losses)
           and all(math.isfinite(v) for v in losses))
     return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "bench": "train_e2e",
-        "gpu": a.gpu, "loader": a.loader, "precision": a.precision, "compile": a.compile, "arch": a.arch,
-        "batch_size_per_gpu": a.batch_size_per_gpu, "steps": a.steps,
+        "gpu": a.gpu, "loader": cfg.get("loader"), "precision": cfg.get("precision"), "compile": cfg.get("compile"),
+        "arch": cfg.get("arch"), "batch_size_per_gpu": cfg.get("batch_size_per_gpu"), "steps": steps,
         # the torchvision loader decodes on the CPU (~45 CPU-ms per image of 14 crops): its images/s is the loader's
-        "loader_bound": a.loader == "torchvision", "killed": a.killed, "resumed_at_step": a.resumed_at, "final_step": final_step,
+        "loader_bound": cfg.get("loader") == "torchvision", "killed": a.killed, "resumed_at_step": a.resumed_at, "final_step": final_step,
         "exit_code": a.exit_code, "first_run_s": a.first_s, "total_s": a.total_s,
         "loss_total_first_last": [losses[0], losses[-1]] if losses else None,
         "losses_finite": bool(losses) and all(math.isfinite(v) for v in losses),
@@ -127,17 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t = sub.add_parser("train-record")
     t.add_argument("--output_dir", required=True)
     t.add_argument("--gpu", required=True)
-    t.add_argument("--loader", required=True)
     t.add_argument("--killed", default="no")
     t.add_argument("--resumed_at", type=int, default=0)
     t.add_argument("--exit_code", type=int, required=True)
     t.add_argument("--first_s", type=float, default=0)
     t.add_argument("--total_s", type=float, default=0)
-    t.add_argument("--arch", required=True)
-    t.add_argument("--batch_size_per_gpu", type=int, required=True)
-    t.add_argument("--steps", type=int, required=True, help="the run's --max_steps")
-    t.add_argument("--precision", required=True)
-    t.add_argument("--compile", type=lambda x: x == "true", required=True)
     t.add_argument("--out", action="append", default=[])
     s = sub.add_parser("table")
     s.add_argument("--run_dir", required=True)

@@ -11,6 +11,7 @@ Exit 0 with one JSON record; exit 3 with ONE line saying what failed.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -73,9 +74,10 @@ def one_step(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    outs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"]
-    argv = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
+    own = argparse.ArgumentParser(add_help=False)  # --out is ours; every other flag is the step benchmark's
+    own.add_argument("--out", action="append", default=[])
+    outs, argv = own.parse_known_args(argv)
+    outs = outs.out
     t0 = time.perf_counter()
     rec = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "bench": "preflight"}
     try:

@@ -36,10 +36,14 @@ def test_step_module_runs_as_installed_package():
     assert r.returncode == 0 and "--compare" in r.stdout and "--batch_size_per_gpu" in r.stdout
 
 
-def _args(out, **kw):
-    base = dict(output_dir=str(out), gpu="G", loader="dali", killed="after_step_10", resumed_at=10, exit_code=0,
-                first_s=1.0, total_s=2.0, arch="vit_small", batch_size_per_gpu=32, steps=30, precision="bf16",
-                compile=True)
+CONFIG = dict(loader="dali", arch="vit_small", batch_size_per_gpu=32, max_steps=30, precision="bf16", compile=True)
+
+
+def _args(out, steps=30, loader="dali", **kw):
+    """The suite's train-record arguments; the run's settings go where the trainer writes them (config.json)."""
+    (Path(out) / "config.json").write_text(json.dumps({**CONFIG, "max_steps": steps, "loader": loader}))
+    base = dict(output_dir=str(out), gpu="G", killed="after_step_10", resumed_at=10, exit_code=0, first_s=1.0,
+                total_s=2.0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -57,6 +61,7 @@ def test_train_record_ok_only_for_a_real_mid_run_resume_to_the_last_step(tmp_pat
             w.add_scalar("perf/images_per_s", 100.0 + s, s)
     rec = gpu_summary.train_record(_args(tmp_path))
     assert rec["ok"] and rec["final_step"] == 30 and rec["losses_finite"]
+    assert (rec["arch"], rec["batch_size_per_gpu"], rec["steps"], rec["precision"]) == ("vit_small", 32, 30, "bf16")
     assert rec["images_per_s_median"] == 100 + 17  # steps 4..30
     assert not gpu_summary.train_record(_args(tmp_path, resumed_at=30))["ok"]  # resumed after the end: no resume
     assert not gpu_summary.train_record(_args(tmp_path, resumed_at=0))["ok"]
