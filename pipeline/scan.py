@@ -45,7 +45,10 @@ _EXPECTED = {
 _GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
 
 
-def check_image(path: str, min_size: int = 16, keep_grayscale: bool = False) -> Tuple[Optional[str], str]:
+MIN_SIZE = 16  # pixels: an image with a shorter side is left out (--min-size)
+
+
+def check_image(path: str, min_size: int = MIN_SIZE, keep_grayscale: bool = False) -> Tuple[Optional[str], str]:
     """(reason, detail) for a file the loaders should not read, or (None, "WxH") for a good one."""
     ext = os.path.splitext(path)[1].lower()
     if not is_image_name(path):
@@ -130,7 +133,7 @@ def _check_all(tasks: list, workers: int):
                 fut.cancel()
 
 
-def scan_dataset(root: str, workers: int, min_size: int = 16, keep_grayscale: bool = False, quiet: bool = False,
+def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_grayscale: bool = False, quiet: bool = False,
                  progress_every: float = 10.0) -> dict:
     """Scan ROOT; returns the report dict with the kept entries under "kept_entries"."""
     root = os.path.abspath(root)
@@ -172,17 +175,14 @@ def scan_dataset(root: str, workers: int, min_size: int = 16, keep_grayscale: bo
     }
 
 
-scan = scan_dataset  # the earlier name
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="mugs-scan-data", description=__doc__.split("\n")[0])
     ap.add_argument("root", help="ImageFolder root: ROOT/class/image")
     ap.add_argument("--out", required=True, help="file list to write (the loaders' --data_path)")
     ap.add_argument("--report", help="JSON report (default: OUT.report.json)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    ap.add_argument("--min-size", type=int, default=16,
-                    help="leave out images with a side shorter than this (default 16; use your local crop size to be strict)")
+    ap.add_argument("--min-size", type=int, default=MIN_SIZE,
+                    help=f"leave out images with a side shorter than this (default {MIN_SIZE}; use your local crop size to be strict)")
     ap.add_argument("--keep-grayscale", action="store_true", help="keep single-channel images (decoded to RGB)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
