@@ -5,9 +5,8 @@ Thin on purpose: the flags live in mugs.configs.options, the loop in mugs.traini
 `mugs-train --nproc_per_node N FLAGS` (mugs.training.launch) runs the same workers after checking
 everything in one process, and is the process to signal (see the README, "Never losing a run").
 """
-import sys
-
+from mugs.core.dist import exit_worker
 from mugs.training.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..configs.options import MugsConfig, parse_config
-from ..core.dist import DistInfo, NoDeviceError, init_distributed, launched_world_size, shutdown
+from ..core.dist import DistInfo, NoDeviceError, exit_worker, init_distributed, launched_world_size, shutdown
 from ..model.network import build_network
 from ..model.objective import MugsObjective
 from ..pipeline.batch import DataError
@@ -335,4 +335,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())
