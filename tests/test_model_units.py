@@ -42,21 +42,37 @@ def test_queue_wraps_around_and_keeps_crop_order():
     assert int(queue.ptr) == 2
 
 
+def _write_memories(obj, rows, weak):
+    """The training's write path (MugsObjective.update_state) with `rows` as crop 0's memory tokens."""
+    b = rows.shape[0]
+    out = MugsOutputs(instance=torch.zeros(2 * b, obj.instance_queue.rows.shape[1]), local_group=None, group=None,
+                      memory_tokens=torch.cat([rows, torch.full_like(rows, -7.0)]))  # crop 1's tokens: never written
+    return obj.update_state(out, out, weak)
+
+
+def _memory_objective(size, dim, top_k=2):
+    return MugsObjective(tiny_cfg(memory_size=size, local_group_knn_top_n=top_k, loss_weights=[1.0, 0.0, 0.0]), dim)
+
+
 def test_memory_wraps_filters_weak_and_advances_by_rows_written():
-    mem = LocalGroupMemory(size=5, dim=3, top_k=2)
+    obj = _memory_objective(size=5, dim=3)
+    mem, teacher_mem = obj.student_memory, obj.teacher_memory
     mem.rows.zero_()
     rows = torch.arange(1, 13, dtype=torch.float32).view(4, 3)
-    assert mem.push(rows[:3]) == 3 and int(mem.ptr) == 3
-    n = mem.push(rows, keep=torch.tensor([True, False, True, True]))
+    assert _write_memories(obj, rows[:3], torch.ones(3, dtype=torch.bool)) == 3 and int(mem.ptr) == 3
+    n = _write_memories(obj, rows, torch.tensor([True, False, True, True]))
     assert n == 3 and int(mem.ptr) == 1  # 3 + 3 wraps to 1 (the original would have moved by 6)
     assert torch.equal(mem.rows[3], rows[0]) and torch.equal(mem.rows[4], rows[2]) and torch.equal(mem.rows[0], rows[3])
-    assert mem.push(rows, keep=torch.zeros(4, dtype=torch.bool)) == 0 and int(mem.ptr) == 1
+    assert int(teacher_mem.ptr) == 2 and torch.equal(teacher_mem.rows[[3, 4, 0, 1]], rows)  # the teacher's: every row
+    assert _write_memories(obj, rows, torch.zeros(4, dtype=torch.bool)) == 0 and int(mem.ptr) == 1
+    assert not (mem.rows == -7.0).any() and not (teacher_mem.rows == -7.0).any()
 
 
-def test_memory_push_longer_than_ring_keeps_newest():
-    mem = LocalGroupMemory(size=3, dim=1, top_k=1)
-    mem.push(torch.arange(7, dtype=torch.float32).view(7, 1))
-    assert sorted(mem.rows.flatten().tolist()) == [4.0, 5.0, 6.0]
+def test_memory_write_longer_than_ring_keeps_newest():
+    obj = _memory_objective(size=3, dim=1, top_k=1)
+    _write_memories(obj, torch.arange(7, dtype=torch.float32).view(7, 1), torch.ones(7, dtype=torch.bool))
+    assert sorted(obj.student_memory.rows.flatten().tolist()) == [4.0, 5.0, 6.0]
+    assert sorted(obj.teacher_memory.rows.flatten().tolist()) == [4.0, 5.0, 6.0]
 
 
 def test_memory_neighbours_are_top_cosine_rows_returned_raw():
@@ -238,12 +254,13 @@ def test_pos_embed_interpolation_is_dino_style():
     assert torch.equal(pe[:, 0], backbone.pos_embed[:, 0])
 
 
-def test_memory_lookup_sees_every_write_despite_the_normalised_cache():
-    mem = LocalGroupMemory(size=3, dim=2, top_k=1)
+def test_memory_lookup_sees_every_write_and_load():
+    obj = _memory_objective(size=3, dim=2, top_k=1)
+    mem = obj.student_memory
     mem.rows.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     q = torch.tensor([[1.0, 1.0]])
     first = mem.neighbours(q)[0, 0]
-    mem.push(torch.tensor([[3.0, 3.0]]))  # lands in row 0 and is the new best match
+    _write_memories(obj, torch.tensor([[3.0, 3.0]]), torch.ones(1, dtype=torch.bool))  # row 0, the new best match
     assert torch.equal(mem.neighbours(q)[0, 0], torch.tensor([3.0, 3.0])) and not torch.equal(first, mem.rows[0])
     mem.load_state_dict({"rows": torch.tensor([[0.0, 5.0], [0.0, 1.0], [-1.0, 0.0]]), "ptr": torch.tensor(0)})
     assert torch.equal(mem.neighbours(torch.tensor([[0.0, 1.0]]))[0, 0], torch.tensor([0.0, 5.0]))
