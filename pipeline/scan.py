@@ -29,9 +29,10 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageFile
 
@@ -162,9 +163,7 @@ def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_graysca
     left_out += [{"path": rel, "reason": reason, "detail": detail}
                  for rel, _, reason, detail in results if reason is not None]
     used = {label for _, label in kept}
-    counts: dict = {}
-    for item in left_out:
-        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    counts = dict(Counter(item["reason"] for item in left_out))
     if not quiet:
         _progress(len(tasks), len(tasks), bad, t0, out)
     return {
@@ -201,16 +200,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"mugs-scan-data: kept {report['kept']} of {report['scanned']} files; left out: {summary}; "
           f"empty classes: {len(report['empty_classes'])}. List: {args.out}  Report: {report_path}")
     return 0 if report["kept"] else 1
-
-
-def describe_bad_files(paths: Iterable[str]) -> List[str]:
-    """'path (reason: detail)' for each of `paths` that check_image rejects (used in loader errors)."""
-    out = []
-    for p in paths:
-        reason, detail = check_image(p, min_size=1, keep_grayscale=True)
-        if reason is not None:
-            out.append(f"{p} ({reason}: {detail})")
-    return out
 
 
 if __name__ == "__main__":
