@@ -17,8 +17,12 @@ from typing import List, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-# torch >= 2.14 renamed all_gather_into_tensor; older releases (>= 2.6 supported) only have the old name
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor) -> None:
+    """torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns, FutureWarning);
+    torch 2.11 and 2.12, which setup.py supports, have only the old name."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x)
 
 
 # ---------------------------------------------------------------- who am I

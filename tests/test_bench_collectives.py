@@ -73,6 +73,7 @@ def test_counter_counts_kinds_and_bytes_and_splits_by_phase():
             dist.all_reduce(x)
             c.phase("a")
             out = torch.empty(5)
+            # the _single names arrived in torch 2.13; 2.11 and 2.12 (supported) have only the old ones
             (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x)
             (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(torch.empty(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
         assert c.per_phase() == {"a": {"all_reduce": 1, "bytes": 20}}

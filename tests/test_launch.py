@@ -86,3 +86,16 @@ def test_decode_error_is_one_line_naming_only_what_dali_cannot_decode(tmp_path, 
     assert code == 2
     assert "DALI could not decode" in err[-1] and "corrupt.JPEG" in err[-1]
     assert "cmyk.JPEG" not in err[-1] and "png.JPEG" not in err[-1]
+
+
+def test_torchrun_accepts_the_argv_the_launcher_builds():
+    """torchrun stops the workers itself only on SIGHUP/SIGQUIT (--signals_to_handle, in every torch
+    setup.py supports); USR1/TERM/INT are the launcher's to pass on."""
+    from torch.distributed.run import get_args_parser
+
+    from mugs.training.launch import _torchrun_argv, split_argv
+
+    opts, flags = split_argv(["--nproc_per_node", "2", "--master_port", "29999", "--", "--epochs", "1"])
+    args = get_args_parser().parse_args(_torchrun_argv(opts, flags))
+    assert args.signals_to_handle == "SIGHUP,SIGQUIT"
+    assert args.module and args.training_script == "mugs.training.trainer" and args.training_script_args == flags

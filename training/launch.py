@@ -20,7 +20,6 @@ workers after a timeout; here it handles only SIGHUP/SIGQUIT, which stop the wor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -113,8 +112,6 @@ def _forward(signum, _frame) -> None:
 
 
 def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
-    from torch.distributed.launcher.api import LaunchConfig
-
     argv = [f"--nproc_per_node={opts.nproc_per_node}", f"--nnodes={opts.nnodes}", "--max_restarts=0"]
     if opts.rdzv_backend:
         argv += [f"--rdzv_backend={opts.rdzv_backend}", f"--rdzv_endpoint={opts.rdzv_endpoint}"]
@@ -124,8 +121,7 @@ def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
         argv += [f"--node_rank={opts.node_rank}", f"--master_addr={opts.master_addr}"]
         if opts.master_port is not None:
             argv.append(f"--master_port={opts.master_port}")
-    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # torch >= 2.8
-        argv.append("--signals_to_handle=SIGHUP,SIGQUIT")  # USR1/TERM/INT stay ours: _forward
+    argv.append("--signals_to_handle=SIGHUP,SIGQUIT")  # USR1/TERM/INT stay ours: _forward
     return argv + ["-m", "mugs.training.trainer", *flags]
 
 

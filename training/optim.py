@@ -6,13 +6,9 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard  # what FSDP2 parameters and gradients are
 
 from ..core.dist import local_shard
-
-try:  # DTensor is what FSDP2 parameters and gradients are
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - torch < 2.4
-    from torch.distributed._tensor import DTensor, Shard
 
 GROUP_NAMES = ("normal_params", "patch_embed", "no_wd", "patch_embed_no_wd")
 
