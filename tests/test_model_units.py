@@ -1,5 +1,7 @@
 """Behaviour the golden traces do not pin: wrap-around, schedules, weights, clipping rules, naming."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,41 @@ def test_infonce_matches_per_pair_reference():
             (large if pi < 2 else small).append(ce)
     ref = 0.5 * (sum(large) / len(large) + sum(small) / len(small))
     assert loss(s, t, 4, queue).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+
+def infonce_from_definition(student, teacher, n_crops, keys, temperature):
+    """Each student crop s of image b is a query; each teacher crop t != s of the same image is its
+    positive, every queue key a negative: -log softmax over [positive, negatives] / temperature.
+    Averaged over the images, then over the (t, s) pairs of the 2 global student crops and, apart,
+    of the local ones; the loss is the mean of those two averages (plain Python, float64)."""
+    b = teacher.shape[0] // 2
+    large, small = [], []
+    for t in range(2):
+        for s in range(n_crops):
+            if s == t:
+                continue
+            per_image = []
+            for i in range(b):
+                query = student[s * b + i]
+                logits = [float(query @ teacher[t * b + i]) / temperature] + [float(query @ k) / temperature for k in keys]
+                per_image.append(-(logits[0] - math.log(sum(math.exp(l) for l in logits))))
+            (large if s < 2 else small).append(sum(per_image) / b)
+    return 0.5 * (sum(large) / len(large) + sum(small) / len(small))
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
+@pytest.mark.parametrize("n_local", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_infonce_equals_its_definition_over_a_grid(batch, n_local, temperature):
+    torch.manual_seed(batch * 100 + n_local * 10 + int(temperature * 100))
+    n_crops, dim = 2 + n_local, 8
+    queue = RingBuffer(16, dim, unit_rows=True)
+    student = nn.functional.normalize(torch.randn(n_crops * batch, dim, dtype=torch.float64), dim=-1)
+    teacher = nn.functional.normalize(torch.randn(2 * batch, dim, dtype=torch.float64), dim=-1)
+    ours = InfoNCELoss(temperature)(student, teacher, n_crops, queue)
+    ref = infonce_from_definition(student, teacher, n_crops, queue.rows.double(), temperature)
+    assert ours.shape == () and ours.item() == pytest.approx(ref, rel=1e-9)
 
 
 # ---- optimiser pieces
