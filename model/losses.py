@@ -55,6 +55,16 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int,
                 queue: RingBuffer) -> torch.Tensor:
+        """Args:
+            student: (n_student_crops * B, D) the student's predictions, crop-major (rows c*B .. c*B+B-1
+                are crop c; crops 0 and 1 are the global ones), unit rows from the head.
+            teacher: (2 * B, D) the teacher's keys of its 2 global crops, crop-major; not differentiated.
+            n_student_crops: 2 global + the local crops (at least 3).
+            queue: the negatives, `queue.rows` (Q, D).
+
+        Returns:
+            scalar (0-dim, at least fp32).
+        """
         b = teacher.shape[0] // 2
         preds = student.view(n_student_crops, b, -1)
         targets = teacher.detach().view(2, b, -1)
@@ -99,6 +109,17 @@ class GroupLoss(nn.Module):
         return teacher_temperature(epoch, warm, final, n)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int, epoch: int) -> torch.Tensor:
+        """Args:
+            student: (n_student_crops * B, G) the student's prototype logits, crop-major (crops 0 and 1
+                are the global ones).
+            teacher: (2 * B, G) the teacher's logits of its 2 global crops, crop-major; centred and
+                sharpened here, not differentiated.
+            n_student_crops: 2 global + the local crops (at least 3).
+            epoch: picks the teacher temperature (`teacher_temp`).
+
+        Returns:
+            scalar (0-dim, at least fp32).
+        """
         b = teacher.shape[0] // 2
         log_p = F.log_softmax(_upcast(student) / self.student_temp, dim=-1).view(n_student_crops, b, -1)
         q = F.softmax((_upcast(teacher.detach()) - self.center) / self.teacher_temp(epoch), dim=-1).view(2, b, -1)
@@ -107,13 +128,21 @@ class GroupLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
-        """centre <- m * centre + (1 - m) * mean over all ranks' teacher logits."""
+        """centre (1, G) <- m * centre + (1 - m) * mean over all ranks' teacher logits, `teacher` (2 * B, G)."""
         batch_center = mean_over_ranks(teacher.detach().to(self.center.dtype).mean(dim=0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
 def weighted_total(losses: dict, weights: Sequence[float]) -> torch.Tensor:
-    """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0)."""
+    """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0).
+
+    Args:
+        losses: "instance", "local_group", "group" -> scalar, or None for an absent loss.
+        weights: their 3 weights, in that order.
+
+    Returns:
+        scalar.
+    """
     names = ("instance", "local_group", "group")
     pairs = [(losses[n], w) for n, w in zip(names, weights) if w > 0 and losses.get(n) is not None]
     if not pairs:

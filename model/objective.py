@@ -39,7 +39,18 @@ class MugsObjective(nn.Module):
         self.teacher_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n, pointer)
 
     def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, torch.Tensor]:
-        """The three losses (absent ones are None) and `total`, all from the pre-step state."""
+        """The three losses (absent ones are None) and `total`, all from the pre-step state.
+
+        Args:
+            student: the student's outputs over its n_student_crops crops, crop-major: `instance` and
+                `local_group` (n_student_crops * B, D), `group` (n_student_crops * B, G).
+            teacher: the teacher's over its 2 global crops: (2 * B, D) and (2 * B, G).
+            n_student_crops: 2 global + the local crops.
+            epoch: for the group loss's teacher temperature.
+
+        Returns:
+            {"instance", "local_group", "group": scalar or None (weight 0), "total": scalar}.
+        """
         w = self.loss_weights
         losses: Dict[str, Optional[torch.Tensor]] = {
             "instance": self.instance_loss(student.instance, teacher.instance, n_student_crops, self.instance_queue)
@@ -57,6 +68,15 @@ class MugsObjective(nn.Module):
     @torch.no_grad()
     def update_state(self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor) -> torch.Tensor:
         """After the losses: queues, centre and memories; returns the student-memory rows written (a tensor).
+
+        Args:
+            student, teacher: the step's outputs, as `forward` takes them; their `memory_tokens` are
+                (2 * B, E), the global crops' patch-token means, of which crop 0's B rows are written.
+            weak_flags: (B,) bool, the images whose student global crops were weakly augmented (only
+                those enter the student memory).
+
+        Returns:
+            0-dim int64 tensor: the rows written to the student memory, all ranks together.
 
         Everything the writes need from the other ranks travels in ONE all-gather (plus the centre's
         all-reduce), and nothing here waits for the host."""
