@@ -30,10 +30,11 @@ Reshard policy (`reshard_after_forward`) and why:
 - student root: False. Its heads run last in forward and first in backward, and its
   patch embedding last in backward, so freeing it after forward would only re-gather
   the same bytes at once; it is resharded at the end of backward.
-- teacher, every unit: True. The teacher has no backward, so nothing would reuse a
-  gathered copy within the step, and after the step the EMA changes the shards,
-  which would make a kept copy stale (the step also reshards the teacher root after
-  its forward, for torch versions that never reshard a root).
+- teacher, every unit, the root included: True. The teacher has no backward, so nothing
+  would reuse a gathered copy within the step, and after the step the EMA changes the
+  shards, which would make a kept copy stale. FSDP2 honours an explicit True on a root
+  since torch 2.8 (pytorch#154704; before, it kept a root gathered), so no caller has to
+  reshard the teacher after its forward.
 The teacher gets the SAME sharding plan, which makes the EMA a purely local update
 over matching shards.
 Prefetch: block i prefetches block i+1 in forward (the relation block after the last
