@@ -78,10 +78,9 @@ def test_none_leaves_the_block_alone():
     assert checkpoint_forward_(blk, "none").forward == forward
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dist_cpu():
     info = init_distributed("cpu")
-    torch._dynamo.reset()
     try:
         yield info
     finally:
@@ -89,9 +88,13 @@ def dist_cpu():
         shutdown()
 
 
-def _train(info, policy, compile, steps=2):
-    # no drop path: Inductor draws random numbers its own way, so compiled masks differ from eager ones
-    cfg = dataclasses.replace(tiny_cfg(2), depth=2, embed_dim=16, activation_checkpointing=policy, compile=compile)
+def _train(info, policy, steps=2):
+    """`steps` steps of the tiny pair with Inductor-compiled blocks (needs a C++ compiler), drop path on;
+    the losses, the compile report and the student's parameters after them."""
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(tiny_cfg(2), depth=2, embed_dim=16, drop_path_rate=0.3,
+                              activation_checkpointing=policy, compile=True)
+    before = compile_counts()
     student, teacher, objective = build_models(cfg, info)
     step = MugsTrainStep(student, teacher, objective, build_adamw(student, fused=False), arch=cfg.arch,
                          clip_grad=0.5, freeze_last_layer=0)
@@ -100,22 +103,26 @@ def _train(info, policy, compile, steps=2):
         g = torch.Generator().manual_seed(i)
         t = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
         s = t + [torch.randn(2, 3, 16, 16, generator=g) for _ in range(2)]
+        torch.manual_seed(100 + i)  # the same drop-path masks in every run
         res = step(t, s, torch.tensor([True, False]), epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04,
                    step_index=i)
         losses.append(res.losses)
     params = {n: p.full_tensor().detach().clone() for n, p in student.named_parameters()}
-    return losses, params
+    return losses, compile_report(True, since=before), params
+
+
+@pytest.fixture(scope="module")
+def no_ac(dist_cpu):
+    return _train(dist_cpu, "none")
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("policy", ["full", "selective"])
-def test_ac_under_compile_trains_like_no_ac(dist_cpu, policy):
-    """Inductor-compiled blocks with the policy (needs a C++ compiler) against eager blocks without AC:
-    the same losses and parameters after 2 steps, within fp32 round-off."""
-    ref_losses, ref_params = _train(dist_cpu, "none", compile=False)
-    before = compile_counts()
-    losses, params = _train(dist_cpu, policy, compile=True)
-    report = compile_report(True, since=before)
+def test_ac_under_compile_trains_like_no_ac(dist_cpu, no_ac, policy):
+    """The same losses and parameters after 2 steps as without AC, within fp32 round-off: the recompute
+    inside the compiled blocks replays the forward, drop-path masks included."""
+    ref_losses, _, ref_params = no_ac
+    losses, report, params = _train(dist_cpu, policy)
     assert report["graphs"] > 0 and not report["fell_back"] and not report["graph_breaks"], report  # compiled whole
     for a, b in zip(losses, ref_losses):
         for k in b:
