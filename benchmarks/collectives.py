@@ -9,9 +9,10 @@ carries into backward, so the backward's all-gathers and reduce-scatters are see
 
 Bytes are the full (unsharded) payload of each call: the gathered output of an
 all-gather, the unreduced input of a reduce-scatter, the tensors of an all-reduce.
-With `phase(label)` (the step's `on_phase` callback) the counts are also split by the
-step phase that issued them, which separates FSDP's parameter traffic (forward and
-backward phases) from the small state collectives (loss check, clip, state update).
+The counter is also a step hook (training/step.py's StepHook): attached to a step, its
+`phase(label)` runs as each phase ends and the counts are split by the phase that issued
+them, which separates FSDP's parameter traffic (forward and backward phases) from the
+small state collectives (loss check, clip, state update).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Dict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from mugs.training.step import StepHook
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "other")
 
@@ -46,7 +49,7 @@ def _payload_bytes(kind: str, args) -> int:
     return _nbytes(args[0]) if args else 0  # all-gather: gathered output; all-reduce: the tensors
 
 
-class CollectiveCounter(TorchDispatchMode):
+class CollectiveCounter(TorchDispatchMode, StepHook):
     """Counts c10d collectives (and their bytes) per kind, and per step phase when `phase` is called."""
 
     def __init__(self):
@@ -67,6 +70,9 @@ class CollectiveCounter(TorchDispatchMode):
         for k, v in self.pending.items():
             self.by_phase[label][k] += v
         self.pending.clear()
+
+    def on_phase_end(self, phase: str) -> None:
+        self.phase(phase)
 
     def totals(self, n_steps: int = 1) -> Dict[str, float]:
         """{"all_gather", "reduce_scatter", "all_reduce", "other", "bytes"} per step (pending included)."""

@@ -15,7 +15,7 @@ The losses are the same numbers (tests/test_bench_paper_style.py checks it).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from mugs.model.losses import weighted_total
 from mugs.model.network import MugsNetwork, MugsOutputs, build_network, same_size_runs
 from mugs.model.objective import MugsObjective
-from mugs.training.optim import cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
-from mugs.training.step import StepResult
+from mugs.training.optim import cancel_last_layer_grads, clip_value, param_groups
+from mugs.training.step import StepHook, StepResult, apply_lr_wd
 
 
 def use_materialised_attention(net: nn.Module) -> int:
@@ -102,9 +102,10 @@ def _halves(large: List[torch.Tensor], small: List[torch.Tensor]) -> torch.Tenso
 
 
 class PaperStyleStep:
-    """Same call signature, result and `on_phase` hook as training.step.MugsTrainStep."""
+    """Same call signature and result as training.step.MugsTrainStep; of its hooks' points, calls
+    `on_phase_end` (benchmarks/phases.py times phases with it)."""
 
-    on_phase: Optional[Callable[[str], None]] = None  # benchmarks/phases.py times phases with it
+    hooks: Tuple[StepHook, ...] = ()
 
     def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: float,
                  freeze_last_layer: int):
@@ -116,8 +117,8 @@ class PaperStyleStep:
             p.requires_grad_(False)
 
     def _mark(self, label: str) -> None:
-        if self.on_phase is not None:
-            self.on_phase(label)
+        for h in self.hooks:
+            h.on_phase_end(label)
 
     def losses(self, s_out, t_out, n_crops: int, epoch: int) -> dict:
         obj, w = self.objective, self.objective.loss_weights
@@ -141,8 +142,7 @@ class PaperStyleStep:
     def __call__(self, teacher_crops: Sequence[torch.Tensor], student_crops: Sequence[torch.Tensor],
                  weak_flags: torch.Tensor, *, epoch: int, momentum: float, lr: Optional[float] = None,
                  weight_decay: Optional[float] = None, step_index: int = 0) -> StepResult:
-        if lr is not None:
-            set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
+        apply_lr_wd(self.optimizer, lr, weight_decay)
         with torch.no_grad():
             t_out = per_resolution_forward(self.teacher, teacher_crops, self.objective.teacher_memory)
         self._mark("teacher_fwd")

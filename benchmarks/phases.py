@@ -1,7 +1,8 @@
 """Per-phase timing of one training step, in a separate instrumented pass.
 
-Method: both steps (training/step.py's MugsTrainStep and benchmarks/paper_style.py's
-PaperStyleStep) call their `on_phase(label)` hook as each phase ends; `PhaseTimer.mark`
+Method: `PhaseTimer` is a step hook (training/step.py's StepHook, attached with its
+`attached`): both steps (training/step.py's MugsTrainStep and benchmarks/paper_style.py's
+PaperStyleStep) call its `on_phase_end(label)` as each phase ends. `PhaseTimer.mark`
 synchronises the device (CUDA: torch.cuda.synchronize; CPU: nothing to wait for) and
 charges the time since the previous boundary to that phase. The syncs remove overlap
 between phases (e.g. FSDP prefetch across the forward/backward boundary), which is why
@@ -12,12 +13,13 @@ last-layer freeze), optimizer, state_update (queues, centre, memories), ema, oth
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 from typing import Callable, Dict, Optional
 
 import torch
+
+from mugs.training.step import StepHook
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:
@@ -26,7 +28,7 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-class PhaseTimer:
+class PhaseTimer(StepHook):
     """Accumulates the time since the previous boundary under the label of the phase that just ended."""
 
     def __init__(self, sync: Callable[[], None]):
@@ -44,16 +46,9 @@ class PhaseTimer:
         self.totals[label] += now - self.last
         self.last = now
 
+    def on_phase_end(self, phase: str) -> None:
+        self.mark(phase)
+
     def mean(self, n_steps: int) -> Dict[str, float]:
         return {k: v / n_steps for k, v in self.totals.items()}
 
-
-@contextlib.contextmanager
-def on_phase(step_fn, callback: Callable[[str], None]):
-    """Sets the step's `on_phase` hook to `callback` for the duration of the block."""
-    saved = step_fn.on_phase
-    step_fn.on_phase = callback
-    try:
-        yield step_fn
-    finally:
-        step_fn.on_phase = saved

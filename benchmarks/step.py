@@ -15,7 +15,7 @@ device synchronize (the step already syncs once for its loss check). Then, untim
 with every c10d collective counted (benchmarks/collectives.py: `collectives_per_step`, by
 phase, and `fsdp_units`), on CUDA one step under torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`), and a pass of `--phase_steps` steps for the per-phase split
-(benchmarks/phases.py, through the step's `on_phase` hook).
+(benchmarks/phases.py's PhaseTimer, attached to the step as a hook).
 MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
 peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (docs/performance.md's MFU),
 `mfu_measured_ceiling` the bf16 GEMM rate measured on the same device (`--ceiling_tflops`);
@@ -52,13 +52,14 @@ from mugs.benchmarks import hardware, records
 from mugs.benchmarks.flops import MugsShape, step_flops_per_image
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.collectives import CollectiveCounter
-from mugs.benchmarks.phases import PhaseTimer, device_sync, on_phase
+from mugs.benchmarks.phases import PhaseTimer, device_sync
+from mugs.configs.activation_checkpointing import POLICIES as AC_POLICIES
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
 from mugs.core.dist import DistInfo, init_distributed, shutdown
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
-from mugs.training.step import MugsTrainStep
+from mugs.training.step import MugsTrainStep, attached
 from mugs.training.monitor import gpu_memory_gb
 from mugs.training.trainer import build_models, loop_step
 from mugs.training.validate import ConfigError, validate
@@ -78,7 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                    "(then --embed_dim --depth --num_heads)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="optimised step's compute precision (auto: bf16 on cuda, fp32 on cpu); the baseline is fp32")
-    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--activation_checkpointing", nargs="?", const="full", default="none", choices=AC_POLICIES,
+                   help="optimised step's policy (configs/activation_checkpointing.py); the bare flag means full")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (optimised step)")
     p.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; eager or "
                    "aot_eager rehearse the graph count on CPU in seconds)")
@@ -166,7 +168,7 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
     # one more step with every c10d call counted, split by the phase that issued it
     counter = CollectiveCounter()
     try:
-        with on_phase(step_fn, counter.phase), counter:
+        with attached(step_fn, counter), counter:
             run(step_fn)
     except Exception as e:  # e.g. a torch.compile version that refuses an active dispatch mode
         out["collectives_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -190,7 +192,7 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
             out.update(host_sync_record("iteration", lambda: (run(iteration), gpu_memory_gb())))
     if args.phase_steps > 0:
         timer = PhaseTimer(sync)
-        with on_phase(step_fn, timer.mark):
+        with attached(step_fn, timer):
             for _ in range(args.phase_steps):
                 timer.start()
                 run(step_fn)

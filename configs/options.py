@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from .activation_checkpointing import POLICIES as AC_POLICIES, ac_policy
+
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 
@@ -95,7 +97,9 @@ class MugsConfig:
     center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre")
     device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"))
     precision: str = _opt("auto", "compute precision (auto: bf16 on cuda or with --use_fp16 true, else fp32)", choices=("auto", "bf16", "fp32"))
-    activation_checkpointing: bool = _opt(False, "recompute each block in backward")
+    activation_checkpointing: str = _opt("none", "what backward recomputes per student block: none, full (the whole "
+                                         "block) or selective (all but matmul and attention outputs); the old "
+                                         "true/false mean full/none", choices=AC_POLICIES, type=ac_policy)
     compile: bool = _opt(False, "torch.compile each block")
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes")
     loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"))

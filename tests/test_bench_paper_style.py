@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
-from mugs.benchmarks.phases import PhaseTimer, on_phase
+from mugs.benchmarks.phases import PhaseTimer
 from mugs.benchmarks.step import synthetic_batch
 from mugs.configs.options import MugsConfig
 from mugs.training.optim import build_adamw
-from mugs.training.step import MugsTrainStep
+from mugs.training.step import MugsTrainStep, attached
 
 CFG = MugsConfig(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
                  head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
@@ -63,7 +63,7 @@ def test_phase_timer_covers_every_phase(which):
     step = base if which == "baseline" else opt
     t, s, weak = synthetic_batch(CFG, torch.device("cpu"), torch.float32)
     timer = PhaseTimer(lambda: None)
-    with on_phase(step, timer.mark) as inst:
+    with attached(step, timer) as inst:
         timer.start()
         inst(t, s, weak, step_index=0, **KW)
         timer.mark("other")
@@ -71,7 +71,7 @@ def test_phase_timer_covers_every_phase(which):
     assert list(timer.totals) == ["teacher_fwd", "student_fwd", "loss", "backward", *check, "clip", "optimizer",
                                   "state_update", "ema", "other"]
     # the hook is undone: the step runs plain again and nothing is timed
-    assert step.on_phase is None
+    assert step.hooks == ()
     n = dict(timer.totals)
     step(t, s, weak, step_index=1, **KW)
     assert dict(timer.totals) == n

@@ -59,13 +59,13 @@ def _raw_grads(trace, dtype):
         cfg = R.config_from_trace(trace["config"])
         student, teacher, objective = R.build_from_state0(cfg, trace["state0"])
         opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
+        rec = R.TraceRecorder()
         step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=cfg.clip_grad,
-                             freeze_last_layer=cfg.freeze_last_layer)
-        rec = {}
+                             freeze_last_layer=cfg.freeze_last_layer, hooks=[rec])
         inp = trace["inputs"]
         step([c.to(dtype) for c in inp["teacher_crops"]], [c.to(dtype) for c in inp["student_crops"]],
-             inp["weak_flags"], epoch=trace["config"]["epoch"], momentum=0.996, record=rec)
-        return rec["grads_raw"]
+             inp["weak_flags"], epoch=trace["config"]["epoch"], momentum=0.996)
+        return rec.grads_raw
     finally:
         torch.set_default_dtype(old)
 

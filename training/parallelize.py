@@ -1,12 +1,16 @@
 """Activation checkpointing, torch.compile and FSDP2 for the student and the teacher: ONE function, in that order.
 
 1. Activation checkpointing (student only; the teacher runs under no_grad and keeps
-   no activations): each transformer block and the relation block get their forward
-   wrapped by `torch.utils.checkpoint.checkpoint` (non-reentrant), so everything
-   inside a block is recomputed in backward. The wrapper replaces the block's
+   no activations), by policy (`--activation_checkpointing`, configs/activation_checkpointing.py):
+   each transformer block and the relation block get their forward wrapped by
+   `torch.utils.checkpoint.checkpoint` (non-reentrant). `full` recomputes everything
+   inside a block in backward; `selective` gives the checkpoint a policy
+   (`torch.utils.checkpoint.create_selective_checkpoint_contexts`, as torchtitan's
+   op-level selective AC) that saves the outputs of the matmuls (mm, addmm, bmm) and of
+   attention (the SDPA kernels) and recomputes the rest. The wrapper replaces the block's
    `forward` in place instead of nesting the block in a wrapper module, so
    parameter names stay `blocks.N.*`: checkpoints, the timm export and the
-   student/teacher EMA pairing do not depend on the flag.
+   student/teacher EMA pairing do not depend on the policy.
 2. `torch.compile` of each block (`Module.compile`), the checkpointed forward
    included, so recompute happens inside the compiled region. All blocks share one
    code object, hence Dynamo's recompile limit (8): nothing a block is traced with may
@@ -26,10 +30,11 @@ Reshard policy (`reshard_after_forward`) and why:
 - student root: False. Its heads run last in forward and first in backward, and its
   patch embedding last in backward, so freeing it after forward would only re-gather
   the same bytes at once; it is resharded at the end of backward.
-- teacher, every unit: True. The teacher has no backward, so nothing would reuse a
-  gathered copy within the step, and after the step the EMA changes the shards,
-  which would make a kept copy stale (the step also reshards the teacher root after
-  its forward, for torch versions that never reshard a root).
+- teacher, every unit, the root included: True. The teacher has no backward, so nothing
+  would reuse a gathered copy within the step, and after the step the EMA changes the
+  shards, which would make a kept copy stale. FSDP2 honours an explicit True on a root
+  since torch 2.8 (pytorch#154704; before, it kept a root gathered), so no caller has to
+  reshard the teacher after its forward.
 The teacher gets the SAME sharding plan, which makes the EMA a purely local update
 over matching shards.
 Prefetch: block i prefetches block i+1 in forward (the relation block after the last
@@ -39,28 +44,53 @@ implicit prefetch would issue each all-gather only when the CPU reaches the bloc
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..configs.activation_checkpointing import ac_policy
 from ..model.network import MugsNetwork
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def checkpoint_forward_(module: nn.Module) -> nn.Module:
-    """Recompute `module`'s activations in backward; its parameters and their names are unchanged."""
+_aten = torch.ops.aten
+# what `selective` keeps: the matmuls' and attention's outputs (the SDPA kernels of every backend that
+# this torch has; CPU runs the flash_attention_for_cpu one). Everything else is recomputed.
+SAVED_OPS = frozenset(getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+) if hasattr(_aten, name))
+
+
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """`selective`'s rule for one op: save a matmul's or attention's output, recompute anything else."""
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_forward_(module: nn.Module, policy: Union[str, bool] = "full") -> nn.Module:
+    """Recompute `module`'s activations in backward as `policy` says (full or selective; none leaves
+    the module as it is); its parameters and their names are unchanged."""
+    policy = ac_policy(policy)
+    if policy == "none":
+        return module
     forward = module.forward
+    # full: torch.utils.checkpoint's default context, nothing inside the block saved
+    extra = ({"context_fn": functools.partial(create_selective_checkpoint_contexts, selective_policy)}
+             if policy == "selective" else {})
 
     @functools.wraps(forward)
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
     module.forward = checkpointed
     return module
@@ -71,7 +101,7 @@ def parallelize(
     mesh: DeviceMesh,
     *,
     precision: str = "bf16",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: Union[str, bool] = "none",  # none|full|selective (old booleans: full/none)
     compile: bool = False,
     is_teacher: bool = False,
     compile_backend: Optional[Any] = None,  # a torch.compile backend: a name, or a callable (tests)
@@ -80,9 +110,9 @@ def parallelize(
     blocks = list(net.backbone.blocks)
     relation = list(net.backbone.relation_blocks)
     units = blocks + relation
-    if activation_checkpointing and not is_teacher:
+    if not is_teacher:
         for blk in units:
-            checkpoint_forward_(blk)
+            checkpoint_forward_(blk, activation_checkpointing)
     if compile:
         for blk in units:
             # static shapes: the step's shapes are fixed, and Dynamo's automatic dynamic shapes (the teacher

@@ -3,7 +3,8 @@
 A trace (format: tests/data/parity/README.md) holds a config, the inputs, the
 state before the step and every intermediate and final quantity. This builds
 the project's model from the trace's config, loads `state0`, runs ONE step of
-`MugsTrainStep` and reports the largest absolute difference per quantity.
+`MugsTrainStep` with a `TraceRecorder` hook attached (the outputs and gradients the
+step itself does not return) and reports the largest absolute difference per quantity.
 Exit status 1 if any is beyond its tolerance. Nothing here knows the shipped files.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
 from ..configs.options import MugsConfig
 from ..model.convert import memory_from_original, network_from_original
@@ -22,7 +24,7 @@ from ..model.network import build_network
 from ..model.objective import MugsObjective
 from ..model.ring_buffer import POINTER_RULES
 from .optim import build_adamw
-from .step import MugsTrainStep
+from .step import MugsTrainStep, StepHook
 
 TOL = 1e-5
 TOL_OPTIMIZER = 1e-6
@@ -42,6 +44,34 @@ class Check:
     @property
     def ok(self) -> bool:
         return self.max_diff <= self.tol
+
+
+class TraceRecorder(StepHook):
+    """What a trace compares beyond the step's result: both models' outputs, the raw and the clipped
+    gradients (full tensors, detached copies)."""
+
+    def __init__(self):
+        self.outputs = None
+        self.grads_raw: Dict[str, torch.Tensor] = {}
+        self.grads_clipped: Dict[str, torch.Tensor] = {}
+
+    def on_forward_done(self, student_out, teacher_out) -> None:
+        self.outputs = (student_out, teacher_out)
+
+    def on_backward_done(self, student: nn.Module) -> None:
+        self.grads_raw = _grads(student)
+
+    def on_clip_done(self, student: nn.Module) -> None:
+        self.grads_clipped = _grads(student)
+
+
+def _grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
 
 
 def config_from_trace(tc: dict) -> MugsConfig:
@@ -158,18 +188,18 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     student, teacher, objective = build_from_state0(cfg, trace["state0"])
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
     _set_group_lr_wd(optimizer, trace["group_lr_wd"])
+    record = TraceRecorder()
     step = MugsTrainStep(
         student, teacher, objective, optimizer,
-        arch=cfg.arch, clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer,
+        arch=cfg.arch, clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer, hooks=[record],
     )
     inputs = trace["inputs"]
     t_crops = [c.float() for c in inputs["teacher_crops"]]
     s_crops = [c.float() for c in inputs["student_crops"]]
-    record: dict = {}
-    result = step(t_crops, s_crops, inputs["weak_flags"], epoch=tc["epoch"], momentum=tc["momentum_teacher"], record=record)
+    result = step(t_crops, s_crops, inputs["weak_flags"], epoch=tc["epoch"], momentum=tc["momentum_teacher"])
 
     out, checks = trace["outputs"], []
-    s_out, t_out = record["outputs"]
+    s_out, t_out = record.outputs
     pairs = {
         "teacher_instance_target": t_out.instance,
         "teacher_local_group_target": t_out.local_group,
@@ -186,8 +216,8 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
         checks.append(Check(f"outputs.{theirs}", abs(result.losses[ours] - float(out[theirs])), TOL))
     checks.append(Check("outputs.teacher_temp", abs(result.teacher_temp - float(out["teacher_temp"])), 1e-9))
     checks.append(Check("outputs.n_weak", abs(result.n_weak - int(out["n_weak"])), 0))
-    checks += _compare_dicts("grads_raw", record["grads_raw"], trace["grads_raw"], TOL, GRAD_RTOL)
-    checks += _compare_dicts("grads_clipped", record["grads_clipped"], trace["grads_clipped"], TOL, GRAD_RTOL)
+    checks += _compare_dicts("grads_raw", record.grads_raw, trace["grads_raw"], TOL, GRAD_RTOL)
+    checks += _compare_dicts("grads_clipped", record.grads_clipped, trace["grads_clipped"], TOL, GRAD_RTOL)
 
     s1 = trace["state1"]
     ref_student = network_from_original(s1["student"])

@@ -1,5 +1,11 @@
 """One Mugs training step, in the order the original takes it (see tests/data/parity/README.md).
 
+The step is the algorithm and nothing else. Whatever watches it (the golden-trace recorder,
+training/replay_trace.py; the phase timer and the collective counter, benchmarks/) is a
+`StepHook` attached from outside (`hooks=`, or `attached(step, hook)` for a block); with
+none attached the step calls nothing. Resharding the teacher after its forward is FSDP's
+job (training/parallelize.py wraps the teacher with `reshard_after_forward=True`).
+
 Host-device synchronisation: ONE per step, after backward. The losses are stacked on
 the device, averaged over ranks and copied to the host only once backward has been
 queued, so nothing stalls the device between forward and backward; a NaN/inf on any
@@ -12,28 +18,26 @@ benchmarks/step.py counts the syncs with torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`, and `host_syncs_per_iteration` for training/trainer.py:loop_step).
 
 Each phase runs inside a `torch.profiler.record_function("mugs.<phase>")` range, so a
-profiler trace shows it; `on_phase(label)`, when set, is called as each phase ends
-(benchmarks/phases.py times phases with it, benchmarks/collectives.py splits the
-collectives by phase). Phases: teacher_fwd, student_fwd, loss, backward, loss_check,
-clip (incl. the last-layer freeze), optimizer, state_update, ema.
+profiler trace shows it, and ends with the hooks' `on_phase_end(label)`. Phases: teacher_fwd,
+student_fwd, loss, backward, loss_check, clip (incl. the last-layer freeze), optimizer,
+state_update, ema.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
 from ..core.dist import mean_over_ranks, world_size
-from ..model.network import MugsNetwork
+from ..model.network import MugsNetwork, MugsOutputs
 from ..model.objective import MugsObjective
 from .ema import ema_pairs, ema_update_
 from .optim import cancel_last_layer_grads, clip_per_parameter_, clip_value, set_lr_wd
-from .parallelize import reshard_
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +50,46 @@ class StepResult:
     n_weak: int
     teacher_temp: float
     flags: Tuple[bool, ...] = ()  # the caller's `flags`, each OR-ed over ranks
+
+
+class StepHook:
+    """An observer of the step, called at its named points; every method does nothing unless overridden.
+    A hook reads what it is given and changes nothing: the step's numbers are the same with or without it."""
+
+    def on_phase_end(self, phase: str) -> None:
+        """Each phase, as it ends (see the module docstring for the names)."""
+
+    def on_forward_done(self, student_out: MugsOutputs, teacher_out: MugsOutputs) -> None:
+        """Both forwards ran."""
+
+    def on_backward_done(self, student: nn.Module) -> None:
+        """The losses are finite on every rank; `student`'s gradients are the raw ones."""
+
+    def on_clip_done(self, student: nn.Module) -> None:
+        """`student`'s gradients are clipped and the frozen last layer's cancelled: what the optimizer gets."""
+
+    def on_step_end(self, result: StepResult) -> None:
+        """The step is over: optimizer, queues/centre/memories and EMA all updated."""
+
+
+@contextlib.contextmanager
+def attached(step, *hooks: StepHook) -> Iterator:
+    """`step` (anything with a `hooks` tuple) calls `hooks` too inside the block, and no longer after it."""
+    saved = step.hooks
+    step.hooks = (*saved, *hooks)
+    try:
+        yield step
+    finally:
+        step.hooks = saved
+
+
+def apply_lr_wd(optimizer: torch.optim.Optimizer, lr: Optional[float], weight_decay: Optional[float]) -> None:
+    """Both None: the optimiser's groups stay as the caller set them. Both given: set. One of them only
+    is a TypeError (a missing weight decay used to mean 0 without a word)."""
+    if (lr is None) != (weight_decay is None):
+        raise TypeError(f"lr and weight_decay go together: got lr={lr!r}, weight_decay={weight_decay!r}")
+    if lr is not None:
+        set_lr_wd(optimizer, lr, weight_decay)
 
 
 class MugsTrainStep:
@@ -61,11 +105,11 @@ class MugsTrainStep:
         arch: str,
         clip_grad: float,
         freeze_last_layer: int,
-        on_phase: Optional[Callable[[str], None]] = None,
+        hooks: Sequence[StepHook] = (),
     ):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
         self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
-        self.on_phase = on_phase
+        self.hooks: Tuple[StepHook, ...] = tuple(hooks)
         self.teacher_params, self.student_params = ema_pairs(student, teacher)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -74,8 +118,8 @@ class MugsTrainStep:
     def _phase(self, label: str):
         with record_function(f"mugs.{label}"):
             yield
-        if self.on_phase is not None:
-            self.on_phase(label)
+        for h in self.hooks:
+            h.on_phase_end(label)
 
     def __call__(
         self,
@@ -88,20 +132,18 @@ class MugsTrainStep:
         lr: Optional[float] = None,
         weight_decay: Optional[float] = None,
         step_index: int = 0,
-        record: Optional[dict] = None,
         flags: Sequence[bool] = (),
     ) -> StepResult:
-        """`lr`/`weight_decay` None leaves the optimiser's groups as the caller set them.
-        `record`, when given, receives the outputs and the raw and clipped gradients.
+        """`lr` and `weight_decay` together, or neither (see `apply_lr_wd`).
         `flags` (host booleans) are agreed over ranks in the step's one all-reduce: the result's
         `flags` holds each one OR-ed over ranks."""
-        if lr is not None:
-            set_lr_wd(self.optimizer, lr, weight_decay if weight_decay is not None else 0.0)
+        apply_lr_wd(self.optimizer, lr, weight_decay)
         with self._phase("teacher_fwd"), torch.no_grad():
             t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
-            reshard_(self.teacher)  # the EMA below changes the shards: no gathered copy may outlive the forward
         with self._phase("student_fwd"):
             s_out = self.student(student_crops, self.objective.student_memory)
+        for h in self.hooks:
+            h.on_forward_done(s_out, t_out)
         with self._phase("loss"):
             losses = self.objective(s_out, t_out, len(student_crops), epoch)
             present = {k: v for k, v in losses.items() if v is not None}
@@ -124,33 +166,26 @@ class MugsTrainStep:
             if bad:
                 raise NonFiniteLossError(
                     f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values))})")
-        if record is not None:
-            record["outputs"] = (s_out, t_out)
-            record["grads_raw"] = _grads(self.student)
+        for h in self.hooks:
+            h.on_backward_done(self.student)
         with self._phase("clip"):
             if self.clip_grad:
                 clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, self.arch, epoch))
             cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
-        if record is not None:
-            record["grads_clipped"] = _grads(self.student)
+        for h in self.hooks:
+            h.on_clip_done(self.student)
         with self._phase("optimizer"):
             self.optimizer.step()
         with self._phase("state_update"):
             self.objective.update_state(s_out, t_out, weak_flags)
         with self._phase("ema"):
             ema_update_(self.teacher_params, self.student_params, momentum)
-        return StepResult(
+        result = StepResult(
             losses=dict(zip(present, values)),
             n_weak=round(n_weak),
             teacher_temp=self.objective.group_loss.teacher_temp(epoch),
             flags=tuple(f > 0 for f in mean_flags),  # a mean of 0/1 values is > 0 when any rank set it
         )
-
-
-def _grads(model: nn.Module) -> Dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            g = p.grad
-            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    return out
+        for h in self.hooks:
+            h.on_step_end(result)
+        return result
