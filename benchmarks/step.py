@@ -56,12 +56,13 @@ from mugs.benchmarks.phases import PhaseTimer, device_sync, on_phase
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
 from mugs.core.dist import DistInfo, init_distributed, shutdown
+from mugs.core.errors import ConfigError
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
 from mugs.training.step import MugsTrainStep
 from mugs.training.monitor import gpu_memory_gb
 from mugs.training.trainer import build_models, loop_step
-from mugs.training.validate import ConfigError, validate
+from mugs.training.validate import validate
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "step.jsonl"  # working dir; benchmarks/results/ only via --out
 # Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
