@@ -11,7 +11,7 @@ import torch
 from mugs.benchmarks.collectives import CollectiveCounter
 from test_bench_step import TINY
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 DEPTH = 3
 

@@ -9,7 +9,7 @@ from mugs.core import checkpoint as ckpt
 from eval_helpers import reseal
 from train_helpers import make_image_folder, run, train_cmd
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 FLAGS = ("--batch_size_per_gpu", "4", "--ckpt_every_steps", "1")
 

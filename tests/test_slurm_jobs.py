@@ -18,7 +18,7 @@ from slurm_cluster import LocalSlurm, _free_port, missing
 from test_slurm_templates import TABLE1
 from train_helpers import TINY_FLAGS, make_image_folder
 
-pytestmark = pytest.mark.slurm  # jobs on a local SLURM: pytest.ini's timeout_slurm
+pytestmark = pytest.mark.slurm  # jobs on a local SLURM: pyproject.toml's timeout_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "slurm/vit_large_250ep.sh"

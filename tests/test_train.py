@@ -14,7 +14,7 @@ from mugs.core import checkpoint as ckpt
 from mugs.training.trainer import main as train_main
 from train_helpers import make_image_folder, run, train_cmd
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 
 @pytest.fixture(scope="module")
