@@ -72,7 +72,7 @@ def per_gpu_batch(run: Run, world_size: int, global_batch: Optional[int] = None)
     g = global_batch or run.global_batch
     if world_size < 1 or g % world_size:
         raise ConfigError(f"global batch {g} does not split over {world_size} GPUs: choose a GPU count that "
-                         f"divides it, or set BATCH_SIZE_PER_GPU (the global batch and so the lr then change)")
+                          f"divides it, or set BATCH_SIZE_PER_GPU (the global batch and so the lr then change)")
     return g // world_size
 
 
