@@ -86,7 +86,8 @@ def _console_scripts():
     assert len(found) >= 11, found
     return [(name, ROOT / package / f"{module}.py") for name, package, module in found] + [
         ("python -m mugs.configs.table1", ROOT / "configs" / "table1.py"),
-        ("python -m mugs.training.trainer", ROOT / "training" / "trainer.py")]
+        ("python -m mugs.training.trainer", ROOT / "training" / "trainer.py"),
+        ("python -m mugs.benchmarks.step", ROOT / "benchmarks" / "step.py")]
 
 
 @pytest.mark.parametrize("name,path", _console_scripts(), ids=lambda x: getattr(x, "name", x))
