@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "pytest-timeout", "pillow"],
+        "test": ["pytest", "pytest-timeout", "pillow", "ruff"],  # ruff: the linter CI runs (pyproject.toml)
     },
     entry_points={
         "console_scripts": [

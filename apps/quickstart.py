@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs.options import parse_config
+from ..core.cli import run_cli
 from ..model.knn import K
 
 # The small-image setting: 56-px global crops, 24-px local crops, 8-px patches (7x7 tokens),
@@ -233,7 +234,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--subset", type=int, default=0, help="use only the first N train / N/2 val images (tests)")
     ap.add_argument("--fresh", action="store_true", help="delete an earlier run in --workdir first")
     args = ap.parse_args(argv)
+    return run_cli(lambda: _quickstart(args), "mugs-quickstart")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
     from ..pipeline.fashion_mnist import materialize
+    from ..training.failure import WorkerFailed
 
     t0 = time.time()
     work = Path(args.workdir).resolve()
@@ -260,8 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("mugs-quickstart: pretraining: " + " ".join(cmd[2:]), flush=True)
     rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if rc != 0:
-        print(f"mugs-quickstart: error: training exited with code {rc}", file=sys.stderr)
-        return rc
+        raise WorkerFailed(f"training exited with code {rc}", rc)
     from ..eval.load import load_backbone, read_checkpoint
 
     ckpt = read_checkpoint(run_dir, parts=("student", "teacher"))  # read once for both k-NN and the picture
@@ -281,7 +286,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
           f"  loss curve:   {work / 'loss_curve.png'}\n  attention:    {work / 'attention.png'}\n"
           f"  checkpoints:  {run_dir / 'checkpoints'}   ({results['minutes']:.1f} min in all)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -57,12 +57,14 @@ from mugs.configs.activation_checkpointing import POLICIES as AC_POLICIES
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
 from mugs.core.dist import DistInfo, init_distributed, shutdown
+from mugs.core.cli import run_cli
+from mugs.core.errors import ConfigError
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
 from mugs.training.step import MugsTrainStep, attached
 from mugs.training.monitor import gpu_memory_gb
 from mugs.training.trainer import build_models, loop_step
-from mugs.training.validate import ConfigError, validate
+from mugs.training.validate import validate
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "step.jsonl"  # working dir; benchmarks/results/ only via --out
 # Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
@@ -336,17 +338,16 @@ def free_memory(device: torch.device) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(lambda: _main(argv), "mugs.benchmarks.step")
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args, rest = parse_args(argv)
     cfg = make_config(args, rest)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        validate(cfg.replace(data_path=os.getcwd()), world)
-    except ConfigError as e:
-        print(f"mugs.benchmarks.step: error: {e}", file=sys.stderr)
-        return 2
+    validate(cfg.replace(data_path=os.getcwd()), world)
     if (args.baseline or args.compare) and world > 1:
-        print("mugs.benchmarks.step: error: the paper-style baseline runs on one process (no torchrun)", file=sys.stderr)
-        return 2
+        raise ConfigError("the paper-style baseline runs on one process (no torchrun)")
     info = init_distributed(cfg.device)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     benches = [] if args.baseline else [("optimised", bench_optimised)]

@@ -13,6 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..core.cli import run_cli
+from ..core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Run:
@@ -68,8 +71,8 @@ def per_gpu_batch(run: Run, world_size: int, global_batch: Optional[int] = None)
     """Per-GPU batch that keeps `global_batch` (default: the paper's) on `world_size` GPUs."""
     g = global_batch or run.global_batch
     if world_size < 1 or g % world_size:
-        raise ValueError(f"global batch {g} does not split over {world_size} GPUs: choose a GPU count that "
-                         f"divides it, or set BATCH_SIZE_PER_GPU (the global batch and so the lr then change)")
+        raise ConfigError(f"global batch {g} does not split over {world_size} GPUs: choose a GPU count that "
+                          f"divides it, or set BATCH_SIZE_PER_GPU (the global batch and so the lr then change)")
     return g // world_size
 
 
@@ -94,13 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{name}: {r.nodes} nodes x {r.gpus_per_node} GPUs x {r.batch_size_per_gpu} = "
                   f"{r.global_batch}  {' '.join(to_argv(r.flags))}")
         return 0
-    try:
-        tokens = run_argv(a.run, a.world_size, a.batch_size_per_gpu, a.global_batch)
-    except ValueError as e:
-        print(f"mugs.configs.table1: error: {a.run}: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(tokens))
-    return 0
+    return run_cli(lambda: print("\n".join(run_argv(a.run, a.world_size, a.batch_size_per_gpu, a.global_batch))),
+                   "mugs.configs.table1")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Infrastructure every layer above uses: process groups and collectives (`dist`).
+"""Infrastructure every layer uses: process groups and collectives (`dist`), the errors and exit codes (`errors`),
+how every command ends (`cli`).
 
-Bottom layer, next to `configs`, `model` and `pipeline`: it imports nothing of ours.
+The very bottom: it imports nothing of ours (`configs`, `model` and `pipeline` may import it).
 """

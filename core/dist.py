@@ -17,6 +17,8 @@ from typing import List, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import NoDeviceError
+
 
 def _all_gather_single(out: torch.Tensor, x: torch.Tensor) -> None:
     """torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns, FutureWarning);
@@ -123,10 +125,6 @@ def _free_port() -> int:
 def launched_world_size() -> int:
     """The WORLD_SIZE torchrun/SLURM set for this process (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-class NoDeviceError(ValueError):
-    """`--device cuda` on a machine without a visible GPU (a user error: one line, exit 2)."""
 
 
 def _device(name: str, local_rank: int) -> torch.device:

@@ -1,6 +1,8 @@
-"""Errors a user can cause and fix, and the exit code of each (the one place these numbers live).
+"""The failures a user is told in one line, and the exit code of each (the one place these numbers live).
 
-Every tool prints them as one line, `prog: error: ...`, and exits with the class's `exit_code`.
+Every command runs through `core/cli.py` `run_cli`, which prints a `MugsError` as `prog: error: ...`
+and exits with its class's `exit_code`; anything else is a crash (a traceback, exit 1).
+The README's "Exit codes" table explains them to users.
 """
 
 EXIT_OK = 0
@@ -8,12 +10,29 @@ EXIT_CRASH = 1  # an unexpected failure: a traceback says where
 EXIT_USER = 2  # a bad flag, file, folder, image or checkpoint; or the output dir has another owner
 EXIT_NONFINITE = 3  # a NaN/inf loss: stopped before any state changed
 EXIT_WRITE = 4  # a checkpoint could not be written (disk full, quota, permissions)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) where no handler of ours saves first
 
 
-class InputError(ValueError):
+class MugsError(Exception):
+    """A failure whose one-line message says all a user needs (no traceback)."""
+
+    exit_code = EXIT_CRASH
+
+
+# -- input errors: the user can fix them (exit 2) ------------------------------------------------
+class InputError(MugsError, ValueError):
     """Any bad input (a flag, a file, a folder): the message names it and says what to do."""
 
     exit_code = EXIT_USER
+
+
+class ConfigError(InputError):
+    """A setting that cannot work; the message names the flag or path and the fix."""
+
+
+class DataError(InputError):
+    """Images that cannot be used (a file that does not decode, a missing folder, no images, classes
+    that do not match); the message names them and the fix (often mugs-scan-data)."""
 
 
 class CheckpointError(InputError):
@@ -24,7 +43,22 @@ class OwnerError(InputError):
     """The output dir belongs to another live run (its ownership lease), or this run lost it."""
 
 
-class CheckpointWriteError(RuntimeError):
+class NoDeviceError(InputError):
+    """`--device cuda` on a machine without a visible GPU."""
+
+
+# -- run errors: the run itself failed, its last checkpoint is intact -----------------------------
+class RunError(MugsError, RuntimeError):
+    """A run that cannot go on; the previous checkpoint still resumes."""
+
+
+class NonFiniteLossError(RunError):
+    """A loss came out NaN/inf: raised BEFORE any state is touched, so the last checkpoint stays good."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class CheckpointWriteError(RunError):
     """Saving failed (a full disk, a quota, permissions): one line naming the folder and its free space;
     the partial checkpoint is removed and the previous one still resumes."""
 

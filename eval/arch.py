@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..model.vit import ARCH_SHAPES, MugsViT, build_backbone
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 
 @dataclass

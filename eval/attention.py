@@ -19,7 +19,7 @@ from torchvision import transforms
 
 from .cli import add_checkpoint_args, run
 from .data import BICUBIC, MEAN, STD
-from .errors import DataError
+from ..core.errors import DataError
 from .load import load_backbone
 
 PROG = "mugs-attention"

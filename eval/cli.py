@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable, Optional
 
 from ..model.vit import ARCH_SHAPES
 from ..core import dist
-from .errors import EvalError
+from ..core.cli import run_cli
 
 
 def add_checkpoint_args(ap: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -41,14 +40,13 @@ def add_runtime_args(ap: argparse.ArgumentParser, batch_size: Optional[int] = 12
 
 
 def run(prog: str, body: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
-    """Run `body`: its exit status (0 when it returns results instead); a bad input becomes
-    `prog: error: ...` on stderr and exit status 2."""
-    try:
+    """Run `body` through core/cli.py's `run_cli`: its exit status (0 when it returns results instead)."""
+    def status() -> int:
         rc = body(args)
         return rc if isinstance(rc, int) else 0  # bodies that return their results succeeded
-    except (EvalError, dist.NoDeviceError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+
+    try:
+        return run_cli(status, prog)
     finally:
         dist.shutdown()
 

@@ -16,7 +16,7 @@ from torchvision import datasets, transforms
 from ..pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
 from ..pipeline.labelled import eval_transform  # noqa: F401 - shared with the training run's k-NN monitor
 from ..pipeline.tv_transforms import with_safe_posterize
-from .errors import DataError
+from ..core.errors import DataError
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 BICUBIC = transforms.InterpolationMode.BICUBIC

@@ -21,7 +21,7 @@ from ..core.checkpoint import save_file_atomically
 from ..model.convert import objective_to_original
 from ..model.vit import ARCH_SHAPES
 from .cli import add_checkpoint_args, run
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 from .arch import ArchSpec, shape_diff
 from .load import load_backbone, load_training_state
 

@@ -34,7 +34,7 @@ from ..configs.options import bool_flag
 from ..core import dist
 from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
-from .errors import EvalError
+from ..core.errors import ConfigError
 from .features import block_features, loader
 from .arch import ArchSpec
 from .load import load_backbone
@@ -159,7 +159,7 @@ def _resume(out: Path, settings: dict, heads, optimizer, scheduler):
     saved = safe_torch_load(f)
     changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
     if changed:
-        raise EvalError(f"{out} holds a linear run with other settings ({', '.join(changed)}); "
+        raise ConfigError(f"{out} holds a linear run with other settings ({', '.join(changed)}); "
                         "use another --output_dir")
     heads.load_state_dict(saved["heads"])
     optimizer.load_state_dict(saved["optimizer"])

@@ -27,7 +27,7 @@ from ..core.safe_load import plain, safe_torch_load
 from ..model.convert import network_from_original, objective_from_original
 from ..model.vit import ARCH_SHAPES, MugsViT
 from .arch import ArchSpec, build_from_state, check_requested, shape_diff, spec_from_weights
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 StateDict = Dict[str, torch.Tensor]
 _ORIGINAL_STATE = ("student_mem", "teacher_mem", "instance-sup.", "local-group-sup.", "group-sup.")

@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 from ..core import dist
 from .cli import add_checkpoint_args, add_runtime_args, log, run
 from .data import eval_transform, image_folder
-from .errors import DataError
+from ..core.errors import DataError
 from .features import cls_features, extract
 from .load import load_backbone
 

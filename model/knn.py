@@ -19,14 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..core import dist
+from ..core.errors import DataError
 
 K = 20  # the paper's k
 TEMPERATURE = {"vit_base": 0.04, "vit_large": 0.04}  # everything else: 0.05 (ViT-S)
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> features [B, D]
-
-
-class FeatureLoadError(RuntimeError):
-    """An image of the feature set could not be read (lockstep extraction: raised on every rank)."""
 
 
 def default_temperature(arch_name: str) -> float:
@@ -84,7 +81,7 @@ def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size:
     pool in this process. `lockstep` (an FSDP-sharded encoder, whose forward is a collective): every
     rank runs the same number of forwards (shorter shards are padded with a repeated image whose
     features are dropped) and the ranks agree after loading each batch, so that an unreadable image on
-    one rank raises FeatureLoadError on every rank instead of leaving the others waiting."""
+    one rank raises DataError on every rank instead of leaving the others waiting."""
     n = len(dataset)
     index = dist.shard(n)
     real = len(index)
@@ -112,7 +109,7 @@ def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size:
         if lockstep:
             failure = dist.agree(failure)
             if failure is not None:
-                raise FeatureLoadError(failure)
+                raise DataError(failure)
         rows.append(encode(images.to(device, non_blocking=True)).float())
     next(it, None)  # the end of the iteration: a progress bar shows its last batch and closes
     local = torch.cat(rows)[:real] if rows else torch.zeros(0, dim, device=device)

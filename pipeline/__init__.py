@@ -12,7 +12,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "build_loader": "build", "build_loader_from_config": "build",
-    "MultiCropBatch": "batch", "DataError": "batch",
+    "MultiCropBatch": "batch",
 }
 __all__ = list(_EXPORTS)
 

@@ -7,10 +7,6 @@ from typing import Dict, List, Optional
 import torch
 
 
-class DataError(RuntimeError):
-    """An image could not be read; the message names the file and the fix (mugs-scan-data)."""
-
-
 @dataclass
 class MultiCropBatch:
     """Crops of B images, ImageNet-normalised NCHW on the training device.

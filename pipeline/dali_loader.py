@@ -17,8 +17,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
+from ..core.errors import DataError
 from .augment_config import AugmentConfig
-from .batch import DataError, MultiCropBatch
+from .batch import MultiCropBatch
 from .dali_graph import STRONG, WEAK_GLOBAL_1, WEAK_GLOBAL_2, WEAK_LOCAL, augment_pipeline, cutter_pipeline
 from .erasing import erase_strong
 from .files import FileIndex

@@ -36,6 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageFile
 
+from ..core.cli import run_cli
+from ..core.errors import DataError
 from .files import class_folders, is_image_name, walk_class, write_file_list
 
 # what each extension must contain (PIL format names)
@@ -185,8 +187,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--keep-grayscale", action="store_true", help="keep single-channel images (decoded to RGB)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
+    return run_cli(lambda: _scan(args), "mugs-scan-data")
+
+
+def _scan(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
-        ap.error(f"{args.root} is not a folder")
+        raise DataError(f"{args.root} is not a folder")
     report = scan_dataset(args.root, args.workers, args.min_size, args.keep_grayscale, args.quiet)
     kept = report.pop("kept_entries")
     out_dir = os.path.dirname(os.path.abspath(args.out))

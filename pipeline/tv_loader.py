@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.errors import DataError
 from .augment_config import AugmentConfig
-from .batch import DataError, MultiCropBatch
+from .batch import MultiCropBatch
 from .files import FileIndex
 from .loader_base import MultiCropLoader
 from .sharding import derive_seed

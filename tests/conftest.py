@@ -11,7 +11,7 @@ import pytest
 from images import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_LIMIT_TIERS = ("distributed", "slurm", "quickstart")  # markers with their own limit in pytest.ini
+TIME_LIMIT_TIERS = ("distributed", "slurm", "quickstart")  # markers with their own limit in pyproject.toml
 
 
 def pytest_addoption(parser):

@@ -10,8 +10,9 @@ import torch
 
 from mugs.benchmarks.collectives import CollectiveCounter
 from test_bench_step import TINY
+from train_helpers import free_port
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 DEPTH = 3
 
@@ -22,7 +23,7 @@ def record(tmp_path_factory):
     out = tmp / "step.jsonl"
     flags = [f for f in TINY]
     flags[flags.index("--depth") + 1] = str(DEPTH)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29751",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "mugs.benchmarks.step", *flags, "--steps", "1", "--warmup", "1", "--phase_steps", "0",
            "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp,

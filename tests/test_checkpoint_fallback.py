@@ -9,7 +9,7 @@ from mugs.core import checkpoint as ckpt
 from eval_helpers import reseal
 from train_helpers import make_image_folder, run, train_cmd
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 FLAGS = ("--batch_size_per_gpu", "4", "--ckpt_every_steps", "1")
 
@@ -41,16 +41,16 @@ def _listing(root: Path) -> dict:
 
 def test_broken_newest_falls_back_to_the_previous_and_all_broken_stops(data, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
-    r = run(train_cmd(2, 29741, data, ref, *FLAGS, "--max_steps", "4"))
+    r = run(train_cmd(2, 0, data, ref, *FLAGS, "--max_steps", "4"))
     assert r.returncode == 0, r.stderr[-8000:]
-    r = run(train_cmd(2, 29742, data, out, *FLAGS, "--max_steps", "3"))
+    r = run(train_cmd(2, 0, data, out, *FLAGS, "--max_steps", "3"))
     assert r.returncode == 0, r.stderr[-8000:]
     root = out / "checkpoints"
     assert [p.name for p in ckpt.list_complete(out)] == ["step_00000002", "step_00000003"]
 
     # rank 1's shard of the newest checkpoint is gone: only rank 1 fails to read, both fall back
     (root / "step_00000003" / "__1_0.distcp").unlink()
-    r = run(train_cmd(2, 29743, data, out, *FLAGS, "--max_steps", "4"))
+    r = run(train_cmd(2, 0, data, out, *FLAGS, "--max_steps", "4"))
     assert r.returncode == 0, r.stderr[-8000:]
     warnings = [line for line in r.stderr.splitlines() if line.startswith("mugs: warning:")]
     assert len(warnings) == 2, warnings  # printed once (rank 0), one line each
@@ -69,7 +69,7 @@ def test_broken_newest_falls_back_to_the_previous_and_all_broken_stops(data, tmp
     reseal(root / "step_00000004")  # a planter rewrites COMPLETE's checksums too: the safe reader must refuse
     (root / "step_00000003" / ".metadata").write_bytes(b"")
     before = _listing(root)
-    r = run(train_cmd(2, 29744, data, out, *FLAGS, "--max_steps", "6"))
+    r = run(train_cmd(2, 0, data, out, *FLAGS, "--max_steps", "6"))
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if "mugs: error:" in line]
     assert len(errors) == 1 and "none of the 2 complete checkpoints" in errors[0], r.stderr[-4000:]

@@ -14,9 +14,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import eval_helpers as H
 from mugs.core import checkpoint as ckpt
-from mugs.core.errors import CheckpointError
+from mugs.core.errors import CheckpointError, InputError
 from mugs.eval import attention, export, knn, linear, tsne
-from mugs.eval.errors import CheckpointError as EvalCheckpointError, EvalError
 from mugs.eval.load import load_backbone, load_training_state
 from mugs.training import consolidate
 from mugs.training.optim import build_adamw
@@ -73,7 +72,7 @@ def one_line_error(capsys, *needles):
 
 
 def test_checkpoint_error_is_one_class_for_trainer_and_eval_tools():
-    assert EvalCheckpointError is CheckpointError and issubclass(CheckpointError, EvalError)
+    assert issubclass(CheckpointError, InputError) and CheckpointError.exit_code == 2
 
 
 # ---------------------------------------------------------------- planted payloads

@@ -8,21 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+from train_helpers import free_port
+
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 HERE = Path(__file__).parent
 
 
-def _torchrun(nproc: int, out: Path, steps: int, global_batch: int, port: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+def _torchrun(nproc: int, out: Path, steps: int, global_batch: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(HERE / "fsdp_worker.py"), str(out), str(steps), str(global_batch)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_two_rank_fsdp_matches_single_process(tmp_path):
-    _torchrun(1, tmp_path / "one", 3, 8, 29631)
-    _torchrun(2, tmp_path / "two", 3, 8, 29632)
+    _torchrun(1, tmp_path / "one", 3, 8)
+    _torchrun(2, tmp_path / "two", 3, 8)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert set(one) == set(two)
     # queues, memories and centre: written in the same order on 1 and 2 ranks, fp32 noise only

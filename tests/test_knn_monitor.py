@@ -12,7 +12,8 @@ import torch
 
 from mugs.configs.options import parse_config
 from mugs.core import checkpoint as ckpt
-from mugs.model.knn import FeatureLoadError, extract_features
+from mugs.core.errors import DataError
+from mugs.model.knn import extract_features
 from mugs.pipeline.files import index_folder
 from mugs.pipeline.labelled import LabelledImages, eval_transform, subset_per_class
 from mugs.training.launch import main as launch_main
@@ -84,13 +85,13 @@ def test_measure_draws_no_random_number_restores_modes_and_a_bad_image_raises(se
     assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
     assert random.getstate() == before[2]
     assert teacher.training and teacher.backbone.training and not teacher.instance_head.training
-    # an unreadable image: FeatureLoadError naming it (on every rank in a distributed run)
+    # an unreadable image: DataError naming it (on every rank in a distributed run)
     bad = tmp_path / "bad"
     shutil.copytree(sets[1], bad)
     victim = sorted((bad / sorted(p.name for p in bad.iterdir())[0]).iterdir())[0]
     victim.write_bytes(b"not an image")
     ds = LabelledImages(index_folder(str(bad)), (36, 32))
-    with pytest.raises(FeatureLoadError):
+    with pytest.raises(DataError):
         extract_features(lambda x: x.flatten(1), ds, 3 * 32 * 32, batch_size=4, device=torch.device("cpu"),
                          threads=2, lockstep=True)
 

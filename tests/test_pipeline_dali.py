@@ -10,7 +10,8 @@ pytest.importorskip("nvidia.dali")
 
 from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 from images import make_tree
-from mugs.pipeline import DataError, MultiCropBatch
+from mugs.core.errors import DataError
+from mugs.pipeline import MultiCropBatch
 
 
 def test_contract_shapes_dtypes_ranges(tree16):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
-from mugs.pipeline import DataError
+from mugs.core.errors import DataError
 
 
 def test_contract_and_workers(tree16):

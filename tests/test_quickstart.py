@@ -10,7 +10,7 @@ from mugs.configs.options import parse_config
 from mugs.eval.load import load_backbone
 from mugs.pipeline.fashion_mnist import materialize
 
-pytestmark = pytest.mark.quickstart  # the wheel built and installed first: pytest.ini's timeout_quickstart
+pytestmark = pytest.mark.quickstart  # the wheel built and installed first: pyproject.toml's timeout_quickstart
 
 
 def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path, installed_wheel):

@@ -15,7 +15,7 @@ from mugs.pipeline.sharding import epoch_permutation
 from mugs.core import checkpoint as ckpt
 from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, run, train_cmd
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 DALI = ("--loader", "dali", "--num_workers", "1", "--batch_size_per_gpu", "2")  # 32 images / (2 x 2) = 8 steps
 

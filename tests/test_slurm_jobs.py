@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from mugs.core import checkpoint as ckpt
-from slurm_cluster import LocalSlurm, _free_port, missing
+from slurm_cluster import LocalSlurm, missing
 from test_slurm_templates import TABLE1
-from train_helpers import TINY_FLAGS, make_image_folder
+from train_helpers import TINY_FLAGS, free_port, make_image_folder
 
-pytestmark = pytest.mark.slurm  # jobs on a local SLURM: pytest.ini's timeout_slurm
+pytestmark = pytest.mark.slurm  # jobs on a local SLURM: pyproject.toml's timeout_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "slurm/vit_large_250ep.sh"
@@ -54,7 +54,7 @@ def sbatch(slurm, logs: Path, out: Path, data: Path, extra: list, *opts: str) ->
     """Submit the template as a user would: from the repo root, settings in the environment."""
     env = {**slurm.env, "DATA_PATH": str(data), "OUTPUT_DIR": str(out), "GPUS_PER_NODE": "2",
            "EXTRA_ARGS": " ".join(TINY_FLAGS + ["--batch_size_per_gpu", "4", *extra]),
-           "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "NCCL_IB_HCA": "mlx5_test"}
     cmd = ["sbatch", *opts, *SBATCH_OVERRIDES, f"--output={logs}/slurm-%x-%j.out", TEMPLATE]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -14,7 +14,7 @@ from mugs.core import checkpoint as ckpt
 from mugs.training.trainer import main as train_main
 from train_helpers import make_image_folder, run, train_cmd
 
-pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
+pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_bad_flags_fail_at_start_with_one_clear_line(data, tmp_path, capsys, fla
 
 def test_two_ranks_train_checkpoint_and_log(data, tmp_path):
     out = tmp_path / "run"
-    r = run(train_cmd(2, 29701, data, out, "--batch_size_per_gpu", "4", "--max_steps", "3"))
+    r = run(train_cmd(2, 0, data, out, "--batch_size_per_gpu", "4", "--max_steps", "3"))
     assert r.returncode == 0, r.stderr[-12000:]
     meta = json.loads((ckpt.latest(str(out)) / "COMPLETE").read_text())
     assert meta["step"] == 3
@@ -129,12 +129,12 @@ def _kill_process_tree(root: int) -> list:
 def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(data, tmp_path):
     flags = ("--batch_size_per_gpu", "4", "--max_steps", "5", "--ckpt_every_steps", "1")
     ref = tmp_path / "ref"
-    r = run(train_cmd(2, 29711, data, ref, *flags))
+    r = run(train_cmd(2, 0, data, ref, *flags))
     assert r.returncode == 0, r.stderr[-12000:]
 
     # 1) SIGKILL the whole job once step 2's checkpoint is complete, then restart
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(2, 29712, data, killed, *flags), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(2, 0, data, killed, *flags), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_checkpoint(killed, 2, proc)
     victims = _kill_process_tree(proc.pid)  # torchrun AND its workers (they run in sessions of their own)
@@ -142,7 +142,7 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
     assert len(victims) >= 3, victims  # torchrun + 2 workers were alive and were killed
     killed_at = int(ckpt.latest(str(killed)).name.split("_")[1])
     assert killed_at < 5  # the job died mid-run: the restart below really resumes
-    r = run(train_cmd(2, 29713, data, killed, *flags))
+    r = run(train_cmd(2, 0, data, killed, *flags))
     assert r.returncode == 0, r.stderr[-12000:]
     assert f"resumed from {killed / 'checkpoints' / f'step_{killed_at:08d}'} at step {killed_at}" in r.stderr
     _assert_bitwise_equal(_final_state(ref), _final_state(killed))
@@ -150,11 +150,11 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
     # 2) crash while step 3's checkpoint is being written: it must not count, resume from step 2
     crashed = tmp_path / "crashed"
     hooks = f"{Path(__file__).parent / 'hooks'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # tests/hooks/sitecustomize.py
-    r = run(train_cmd(2, 29714, data, crashed, *flags), env={"MUGS_FAULT_CRASH_IN_SAVE": "3", "PYTHONPATH": hooks})
+    r = run(train_cmd(2, 0, data, crashed, *flags), env={"MUGS_FAULT_CRASH_IN_SAVE": "3", "PYTHONPATH": hooks})
     assert r.returncode != 0
     assert list((crashed / "checkpoints").glob(".tmp-step_00000003.*"))  # the crashed write, unique to it
     assert ckpt.latest(str(crashed)).name == "step_00000002"
-    r = run(train_cmd(2, 29715, data, crashed, *flags))
+    r = run(train_cmd(2, 0, data, crashed, *flags))
     assert r.returncode == 0, r.stderr[-12000:]
     assert "step_00000002" in r.stderr
     _assert_bitwise_equal(_final_state(ref), _final_state(crashed))
@@ -163,7 +163,7 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
 
 def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
-    r = run(train_cmd(1, 29721, data, out, "--batch_size_per_gpu", "8", "--max_steps", "6",
+    r = run(train_cmd(1, 0, data, out, "--batch_size_per_gpu", "8", "--max_steps", "6",
                       "--ckpt_every_steps", "1", "--lr", "1e30", "--clip_grad", "0", "--warmup_epochs", "0"))
     assert r.returncode != 0, r.stderr[-3000:]  # the worker exits 3; torchrun reports it as a failure
     # the step and the term, in the step's own words (progress lines also say "step ", so match the message)
@@ -177,9 +177,9 @@ def test_two_rank_run_matches_one_process_with_the_same_global_batch(data, tmp_p
     """Per-sample augmentation seeds make the crops independent of the rank layout, so the
     only differences left are the order of summation (fp32): 3 steps stay within 1e-4."""
     flags = ("--max_steps", "3", "--clip_grad", "0.5", "--lr", "0.01", "--warmup_epochs", "0")
-    r1 = run(train_cmd(1, 29731, data, tmp_path / "one", "--batch_size_per_gpu", "8", *flags))
+    r1 = run(train_cmd(1, 0, data, tmp_path / "one", "--batch_size_per_gpu", "8", *flags))
     assert r1.returncode == 0, r1.stderr[-4000:]
-    r2 = run(train_cmd(2, 29732, data, tmp_path / "two", "--batch_size_per_gpu", "4", *flags))
+    r2 = run(train_cmd(2, 0, data, tmp_path / "two", "--batch_size_per_gpu", "4", *flags))
     assert r2.returncode == 0, r2.stderr[-4000:]
     one, two = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
     fa = dict(_flatten({k: one[k] for k in ("student", "teacher")}))

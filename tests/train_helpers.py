@@ -27,6 +27,8 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: in
 
 
 def train_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list:
+    """torchrun running train_fsdp.py on `nproc` ranks. port 0: a free one."""
+    port = port or free_port()
     runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
     return runner + [str(ROOT / "train_fsdp.py"), "--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, *extra]
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..core import checkpoint as ckpt
-from ..core.errors import CheckpointError
+from ..core.cli import run_cli
 
 PROG = "mugs-consolidate"
 
@@ -17,14 +16,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("checkpoint", help="a run's output dir or one checkpoint dir (checkpoints/step_N)")
     ap.add_argument("--out", required=True, help="file to write (torch.save format, weights_only-loadable)")
     args = ap.parse_args(argv)
-    try:
-        src = ckpt.resolve(args.checkpoint)
-        ckpt.consolidate(src, Path(args.out))
-    except CheckpointError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} from {src}")
-    return 0
+    return run_cli(lambda: _consolidate(args.checkpoint, Path(args.out)), PROG)
+
+
+def _consolidate(checkpoint: str, out: Path) -> None:
+    src = ckpt.resolve(checkpoint)
+    ckpt.consolidate(src, out)
+    print(f"wrote {out} from {src}")
 
 
 if __name__ == "__main__":

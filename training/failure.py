@@ -15,10 +15,18 @@ import signal
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from ..core.errors import EXIT_CRASH
+from ..core.errors import EXIT_CRASH, MugsError
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 _KEY = "mugs"  # our entry in extraInfo: {"message", "exit_code", "time", "rank"}
+
+
+class WorkerFailed(MugsError):
+    """Training workers failed (the worker `blame` names, or a whole torchrun): one line, and their exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def record(message: str, exit_code: int) -> None:

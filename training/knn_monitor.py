@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from ..configs.options import MugsConfig
 from ..core import dist
 from ..core.checkpoint import rng_state, set_rng_state
+from ..core.errors import ConfigError
 from ..model.knn import K, default_temperature, extract_features, knn_classify
 from ..pipeline.files import FileIndex
 from ..pipeline.labelled import LabelledImages, eval_view, subset_per_class
 from .parallelize import reshard_
-from .validate import ConfigError, check_knn_data
+from .validate import check_knn_data
 
 MAX_THREADS = 16  # image-decoding threads per rank (PIL releases the GIL), at most --num_workers
 CACHE_MAX_IMAGES = 25_000  # per rank: 3.7 GB of host memory at 224 px
@@ -95,7 +96,7 @@ class KnnMonitor:
 
     def measure(self, teacher) -> Optional[KnnResult]:
         """Collective (every rank calls it): the result on rank 0, None elsewhere. Raises on failure
-        (model/knn.py's FeatureLoadError on every rank when an image does not load)."""
+        (a DataError on every rank when an image does not load)."""
         rng = rng_state()
         modes = [(m, m.training) for m in teacher.modules()]
         teacher.eval()

@@ -29,9 +29,10 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..configs.options import parse_config
 from ..core import lease
-from ..core.errors import EXIT_USER, OwnerError
+from ..core.cli import run_cli
+from ..core.errors import ConfigError
 from . import failure
-from .validate import ConfigError, check_data, check_knn_data, check_output_dir, validate
+from .validate import check_data, check_knn_data, check_output_dir, validate
 
 PROG = "mugs-train"
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -62,13 +63,8 @@ def split_argv(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     return _launcher_parser().parse_known_args(argv)
 
 
-def _fail(msg: str, code: int = EXIT_USER) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-    return code
-
-
 def check(flags: List[str], world: int) -> List[str]:
-    """All start-up checks in this one process; raises ConfigError. Returns the resume notes."""
+    """All start-up checks in this one process; raises an InputError. Returns the resume notes."""
     from .resume_guard import check_resume
 
     cfg = parse_config(flags)  # argparse: usage + one error line, exit 2
@@ -126,27 +122,29 @@ def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: _main(sys.argv[1:] if argv is None else argv), PROG)
+
+
+def _main(argv: Sequence[str]) -> int:
+    opts, flags = split_argv(argv)
     if "-h" in flags or "--help" in flags:
         print(_launcher_parser().format_help())
         parse_config(["--help"])  # the training flags; exits 0
     world = opts.nproc_per_node * opts.nnodes
     if opts.nproc_per_node < 1 or opts.nnodes < 1:
-        return _fail(f"--nproc_per_node {opts.nproc_per_node} / --nnodes {opts.nnodes} must be at least 1")
-    try:
-        notes = check(flags, world)
-    except (ConfigError, OwnerError) as e:
-        return _fail(str(e))
+        raise ConfigError(f"--nproc_per_node {opts.nproc_per_node} / --nnodes {opts.nnodes} must be at least 1")
+    notes = check(flags, world)
     if opts.check_only:
         for note in notes:
             print(f"{PROG}: resume: {note}", file=sys.stderr)
         return 0
     held = None
     if opts.nnodes == 1:  # several nodes: one launcher each, so global rank 0's worker takes the lease
+        out = parse_config(flags).output_dir
         try:
-            held = lease.acquire(parse_config(flags).output_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
-        except (OwnerError, OSError) as e:
-            return _fail(str(e))
+            held = lease.acquire(out, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except OSError as e:
+            raise ConfigError(f"--output_dir {out}: {e}") from None
         os.environ[lease.TOKEN_ENV] = held.token  # the workers adopt it
     try:
         return _launch(opts, flags)
@@ -169,11 +167,11 @@ def _launch(opts: argparse.Namespace, flags: List[str]) -> int:
         run(get_args_parser().parse_args(_torchrun_argv(opts, flags)))
     except (DistNetworkError, RendezvousError) as e:  # e.g. the rendezvous port is taken
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        return _fail(f"the workers' rendezvous failed ({first}): pass a free --master_port "
-                     "(or --rdzv_endpoint HOST:PORT)")
+        raise ConfigError(f"the workers' rendezvous failed ({first}): pass a free --master_port "
+                          "(or --rdzv_endpoint HOST:PORT)") from None
     except ChildFailedError as e:
-        rank, code, why = failure.blame(e.failures)
-        return _fail(why, code)
+        _, code, why = failure.blame(e.failures)
+        raise failure.WorkerFailed(why, code) from None
     return 0
 
 

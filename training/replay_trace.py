@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..configs.options import MugsConfig
+from ..core.cli import run_cli
 from ..model.convert import memory_from_original, network_from_original
 from ..model.network import build_network
 from ..model.objective import MugsObjective
@@ -270,11 +271,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--memory_pointer", default="fixed", choices=POINTER_RULES,
                         help="memory write-pointer rule; `original` also checks the pointers against the trace")
     args = parser.parse_args(argv)
+    return run_cli(lambda: _replay(args.traces, args.memory_pointer), "mugs-replay-trace")
+
+
+def _replay(traces: List[str], memory_pointer: str) -> int:
     failed = 0
-    for path in args.traces:
+    for path in traces:
         trace = torch.load(path, weights_only=True, map_location="cpu")
         print(f"== {path}")
-        for c in replay(trace, args.memory_pointer):
+        for c in replay(trace, memory_pointer):
             flag = "ok  " if c.ok else "FAIL"
             print(f"  {flag} {c.max_diff:10.3e}  (tol {c.tol:.1e})  {c.name}")
             failed += not c.ok

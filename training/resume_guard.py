@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..configs.options import MugsConfig
 from ..core import checkpoint as ckpt
-from .validate import ConfigError
+from ..core.errors import ConfigError
 
 SAFE_TO_CHANGE = frozenset({
     # output cadence and length of this invocation

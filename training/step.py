@@ -34,14 +34,11 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from ..core.dist import mean_over_ranks, world_size
+from ..core.errors import NonFiniteLossError
 from ..model.network import MugsNetwork, MugsOutputs
 from ..model.objective import MugsObjective
 from .ema import ema_pairs, ema_update_
 from .optim import cancel_last_layer_grads, clip_per_parameter_, clip_value, set_lr_wd
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss came out NaN/inf: raised BEFORE any state is touched, so the last checkpoint stays good."""
 
 
 @dataclass

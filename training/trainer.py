@@ -20,13 +20,14 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..configs.options import MugsConfig, parse_config
-from ..core.dist import DistInfo, NoDeviceError, exit_worker, init_distributed, launched_world_size, shutdown
+from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, shutdown
 from ..model.network import build_network
 from ..model.objective import MugsObjective
-from ..pipeline.batch import DataError
 from ..pipeline.sharding import derive_seed
 from ..core import checkpoint as ckpt, lease
-from ..core.errors import EXIT_NONFINITE, EXIT_USER, CheckpointError, CheckpointWriteError, OwnerError
+from ..core.cli import run_cli
+from ..core.errors import (EXIT_NONFINITE, CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
+                           NonFiniteLossError, OwnerError, RunError)
 from . import failure
 from .knn_monitor import KnnMonitor, load_sets, timed
 from .monitor import Monitor, gpu_memory_gb
@@ -34,8 +35,8 @@ from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts, compile_report, parallelize
 from .resume_guard import check_resume
 from .schedules import build_schedules
-from .step import MugsTrainStep, NonFiniteLossError, StepResult
-from .validate import ConfigError, check_output_dir, validate
+from .step import MugsTrainStep, StepResult
+from .validate import check_output_dir, validate
 
 STOP_FILE = "STOP"  # `touch OUTPUT_DIR/STOP` asks a run to checkpoint and exit, like SIGUSR1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -290,40 +291,42 @@ class Run:
                          f"{self.knn.describe()} ({cost})")
 
 
-def _say(msg: str, code: int = EXIT_USER, show: bool = True) -> int:
-    """A worker's one-line error: on the console (unless another rank says the same) and to the launcher."""
+def _failed(e: MugsError, show: bool = True) -> int:
+    """Every rank records its failure for the launcher (training/failure.py); `main`'s run_cli prints the
+    one line, unless another rank says the same (`show` False: the exit code, silently)."""
+    failure.record(str(e), e.exit_code)
     if show:
-        print(f"mugs: error: {msg}", file=sys.stderr, flush=True)
-    failure.record(msg, code)
-    return code
+        raise e
+    return e.exit_code
 
 
 def train(cfg: MugsConfig) -> int:
-    """Returns the process exit code (core/errors.py): 0 done or stopped with a checkpoint, 2 a user error
-    (one line), 3 a non-finite loss, 4 a checkpoint that could not be written."""
+    """The process exit code (core/errors.py): 0 done or stopped with a checkpoint, 3 a non-finite loss.
+    Any other failure is a MugsError, recorded for the launcher and raised for `main`'s one line (or its
+    exit code returned where another rank says the same line)."""
     world = launched_world_size()
     first_rank = os.environ.get("RANK", "0") == "0"  # checks every rank fails alike: say it once
     try:
         validate(cfg, world)
         check_output_dir(cfg.output_dir)
         notes = check_resume(cfg, world)
-    except ConfigError as e:
-        return _say(str(e), show=first_rank)
+    except MugsError as e:
+        return _failed(e, show=first_rank)
     stop = StopRequest(cfg.output_dir)
     try:
         info = init_distributed(cfg.device, cfg.hsdp)
     except NoDeviceError as e:
-        return _say(str(e))
+        return _failed(e)
     held = None
     try:
         held = lease.hold(cfg.output_dir, log=lambda m: print(m, file=sys.stderr, flush=True))  # one owner
         if info.is_main:
             (Path(cfg.output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         return Run(cfg, info, stop, notes).train()
-    except (CheckpointError, OwnerError, CheckpointWriteError) as e:  # agreed by every rank: rank 0 says it
-        return _say(str(e), e.exit_code, show=info.is_main)
-    except (ConfigError, DataError) as e:  # may be one rank's own (its image does not decode): each says it
-        return _say(str(e))
+    except (CheckpointError, OwnerError, RunError) as e:  # agreed by every rank: rank 0 says it
+        return _failed(e, show=info.is_main)
+    except MugsError as e:  # may be one rank's own (its image does not decode): each says it
+        return _failed(e)
     finally:
         if held is not None:
             held.release()
@@ -331,7 +334,7 @@ def train(cfg: MugsConfig) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return train(parse_config(argv))
+    return run_cli(lambda: train(parse_config(argv)), "mugs")
 
 
 if __name__ == "__main__":

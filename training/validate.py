@@ -9,10 +9,7 @@ import uuid
 from pathlib import Path
 
 from ..configs.options import ARCHS, MugsConfig
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line naming the flag or path and the fix."""
+from ..core.errors import ConfigError
 
 
 def validate(cfg: MugsConfig, world_size: int = 1) -> None:
@@ -91,12 +88,11 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
 
 def check_data(cfg: MugsConfig, world_size: int) -> int:
     """Lists the data once; returns the number of images. One line naming the path on failure."""
-    from ..pipeline.batch import DataError
     from ..pipeline.files import load_index
 
     try:
         n = len(load_index(cfg.data_path))
-    except (DataError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # DataError is a ValueError
         raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
     global_batch = cfg.batch_size_per_gpu * world_size
     if n < global_batch:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from ..core import checkpoint as ckpt
-from ..core.errors import EXIT_OK, EXIT_USER, CheckpointError
+from ..core.cli import run_cli
+from ..core.errors import CheckpointError
 
 PROG = "mugs-verify-checkpoint"
 
@@ -28,8 +29,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="a run's output dir or one checkpoint dir")
     args = ap.parse_args(argv)
+    return run_cli(lambda: _verify(map(Path, args.dirs)), PROG)
+
+
+def _verify(dirs: Iterable[Path]) -> None:
     broken = found = 0
-    for d in map(Path, args.dirs):
+    for d in dirs:
         targets = _targets(d)
         if not targets:
             print(f"{PROG}: error: {d}: no complete checkpoint here", file=sys.stderr)
@@ -45,10 +50,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             print(f"ok          {t}" if verified else f"unverified  {t}: written before checkpoints carried checksums")
     if broken:
-        print(f"{PROG}: error: {broken} broken of {found} checkpoints (a run sets a broken one aside and resumes "
-              "from the previous one)", file=sys.stderr)
-        return EXIT_USER
-    return EXIT_OK
+        raise CheckpointError(f"{broken} broken of {found} checkpoints (a run sets a broken one aside and resumes "
+                              "from the previous one)")
 
 
 if __name__ == "__main__":
