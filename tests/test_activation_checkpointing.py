@@ -59,7 +59,10 @@ def test_backward_recomputes_what_the_policy_says():
     full, g_full = _backward_ops("full")
     sel, g_sel = _backward_ops("selective")
     sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
-    matmuls = lambda n: n.get(aten.mm.default, 0) + n.get(aten.addmm.default, 0) + n.get(aten.bmm.default, 0)
+
+    def matmuls(n):
+        return n.get(aten.mm.default, 0) + n.get(aten.addmm.default, 0) + n.get(aten.bmm.default, 0)
+
     # no AC: backward runs no forward op again
     assert plain.get(aten.gelu.default, 0) == 0 and plain.get(sdpa, 0) == 0
     # full: the whole block again, matmuls and attention included
