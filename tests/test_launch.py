@@ -11,7 +11,7 @@ from images import write_jpeg
 from mugs.configs.options import parse_config
 from mugs.training.trainer import main as train_main
 from mugs.training.validate import validate
-from train_helpers import TINY_FLAGS, launch_cmd, make_image_folder, run
+from train_helpers import TINY_FLAGS, free_port, launch_cmd, make_image_folder, run
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_torchrun_accepts_the_argv_the_launcher_builds():
 
     from mugs.training.launch import _torchrun_argv, split_argv
 
-    opts, flags = split_argv(["--nproc_per_node", "2", "--master_port", "29999", "--", "--epochs", "1"])
+    opts, flags = split_argv(["--nproc_per_node", "2", "--master_port", str(free_port()), "--", "--epochs", "1"])
     args = get_args_parser().parse_args(_torchrun_argv(opts, flags))
     assert args.signals_to_handle == "SIGHUP,SIGQUIT"
     assert args.module and args.training_script == "mugs.training.trainer" and args.training_script_args == flags
