@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+from .archs import ARCHS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
