@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from mugs.model.losses import weighted_total
 from mugs.model.network import MugsNetwork, MugsOutputs, build_network, same_size_runs
 from mugs.model.objective import MugsObjective
-from mugs.training.optim import cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
+from mugs.training.optim import GradClip, cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
 from mugs.training.step import StepResult
 
 
@@ -106,7 +106,7 @@ class PaperStyleStep:
 
     on_phase: Optional[Callable[[str], None]] = None  # benchmarks/phases.py times phases with it
 
-    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: float,
+    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: GradClip,
                  freeze_last_layer: int):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
         self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
@@ -155,7 +155,7 @@ class PaperStyleStep:
         losses["total"].backward()
         self._mark("backward")
         if self.clip_grad:
-            clip = clip_value(self.clip_grad, self.arch, epoch)
+            clip = clip_value(self.clip_grad, epoch)
             for p in self.student.parameters():  # the original's clip_gradients: one norm (and sync) per tensor
                 if p.grad is not None:
                     coef = clip / (p.grad.data.norm(2) + 1e-6)

@@ -8,7 +8,7 @@ from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.phases import PhaseTimer, on_phase
 from mugs.benchmarks.step import synthetic_batch
 from mugs.configs.options import MugsConfig
-from mugs.training.optim import build_adamw
+from mugs.training.optim import GradClip, build_adamw
 from mugs.training.step import MugsTrainStep
 
 CFG = MugsConfig(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
@@ -21,13 +21,14 @@ KW = dict(epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04)
 
 def _pair():
     student, teacher, objective, optimizer = build_paper_style(CFG, torch.device("cpu"))
-    base = PaperStyleStep(student, teacher, objective, optimizer, arch=CFG.arch, clip_grad=0.3, freeze_last_layer=0)
+    base = PaperStyleStep(student, teacher, objective, optimizer, arch=CFG.arch, clip_grad=GradClip.constant(0.3),
+                          freeze_last_layer=0)
     s2, t2, o2 = copy.deepcopy(student), copy.deepcopy(teacher), copy.deepcopy(objective)
     for m in s2.modules():  # the optimised path: fused (SDPA) attention, foreach AdamW, vectorised losses
         if hasattr(m, "fused_attn"):
             m.fused_attn = True
     opt = MugsTrainStep(s2, t2, o2, build_adamw(s2, CFG.patch_embed_lr_mult, fused=False), arch=CFG.arch,
-                        clip_grad=0.3, freeze_last_layer=0)
+                        clip_grad=GradClip.constant(0.3), freeze_last_layer=0)
     return base, opt
 
 

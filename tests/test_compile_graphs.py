@@ -15,7 +15,7 @@ import torch._dynamo
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
-from mugs.training.optim import build_adamw
+from mugs.training.optim import GradClip, build_adamw
 from mugs.training.parallelize import compile_counts, compile_report, parallelize
 from mugs.training.step import MugsTrainStep
 from fsdp_worker import tiny_cfg
@@ -70,7 +70,7 @@ def test_depth_24_student_and_teacher_compile_to_a_constant_number_of_graphs(dis
                 compile_backend=backend)
     parallelize(teacher, dist_cpu.mesh, precision="fp32", compile=True, compile_backend=backend, is_teacher=True)
     step = MugsTrainStep(student, teacher, objective, build_adamw(student, fused=False), arch=cfg.arch,
-                         clip_grad=0.5, freeze_last_layer=0)
+                         clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
     after = []
     for i in range(2):
         g = torch.Generator().manual_seed(i)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mugs.configs.options import MugsConfig
+from mugs.configs.options import MugsConfig, parse_config
+from mugs.configs.table1 import run_argv
 from mugs.model.losses import InfoNCELoss, teacher_temperature, weighted_total
 from mugs.model.memory import LocalGroupMemory
 from mugs.model.network import MugsOutputs, build_network
@@ -13,7 +14,7 @@ from mugs.model.objective import MugsObjective
 from mugs.model.ring_buffer import RingBuffer
 from mugs.model.convert import network_from_original, objective_from_original, objective_to_original
 from mugs.training.ema import ema_pairs, ema_update_
-from mugs.training.optim import (build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
+from mugs.training.optim import (GradClip, build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
                                  param_groups, set_lr_wd)
 from mugs.training.schedules import CosineSchedule, build_schedules
 
@@ -145,9 +146,12 @@ def test_infonce_matches_per_pair_reference():
 
 # ---- optimiser pieces
 def test_vit_large_clip_rule():
-    assert clip_value(3.0, "vit_large", 100) == 3.0
-    assert clip_value(3.0, "vit_large", 101) == pytest.approx(0.3)
-    assert clip_value(3.0, "vit_base", 300) == 3.0
+    """The original's ViT-L quirk (clip / 10 strictly after epoch 100) is the vit_large_250ep run's config."""
+    large = GradClip.from_config(parse_config(run_argv("vit_large_250ep")))
+    assert clip_value(large, 100) == 3.0
+    assert clip_value(large, 101) == 3.0 / 10
+    assert clip_value(GradClip.from_config(parse_config(run_argv("vit_base_400ep"))), 300) == 3.0
+    assert clip_value(GradClip.from_config(MugsConfig(arch="vit_large")), 300) == 3.0  # 0: never
 
 
 def test_per_parameter_clipping_uses_each_own_norm():

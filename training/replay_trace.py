@@ -21,7 +21,7 @@ from ..model.convert import memory_from_original, network_from_original
 from ..model.network import build_network
 from ..model.objective import MugsObjective
 from ..model.ring_buffer import POINTER_RULES
-from .optim import build_adamw
+from .optim import GradClip, build_adamw
 from .step import MugsTrainStep
 
 TOL = 1e-5
@@ -160,7 +160,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     _set_group_lr_wd(optimizer, trace["group_lr_wd"])
     step = MugsTrainStep(
         student, teacher, objective, optimizer,
-        arch=cfg.arch, clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer,
+        arch=cfg.arch, clip_grad=GradClip.from_config(cfg), freeze_last_layer=cfg.freeze_last_layer,
     )
     inputs = trace["inputs"]
     t_crops = [c.float() for c in inputs["teacher_crops"]]

@@ -129,7 +129,7 @@ class MugsTrainStep:
             record["grads_raw"] = _grads(self.student)
         with self._phase("clip"):
             if self.clip_grad:
-                clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, self.arch, epoch))
+                clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, epoch))
             cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
         if record is not None:
             record["grads_clipped"] = _grads(self.student)

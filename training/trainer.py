@@ -30,7 +30,7 @@ from ..core.errors import EXIT_NONFINITE, EXIT_USER, CheckpointError, Checkpoint
 from . import failure
 from .knn_monitor import KnnMonitor, load_sets, timed
 from .monitor import Monitor, gpu_memory_gb
-from .optim import build_adamw
+from .optim import GradClip, build_adamw
 from .parallelize import DTYPES, compile_counts, compile_report, parallelize
 from .resume_guard import check_resume
 from .schedules import build_schedules
@@ -128,7 +128,7 @@ class Run:
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
         self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer, arch=cfg.arch,
-                                     clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer)
+                                     clip_grad=GradClip.from_config(cfg), freeze_last_layer=cfg.freeze_last_layer)
         self.step = 0
         self.reason: Optional[str] = None  # why the loop ends; None while it runs
         self.last_save = time.monotonic()
