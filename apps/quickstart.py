@@ -89,7 +89,7 @@ def initial_backbone(flags: List[str]):
 
     cfg = parse_config(flags)
     torch.manual_seed(cfg.seed)
-    return build_network(cfg, teacher=False).backbone
+    return build_network(cfg.model_view(), teacher=False).backbone
 
 
 def _smooth(values: List[float], window: int) -> np.ndarray:

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mugs.configs.views import GradClip
 from mugs.model.losses import weighted_total
 from mugs.model.network import MugsNetwork, MugsOutputs, build_network, same_size_runs
 from mugs.model.objective import MugsObjective
-from mugs.training.optim import GradClip, cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
+from mugs.training.optim import cancel_last_layer_grads, clip_value, param_groups, set_lr_wd
 from mugs.training.step import StepResult
 
 
@@ -43,10 +44,10 @@ def build_paper_style(cfg, device: torch.device):
 
     Same seed and order as training.trainer.build_models, so both start from the same weights."""
     torch.manual_seed(cfg.seed)
-    student = build_network(cfg, teacher=False)
-    teacher = build_network(cfg, teacher=True)
+    student = build_network(cfg.model_view(), teacher=False)
+    teacher = build_network(cfg.model_view(), teacher=True)
     teacher.load_state_dict(student.state_dict(), strict=False)
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     for m in (student, teacher, objective):
         m.to(device)
         use_materialised_attention(m)
@@ -122,16 +123,16 @@ class PaperStyleStep:
     def losses(self, s_out, t_out, n_crops: int, epoch: int) -> dict:
         obj, w = self.objective, self.objective.loss_weights
         out = {"instance": None, "local_group": None, "group": None}
-        if w[0] > 0:
+        if w.instance > 0:
             il = obj.instance_loss
             out["instance"] = pairwise_infonce(s_out.instance, t_out.instance, n_crops, obj.instance_queue.rows.T.clone(),
                                               il.temperature)
-        if w[1] > 0:
+        if w.local_group > 0:
             ll = obj.local_group_loss
             out["local_group"] = pairwise_infonce(s_out.local_group, t_out.local_group, n_crops,
                                                   obj.local_group_queue.rows.T.clone(),
                                                   ll.temperature)
-        if w[2] > 0:
+        if w.group > 0:
             gl = obj.group_loss
             out["group"] = pairwise_group(s_out.group, t_out.group, n_crops, gl.center, gl.teacher_temp(epoch),
                                           gl.student_temp)

@@ -46,7 +46,7 @@ def one_step(argv: Sequence[str]) -> dict:
 
     from mugs.benchmarks.step import LR, MOMENTUM, WEIGHT_DECAY, make_config, parse_args, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
-    from mugs.training.optim import GradClip, build_adamw
+    from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
     from mugs.training.step import MugsTrainStep
     from mugs.training.trainer import build_models
@@ -58,7 +58,7 @@ def one_step(argv: Sequence[str]) -> dict:
         t0 = time.perf_counter()
         student, teacher, objective = build_models(cfg, info)
         step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult), arch=cfg.arch,
-                             clip_grad=GradClip.from_config(cfg), freeze_last_layer=cfg.freeze_last_layer)
+                             clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         built = time.perf_counter() - t0
         t_crops, s_crops, weak = synthetic_batch(cfg, info.device, DTYPES[cfg.compute_precision])
         res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=MOMENTUM, lr=LR,

@@ -56,7 +56,7 @@ from mugs.benchmarks.phases import PhaseTimer, device_sync, on_phase
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import RUNS
 from mugs.core.dist import DistInfo, init_distributed, shutdown
-from mugs.training.optim import GradClip, build_adamw
+from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
 from mugs.training.step import MugsTrainStep
 from mugs.training.monitor import gpu_memory_gb
@@ -243,7 +243,7 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info, compile_backend=args.compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=GradClip.from_config(cfg),
+    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_view(),
                             freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args,
@@ -255,7 +255,7 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
 
 def bench_baseline(cfg: MugsConfig, info: DistInfo, args, tf32: bool = False) -> dict:
     student, teacher, objective, optimizer = build_paper_style(cfg, info.device)
-    step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=GradClip.from_config(cfg),
+    step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_view(),
                              freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     cuda = torch.backends.cuda.matmul

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from .archs import ARCHS
+from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig
 
 
 SHAPES, SAFE, IGNORED = "shapes", "safe", "ignored"  # resume policies (module docstring)
@@ -153,6 +154,20 @@ class MugsConfig:
     @property
     def mem_size(self) -> int:
         return self.memory_size or self.local_group_queue_size
+
+    # the typed views the builders take (configs/views.py; the augmentation view is
+    # pipeline/augment_config.py:AugmentConfig.from_config)
+    def model_view(self) -> ModelConfig:
+        return ModelConfig.from_config(self)
+
+    def objective_view(self) -> ObjectiveConfig:
+        return ObjectiveConfig.from_config(self)
+
+    def loader_view(self) -> LoaderConfig:
+        return LoaderConfig.from_config(self)
+
+    def clip_view(self) -> GradClip:
+        return GradClip.from_config(self)
 
     def replace(self, **changes: Any) -> "MugsConfig":
         return dataclasses.replace(self, **changes)

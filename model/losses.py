@@ -8,12 +8,12 @@ pair as in the original).
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..configs.views import LossWeights
 from ..core.dist import mean_over_ranks
 from .ring_buffer import RingBuffer
 
@@ -112,10 +112,9 @@ class GroupLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-def weighted_total(losses: dict, weights: Sequence[float]) -> torch.Tensor:
+def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
     """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0)."""
-    names = ("instance", "local_group", "group")
-    pairs = [(losses[n], w) for n, w in zip(names, weights) if w > 0 and losses.get(n) is not None]
+    pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
     if not pairs:
         raise ValueError("every loss weight is 0: nothing to train")
     return sum(w * l for l, w in pairs) / sum(w for _, w in pairs)

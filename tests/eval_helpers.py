@@ -56,11 +56,11 @@ def build_models(cfg: MugsConfig, seed: int = 0):
     from mugs.model.objective import MugsObjective
 
     torch.manual_seed(seed)
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     return student, teacher, objective
 
 

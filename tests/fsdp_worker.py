@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from mugs.configs.options import MugsConfig
 from mugs.core.dist import init_distributed
-from mugs.training.optim import GradClip, build_adamw
+from mugs.configs.views import GradClip
+from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
 from mugs.training.trainer import build_models
 

@@ -30,12 +30,12 @@ def _count(fn) -> float:
 @pytest.mark.parametrize("cfg", [tiny_cfg(), tiny_cfg(embed_dim=64, depth=3, local_crops_number=6, img_size=48)])
 def test_matches_flop_counter_on_tiny_vit(cfg):
     torch.manual_seed(0)
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     for net in (student, teacher):  # materialised attention: FlopCounterMode does not see CPU SDPA kernels
         for m in net.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
-    objective = MugsObjective(cfg, cfg.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), cfg.embed_dim)
     b, g, l = 3, cfg.img_size, cfg.local_crop_size
     t_crops = [torch.randn(b, 3, g, g) for _ in range(2)]
     s_crops = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(cfg.local_crops_number)]

@@ -8,7 +8,8 @@ from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.phases import PhaseTimer, on_phase
 from mugs.benchmarks.step import synthetic_batch
 from mugs.configs.options import MugsConfig
-from mugs.training.optim import GradClip, build_adamw
+from mugs.configs.views import GradClip
+from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
 
 CFG = MugsConfig(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],

@@ -71,9 +71,9 @@ def test_adamw_is_fused_wherever_torch_has_the_kernel():
 def test_losses_see_fp32_head_outputs_when_the_model_computes_in_bf16():
     torch.manual_seed(0)
     cfg = tiny_cfg(4)
-    student = build_network(cfg, teacher=False).to(torch.bfloat16)
-    teacher = build_network(cfg, teacher=True).to(torch.bfloat16)
-    objective = MugsObjective(cfg, cfg.embed_dim)
+    student = build_network(cfg.model_view(), teacher=False).to(torch.bfloat16)
+    teacher = build_network(cfg.model_view(), teacher=True).to(torch.bfloat16)
+    objective = MugsObjective(cfg.objective_view(), cfg.embed_dim)
     t = [torch.randn(4, 3, 32, 32, dtype=torch.bfloat16) for _ in range(2)]
     s = t + [torch.randn(4, 3, 16, 16, dtype=torch.bfloat16) for _ in range(2)]
     with torch.no_grad():

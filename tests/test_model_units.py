@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import run_argv
+from mugs.configs.views import GradClip, LossWeights
 from mugs.model.losses import InfoNCELoss, teacher_temperature, weighted_total
 from mugs.model.memory import LocalGroupMemory
 from mugs.model.network import MugsOutputs, build_network
@@ -14,7 +15,7 @@ from mugs.model.objective import MugsObjective
 from mugs.model.ring_buffer import RingBuffer
 from mugs.model.convert import network_from_original, objective_from_original, objective_to_original
 from mugs.training.ema import ema_pairs, ema_update_
-from mugs.training.optim import (GradClip, build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
+from mugs.training.optim import (build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
                                  param_groups, set_lr_wd)
 from mugs.training.schedules import CosineSchedule, build_schedules
 
@@ -31,7 +32,7 @@ def tiny_cfg(**kw):
 # ---- queue and memory ring buffers
 def test_queue_wraps_around_and_keeps_crop_order():
     cfg = tiny_cfg(instance_out_dim=2, instance_queue_size=5, loss_weights=[1.0, 0.0, 0.0])
-    obj = MugsObjective(cfg, 32)
+    obj = MugsObjective(cfg.objective_view(), 32)
     queue = obj.instance_queue
     t = torch.arange(8, dtype=torch.float32).view(4, 2)  # crop 0 rows 0,1; crop 1 rows 2,3
     queue.ptr.fill_(3)
@@ -106,19 +107,19 @@ def test_teacher_temperature_warmup_table():
 # ---- losses
 def test_loss_weights_other_than_one_make_a_weighted_mean():
     losses = {"instance": torch.tensor(1.0), "local_group": torch.tensor(2.0), "group": torch.tensor(4.0)}
-    assert weighted_total(losses, [1, 1, 1]).item() == pytest.approx(7 / 3)
-    assert weighted_total(losses, [2, 1, 0.5]).item() == pytest.approx((2 + 2 + 2) / 3.5)
-    assert weighted_total({**losses, "group": None}, [1, 3, 0]).item() == pytest.approx((1 + 6) / 4)
+    assert weighted_total(losses, LossWeights(1, 1, 1)).item() == pytest.approx(7 / 3)
+    assert weighted_total(losses, LossWeights(2, 1, 0.5)).item() == pytest.approx((2 + 2 + 2) / 3.5)
+    assert weighted_total({**losses, "group": None}, LossWeights(1, 3, 0)).item() == pytest.approx((1 + 6) / 4)
     with pytest.raises(ValueError):
-        weighted_total(losses, [0, 0, 0])
+        weighted_total(losses, LossWeights(0, 0, 0))
 
 
 def test_zero_weight_drops_the_head_and_its_loss():
     cfg = tiny_cfg(loss_weights=[1.0, 0.0, 2.0])
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     assert student.local_group_head is None and student.instance_head.predictor is not None
     assert teacher.instance_head.predictor is None
-    obj = MugsObjective(cfg, 32)
+    obj = MugsObjective(cfg.objective_view(), 32)
     crops_t = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     crops_s = crops_t + [torch.randn(2, 3, 16, 16) for _ in range(2)]
     losses = obj(student(crops_s, obj.student_memory), teacher(crops_t, obj.teacher_memory), 4, 0)
@@ -165,7 +166,7 @@ def test_per_parameter_clipping_uses_each_own_norm():
 
 def test_param_groups_and_lr_wd_assignment():
     cfg = tiny_cfg(norm_last_layer=True)
-    student = build_network(cfg, teacher=False)
+    student = build_network(cfg.model_view(), teacher=False)
     groups = {g["name"]: g for g in param_groups(student)}
     names = {id(p): n for n, p in student.named_parameters()}
     in_group = {n: [names[id(p)] for p in g["params"]] for n, g in groups.items()}
@@ -182,7 +183,7 @@ def test_param_groups_and_lr_wd_assignment():
 
 
 def test_last_layer_frozen_only_in_first_epochs():
-    student = build_network(tiny_cfg(norm_last_layer=False), teacher=False)
+    student = build_network(tiny_cfg(norm_last_layer=False).model_view(), teacher=False)
     for p in student.parameters():
         p.grad = torch.ones_like(p)
     cancel_last_layer_grads(student, epoch=1, freeze_last_layer=2)
@@ -195,7 +196,7 @@ def test_last_layer_frozen_only_in_first_epochs():
 
 def test_ema_matches_per_tensor_formula_and_skips_predictors():
     cfg = tiny_cfg()
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     t_params, s_params = ema_pairs(student, teacher)
     assert len(t_params) == len(list(teacher.parameters()))
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
@@ -209,7 +210,7 @@ def test_ema_matches_per_tensor_formula_and_skips_predictors():
 def test_backbone_loads_into_timm_and_gives_the_same_features():
     timm = pytest.importorskip("timm")
     cfg = tiny_cfg()
-    backbone = build_network(cfg, teacher=True).backbone.eval()
+    backbone = build_network(cfg.model_view(), teacher=True).backbone.eval()
     ref = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, qkv_bias=True).eval()
     sd = {k: v for k, v in backbone.state_dict().items() if not k.startswith("relation_blocks.")}
@@ -220,21 +221,21 @@ def test_backbone_loads_into_timm_and_gives_the_same_features():
 
 def test_converter_strips_ddp_prefix_and_roundtrips_objective_state():
     cfg = tiny_cfg()
-    student = build_network(cfg, teacher=False)
+    student = build_network(cfg.model_view(), teacher=False)
     original = {"module." + k: v for k, v in student.state_dict().items()}
     original["module.backbone.head.weight"] = torch.zeros(1)
     student.load_state_dict(network_from_original(original), strict=True)
-    obj = MugsObjective(cfg, 32)
+    obj = MugsObjective(cfg.objective_view(), 32)
     obj.student_memory.ptr.fill_(7)
     back = objective_from_original(objective_to_original(obj.state_dict()))
-    fresh = MugsObjective(cfg, 32)
+    fresh = MugsObjective(cfg.objective_view(), 32)
     fresh.load_state_dict(back, strict=True)
     for k, v in obj.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
 def test_pos_embed_interpolation_is_dino_style():
-    backbone = build_network(tiny_cfg(), teacher=True).backbone
+    backbone = build_network(tiny_cfg().model_view(), teacher=True).backbone
     pe = backbone.interpolated_pos_embed(2, 2)  # 16-px crop with 8-px patches from a 4x4 grid
     grid = backbone.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     ref = nn.functional.interpolate(grid, scale_factor=(2.1 / 4, 2.1 / 4), mode="bicubic")

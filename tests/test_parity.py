@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mugs.training import replay_trace as R
-from mugs.training.optim import GradClip, build_adamw
+from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
 
 TRACES = sorted((Path(__file__).parent / "data" / "parity").glob("*.pt"))
@@ -59,7 +59,7 @@ def _raw_grads(trace, dtype):
         cfg = R.config_from_trace(trace["config"])
         student, teacher, objective = R.build_from_state0(cfg, trace["state0"])
         opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
-        step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=GradClip.from_config(cfg),
+        step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=cfg.clip_view(),
                              freeze_last_layer=cfg.freeze_last_layer)
         rec = {}
         inp = trace["inputs"]

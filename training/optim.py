@@ -1,13 +1,13 @@
 """Optimiser pieces of the Mugs step: parameter groups, per-parameter clipping, last-layer freeze."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..configs.views import GradClip
 from ..core.dist import local_shard
 
 try:  # DTensor is what FSDP2 parameters and gradients are
@@ -117,28 +117,6 @@ def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> 
         c.to(g.dtype) for c, g in zip(coef.unbind(), local)]
     torch._foreach_mul_(local, scales)
     return norms
-
-
-@dataclass(frozen=True)
-class GradClip:
-    """The per-parameter clip norm (0: off) and its drop: after `drop_epoch` (0: never) it is divided by
-    `drop_factor`. The original hard-codes that drop for ViT-L (epoch > 100, / 10); here the
-    vit_large_250ep run sets it (configs/table1.py)."""
-
-    max_norm: float
-    drop_epoch: int
-    drop_factor: float
-
-    @classmethod
-    def from_config(cls, cfg) -> "GradClip":
-        return cls(cfg.clip_grad, cfg.clip_grad_drop_epoch, cfg.clip_grad_drop_factor)
-
-    @classmethod
-    def constant(cls, max_norm: float) -> "GradClip":
-        return cls(max_norm, 0, 1.0)
-
-    def __bool__(self) -> bool:
-        return bool(self.max_norm)
 
 
 def clip_value(clip: GradClip, epoch: int) -> float:

@@ -21,7 +21,7 @@ from ..model.convert import memory_from_original, network_from_original
 from ..model.network import build_network
 from ..model.objective import MugsObjective
 from ..model.ring_buffer import POINTER_RULES
-from .optim import GradClip, build_adamw
+from .optim import build_adamw
 from .step import MugsTrainStep
 
 TOL = 1e-5
@@ -104,10 +104,10 @@ def config_from_trace(tc: dict) -> MugsConfig:
 
 def build_from_state0(cfg: MugsConfig, state0: dict):
     """Student, teacher and objective holding exactly the trace's pre-step state."""
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     student.load_state_dict(network_from_original(state0["student"]), strict=True)
     teacher.load_state_dict(network_from_original(state0["teacher"]), strict=True)
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     objective.student_memory.load_state_dict(memory_from_original(state0["student_mem"]))
     objective.teacher_memory.load_state_dict(memory_from_original(state0["teacher_mem"]))
     for ours, theirs in (("instance_queue", "instance"), ("local_group_queue", "local_group")):
@@ -160,7 +160,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     _set_group_lr_wd(optimizer, trace["group_lr_wd"])
     step = MugsTrainStep(
         student, teacher, objective, optimizer,
-        arch=cfg.arch, clip_grad=GradClip.from_config(cfg), freeze_last_layer=cfg.freeze_last_layer,
+        arch=cfg.arch, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer,
     )
     inputs = trace["inputs"]
     t_crops = [c.float() for c in inputs["teacher_crops"]]
