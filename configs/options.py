@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from .archs import ARCHS
+from .presets import PRESETS, argv as preset_argv
 from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig
 
 
@@ -169,6 +170,11 @@ class MugsConfig:
     def clip_view(self) -> GradClip:
         return GradClip.from_config(self)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MugsConfig":
+        """The named preset (configs/presets.py) with `overrides` on top, as `--preset NAME` parses it."""
+        return parse_config(["--preset", name]).replace(**overrides)
+
     def replace(self, **changes: Any) -> "MugsConfig":
         return dataclasses.replace(self, **changes)
 
@@ -189,9 +195,11 @@ def bool_flag(s: str) -> bool:
 
 
 def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentParser:
-    """argparse parser generated from MugsConfig; `defaults` may carry a preset."""
+    """argparse parser generated from MugsConfig; `defaults` may carry a preset (`preset_defaults`)."""
     defaults = defaults or MugsConfig()
     p = argparse.ArgumentParser("mugs", description="Mugs self-supervised ViT pretraining")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from these named settings "
+                   "(configs/presets.py); the other flags given override them")
     for f in dataclasses.fields(MugsConfig):
         meta = dict(f.metadata)
         del meta["resume"]
@@ -212,11 +220,26 @@ def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentPars
     return p
 
 
-def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None) -> MugsConfig:
-    ns = build_parser(defaults).parse_args(argv)
-    values = vars(ns)
+def config_from_args(ns: argparse.Namespace) -> MugsConfig:
+    """The MugsConfig in a namespace parsed by build_parser (other attributes are left out)."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(MugsConfig)}
     for name in ("global_crops_scale", "local_crops_scale"):
         values[name] = tuple(values[name])
     values["loss_weights"] = list(values["loss_weights"])
     values["size_crops"] = list(values["size_crops"])
     return MugsConfig(**values)
+
+
+def preset_defaults(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None):
+    """The defaults to parse `argv` with: `defaults` with the preset `argv` names (--preset) on top."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset")
+    name = pre.parse_known_args(argv)[0].preset
+    if name not in PRESETS:  # absent, or unknown: build_parser's choices report it
+        return defaults
+    return config_from_args(build_parser(defaults).parse_args(preset_argv(name)))
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None) -> MugsConfig:
+    """MugsConfig from command-line flags (None: sys.argv), a --preset's values as the defaults."""
+    return config_from_args(build_parser(preset_defaults(argv, defaults)).parse_args(argv))

@@ -12,13 +12,11 @@ from mugs.model.objective import MugsObjective
 
 
 def tiny_cfg(**kw) -> MugsConfig:
-    base = dict(arch="custom", embed_dim=48, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                head_hidden_dim=64, pred_hidden_dim=96, instance_out_dim=32, local_group_out_dim=32,
+    """The tiny preset with wider heads, longer queues and more local crops."""
+    base = dict(embed_dim=48, head_hidden_dim=64, pred_hidden_dim=96, instance_out_dim=32, local_group_out_dim=32,
                 instance_queue_size=128, local_group_queue_size=128, memory_size=64, local_group_knn_top_n=4,
-                group_out_dim=80, group_bottleneck_dim=24, local_crops_number=3, drop_path_rate=0.0, device="cpu",
-                precision="fp32")
-    base.update(kw)
-    return MugsConfig(**base)
+                group_out_dim=80, group_bottleneck_dim=24, local_crops_number=3)
+    return MugsConfig.from_preset("tiny", **{**base, **kw})
 
 
 def _count(fn) -> float:

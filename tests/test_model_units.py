@@ -21,12 +21,8 @@ from mugs.training.schedules import CosineSchedule, build_schedules
 
 
 def tiny_cfg(**kw):
-    base = dict(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
-                instance_queue_size=24, local_group_queue_size=24, memory_size=20, local_group_knn_top_n=3,
-                group_out_dim=40, group_bottleneck_dim=16, local_crops_number=2, drop_path_rate=0.0)
-    base.update(kw)
-    return MugsConfig(**base)
+    return MugsConfig.from_preset("tiny", **{**dict(instance_queue_size=24, local_group_queue_size=24, memory_size=20),
+                                             **kw})
 
 
 # ---- queue and memory ring buffers
