@@ -44,15 +44,14 @@ def one_step(argv: Sequence[str]) -> dict:
     """Build the step benchmark's models from its flags and run one training step; losses and timings."""
     import torch
 
-    from mugs.benchmarks.step import LR, MOMENTUM, WEIGHT_DECAY, make_config, parse_args, synthetic_batch
+    from mugs.benchmarks.step import LR, MOMENTUM, WEIGHT_DECAY, parse_args, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
     from mugs.training.step import MugsTrainStep
     from mugs.training.trainer import build_models
 
-    args, rest = parse_args(list(argv) + ["--out", os.devnull])
-    cfg = make_config(args, rest).replace(batch_size_per_gpu=PREFLIGHT_BATCH)
+    cfg = parse_args(list(argv) + ["--out", os.devnull])[1].replace(batch_size_per_gpu=PREFLIGHT_BATCH)
     info = init_distributed(cfg.device)
     try:
         t0 = time.perf_counter()
