@@ -49,7 +49,7 @@ class InfoNCELoss(nn.Module):
     `MugsObjective.update_state` writes the new keys afterwards.
     """
 
-    def __init__(self, temperature: float = 0.2):
+    def __init__(self, temperature: float):
         super().__init__()
         self.temperature = temperature
 
@@ -85,8 +85,8 @@ class GroupLoss(nn.Module):
         warmup_teacher_temp: float,
         teacher_temp: float,
         warmup_teacher_temp_epochs: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
+        student_temp: float,
+        center_momentum: float,
     ):
         super().__init__()
         self.student_temp = student_temp

@@ -16,7 +16,7 @@ from .ring_buffer import RingBuffer
 class LocalGroupMemory(RingBuffer):
     """[size, dim] memory of features; `neighbours` reads it, `push` writes every rank's rows after the step."""
 
-    def __init__(self, size: int, dim: int, top_k: int, pointer: str = "fixed"):
+    def __init__(self, size: int, dim: int, top_k: int, pointer: str):
         super().__init__(size, dim, pointer=pointer)
         if top_k > size:
             raise ValueError(f"top-k {top_k} exceeds the memory size {size}")

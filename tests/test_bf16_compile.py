@@ -64,8 +64,8 @@ def test_two_ranks_bf16_compile_fused_adamw_track_fp32(data, tmp_path):
 
 def test_adamw_is_fused_wherever_torch_has_the_kernel():
     net = torch.nn.Linear(4, 4)
-    assert build_adamw(net).defaults["fused"] is True
-    assert build_adamw(net, fused=False).defaults.get("fused") in (None, False)
+    assert build_adamw(net, 0.2).defaults["fused"] is True
+    assert build_adamw(net, 0.2, fused=False).defaults.get("fused") in (None, False)
 
 
 def test_losses_see_fp32_head_outputs_when_the_model_computes_in_bf16():

@@ -41,7 +41,7 @@ def test_queue_wraps_around_and_keeps_crop_order():
 
 
 def test_memory_wraps_filters_weak_and_advances_by_rows_written():
-    mem = LocalGroupMemory(size=5, dim=3, top_k=2)
+    mem = LocalGroupMemory(size=5, dim=3, top_k=2, pointer="fixed")
     mem.rows.zero_()
     rows = torch.arange(1, 13, dtype=torch.float32).view(4, 3)
     assert mem.push(rows[:3]) == 3 and int(mem.ptr) == 3
@@ -52,13 +52,13 @@ def test_memory_wraps_filters_weak_and_advances_by_rows_written():
 
 
 def test_memory_push_longer_than_ring_keeps_newest():
-    mem = LocalGroupMemory(size=3, dim=1, top_k=1)
+    mem = LocalGroupMemory(size=3, dim=1, top_k=1, pointer="fixed")
     mem.push(torch.arange(7, dtype=torch.float32).view(7, 1))
     assert sorted(mem.rows.flatten().tolist()) == [4.0, 5.0, 6.0]
 
 
 def test_memory_neighbours_are_top_cosine_rows_returned_raw():
-    mem = LocalGroupMemory(size=4, dim=2, top_k=2)
+    mem = LocalGroupMemory(size=4, dim=2, top_k=2, pointer="fixed")
     mem.rows.copy_(torch.tensor([[10.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]))
     nb = mem.neighbours(torch.tensor([[1.0, 0.1]]))
     assert torch.equal(nb[0, 0], torch.tensor([10.0, 0.0])) and torch.equal(nb[0, 1], torch.tensor([5.0, 5.0]))
@@ -66,7 +66,7 @@ def test_memory_neighbours_are_top_cosine_rows_returned_raw():
 
 def test_memory_rejects_top_k_larger_than_memory():
     with pytest.raises(ValueError, match="top-k"):
-        LocalGroupMemory(size=4, dim=2, top_k=8)
+        LocalGroupMemory(size=4, dim=2, top_k=8, pointer="fixed")
 
 
 # ---- schedules
@@ -240,7 +240,7 @@ def test_pos_embed_interpolation_is_dino_style():
 
 
 def test_memory_lookup_sees_every_write_despite_the_normalised_cache():
-    mem = LocalGroupMemory(size=3, dim=2, top_k=1)
+    mem = LocalGroupMemory(size=3, dim=2, top_k=1, pointer="fixed")
     mem.rows.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     q = torch.tensor([[1.0, 1.0]])
     first = mem.neighbours(q)[0, 0]
@@ -255,7 +255,7 @@ def test_pre_created_adamw_state_has_the_layout_adamw_itself_creates():
     torch.manual_seed(0)
     ours_model, ref_model = nn.Linear(3, 2), nn.Linear(3, 2)
     ref_model.load_state_dict(ours_model.state_dict())
-    ours = build_adamw(ours_model, fused=False)
+    ours = build_adamw(ours_model, MugsConfig().patch_embed_lr_mult, fused=False)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, foreach=True)
     for model in (ours_model, ref_model):
         model(torch.randn(4, 3)).sum().backward()

@@ -35,7 +35,7 @@ def param_groups(model: nn.Module) -> List[dict]:
     ]
 
 
-def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 0.2, fused: Optional[bool] = None) -> torch.optim.AdamW:
+def build_adamw(model: nn.Module, patch_embed_lr_mult: float, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW over the four groups; torch's fused kernel on every device type that has one (CUDA, CPU...)."""
     groups = param_groups(model)
     for g in groups:
