@@ -44,7 +44,7 @@ def one_step(argv: Sequence[str]) -> dict:
     """Build the step benchmark's models from its flags and run one training step; losses and timings."""
     import torch
 
-    from mugs.benchmarks.step import LR, MOMENTUM, WEIGHT_DECAY, parse_args, synthetic_batch
+    from mugs.benchmarks.step import LR, parse_args, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
@@ -60,8 +60,8 @@ def one_step(argv: Sequence[str]) -> dict:
                              clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         built = time.perf_counter() - t0
         t_crops, s_crops, weak = synthetic_batch(cfg, info.device, DTYPES[cfg.compute_precision])
-        res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=MOMENTUM, lr=LR,
-                   weight_decay=WEIGHT_DECAY, step_index=0)
+        res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=cfg.momentum_teacher, lr=LR,
+                   weight_decay=cfg.weight_decay, step_index=0)
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         return {"arch": cfg.arch, "precision": cfg.compute_precision, "compile": cfg.compile,

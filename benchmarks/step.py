@@ -67,7 +67,7 @@ DEFAULT_OUT = Path("runs") / "benchmarks" / "step.jsonl"  # working dir; benchma
 FSDP_PHASES = ("teacher_fwd", "student_fwd", "backward")
 BASELINE_PRECISIONS = ("fp32", "tf32")  # the paper-style step's matmul modes
 MFU_SUSPECT = 0.8  # an MFU above this fraction of the spec peak is a timing or FLOP-count error, not a result
-LR, WEIGHT_DECAY, MOMENTUM = 1e-5, 0.04, 0.996  # small lr: the synthetic data must not blow up
+LR = 1e-5  # small lr: the synthetic data must not blow up (weight decay and momentum: the config's start values)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, MugsConfig]:
@@ -86,12 +86,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     mode.add_argument("--baseline", action="store_true", help="only the paper-style step")
     mode.add_argument("--compare", action="store_true", help="optimised and paper-style; prints the speed-up")
     own.add_argument("--baselines", default=None, type=_baselines,
-                     help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, torch < "
-                     "1.12's default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 does not exist)")
+                     help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, "
+                     "torch < 1.12's default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 "
+                     "does not exist)")
     own.add_argument("--peak_tflops", type=float, default=None, help="override the MFU denominator")
     own.add_argument("--ceiling_tflops", type=float, default=None,
-                     help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds mfu_measured_ceiling")
-    own.add_argument("--out", action="append", default=None, help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
+                     help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds "
+                     "mfu_measured_ceiling")
+    own.add_argument("--out", action="append", default=None,
+                     help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
     own.add_argument("--tag", default="", help="free text stored in the record")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
@@ -129,8 +132,8 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
     def run(fn):
         nonlocal steps_done
         steps_done += 1
-        return fn(t_crops, s_crops, weak, epoch=epoch, momentum=MOMENTUM, lr=LR, weight_decay=WEIGHT_DECAY,
-                  step_index=steps_done - 1)
+        return fn(t_crops, s_crops, weak, epoch=epoch, momentum=cfg.momentum_teacher, lr=LR,
+                  weight_decay=cfg.weight_decay, step_index=steps_done - 1)
 
     sync = device_sync(device)
     for _ in range(args.warmup):
