@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from .archs import ARCHS
 from .presets import PRESETS, argv as preset_argv
-from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig
+from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig, ScheduleConfig
 
 
 SHAPES, SAFE, IGNORED = "shapes", "safe", "ignored"  # resume policies (module docstring)
@@ -166,6 +166,9 @@ class MugsConfig:
 
     def loader_view(self) -> LoaderConfig:
         return LoaderConfig.from_config(self)
+
+    def schedule_view(self) -> ScheduleConfig:
+        return ScheduleConfig.from_config(self)
 
     def clip_view(self) -> GradClip:
         return GradClip.from_config(self)

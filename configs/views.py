@@ -105,6 +105,24 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """What training/schedules.py:build_schedules makes the lr, weight-decay and teacher-momentum
+    schedules from."""
+
+    epochs: int
+    warmup_epochs: int
+    lr: float  # at global batch 256
+    min_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum_teacher: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "ScheduleConfig":
+        return _copy(cls, cfg)
+
+
+@dataclass(frozen=True)
 class GradClip:
     """The per-parameter clip norm (0: off) and its drop: strictly after `drop_epoch` (0: never) it is
     divided by `drop_factor` (training/optim.py:clip_value). The original hard-codes that drop for

@@ -85,7 +85,7 @@ def test_cosine_schedule_equals_original_table(warmup):
 
 def test_schedules_end_points():
     cfg = MugsConfig(epochs=10, warmup_epochs=2, lr=0.0008, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4)
-    s = build_schedules(cfg, iters_per_epoch=100, global_batch=1024)
+    s = build_schedules(cfg.schedule_view(), iters_per_epoch=100, global_batch=1024)
     assert s.lr(0) == 0.0
     assert s.lr(199) == pytest.approx(0.0008 * 1024 / 256)  # end of warm-up = scaled base lr
     assert s.lr(999) == pytest.approx(1e-6, abs=1e-7) and s.lr(999) > 1e-6

@@ -124,7 +124,7 @@ class Run:
             raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
         self.iters = len(self.loader)
         self.global_batch = cfg.batch_size_per_gpu * info.world_size
-        self.sched = build_schedules(cfg, self.iters, self.global_batch)
+        self.sched = build_schedules(cfg.schedule_view(), self.iters, self.global_batch)
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
         self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer, arch=cfg.arch,
