@@ -31,27 +31,8 @@ from ..configs.options import parse_config
 from ..core.cli import run_cli
 from ..model.knn import K
 
-# The small-image setting: 56-px global crops, 24-px local crops, 8-px patches (7x7 tokens),
-# the plain DINO weak augmentation for the student (RandAugment is too destructive at this size).
-# Chosen by measurement on 2 cores (benchmarks/results/quickstart_tuning.md): a step costs ~0.15 s
-# fixed plus per-image work, so 16 images per rank; 2 local crops learn as much as 4 at ~25% less
-# time; lr 0.004 (5e-4 after the x32/256 batch scaling) with a cosine floor at half of it.
-# Queues of 256 keys, not 1024: 1024 is a fifth of the 5,000 images, full of same-class
-# near-duplicates, and the instance loss then climbed back to chance after step ~50 (with or
-# without the group loss, at a 4x lower lr too); with 256 it falls all run long. Teacher momentum
-# 0.95 (cosine to 1): at 0.99 the teacher averaged the students of steps ~300-600 and trailed the
-# final student by 4-6 points (a lower lr floor did not help); 0.9 collapsed.
-QUICKSTART_FLAGS = [
-    "--device", "cpu", "--loader", "dali", "--num_workers", "1",
-    "--arch", "custom", "--embed_dim", "96", "--depth", "4", "--num_heads", "3", "--patch_size", "8",
-    "--img_size", "56", "--size_crops", "24", "--local_crops_number", "2", "--vanilla_weak_augmentation", "true",
-    "--head_hidden_dim", "256", "--pred_hidden_dim", "512", "--instance_out_dim", "64",
-    "--local_group_out_dim", "64", "--group_out_dim", "1024", "--group_bottleneck_dim", "64",
-    "--instance_queue_size", "256", "--local_group_queue_size", "256",
-    "--batch_size_per_gpu", "16", "--warmup_epochs", "1", "--lr", "0.004", "--min_lr", "2.5e-4",
-    "--momentum_teacher", "0.95", "--drop_path_rate", "0", "--weight_decay_end", "0.04",
-    "--ckpt_every_minutes", "2",
-]
+# the small-image setting tuned for 2 CPU cores (configs/presets.py says why each value)
+QUICKSTART_FLAGS = ["--preset", "quickstart"]
 
 
 def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K, temperature: float = 0.05) -> float:
@@ -90,7 +71,7 @@ def initial_backbone(flags: List[str]):
 
     cfg = parse_config(flags)
     torch.manual_seed(cfg.seed)
-    return build_network(cfg, teacher=False).backbone
+    return build_network(cfg.model_view(), teacher=False).backbone
 
 
 def _smooth(values: List[float], window: int) -> np.ndarray:

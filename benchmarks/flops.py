@@ -20,45 +20,42 @@ ViT-L/16: 123.1 GFLOP per 224-px forward, 22.5 per 96-px (docs/performance.md), 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict
 
-ARCH_SHAPES = {  # embed_dim, depth, num_heads (as mugs.model.vit.ARCH_SHAPES)
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-}
+from mugs.configs.archs import ARCH_SHAPES
+from mugs.configs.options import MugsConfig
 
 
 @dataclass(frozen=True)
 class MugsShape:
-    """Every dimension the FLOP count depends on (defaults: the paper's)."""
+    """Every dimension the FLOP count depends on (from a MugsConfig: `from_config`, `for_arch`)."""
 
     embed_dim: int
     depth: int
-    mlp_ratio: float = 4.0
-    patch_size: int = 16
-    global_size: int = 224
-    local_size: int = 96
-    n_global: int = 2
-    n_local: int = 10
-    head_hidden: int = 2048
-    pred_hidden: int = 4096
-    instance_out: int = 256
-    local_group_out: int = 256
-    group_bottleneck: int = 256
-    group_out: int = 65536
-    instance_queue: int = 65536
-    local_group_queue: int = 65536
-    memory_size: int = 65536
-    top_k: int = 8
+    patch_size: int
+    global_size: int
+    local_size: int
+    n_local: int
+    head_hidden: int
+    pred_hidden: int
+    instance_out: int
+    local_group_out: int
+    group_bottleneck: int
+    group_out: int
+    instance_queue: int
+    local_group_queue: int
+    memory_size: int
+    top_k: int
+    mlp_ratio: float = 4.0  # the model's, not a flag (model/vit.py)
+    n_global: int = 2  # the method's two global crops
     relation_blocks: int = 1
 
     @classmethod
     def for_arch(cls, arch: str, **overrides) -> "MugsShape":
+        """A named arch with MugsConfig's defaults (the paper's), `overrides` replacing shape fields."""
         d, n, _ = ARCH_SHAPES[arch]
-        return cls(embed_dim=d, depth=n, **overrides)
+        return replace(cls.from_config(MugsConfig(arch=arch), d, n), **overrides)
 
     @classmethod
     def from_config(cls, cfg, embed_dim: int, depth: int) -> "MugsShape":

@@ -60,27 +60,20 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-exp
 # ---------------------------------------------------------------- shapes: the real ones, or tiny ones on CPU
 if [ $REHEARSE = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""
-  TINY=(--device cpu --arch custom --embed_dim 32 --depth 2 --num_heads 2 --patch_size 8 --img_size 32 --local_size 16
-        --local_crops_number 2 --head_hidden_dim 32 --pred_hidden_dim 48 --instance_out_dim 16 --local_group_out_dim 16
-        --group_out_dim 64 --group_bottleneck_dim 16 --instance_queue_size 64 --local_group_queue_size 64
-        --memory_size 32 --local_group_knn_top_n 3)
+  TINY=(--preset tiny)  # the tests' model (configs/presets.py); the flags after it override it
   L_ARGS=("${TINY[@]}" --batch_size_per_gpu 4 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
   S_ARGS=("${TINY[@]}" --batch_size_per_gpu 4)
-  LC_ARGS=("${TINY[@]}" --batch_size_per_gpu 4 --drop_path_rate 0.3 --compile --compile_backend eager)
+  LC_ARGS=("${TINY[@]}" --batch_size_per_gpu 4 --drop_path_rate 0.3 --compile true --compile_backend eager)
   B_ARGS=("${TINY[@]}" --batch_size_per_gpu 2)
   STEPS=(--steps 2 --warmup 1)
   GEMM=(--device cpu --size 256 --dtype fp32 --reps 3)
-  TRAIN=(--device cpu --precision fp32 --compile false --arch custom --embed_dim 32 --depth 2 --num_heads 2
-         --patch_size 8 --img_size 32 --size_crops 16 --local_crops_number 2 --head_hidden_dim 32 --pred_hidden_dim 48
-         --instance_out_dim 16 --local_group_out_dim 16 --group_out_dim 64 --group_bottleneck_dim 16
-         --instance_queue_size 64 --local_group_queue_size 64 --memory_size 32 --local_group_knn_top_n 3
-         --batch_size_per_gpu 4)
+  TRAIN=("${TINY[@]}" --compile false --batch_size_per_gpu 4)
   LOADER=(--device cpu --images 32 --batches 2 --warmup 1 --global-size 64 --local-size 32 --local-crops 2)
   LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2
 else
   L_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
   S_ARGS=(--arch vit_small --batch_size_per_gpu 64)
-  LC_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compile)
+  LC_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compile true)
   B_ARGS=(--arch vit_base --batch_size_per_gpu 42)
   STEPS=(--steps 10 --warmup 3)
   GEMM=(--size 8192 --dtype bf16 --reps 10 --warmup 3)

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from mugs.benchmarks import records
+from mugs.configs.options import MugsConfig
 
 RESULTS = os.path.join("runs", "benchmarks", "loader.jsonl")  # relative to the working directory
 
@@ -52,16 +53,15 @@ def synth_imagenet_like(n: int, seed: int = 0) -> str:
 def run(args) -> dict:
     import torch
 
-    from mugs.pipeline import build_loader
+    from mugs.pipeline import build_loader_from_config
 
     device = "cuda" if args.device == "gpu" else "cpu"
     data = args.data or synth_imagenet_like(args.images)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-    loader = build_loader(
-        backend=args.backend, data_path=data, batch_size=args.batch_size, seed=0, device=device,
-        num_threads=workers, dtype=torch.float32, global_size=args.global_size, local_size=args.local_size,
-        local_crops_number=args.local_crops,
-    )
+    cfg = MugsConfig(loader=args.backend, data_path=data, batch_size_per_gpu=args.batch_size, seed=0,
+                     num_workers=workers, img_size=args.global_size, size_crops=[args.local_size],
+                     local_crops_number=args.local_crops)
+    loader = build_loader_from_config(cfg, rank=0, world_size=1, device=device, dtype=torch.float32)
     done, timed, t0, c0, epoch = 0, 0, None, None, 0
     while timed < args.batches:
         loader.set_epoch(epoch)
@@ -100,6 +100,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = MugsConfig()  # the crop defaults are the training run's
     ap.add_argument("--data", help="ImageFolder root or mugs-scan-data list (default: synthetic JPEGs)")
     ap.add_argument("--backend", choices=("dali", "torchvision"), default="dali")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -108,9 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--workers", type=int, help="DALI threads / DataLoader workers (default: CPU count)")
     ap.add_argument("--images", type=int, default=320, help="synthetic images when --data is absent")
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=96)
-    ap.add_argument("--local-crops", type=int, default=10)
+    ap.add_argument("--global-size", type=int, default=d.img_size)
+    ap.add_argument("--local-size", type=int, default=d.local_crop_size)
+    ap.add_argument("--local-crops", type=int, default=d.local_crops_number)
     ap.add_argument("--out", default=RESULTS, help=f"JSON-lines file to append to (default {RESULTS})")
     args = ap.parse_args(argv)
     result = run(args)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mugs.configs.views import GradClip
 from mugs.model.losses import weighted_total
 from mugs.model.network import MugsNetwork, MugsOutputs, build_network, same_size_runs
 from mugs.model.objective import MugsObjective
@@ -43,10 +44,10 @@ def build_paper_style(cfg, device: torch.device):
 
     Same seed and order as training.trainer.build_models, so both start from the same weights."""
     torch.manual_seed(cfg.seed)
-    student = build_network(cfg, teacher=False)
-    teacher = build_network(cfg, teacher=True)
+    student = build_network(cfg.model_view(), teacher=False)
+    teacher = build_network(cfg.model_view(), teacher=True)
     teacher.load_state_dict(student.state_dict(), strict=False)
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     for m in (student, teacher, objective):
         m.to(device)
         use_materialised_attention(m)
@@ -107,7 +108,7 @@ class PaperStyleStep:
 
     hooks: Tuple[StepHook, ...] = ()
 
-    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: float,
+    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: GradClip,
                  freeze_last_layer: int):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
         self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
@@ -123,16 +124,16 @@ class PaperStyleStep:
     def losses(self, s_out, t_out, n_crops: int, epoch: int) -> dict:
         obj, w = self.objective, self.objective.loss_weights
         out = {"instance": None, "local_group": None, "group": None}
-        if w[0] > 0:
+        if w.instance > 0:
             il = obj.instance_loss
             out["instance"] = pairwise_infonce(s_out.instance, t_out.instance, n_crops, obj.instance_queue.rows.T.clone(),
                                               il.temperature)
-        if w[1] > 0:
+        if w.local_group > 0:
             ll = obj.local_group_loss
             out["local_group"] = pairwise_infonce(s_out.local_group, t_out.local_group, n_crops,
                                                   obj.local_group_queue.rows.T.clone(),
                                                   ll.temperature)
-        if w[2] > 0:
+        if w.group > 0:
             gl = obj.group_loss
             out["group"] = pairwise_group(s_out.group, t_out.group, n_crops, gl.center, gl.teacher_temp(epoch),
                                           gl.student_temp)
@@ -155,7 +156,7 @@ class PaperStyleStep:
         losses["total"].backward()
         self._mark("backward")
         if self.clip_grad:
-            clip = clip_value(self.clip_grad, self.arch, epoch)
+            clip = clip_value(self.clip_grad, epoch)
             for p in self.student.parameters():  # the original's clip_gradients: one norm (and sync) per tensor
                 if p.grad is not None:
                     coef = clip / (p.grad.data.norm(2) + 1e-6)

@@ -44,25 +44,24 @@ def one_step(argv: Sequence[str]) -> dict:
     """Build the step benchmark's models from its flags and run one training step; losses and timings."""
     import torch
 
-    from mugs.benchmarks.step import LR, MOMENTUM, WEIGHT_DECAY, make_config, parse_args, synthetic_batch
+    from mugs.benchmarks.step import LR, parse_args, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
     from mugs.training.step import MugsTrainStep
     from mugs.training.trainer import build_models
 
-    args, rest = parse_args(list(argv) + ["--out", os.devnull])
-    cfg = make_config(args, rest).replace(batch_size_per_gpu=PREFLIGHT_BATCH)
+    cfg = parse_args(list(argv) + ["--out", os.devnull])[1].replace(batch_size_per_gpu=PREFLIGHT_BATCH)
     info = init_distributed(cfg.device)
     try:
         t0 = time.perf_counter()
         student, teacher, objective = build_models(cfg, info)
         step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult), arch=cfg.arch,
-                             clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer)
+                             clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         built = time.perf_counter() - t0
         t_crops, s_crops, weak = synthetic_batch(cfg, info.device, DTYPES[cfg.compute_precision])
-        res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=MOMENTUM, lr=LR,
-                   weight_decay=WEIGHT_DECAY, step_index=0)
+        res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=cfg.momentum_teacher, lr=LR,
+                   weight_decay=cfg.weight_decay, step_index=0)
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         return {"arch": cfg.arch, "precision": cfg.compute_precision, "compile": cfg.compile,

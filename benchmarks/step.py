@@ -24,10 +24,11 @@ are not FSDP traffic (FSDP2 issues none), so `fsdp_collectives_per_step` is null
 Each run appends one JSON line per mode to every `--out` file (rank 0).
 
     python -m mugs.benchmarks.step --arch vit_large --batch_size_per_gpu 16 --compare
-    torchrun --nproc_per_node 8 -m mugs.benchmarks.step --arch vit_base --batch_size_per_gpu 42
-    python -m mugs.benchmarks.step --device cpu --arch vit_tiny --batch_size_per_gpu 4 --steps 3 --compare
-Other MugsConfig flags (e.g. --instance_queue_size 4096, --embed_dim 64 with --arch custom)
-pass through to the model configuration.
+    torchrun --nproc_per_node 8 -m mugs.benchmarks.step --preset vit_base_400ep   # the paper's ViT-B shape
+    python -m mugs.benchmarks.step --device cpu --preset tiny --batch_size_per_gpu 4 --steps 3 --compare
+The model and step are configured by the trainer's own flags (configs/options.py, --preset included:
+e.g. --instance_queue_size 4096, --embed_dim 64 with --arch custom, --compile true); the options
+after them in --help are this benchmark's.
 """
 from __future__ import annotations
 
@@ -53,9 +54,7 @@ from mugs.benchmarks.flops import MugsShape, step_flops_per_image
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.collectives import CollectiveCounter
 from mugs.benchmarks.phases import PhaseTimer, device_sync
-from mugs.configs.activation_checkpointing import POLICIES as AC_POLICIES
-from mugs.configs.options import MugsConfig, parse_config
-from mugs.configs.table1 import RUNS
+from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
 from mugs.core.dist import DistInfo, init_distributed, shutdown
 from mugs.core.cli import run_cli
 from mugs.core.errors import ConfigError
@@ -67,48 +66,43 @@ from mugs.training.trainer import build_models, loop_step
 from mugs.training.validate import validate
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "step.jsonl"  # working dir; benchmarks/results/ only via --out
-# Table 1 per-GPU batches (configs/table1.py); ViT-T, not in Table 1, as ViT-S
-PAPER_BATCH = {"vit_tiny": 64, **{r.flags["arch"]: r.batch_size_per_gpu for r in RUNS.values()}}
 FSDP_PHASES = ("teacher_fwd", "student_fwd", "backward")
 BASELINE_PRECISIONS = ("fp32", "tf32")  # the paper-style step's matmul modes
 MFU_SUSPECT = 0.8  # an MFU above this fraction of the spec peak is a timing or FLOP-count error, not a result
-LR, WEIGHT_DECAY, MOMENTUM = 1e-5, 0.04, 0.996  # small lr: the synthetic data must not blow up
+LR = 1e-5  # small lr: the synthetic data must not blow up (weight decay and momentum: the config's start values)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="vit_small", help="vit_tiny|vit_small|vit_base|vit_large, or custom "
-                   "(then --embed_dim --depth --num_heads)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="optimised step's compute precision (auto: bf16 on cuda, fp32 on cpu); the baseline is fp32")
-    p.add_argument("--activation_checkpointing", nargs="?", const="full", default="none", choices=AC_POLICIES,
-                   help="optimised step's policy (configs/activation_checkpointing.py); the bare flag means full")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (optimised step)")
-    p.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; eager or "
-                   "aot_eager rehearse the graph count on CPU in seconds)")
-    p.add_argument("--batch_size_per_gpu", type=int, default=None, help="default: the paper's per-GPU batch")
-    p.add_argument("--local_crops_number", type=int, default=10)
-    p.add_argument("--img_size", type=int, default=224)
-    p.add_argument("--local_size", type=int, default=96)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--phase_steps", type=int, default=2, help="steps of the instrumented per-phase pass (0: skip)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    mode = p.add_mutually_exclusive_group()
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, MugsConfig]:
+    """(this benchmark's own options, the MugsConfig of the model and step): every MugsConfig flag and
+    --preset as the trainer takes them; --device defaults to cuda only where there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = build_parser(preset_defaults(argv, MugsConfig(device=device)))
+    p.prog, p.description = "python -m mugs.benchmarks.step", __doc__.split("\n")[0]
+    own = p.add_argument_group("benchmark")
+    own.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; eager or "
+                     "aot_eager rehearse the graph count on CPU in seconds)")
+    own.add_argument("--steps", type=int, default=10)
+    own.add_argument("--warmup", type=int, default=3)
+    own.add_argument("--phase_steps", type=int, default=2, help="steps of the instrumented per-phase pass (0: skip)")
+    mode = own.add_mutually_exclusive_group()
     mode.add_argument("--baseline", action="store_true", help="only the paper-style step")
     mode.add_argument("--compare", action="store_true", help="optimised and paper-style; prints the speed-up")
-    p.add_argument("--baselines", default=None, type=_baselines,
-                   help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, torch < 1.12's "
-                   "default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 does not exist)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="override the MFU denominator")
-    p.add_argument("--ceiling_tflops", type=float, default=None,
-                   help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds mfu_measured_ceiling")
-    p.add_argument("--out", action="append", default=None, help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
-    p.add_argument("--tag", default="", help="free text stored in the record")
-    args, rest = p.parse_known_args(argv)
-    args.baselines = args.baselines or (("fp32", "tf32") if args.device == "cuda" else ("fp32",))
+    own.add_argument("--baselines", default=None, type=_baselines,
+                     help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, "
+                     "torch < 1.12's default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 "
+                     "does not exist)")
+    own.add_argument("--peak_tflops", type=float, default=None, help="override the MFU denominator")
+    own.add_argument("--ceiling_tflops", type=float, default=None,
+                     help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds "
+                     "mfu_measured_ceiling")
+    own.add_argument("--out", action="append", default=None,
+                     help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
+    own.add_argument("--tag", default="", help="free text stored in the record")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    args.baselines = args.baselines or (("fp32", "tf32") if cfg.device == "cuda" else ("fp32",))
     args.out = args.out or [str(DEFAULT_OUT)]
-    return args, rest
+    return args, cfg
 
 
 def _baselines(text: str) -> tuple:
@@ -117,16 +111,6 @@ def _baselines(text: str) -> tuple:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(BASELINE_PRECISIONS)}")
     return names
-
-
-def make_config(args, rest: List[str]) -> MugsConfig:
-    precision = args.precision if args.precision != "auto" else ("bf16" if args.device == "cuda" else "fp32")
-    batch = args.batch_size_per_gpu or PAPER_BATCH.get(args.arch, 8)
-    argv = ["--arch", args.arch, "--device", args.device, "--precision", precision, "--batch_size_per_gpu", str(batch),
-            "--local_crops_number", str(args.local_crops_number), "--img_size", str(args.img_size),
-            "--size_crops", str(args.local_size), "--activation_checkpointing", str(args.activation_checkpointing),
-            "--compile", str(args.compile)] + list(rest)
-    return parse_config(argv)
 
 
 def synthetic_batch(cfg: MugsConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -150,8 +134,8 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
     def run(fn):
         nonlocal steps_done
         steps_done += 1
-        return fn(t_crops, s_crops, weak, epoch=epoch, momentum=MOMENTUM, lr=LR, weight_decay=WEIGHT_DECAY,
-                  step_index=steps_done - 1)
+        return fn(t_crops, s_crops, weak, epoch=epoch, momentum=cfg.momentum_teacher, lr=LR,
+                  weight_decay=cfg.weight_decay, step_index=steps_done - 1)
 
     sync = device_sync(device)
     for _ in range(args.warmup):
@@ -247,7 +231,7 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info, compile_backend=args.compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
+    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_view(),
                             freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args,
@@ -259,7 +243,7 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
 
 def bench_baseline(cfg: MugsConfig, info: DistInfo, args, tf32: bool = False) -> dict:
     student, teacher, objective, optimizer = build_paper_style(cfg, info.device)
-    step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_grad,
+    step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_view(),
                              freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     cuda = torch.backends.cuda.matmul
@@ -342,8 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args, rest = parse_args(argv)
-    cfg = make_config(args, rest)
+    args, cfg = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg.replace(data_path=os.getcwd()), world)
     if (args.baseline or args.compare) and world > 1:

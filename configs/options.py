@@ -3,6 +3,10 @@
 Field names and defaults are the original Mugs `main.py` flags, so the paper's
 commands run verbatim; fields after `# --- mugs additions` are ours.
 Booleans accept true/false (and 1/0, yes/no) like the original's `bool_flag`.
+
+Each field states what a resumed run may do with it (`resume=`, read by training/resume_guard.py):
+SHAPES (it shapes the model, losses, schedules or data order: a change is refused), SAFE (may
+change: output, execution, paths) or IGNORED (accepted for the original's command lines, unused).
 """
 from __future__ import annotations
 
@@ -12,112 +16,135 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from .activation_checkpointing import POLICIES as AC_POLICIES, ac_policy
+from .archs import ARCHS
+from .presets import PRESETS, argv as preset_argv
+from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig, ScheduleConfig
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+
+SHAPES, SAFE, IGNORED = "shapes", "safe", "ignored"  # resume policies (module docstring)
+RESUME_POLICIES = (SHAPES, SAFE, IGNORED)
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field carrying its CLI help text."""
+def _opt(default: Any, help: str, *, resume: str, **extra: Any) -> Any:
+    """A dataclass field carrying its CLI help text and its resume policy."""
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"resume policy {resume!r} is not one of {RESUME_POLICIES}")
+    meta = {"help": help, "resume": resume, **extra}
     if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class MugsConfig:
     # --- model (original flags)
-    arch: str = _opt("vit_small", "backbone: " + ", ".join(ARCHS))
-    patch_size: int = _opt(16, "ViT patch size in pixels")
-    drop_path_rate: float = _opt(0.1, "stochastic depth rate of the student")
-    use_bn_in_head: bool = _opt(False, "BatchNorm in the heads (not supported: must stay false)")
-    norm_before_pred: bool = _opt(True, "L2-normalise before the student predictor")
-    instance_out_dim: int = _opt(256, "instance head output dimension")
-    instance_queue_size: int = _opt(65536, "instance InfoNCE queue length")
-    instance_temp: float = _opt(0.2, "instance InfoNCE temperature")
-    local_group_out_dim: int = _opt(256, "local-group head output dimension")
-    local_group_knn_top_n: int = _opt(8, "neighbours taken from the memory (top-k)")
-    local_group_queue_size: int = _opt(65536, "local-group InfoNCE queue length (and memory size by default)")
-    local_group_temp: float = _opt(0.2, "local-group InfoNCE temperature")
-    group_out_dim: int = _opt(65536, "number of group prototypes")
-    group_bottleneck_dim: int = _opt(256, "group head bottleneck dimension")
-    norm_last_layer: bool = _opt(True, "fix the weight-norm gain of the group last layer to 1")
-    group_student_temp: float = _opt(0.1, "group loss student temperature")
-    group_warmup_teacher_temp: float = _opt(0.04, "group loss teacher temperature at epoch 0")
-    group_teacher_temp: float = _opt(0.04, "group loss teacher temperature after warm-up")
-    group_warmup_teacher_temp_epochs: int = _opt(0, "epochs of teacher-temperature warm-up")
-    loss_weights: list = _opt([1.0, 1.0, 1.0], "weights of the instance, local-group, group losses", nargs=3)
+    arch: str = _opt("vit_small", "backbone: " + ", ".join(ARCHS), resume=SHAPES)
+    patch_size: int = _opt(16, "ViT patch size in pixels", resume=SHAPES)
+    drop_path_rate: float = _opt(0.1, "stochastic depth rate of the student", resume=SHAPES)
+    use_bn_in_head: bool = _opt(False, "BatchNorm in the heads (not supported: must stay false)", resume=SHAPES)
+    norm_before_pred: bool = _opt(True, "L2-normalise before the student predictor", resume=SHAPES)
+    instance_out_dim: int = _opt(256, "instance head output dimension", resume=SHAPES)
+    instance_queue_size: int = _opt(65536, "instance InfoNCE queue length", resume=SHAPES)
+    instance_temp: float = _opt(0.2, "instance InfoNCE temperature", resume=SHAPES)
+    local_group_out_dim: int = _opt(256, "local-group head output dimension", resume=SHAPES)
+    local_group_knn_top_n: int = _opt(8, "neighbours taken from the memory (top-k)", resume=SHAPES)
+    local_group_queue_size: int = _opt(65536, "local-group InfoNCE queue length (and memory size by default)",
+                                       resume=SHAPES)
+    local_group_temp: float = _opt(0.2, "local-group InfoNCE temperature", resume=SHAPES)
+    group_out_dim: int = _opt(65536, "number of group prototypes", resume=SHAPES)
+    group_bottleneck_dim: int = _opt(256, "group head bottleneck dimension", resume=SHAPES)
+    norm_last_layer: bool = _opt(True, "fix the weight-norm gain of the group last layer to 1", resume=SHAPES)
+    group_student_temp: float = _opt(0.1, "group loss student temperature", resume=SHAPES)
+    group_warmup_teacher_temp: float = _opt(0.04, "group loss teacher temperature at epoch 0", resume=SHAPES)
+    group_teacher_temp: float = _opt(0.04, "group loss teacher temperature after warm-up", resume=SHAPES)
+    group_warmup_teacher_temp_epochs: int = _opt(0, "epochs of teacher-temperature warm-up", resume=SHAPES)
+    loss_weights: list = _opt([1.0, 1.0, 1.0], "weights of the instance, local-group, group losses", nargs=3,
+                              resume=SHAPES)
     # --- optimisation (original flags)
-    momentum_teacher: float = _opt(0.996, "teacher EMA momentum at step 0 (cosine to 1)")
+    momentum_teacher: float = _opt(0.996, "teacher EMA momentum at step 0 (cosine to 1)", resume=SHAPES)
     use_fp16: bool = _opt(False, "original flag, kept so the paper's commands run verbatim: true = train in "
                                  "half precision (bf16 here, no loss scaling) when --precision is auto; "
-                                 "false = --precision decides")
-    weight_decay: float = _opt(0.04, "weight decay at step 0")
-    weight_decay_end: float = _opt(0.2, "weight decay at the end (cosine)")
-    clip_grad: float = _opt(3.0, "per-parameter gradient norm clip (0 disables)")
-    batch_size_per_gpu: int = _opt(64, "images per process")
-    epochs: int = _opt(100, "training epochs")
-    warmup_epochs: int = _opt(10, "linear lr warm-up epochs")
-    freeze_last_layer: int = _opt(1, "epochs during which the group last layer is frozen")
-    lr: float = _opt(0.0008, "base lr at global batch 256 (linear scaling)")
-    patch_embed_lr_mult: float = _opt(0.2, "lr multiplier of the patch embedding")
-    min_lr: float = _opt(1e-6, "lr at the end of the cosine schedule")
-    optimizer: str = _opt("adamw", "only adamw is supported")
+                                 "false = --precision decides", resume=SHAPES)
+    weight_decay: float = _opt(0.04, "weight decay at step 0", resume=SHAPES)
+    weight_decay_end: float = _opt(0.2, "weight decay at the end (cosine)", resume=SHAPES)
+    clip_grad: float = _opt(3.0, "per-parameter gradient norm clip (0 disables)", resume=SHAPES)
+    batch_size_per_gpu: int = _opt(64, "images per process", resume=SHAPES)
+    epochs: int = _opt(100, "training epochs", resume=SHAPES)
+    warmup_epochs: int = _opt(10, "linear lr warm-up epochs", resume=SHAPES)
+    freeze_last_layer: int = _opt(1, "epochs during which the group last layer is frozen", resume=SHAPES)
+    lr: float = _opt(0.0008, "base lr at global batch 256 (linear scaling)", resume=SHAPES)
+    patch_embed_lr_mult: float = _opt(0.2, "lr multiplier of the patch embedding", resume=SHAPES)
+    min_lr: float = _opt(1e-6, "lr at the end of the cosine schedule", resume=SHAPES)
+    optimizer: str = _opt("adamw", "only adamw is supported", resume=SHAPES)
     # --- data (original flags)
-    global_crops_scale: tuple = _opt((0.25, 1.0), "RandomResizedCrop scale of the 224-px crops", nargs=2)
-    local_crops_number: int = _opt(10, "local crops per image")
-    local_crops_scale: tuple = _opt((0.05, 0.25), "RandomResizedCrop scale of the local crops", nargs=2)
-    timm_auto_augment_par: str = _opt("rand-m9-mstd0.5-inc1", "RandAugment policy of the strong branch")
-    color_aug: bool = _opt(False, "original flag (unused by the original's pipeline)")
-    size_crops: list = _opt([96], "local crop size in pixels (one value: every local crop has this size)", nargs="+")
-    strong_ratio: float = _opt(0.45, "RandAugment translate as a fraction of the crop size")
-    re_prob: float = _opt(0.25, "random-erasing probability of the strong branch")
-    vanilla_weak_augmentation: bool = _opt(False, "use the plain DINO weak augmentation for all student crops")
-    prob: float = _opt(0.5, "probability that an image's student global crops are weak")
-    data_path: str = _opt("", "ImageFolder root (root/class/img) or a file list made by mugs-scan-data")
-    output_dir: str = _opt("./exp/", "checkpoints, logs and TensorBoard events go here")
-    saveckp_freq: int = _opt(50, "keep an extra checkpoint every N epochs")
-    seed: int = _opt(0, "random seed")
-    num_workers: int = _opt(12, "loader threads/workers per process")
+    global_crops_scale: tuple = _opt((0.25, 1.0), "RandomResizedCrop scale of the 224-px crops", nargs=2, resume=SHAPES)
+    local_crops_number: int = _opt(10, "local crops per image", resume=SHAPES)
+    local_crops_scale: tuple = _opt((0.05, 0.25), "RandomResizedCrop scale of the local crops", nargs=2, resume=SHAPES)
+    timm_auto_augment_par: str = _opt("rand-m9-mstd0.5-inc1", "RandAugment policy of the strong branch", resume=SHAPES)
+    color_aug: bool = _opt(False, "ignored (unused by the original's pipeline too)", resume=IGNORED)
+    size_crops: list = _opt([96], "local crop size in pixels (one value: every local crop has this size)", nargs="+",
+                            resume=SHAPES)
+    strong_ratio: float = _opt(0.45, "RandAugment translate as a fraction of the crop size", resume=SHAPES)
+    re_prob: float = _opt(0.25, "random-erasing probability of the strong branch", resume=SHAPES)
+    vanilla_weak_augmentation: bool = _opt(False, "use the plain DINO weak augmentation for all student crops",
+                                           resume=SHAPES)
+    prob: float = _opt(0.5, "probability that an image's student global crops are weak", resume=SHAPES)
+    data_path: str = _opt("", "ImageFolder root (root/class/img) or a file list made by mugs-scan-data", resume=SAFE)
+    output_dir: str = _opt("./exp/", "checkpoints, logs and TensorBoard events go here", resume=SAFE)
+    saveckp_freq: int = _opt(50, "keep an extra checkpoint every N epochs", resume=SAFE)
+    seed: int = _opt(0, "random seed", resume=SHAPES)
+    num_workers: int = _opt(12, "loader threads/workers per process", resume=SAFE)
     # accepted for command-line compatibility with the original; torchrun's env decides these
-    dist_url: str = _opt("env://", "ignored (torchrun sets the rendezvous)")
-    local_rank: int = _opt(0, "ignored (torchrun sets LOCAL_RANK)")
-    rank: int = _opt(0, "ignored (torchrun sets RANK)")
-    world_size: int = _opt(1, "ignored (torchrun sets WORLD_SIZE)")
-    use_prefetcher: bool = _opt(True, "ignored (the loaders prefetch)")
-    debug: bool = _opt(False, "ignored")
-    ddpjob: bool = _opt(False, "ignored")
+    dist_url: str = _opt("env://", "ignored (torchrun sets the rendezvous)", resume=IGNORED)
+    local_rank: int = _opt(0, "ignored (torchrun sets LOCAL_RANK)", resume=IGNORED)
+    rank: int = _opt(0, "ignored (torchrun sets RANK)", resume=IGNORED)
+    world_size: int = _opt(1, "ignored (torchrun sets WORLD_SIZE)", resume=IGNORED)
+    use_prefetcher: bool = _opt(True, "ignored (the loaders prefetch)", resume=IGNORED)
+    debug: bool = _opt(False, "ignored", resume=IGNORED)
+    ddpjob: bool = _opt(False, "ignored", resume=IGNORED)
     # --- mugs additions
-    img_size: int = _opt(224, "global crop size in pixels (and the pos-embed grid)")
-    embed_dim: Optional[int] = _opt(None, "override the arch's embedding width (custom/tiny models)")
-    depth: Optional[int] = _opt(None, "override the arch's number of blocks")
-    num_heads: Optional[int] = _opt(None, "override the arch's attention heads")
-    memory_size: Optional[int] = _opt(None, "local-group memory rows (default: local_group_queue_size)")
-    head_hidden_dim: int = _opt(2048, "hidden width of the projector MLPs")
-    pred_hidden_dim: int = _opt(4096, "hidden width of the student predictors")
-    center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre")
-    device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"))
-    precision: str = _opt("auto", "compute precision (auto: bf16 on cuda or with --use_fp16 true, else fp32)", choices=("auto", "bf16", "fp32"))
+    img_size: int = _opt(224, "global crop size in pixels (and the pos-embed grid)", resume=SHAPES)
+    embed_dim: Optional[int] = _opt(None, "override the arch's embedding width (custom/tiny models)", resume=SHAPES)
+    depth: Optional[int] = _opt(None, "override the arch's number of blocks", resume=SHAPES)
+    num_heads: Optional[int] = _opt(None, "override the arch's attention heads", resume=SHAPES)
+    memory_size: Optional[int] = _opt(None, "local-group memory rows (default: local_group_queue_size)", resume=SHAPES)
+    head_hidden_dim: int = _opt(2048, "hidden width of the projector MLPs", resume=SHAPES)
+    pred_hidden_dim: int = _opt(4096, "hidden width of the student predictors", resume=SHAPES)
+    center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre", resume=SHAPES)
+    device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"), resume=SHAPES)
+    precision: str = _opt("auto", "compute precision (auto: bf16 on cuda or with --use_fp16 true, else fp32)",
+                          choices=("auto", "bf16", "fp32"), resume=SHAPES)
     activation_checkpointing: str = _opt("none", "what backward recomputes per student block: none, full (the whole "
                                          "block) or selective (all but matmul and attention outputs); the old "
-                                         "true/false mean full/none", choices=AC_POLICIES, type=ac_policy)
-    compile: bool = _opt(False, "torch.compile each block")
-    hsdp: bool = _opt(False, "shard within a node, replicate across nodes")
-    loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"))
-    max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)")
-    ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)")
-    ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)")
-    ckpt_keep: int = _opt(2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)")
+                                         "true/false mean full/none", choices=AC_POLICIES, type=ac_policy,
+                                         resume=SAFE)
+    compile: bool = _opt(False, "torch.compile each block", resume=SAFE)
+    hsdp: bool = _opt(False, "shard within a node, replicate across nodes", resume=SAFE)
+    loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"), resume=SHAPES)
+    max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)", resume=SAFE)
+    ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)", resume=SAFE)
+    ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)",
+                                     resume=SAFE)
+    ckpt_keep: int = _opt(2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)", resume=SAFE)
+    clip_grad_drop_epoch: int = _opt(0, "after this epoch (strictly greater) the clip is --clip_grad / "
+                                        "--clip_grad_drop_factor (0: never; the original does it for ViT-L "
+                                        "after epoch 100: the vit_large_250ep run sets it)", resume=SHAPES)
+    clip_grad_drop_factor: float = _opt(10.0, "divisor of --clip_grad after --clip_grad_drop_epoch", resume=SHAPES)
     memory_pointer: str = _opt("fixed", "local-group memory write pointer: fixed (advances by the rows written) "
                                "or original (the paper code's: twice that in its non-wrapping branch; "
-                               "for exact reproduction, used by the Table-1 runs)", choices=("fixed", "original"))
+                               "for exact reproduction, used by the Table-1 runs)", choices=("fixed", "original"),
+                               resume=SHAPES)
     # online k-NN monitor (training/knn_monitor.py): the teacher's weighted 20-NN top-1/top-5 during the run
-    knn_every_epochs: int = _opt(0, "online k-NN monitor: every N epochs (and before the first step); 0: off")
-    knn_train_path: str = _opt("", "monitor's labelled bank: ImageFolder root or mugs-scan-data file list")
-    knn_val_path: str = _opt("", "monitor's labelled queries: ImageFolder root or file list (same class numbering)")
+    knn_every_epochs: int = _opt(0, "online k-NN monitor: every N epochs (and before the first step); 0: off",
+                                 resume=SAFE)
+    knn_train_path: str = _opt("", "monitor's labelled bank: ImageFolder root or mugs-scan-data file list", resume=SAFE)
+    knn_val_path: str = _opt("", "monitor's labelled queries: ImageFolder root or file list (same class numbering)",
+                             resume=SAFE)
     knn_subset_per_class: int = _opt(0, "monitor on a fixed subset of N images per class of each of the two "
-                                        "(the one mugs-eval-knn --subset_per_class N takes); 0: all images")
+                                        "(the one mugs-eval-knn --subset_per_class N takes); 0: all images",
+                                        resume=SAFE)
     knn_resize: int = _opt(0, "monitor's view: short side resized to this, then the centre --img_size crop "
-                              "(0: --img_size x 256/224, the protocol's 256/224 at 224 px)")
+                              "(0: --img_size x 256/224, the protocol's 256/224 at 224 px)", resume=SAFE)
 
     @property
     def local_crop_size(self) -> int:
@@ -133,8 +160,35 @@ class MugsConfig:
     def mem_size(self) -> int:
         return self.memory_size or self.local_group_queue_size
 
+    # the typed views the builders take (configs/views.py; the augmentation view is
+    # pipeline/augment_config.py:AugmentConfig.from_config)
+    def model_view(self) -> ModelConfig:
+        return ModelConfig.from_config(self)
+
+    def objective_view(self) -> ObjectiveConfig:
+        return ObjectiveConfig.from_config(self)
+
+    def loader_view(self) -> LoaderConfig:
+        return LoaderConfig.from_config(self)
+
+    def schedule_view(self) -> ScheduleConfig:
+        return ScheduleConfig.from_config(self)
+
+    def clip_view(self) -> GradClip:
+        return GradClip.from_config(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MugsConfig":
+        """The named preset (configs/presets.py) with `overrides` on top, as `--preset NAME` parses it."""
+        return parse_config(["--preset", name]).replace(**overrides)
+
     def replace(self, **changes: Any) -> "MugsConfig":
         return dataclasses.replace(self, **changes)
+
+
+def fields_with_policy(policy: str) -> frozenset:
+    """Names of the MugsConfig fields with this resume policy."""
+    return frozenset(f.name for f in dataclasses.fields(MugsConfig) if f.metadata["resume"] == policy)
 
 
 def bool_flag(s: str) -> bool:
@@ -148,11 +202,14 @@ def bool_flag(s: str) -> bool:
 
 
 def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentParser:
-    """argparse parser generated from MugsConfig; `defaults` may carry a preset."""
+    """argparse parser generated from MugsConfig; `defaults` may carry a preset (`preset_defaults`)."""
     defaults = defaults or MugsConfig()
     p = argparse.ArgumentParser("mugs", description="Mugs self-supervised ViT pretraining")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from these named settings "
+                   "(configs/presets.py); the other flags given override them")
     for f in dataclasses.fields(MugsConfig):
         meta = dict(f.metadata)
+        del meta["resume"]
         kw: dict = {"help": meta.pop("help", ""), "default": getattr(defaults, f.name)}
         nargs = meta.pop("nargs", None)
         if f.type in ("bool", bool):
@@ -170,11 +227,26 @@ def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentPars
     return p
 
 
-def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None) -> MugsConfig:
-    ns = build_parser(defaults).parse_args(argv)
-    values = vars(ns)
+def config_from_args(ns: argparse.Namespace) -> MugsConfig:
+    """The MugsConfig in a namespace parsed by build_parser (other attributes are left out)."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(MugsConfig)}
     for name in ("global_crops_scale", "local_crops_scale"):
         values[name] = tuple(values[name])
     values["loss_weights"] = list(values["loss_weights"])
     values["size_crops"] = list(values["size_crops"])
     return MugsConfig(**values)
+
+
+def preset_defaults(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None):
+    """The defaults to parse `argv` with: `defaults` with the preset `argv` names (--preset) on top."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset")
+    name = pre.parse_known_args(argv)[0].preset
+    if name not in PRESETS:  # absent, or unknown: build_parser's choices report it
+        return defaults
+    return config_from_args(build_parser(defaults).parse_args(preset_argv(name)))
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None) -> MugsConfig:
+    """MugsConfig from command-line flags (None: sys.argv), a --preset's values as the defaults."""
+    return config_from_args(build_parser(preset_defaults(argv, defaults)).parse_args(argv))

@@ -48,7 +48,9 @@ RUNS: Dict[str, Run] = {
                           nodes=3, batch_size_per_gpu=42),
     "vit_large_250ep": Run(dict(arch="vit_large", **_EXACT, lr=0.0015, min_lr=1.5e-4, group_teacher_temp=0.07,
                                 group_warmup_teacher_temp_epochs=50, weight_decay=0.025, weight_decay_end=0.08,
-                                norm_last_layer=True, drop_path_rate=0.3, freeze_last_layer=3, epochs=250),
+                                norm_last_layer=True, drop_path_rate=0.3, freeze_last_layer=3, epochs=250,
+                                # the original's ViT-L clip: --clip_grad / 10 after epoch 100
+                                clip_grad_drop_epoch=100, clip_grad_drop_factor=10.0),
                            nodes=5, batch_size_per_gpu=16),
 }
 

@@ -191,8 +191,8 @@ def check_training_state(state: TrainingState, cfg, where: str = "checkpoint") -
     from ..model.objective import MugsObjective
 
     with torch.device("meta"):
-        student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
-        objective = MugsObjective(cfg, student.backbone.embed_dim)
+        student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
+        objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     for name, module, sd in (("student", student, state.student), ("teacher", teacher, state.teacher),
                              ("objective", objective, state.objective)):
         diff = shape_diff({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in sd.items()})

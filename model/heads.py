@@ -36,12 +36,12 @@ class ContrastiveHead(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        out_dim: int = 256,
-        hidden_dim: int = 2048,
-        pred_hidden_dim: int = 4096,
-        nlayers: int = 3,
-        with_predictor: bool = True,
-        norm_before_pred: bool = True,
+        out_dim: int,
+        hidden_dim: int,
+        pred_hidden_dim: int,
+        nlayers: int,
+        with_predictor: bool,
+        norm_before_pred: bool,
     ):
         super().__init__()
         self.norm_before_pred = norm_before_pred
@@ -84,11 +84,11 @@ class GroupHead(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
-        norm_last_layer: bool = True,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        nlayers: int,
+        norm_last_layer: bool,
     ):
         super().__init__()
         self.projector = mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, bias=True)

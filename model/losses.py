@@ -8,12 +8,12 @@ pair as in the original).
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..configs.views import LossWeights
 from ..core.dist import mean_over_ranks
 from .ring_buffer import RingBuffer
 
@@ -49,7 +49,7 @@ class InfoNCELoss(nn.Module):
     `MugsObjective.update_state` writes the new keys afterwards.
     """
 
-    def __init__(self, temperature: float = 0.2):
+    def __init__(self, temperature: float):
         super().__init__()
         self.temperature = temperature
 
@@ -95,8 +95,8 @@ class GroupLoss(nn.Module):
         warmup_teacher_temp: float,
         teacher_temp: float,
         warmup_teacher_temp_epochs: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
+        student_temp: float,
+        center_momentum: float,
     ):
         super().__init__()
         self.student_temp = student_temp
@@ -133,18 +133,17 @@ class GroupLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-def weighted_total(losses: dict, weights: Sequence[float]) -> torch.Tensor:
+def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
     """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0).
 
     Args:
         losses: "instance", "local_group", "group" -> scalar, or None for an absent loss.
-        weights: their 3 weights, in that order.
+        weights: their weights, by name.
 
     Returns:
         scalar.
     """
-    names = ("instance", "local_group", "group")
-    pairs = [(losses[n], w) for n, w in zip(names, weights) if w > 0 and losses.get(n) is not None]
+    pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
     if not pairs:
         raise ValueError("every loss weight is 0: nothing to train")
     return sum(w * l for l, w in pairs) / sum(w for _, w in pairs)

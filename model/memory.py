@@ -14,7 +14,7 @@ class LocalGroupMemory(RingBuffer):
     """[size, dim] memory of features; `neighbours` reads it during the forward, and
     `MugsObjective.update_state` writes every rank's rows after the step (`write_kept`, `write`)."""
 
-    def __init__(self, size: int, dim: int, top_k: int, pointer: str = "fixed"):
+    def __init__(self, size: int, dim: int, top_k: int, pointer: str):
         super().__init__(size, dim, pointer=pointer)
         if top_k > size:
             raise ValueError(f"top-k {top_k} exceeds the memory size {size}")

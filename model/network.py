@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..configs.views import ModelConfig
 from .heads import ContrastiveHead, GroupHead
 from .memory import LocalGroupMemory
 from .vit import BackboneOutput, MugsViT, build_backbone
@@ -86,8 +87,8 @@ def same_size_runs(crops: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
     return runs
 
 
-def build_network(cfg, *, teacher: bool) -> MugsNetwork:
-    """Build the student (teacher=False) or the teacher from a MugsConfig-like object."""
+def build_network(cfg: ModelConfig, *, teacher: bool) -> MugsNetwork:
+    """Build the student (teacher=False) or the teacher."""
     backbone = build_backbone(
         cfg.arch,
         patch_size=cfg.patch_size,
@@ -98,7 +99,7 @@ def build_network(cfg, *, teacher: bool) -> MugsNetwork:
         num_heads=cfg.num_heads,
     )
     dim = backbone.embed_dim
-    w = cfg.loss_weights
+    w = cfg.loss_weights  # a head exists only for a loss with weight > 0
 
     def contrastive(out_dim: int) -> ContrastiveHead:
         return ContrastiveHead(
@@ -113,8 +114,8 @@ def build_network(cfg, *, teacher: bool) -> MugsNetwork:
 
     return MugsNetwork(
         backbone,
-        contrastive(cfg.instance_out_dim) if w[0] > 0 else None,
-        contrastive(cfg.local_group_out_dim) if w[1] > 0 else None,
+        contrastive(cfg.instance_out_dim) if w.instance > 0 else None,
+        contrastive(cfg.local_group_out_dim) if w.local_group > 0 else None,
         GroupHead(
             dim,
             cfg.group_out_dim,
@@ -123,6 +124,6 @@ def build_network(cfg, *, teacher: bool) -> MugsNetwork:
             nlayers=3,
             norm_last_layer=cfg.norm_last_layer,
         )
-        if w[2] > 0
+        if w.group > 0
         else None,
     )

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..configs.views import ObjectiveConfig
 from ..core.dist import gather_rows
 from .losses import GroupLoss, InfoNCELoss, weighted_total
 from .memory import LocalGroupMemory
@@ -19,9 +20,9 @@ from .network import MugsOutputs
 
 
 class MugsObjective(nn.Module):
-    def __init__(self, cfg, embed_dim: int):
+    def __init__(self, cfg: ObjectiveConfig, embed_dim: int):
         super().__init__()
-        self.loss_weights = [float(w) for w in cfg.loss_weights]
+        self.loss_weights = cfg.loss_weights
         self.instance_loss = InfoNCELoss(cfg.instance_temp)
         self.local_group_loss = InfoNCELoss(cfg.local_group_temp)
         self.instance_queue = RingBuffer(cfg.instance_queue_size, cfg.instance_out_dim, unit_rows=True)
@@ -34,9 +35,9 @@ class MugsObjective(nn.Module):
             student_temp=cfg.group_student_temp,
             center_momentum=cfg.center_momentum,
         )
-        pointer = getattr(cfg, "memory_pointer", "fixed")
-        self.student_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n, pointer)
-        self.teacher_memory = LocalGroupMemory(cfg.mem_size, embed_dim, cfg.local_group_knn_top_n, pointer)
+        memory = (cfg.memory_size, embed_dim, cfg.local_group_knn_top_n, cfg.memory_pointer)
+        self.student_memory = LocalGroupMemory(*memory)
+        self.teacher_memory = LocalGroupMemory(*memory)
 
     def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, torch.Tensor]:
         """The three losses (absent ones are None) and `total`, all from the pre-step state.
@@ -54,13 +55,13 @@ class MugsObjective(nn.Module):
         w = self.loss_weights
         losses: Dict[str, Optional[torch.Tensor]] = {
             "instance": self.instance_loss(student.instance, teacher.instance, n_student_crops, self.instance_queue)
-            if w[0] > 0
+            if w.instance > 0
             else None,
             "local_group": self.local_group_loss(student.local_group, teacher.local_group, n_student_crops,
                                                  self.local_group_queue)
-            if w[1] > 0
+            if w.local_group > 0
             else None,
-            "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch) if w[2] > 0 else None,
+            "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch) if w.group > 0 else None,
         }
         losses["total"] = weighted_total(losses, w)
         return losses
@@ -83,9 +84,9 @@ class MugsObjective(nn.Module):
         w = self.loss_weights
         b = weak_flags.shape[0]
         parts = {}  # name -> [b, width] local piece, concatenated along dim 1 for one gather
-        if w[0] > 0:
+        if w.instance > 0:
             parts["instance"] = torch.cat(teacher.instance.detach().float().chunk(2), dim=1)
-        if w[1] > 0:
+        if w.local_group > 0:
             parts["local_group"] = torch.cat(teacher.local_group.detach().float().chunk(2), dim=1)
         parts["student_memory"] = student.memory_tokens[:b].detach().float()
         parts["teacher_memory"] = teacher.memory_tokens[:b].detach().float()
@@ -95,7 +96,7 @@ class MugsObjective(nn.Module):
         for name in ("instance", "local_group"):
             if name in gathered:  # crop 0's keys of every rank (rank order), then crop 1's
                 getattr(self, f"{name}_queue").write(torch.cat(gathered[name].chunk(2, dim=1)))
-        if w[2] > 0:
+        if w.group > 0:
             self.group_loss.update_center(teacher.group)
         n_weak = self.student_memory.write_kept(gathered["student_memory"], gathered["keep"].view(-1) > 0.5)
         self.teacher_memory.write(gathered["teacher_memory"])

@@ -28,13 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-# embed_dim, depth, num_heads (the DINO/Mugs/timm definitions)
-ARCH_SHAPES = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-}
+from ..configs.archs import ARCH_SHAPES
 
 
 Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch

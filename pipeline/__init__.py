@@ -1,7 +1,7 @@
 """mugs.pipeline: the Mugs multi-crop data loaders (DALI, and torchvision for comparison).
 
-    from mugs.pipeline import build_loader, MultiCropBatch
-    loader = build_loader(backend="dali", data_path=..., batch_size=B, rank=r, world_size=w, ...)
+    from mugs.pipeline import build_loader_from_config, MultiCropBatch
+    loader = build_loader_from_config(cfg, rank=r, world_size=w, device="cuda", dtype=torch.bfloat16)
     loader.set_epoch(epoch)
     for batch in loader: ...   # batch.teacher, batch.student, batch.weak_flags
     state = loader.state_dict(); loader.load_state_dict(state)

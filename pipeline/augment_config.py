@@ -1,6 +1,7 @@
 """The multi-crop recipe's settings, validated once and shared by the DALI and torchvision loaders.
 
-Names and defaults are the original Mugs flags (see configs/options.py). What the original
+The augmentation view of a MugsConfig (`AugmentConfig.from_config`): names are the original
+Mugs flags, defaults live in configs/options.py only. What the original
 does with them (src/multicropdataset.py), which both loaders follow:
   * teacher: weak global recipe 1 and weak global recipe 2, one crop each;
   * student globals: with `vanilla_weak_augmentation` the teacher's two crops themselves;
@@ -11,6 +12,7 @@ does with them (src/multicropdataset.py), which both loaders follow:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Tuple
@@ -55,16 +57,22 @@ class RandAugmentPolicy:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    global_size: int = 224
-    local_size: int = 96
-    local_crops_number: int = 10
-    global_crops_scale: Tuple[float, float] = (0.25, 1.0)
-    local_crops_scale: Tuple[float, float] = (0.05, 0.25)
-    prob: float = 0.5
-    vanilla_weak_augmentation: bool = False
-    re_prob: float = 0.25
-    timm_auto_augment_par: str = "rand-m9-mstd0.5-inc1"
-    strong_ratio: float = 0.45
+    global_size: int  # --img_size
+    local_size: int  # --size_crops
+    local_crops_number: int
+    global_crops_scale: Tuple[float, float]
+    local_crops_scale: Tuple[float, float]
+    prob: float
+    vanilla_weak_augmentation: bool
+    re_prob: float
+    timm_auto_augment_par: str
+    strong_ratio: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "AugmentConfig":
+        """The view of a MugsConfig (configs/options.py)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("global_size", "local_size")]
+        return cls(global_size=cfg.img_size, local_size=cfg.local_crop_size, **{n: getattr(cfg, n) for n in names})
 
     def __post_init__(self) -> None:
         if self.global_size < 1 or self.local_size < 1:

@@ -41,13 +41,8 @@ def make_dataset(root: Path, train_per_class: int = 8, val_per_class: int = 4, s
 
 
 def tiny_cfg(**kw) -> MugsConfig:
-    base = dict(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
-                instance_queue_size=24, local_group_queue_size=24, memory_size=20, local_group_knn_top_n=3,
-                group_out_dim=40, group_bottleneck_dim=16, local_crops_number=2, drop_path_rate=0.0, epochs=7,
-                device="cpu")
-    base.update(kw)
-    return MugsConfig(**base)
+    base = dict(instance_queue_size=24, local_group_queue_size=24, memory_size=20, epochs=7)
+    return MugsConfig.from_preset("tiny", **{**base, **kw})
 
 
 def build_models(cfg: MugsConfig, seed: int = 0):
@@ -56,11 +51,11 @@ def build_models(cfg: MugsConfig, seed: int = 0):
     from mugs.model.objective import MugsObjective
 
     torch.manual_seed(seed)
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     return student, teacher, objective
 
 

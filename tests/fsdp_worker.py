@@ -11,18 +11,15 @@ import torch.distributed as dist
 
 from mugs.configs.options import MugsConfig
 from mugs.core.dist import init_distributed
+from mugs.configs.views import GradClip
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
 from mugs.training.trainer import build_models
 
 
 def tiny_cfg(global_batch: int) -> MugsConfig:
-    return MugsConfig(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                      head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
-                      instance_queue_size=32, local_group_queue_size=32, memory_size=24, local_group_knn_top_n=3,
-                      group_out_dim=40, group_bottleneck_dim=16, local_crops_number=2, drop_path_rate=0.0,
-                      norm_last_layer=False, freeze_last_layer=0, device="cpu", precision="fp32",
-                      batch_size_per_gpu=global_batch)
+    return MugsConfig.from_preset("tiny", instance_queue_size=32, local_group_queue_size=32, memory_size=24,
+                                  norm_last_layer=False, freeze_last_layer=0, batch_size_per_gpu=global_batch)
 
 
 def main(out_path: str, steps: int, global_batch: int) -> None:
@@ -30,7 +27,8 @@ def main(out_path: str, steps: int, global_batch: int) -> None:
     cfg = tiny_cfg(global_batch // info.world_size)
     student, teacher, objective = build_models(cfg, info)
     opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
-    step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=0.5, freeze_last_layer=0)
+    step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=GradClip.constant(0.5),
+                         freeze_last_layer=0)
     b = cfg.batch_size_per_gpu
     sl = slice(info.rank * b, (info.rank + 1) * b)
     losses = []

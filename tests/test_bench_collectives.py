@@ -21,8 +21,7 @@ DEPTH = 3
 def record(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coll")
     out = tmp / "step.jsonl"
-    flags = [f for f in TINY]
-    flags[flags.index("--depth") + 1] = str(DEPTH)
+    flags = [*TINY, "--depth", str(DEPTH)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "mugs.benchmarks.step", *flags, "--steps", "1", "--warmup", "1", "--phase_steps", "0",
            "--out", str(out)]

@@ -12,13 +12,11 @@ from mugs.model.objective import MugsObjective
 
 
 def tiny_cfg(**kw) -> MugsConfig:
-    base = dict(arch="custom", embed_dim=48, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                head_hidden_dim=64, pred_hidden_dim=96, instance_out_dim=32, local_group_out_dim=32,
+    """The tiny preset with wider heads, longer queues and more local crops."""
+    base = dict(embed_dim=48, head_hidden_dim=64, pred_hidden_dim=96, instance_out_dim=32, local_group_out_dim=32,
                 instance_queue_size=128, local_group_queue_size=128, memory_size=64, local_group_knn_top_n=4,
-                group_out_dim=80, group_bottleneck_dim=24, local_crops_number=3, drop_path_rate=0.0, device="cpu",
-                precision="fp32")
-    base.update(kw)
-    return MugsConfig(**base)
+                group_out_dim=80, group_bottleneck_dim=24, local_crops_number=3)
+    return MugsConfig.from_preset("tiny", **{**base, **kw})
 
 
 def _count(fn) -> float:
@@ -30,12 +28,12 @@ def _count(fn) -> float:
 @pytest.mark.parametrize("cfg", [tiny_cfg(), tiny_cfg(embed_dim=64, depth=3, local_crops_number=6, img_size=48)])
 def test_matches_flop_counter_on_tiny_vit(cfg):
     torch.manual_seed(0)
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     for net in (student, teacher):  # materialised attention: FlopCounterMode does not see CPU SDPA kernels
         for m in net.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
-    objective = MugsObjective(cfg, cfg.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), cfg.embed_dim)
     b, g, l = 3, cfg.img_size, cfg.local_crop_size
     t_crops = [torch.randn(b, 3, g, g) for _ in range(2)]
     s_crops = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(cfg.local_crops_number)]

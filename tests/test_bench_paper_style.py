@@ -8,26 +8,25 @@ from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.phases import PhaseTimer
 from mugs.benchmarks.step import synthetic_batch
 from mugs.configs.options import MugsConfig
+from mugs.configs.views import GradClip
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep, attached
 
-CFG = MugsConfig(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                 head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
-                 instance_queue_size=64, local_group_queue_size=64, memory_size=32, local_group_knn_top_n=3,
-                 group_out_dim=40, group_bottleneck_dim=16, local_crops_number=3, drop_path_rate=0.0,
-                 norm_last_layer=False, freeze_last_layer=0, device="cpu", precision="fp32", batch_size_per_gpu=6)
+CFG = MugsConfig.from_preset("tiny", local_crops_number=3, norm_last_layer=False, freeze_last_layer=0,
+                             batch_size_per_gpu=6)
 KW = dict(epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04)
 
 
 def _pair():
     student, teacher, objective, optimizer = build_paper_style(CFG, torch.device("cpu"))
-    base = PaperStyleStep(student, teacher, objective, optimizer, arch=CFG.arch, clip_grad=0.3, freeze_last_layer=0)
+    base = PaperStyleStep(student, teacher, objective, optimizer, arch=CFG.arch, clip_grad=GradClip.constant(0.3),
+                          freeze_last_layer=0)
     s2, t2, o2 = copy.deepcopy(student), copy.deepcopy(teacher), copy.deepcopy(objective)
     for m in s2.modules():  # the optimised path: fused (SDPA) attention, foreach AdamW, vectorised losses
         if hasattr(m, "fused_attn"):
             m.fused_attn = True
     opt = MugsTrainStep(s2, t2, o2, build_adamw(s2, CFG.patch_embed_lr_mult, fused=False), arch=CFG.arch,
-                        clip_grad=0.3, freeze_last_layer=0)
+                        clip_grad=GradClip.constant(0.3), freeze_last_layer=0)
     return base, opt
 
 

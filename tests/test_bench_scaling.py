@@ -21,7 +21,7 @@ def test_param_counts_match_networks():
     shape = MugsShape.from_config(cfg, 48, 3)
     counts = scaling.param_counts(shape)
     with torch.device("meta"):
-        student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+        student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     assert counts["student"] == sum(p.numel() for p in student.parameters())
     assert counts["teacher"] == sum(p.numel() for p in teacher.parameters())
     units = list(student.backbone.blocks) + list(student.backbone.relation_blocks)

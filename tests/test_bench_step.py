@@ -10,15 +10,9 @@ import time
 
 import pytest
 
-TINY = ["--device", "cpu", "--arch", "custom", "--embed_dim", "32", "--depth", "2", "--num_heads", "2",
-        "--patch_size", "8", "--img_size", "32", "--local_size", "16", "--local_crops_number", "2",
-        "--batch_size_per_gpu", "8", "--head_hidden_dim", "32", "--pred_hidden_dim", "48", "--instance_out_dim", "16",
-        "--local_group_out_dim", "16", "--group_out_dim", "64", "--group_bottleneck_dim", "16",
-        "--instance_queue_size", "64", "--local_group_queue_size", "64", "--memory_size", "32",
-        "--local_group_knn_top_n", "3",
-        # drop path off: the fused pass draws its masks per block for all resolutions, the paper-style
-        # baseline per resolution pass, so with drop path the two would train on different masks
-        "--drop_path_rate", "0"]
+# the tests' model (configs/presets.py). Drop path off: the fused pass draws its masks per block for all
+# resolutions, the paper-style baseline per resolution pass, so with drop path the two would train on different masks
+TINY = ["--preset", "tiny", "--batch_size_per_gpu", "8", "--group_out_dim", "64", "--drop_path_rate", "0"]
 PHASES = {"teacher_fwd", "student_fwd", "loss", "backward", "clip", "optimizer", "state_update", "ema"}
 
 
@@ -38,7 +32,7 @@ def _finite_positive(x):
 
 def test_compare_runs_and_writes_records(tmp_path):
     r, out, wall = _run(["--steps", "2", "--warmup", "1", "--phase_steps", "1", "--compare", "--tag", "pytest",
-                   "--activation_checkpointing", "--ceiling_tflops", "0.5"], tmp_path)
+                   "--activation_checkpointing", "true", "--ceiling_tflops", "0.5"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     printed = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]

@@ -64,16 +64,16 @@ def test_two_ranks_bf16_compile_fused_adamw_track_fp32(data, tmp_path):
 
 def test_adamw_is_fused_wherever_torch_has_the_kernel():
     net = torch.nn.Linear(4, 4)
-    assert build_adamw(net).defaults["fused"] is True
-    assert build_adamw(net, fused=False).defaults.get("fused") in (None, False)
+    assert build_adamw(net, 0.2).defaults["fused"] is True
+    assert build_adamw(net, 0.2, fused=False).defaults.get("fused") in (None, False)
 
 
 def test_losses_see_fp32_head_outputs_when_the_model_computes_in_bf16():
     torch.manual_seed(0)
     cfg = tiny_cfg(4)
-    student = build_network(cfg, teacher=False).to(torch.bfloat16)
-    teacher = build_network(cfg, teacher=True).to(torch.bfloat16)
-    objective = MugsObjective(cfg, cfg.embed_dim)
+    student = build_network(cfg.model_view(), teacher=False).to(torch.bfloat16)
+    teacher = build_network(cfg.model_view(), teacher=True).to(torch.bfloat16)
+    objective = MugsObjective(cfg.objective_view(), cfg.embed_dim)
     t = [torch.randn(4, 3, 32, 32, dtype=torch.bfloat16) for _ in range(2)]
     s = t + [torch.randn(4, 3, 16, 16, dtype=torch.bfloat16) for _ in range(2)]
     with torch.no_grad():

@@ -15,6 +15,7 @@ import torch._dynamo
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
+from mugs.configs.views import GradClip
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import compile_counts, compile_report, parallelize
 from mugs.training.step import MugsTrainStep
@@ -59,9 +60,9 @@ def test_depth_24_student_and_teacher_compile_to_a_constant_number_of_graphs(dis
     cfg = dataclasses.replace(tiny_cfg(2), depth=DEPTH, embed_dim=16, drop_path_rate=0.3,
                               activation_checkpointing=checkpointing, compile=True)
     torch.manual_seed(0)
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     teacher.load_state_dict(student.state_dict(), strict=False)
-    objective = MugsObjective(cfg, cfg.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), cfg.embed_dim)
     rates = [getattr(blk.drop_path1, "drop_prob", 0.0) for blk in student.backbone.blocks]
     assert len(set(rates)) == DEPTH and rates[-1] == pytest.approx(0.3)  # a distinct rate per block
     before = compile_counts()
@@ -69,8 +70,8 @@ def test_depth_24_student_and_teacher_compile_to_a_constant_number_of_graphs(dis
     parallelize(student, dist_cpu.mesh, precision="fp32", activation_checkpointing=checkpointing, compile=True,
                 compile_backend=backend)
     parallelize(teacher, dist_cpu.mesh, precision="fp32", compile=True, compile_backend=backend, is_teacher=True)
-    step = MugsTrainStep(student, teacher, objective, build_adamw(student, fused=False), arch=cfg.arch,
-                         clip_grad=0.5, freeze_last_layer=0)
+    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False), arch=cfg.arch,
+                         clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
     after = []
     for i in range(2):
         g = torch.Generator().manual_seed(i)
@@ -92,7 +93,7 @@ def test_compile_report_when_compile_is_off():
 
 def test_drop_path_rate_buffer_is_not_in_the_state_dict():
     cfg = dataclasses.replace(tiny_cfg(2), drop_path_rate=0.3)
-    net = build_network(cfg, teacher=False)
+    net = build_network(cfg.model_view(), teacher=False)
     assert not any("drop_path_rate" in k for k in net.state_dict())
     assert net.backbone.blocks[-1].drop_path_rate.item() == pytest.approx(0.3)
 

@@ -22,8 +22,8 @@ def _crops(b=3, n_local=3, seed=0):
 def _net_pair():
     torch.manual_seed(0)
     cfg = tiny_cfg(3)
-    net = build_network(cfg, teacher=False)
-    return net, copy.deepcopy(net), MugsObjective(cfg, cfg.embed_dim)
+    net = build_network(cfg.model_view(), teacher=False)
+    return net, copy.deepcopy(net), MugsObjective(cfg.objective_view(), cfg.embed_dim)
 
 
 def test_fused_pass_equals_one_pass_per_resolution_outputs_and_gradients():

@@ -26,7 +26,8 @@ def _direct(student, teacher, center, n_crops, t_student, t_teacher):
 def test_group_loss_matches_the_direct_formula(epoch, t_teacher):
     torch.manual_seed(0)
     n_crops, b, g = 5, 3, 11
-    loss = GroupLoss(g, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, student_temp=0.1)
+    loss = GroupLoss(g, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, student_temp=0.1,
+                     center_momentum=0.9)
     loss.center.copy_(torch.randn(1, g))
     student, teacher = torch.randn(n_crops * b, g), torch.randn(2 * b, g)
     assert loss.teacher_temp(epoch) == pytest.approx(t_teacher)
@@ -37,7 +38,7 @@ def test_group_loss_matches_the_direct_formula(epoch, t_teacher):
 def test_same_index_pair_is_skipped_and_the_centre_matters():
     torch.manual_seed(1)
     n_crops, b, g = 4, 2, 7
-    loss = GroupLoss(g, 0.04, 0.04, 0)
+    loss = GroupLoss(g, 0.04, 0.04, 0, student_temp=0.1, center_momentum=0.9)
     teacher = torch.randn(2 * b, g)
     student = torch.randn(n_crops * b, g)
     base = loss(student, teacher, n_crops, 0)
@@ -54,7 +55,7 @@ def test_same_index_pair_is_skipped_and_the_centre_matters():
 
 
 def test_centre_update_is_an_ema_of_the_batch_mean():
-    loss = GroupLoss(3, 0.04, 0.04, 0, center_momentum=0.9)
+    loss = GroupLoss(3, 0.04, 0.04, 0, student_temp=0.1, center_momentum=0.9)
     teacher = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
     loss.update_center(teacher)
     assert torch.allclose(loss.center, 0.1 * torch.tensor([[2.0, 2.0, 2.0]]))

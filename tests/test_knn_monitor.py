@@ -75,7 +75,7 @@ def test_measure_draws_no_random_number_restores_modes_and_a_bad_image_raises(se
 
     cfg = parse_config(["--data_path", str(sets[0]), *TINY_FLAGS, *_knn_flags(sets)])
     torch.manual_seed(0)
-    teacher = build_network(cfg, teacher=True)
+    teacher = build_network(cfg.model_view(), teacher=True)
     teacher.train()
     teacher.instance_head.eval()  # a mixed state is restored module by module
     mon = KnnMonitor(cfg, *load_sets(cfg), torch.device("cpu"))

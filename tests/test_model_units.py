@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mugs.configs.options import MugsConfig
+from mugs.configs.options import MugsConfig, parse_config
+from mugs.configs.table1 import run_argv
+from mugs.configs.views import GradClip, LossWeights
 from mugs.model.losses import InfoNCELoss, teacher_temperature, weighted_total
 from mugs.model.memory import LocalGroupMemory
 from mugs.model.network import MugsOutputs, build_network
@@ -21,18 +23,14 @@ from mugs.training.schedules import CosineSchedule, build_schedules
 
 
 def tiny_cfg(**kw):
-    base = dict(arch="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, size_crops=[16],
-                head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
-                instance_queue_size=24, local_group_queue_size=24, memory_size=20, local_group_knn_top_n=3,
-                group_out_dim=40, group_bottleneck_dim=16, local_crops_number=2, drop_path_rate=0.0)
-    base.update(kw)
-    return MugsConfig(**base)
+    return MugsConfig.from_preset("tiny", **{**dict(instance_queue_size=24, local_group_queue_size=24, memory_size=20),
+                                             **kw})
 
 
 # ---- queue and memory ring buffers
 def test_queue_wraps_around_and_keeps_crop_order():
     cfg = tiny_cfg(instance_out_dim=2, instance_queue_size=5, loss_weights=[1.0, 0.0, 0.0])
-    obj = MugsObjective(cfg, 32)
+    obj = MugsObjective(cfg.objective_view(), 32)
     queue = obj.instance_queue
     t = torch.arange(8, dtype=torch.float32).view(4, 2)  # crop 0 rows 0,1; crop 1 rows 2,3
     queue.ptr.fill_(3)
@@ -53,7 +51,7 @@ def _write_memories(obj, rows, weak):
 
 
 def _memory_objective(size, dim, top_k=2):
-    return MugsObjective(tiny_cfg(memory_size=size, local_group_knn_top_n=top_k, loss_weights=[1.0, 0.0, 0.0]), dim)
+    return MugsObjective(tiny_cfg(memory_size=size, local_group_knn_top_n=top_k, loss_weights=[1.0, 0.0, 0.0]).objective_view(), dim)
 
 
 def test_memory_wraps_filters_weak_and_advances_by_rows_written():
@@ -78,7 +76,7 @@ def test_memory_write_longer_than_ring_keeps_newest():
 
 
 def test_memory_neighbours_are_top_cosine_rows_returned_raw():
-    mem = LocalGroupMemory(size=4, dim=2, top_k=2)
+    mem = LocalGroupMemory(size=4, dim=2, top_k=2, pointer="fixed")
     mem.rows.copy_(torch.tensor([[10.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]))
     nb = mem.neighbours(torch.tensor([[1.0, 0.1]]))
     assert torch.equal(nb[0, 0], torch.tensor([10.0, 0.0])) and torch.equal(nb[0, 1], torch.tensor([5.0, 5.0]))
@@ -86,7 +84,7 @@ def test_memory_neighbours_are_top_cosine_rows_returned_raw():
 
 def test_memory_rejects_top_k_larger_than_memory():
     with pytest.raises(ValueError, match="top-k"):
-        LocalGroupMemory(size=4, dim=2, top_k=8)
+        LocalGroupMemory(size=4, dim=2, top_k=8, pointer="fixed")
 
 
 # ---- schedules
@@ -105,7 +103,7 @@ def test_cosine_schedule_equals_original_table(warmup):
 
 def test_schedules_end_points():
     cfg = MugsConfig(epochs=10, warmup_epochs=2, lr=0.0008, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4)
-    s = build_schedules(cfg, iters_per_epoch=100, global_batch=1024)
+    s = build_schedules(cfg.schedule_view(), iters_per_epoch=100, global_batch=1024)
     assert s.lr(0) == 0.0
     assert s.lr(199) == pytest.approx(0.0008 * 1024 / 256)  # end of warm-up = scaled base lr
     assert s.lr(999) == pytest.approx(1e-6, abs=1e-7) and s.lr(999) > 1e-6
@@ -123,19 +121,19 @@ def test_teacher_temperature_warmup_table():
 # ---- losses
 def test_loss_weights_other_than_one_make_a_weighted_mean():
     losses = {"instance": torch.tensor(1.0), "local_group": torch.tensor(2.0), "group": torch.tensor(4.0)}
-    assert weighted_total(losses, [1, 1, 1]).item() == pytest.approx(7 / 3)
-    assert weighted_total(losses, [2, 1, 0.5]).item() == pytest.approx((2 + 2 + 2) / 3.5)
-    assert weighted_total({**losses, "group": None}, [1, 3, 0]).item() == pytest.approx((1 + 6) / 4)
+    assert weighted_total(losses, LossWeights(1, 1, 1)).item() == pytest.approx(7 / 3)
+    assert weighted_total(losses, LossWeights(2, 1, 0.5)).item() == pytest.approx((2 + 2 + 2) / 3.5)
+    assert weighted_total({**losses, "group": None}, LossWeights(1, 3, 0)).item() == pytest.approx((1 + 6) / 4)
     with pytest.raises(ValueError):
-        weighted_total(losses, [0, 0, 0])
+        weighted_total(losses, LossWeights(0, 0, 0))
 
 
 def test_zero_weight_drops_the_head_and_its_loss():
     cfg = tiny_cfg(loss_weights=[1.0, 0.0, 2.0])
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     assert student.local_group_head is None and student.instance_head.predictor is not None
     assert teacher.instance_head.predictor is None
-    obj = MugsObjective(cfg, 32)
+    obj = MugsObjective(cfg.objective_view(), 32)
     crops_t = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     crops_s = crops_t + [torch.randn(2, 3, 16, 16) for _ in range(2)]
     losses = obj(student(crops_s, obj.student_memory), teacher(crops_t, obj.teacher_memory), 4, 0)
@@ -198,9 +196,12 @@ def test_infonce_equals_its_definition_over_a_grid(batch, n_local, temperature):
 
 # ---- optimiser pieces
 def test_vit_large_clip_rule():
-    assert clip_value(3.0, "vit_large", 100) == 3.0
-    assert clip_value(3.0, "vit_large", 101) == pytest.approx(0.3)
-    assert clip_value(3.0, "vit_base", 300) == 3.0
+    """The original's ViT-L quirk (clip / 10 strictly after epoch 100) is the vit_large_250ep run's config."""
+    large = GradClip.from_config(parse_config(run_argv("vit_large_250ep")))
+    assert clip_value(large, 100) == 3.0
+    assert clip_value(large, 101) == 3.0 / 10
+    assert clip_value(GradClip.from_config(parse_config(run_argv("vit_base_400ep"))), 300) == 3.0
+    assert clip_value(GradClip.from_config(MugsConfig(arch="vit_large")), 300) == 3.0  # 0: never
 
 
 def test_per_parameter_clipping_uses_each_own_norm():
@@ -214,7 +215,7 @@ def test_per_parameter_clipping_uses_each_own_norm():
 
 def test_param_groups_and_lr_wd_assignment():
     cfg = tiny_cfg(norm_last_layer=True)
-    student = build_network(cfg, teacher=False)
+    student = build_network(cfg.model_view(), teacher=False)
     groups = {g["name"]: g for g in param_groups(student)}
     names = {id(p): n for n, p in student.named_parameters()}
     in_group = {n: [names[id(p)] for p in g["params"]] for n, g in groups.items()}
@@ -231,7 +232,7 @@ def test_param_groups_and_lr_wd_assignment():
 
 
 def test_last_layer_frozen_only_in_first_epochs():
-    student = build_network(tiny_cfg(norm_last_layer=False), teacher=False)
+    student = build_network(tiny_cfg(norm_last_layer=False).model_view(), teacher=False)
     for p in student.parameters():
         p.grad = torch.ones_like(p)
     cancel_last_layer_grads(student, epoch=1, freeze_last_layer=2)
@@ -244,7 +245,7 @@ def test_last_layer_frozen_only_in_first_epochs():
 
 def test_ema_matches_per_tensor_formula_and_skips_predictors():
     cfg = tiny_cfg()
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     t_params, s_params = ema_pairs(student, teacher)
     assert len(t_params) == len(list(teacher.parameters()))
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
@@ -258,7 +259,7 @@ def test_ema_matches_per_tensor_formula_and_skips_predictors():
 def test_backbone_loads_into_timm_and_gives_the_same_features():
     timm = pytest.importorskip("timm")
     cfg = tiny_cfg()
-    backbone = build_network(cfg, teacher=True).backbone.eval()
+    backbone = build_network(cfg.model_view(), teacher=True).backbone.eval()
     ref = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, qkv_bias=True).eval()
     sd = {k: v for k, v in backbone.state_dict().items() if not k.startswith("relation_blocks.")}
@@ -269,21 +270,21 @@ def test_backbone_loads_into_timm_and_gives_the_same_features():
 
 def test_converter_strips_ddp_prefix_and_roundtrips_objective_state():
     cfg = tiny_cfg()
-    student = build_network(cfg, teacher=False)
+    student = build_network(cfg.model_view(), teacher=False)
     original = {"module." + k: v for k, v in student.state_dict().items()}
     original["module.backbone.head.weight"] = torch.zeros(1)
     student.load_state_dict(network_from_original(original), strict=True)
-    obj = MugsObjective(cfg, 32)
+    obj = MugsObjective(cfg.objective_view(), 32)
     obj.student_memory.ptr.fill_(7)
     back = objective_from_original(objective_to_original(obj.state_dict()))
-    fresh = MugsObjective(cfg, 32)
+    fresh = MugsObjective(cfg.objective_view(), 32)
     fresh.load_state_dict(back, strict=True)
     for k, v in obj.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
 def test_pos_embed_interpolation_is_dino_style():
-    backbone = build_network(tiny_cfg(), teacher=True).backbone
+    backbone = build_network(tiny_cfg().model_view(), teacher=True).backbone
     pe = backbone.interpolated_pos_embed(2, 2)  # 16-px crop with 8-px patches from a 4x4 grid
     grid = backbone.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     ref = nn.functional.interpolate(grid, scale_factor=(2.1 / 4, 2.1 / 4), mode="bicubic")
@@ -308,7 +309,7 @@ def test_pre_created_adamw_state_has_the_layout_adamw_itself_creates():
     torch.manual_seed(0)
     ours_model, ref_model = nn.Linear(3, 2), nn.Linear(3, 2)
     ref_model.load_state_dict(ours_model.state_dict())
-    ours = build_adamw(ours_model, fused=False)
+    ours = build_adamw(ours_model, MugsConfig().patch_embed_lr_mult, fused=False)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, foreach=True)
     for model in (ours_model, ref_model):
         model(torch.randn(4, 3)).sum().backward()

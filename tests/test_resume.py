@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugs.pipeline import build_loader
 from mugs.pipeline.sharding import epoch_permutation
 from mugs.core import checkpoint as ckpt
+from pipeline_helpers import loader as pipeline_loader
 from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, run, train_cmd
 
 pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
@@ -182,18 +182,17 @@ def test_resume_onto_other_process_counts_continues_the_global_order(data, tmp_p
 def test_a_two_rank_position_resumes_on_one_rank_without_repeats_or_skips(data, backend):
     """The samples of one epoch, 3 steps on 2 ranks then the rest on 1 rank: each image of the cut
     permutation exactly once."""
-    kw = dict(backend=backend, data_path=str(data), seed=3, num_threads=1, global_size=32, local_size=16,
-              local_crops_number=1)
+    kw = dict(seed=3, num_threads=1, global_size=32, local_size=16, local_crops_number=1)
     seen, states = [], []
     for rank in range(2):
-        loader = build_loader(batch_size=2, rank=rank, world_size=2, **kw)
+        loader = pipeline_loader(backend, data, batch_size=2, rank=rank, world_size=2, **kw)
         loader.set_epoch(1)
         it = iter(loader)
         for _ in range(3):
             seen += next(it).paths
         states.append(loader.state_dict())
         it.close()
-    one = build_loader(batch_size=4, rank=0, world_size=1, **kw)
+    one = pipeline_loader(backend, data, batch_size=4, **kw)
     one.load_state_dict(states[0])
     one.set_epoch(1)
     rest = [p for batch in one for p in batch.paths]

@@ -41,7 +41,9 @@ TABLE1 = {
     "vit_large_250ep": (5, 8, 16, 640, dict(arch="vit_large", epochs=250, lr=0.0015, min_lr=1.5e-4,
                                              group_teacher_temp=0.07, group_warmup_teacher_temp_epochs=50,
                                              weight_decay=0.025, weight_decay_end=0.08, norm_last_layer=True,
-                                             drop_path_rate=0.3, freeze_last_layer=3)),
+                                             drop_path_rate=0.3, freeze_last_layer=3,
+                                             # the original's code: clip / 10 after epoch 100 for ViT-L
+                                             clip_grad_drop_epoch=100, clip_grad_drop_factor=10.0)),
 }
 TEMPLATES = {name: ROOT / "slurm" / f"{name}.sh" for name in TABLE1}
 

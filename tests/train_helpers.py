@@ -5,19 +5,12 @@ import sys
 from pathlib import Path
 
 from images import make_tree
+from mugs.configs import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_FLAGS = [
-    "--device", "cpu", "--precision", "fp32", "--loader", "torchvision", "--num_workers", "0",
-    "--arch", "custom", "--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8",
-    "--img_size", "32", "--size_crops", "16", "--local_crops_number", "2",
-    "--head_hidden_dim", "32", "--pred_hidden_dim", "48", "--instance_out_dim", "16", "--local_group_out_dim", "16",
-    "--group_out_dim", "40", "--group_bottleneck_dim", "16", "--instance_queue_size", "64",
-    "--local_group_queue_size", "64", "--memory_size", "32", "--local_group_knn_top_n", "3",
-    "--drop_path_rate", "0.0", "--epochs", "3", "--warmup_epochs", "1", "--freeze_last_layer", "1",
-    "--ckpt_every_minutes", "0",
-]
+# the tiny preset as explicit flags: they also override a SLURM template's Table-1 flags
+TINY_FLAGS = presets.argv("tiny")
 
 
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard  # what FSDP2 parameters and gradients are
 
+from ..configs.views import GradClip
 from ..core.dist import local_shard
 
 GROUP_NAMES = ("normal_params", "patch_embed", "no_wd", "patch_embed_no_wd")
@@ -30,7 +31,7 @@ def param_groups(model: nn.Module) -> List[dict]:
     ]
 
 
-def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 0.2, fused: Optional[bool] = None) -> torch.optim.AdamW:
+def build_adamw(model: nn.Module, patch_embed_lr_mult: float, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW over the four groups; torch's fused kernel on every device type that has one (CUDA, CPU...)."""
     groups = param_groups(model)
     for g in groups:
@@ -114,9 +115,9 @@ def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> 
     return norms
 
 
-def clip_value(clip_grad: float, arch: str, epoch: int) -> float:
-    """The original divides the clip by 10 for ViT-L after epoch 100."""
-    return clip_grad / 10.0 if arch == "vit_large" and epoch > 100 else clip_grad
+def clip_value(clip: GradClip, epoch: int) -> float:
+    """The clip norm at `epoch`: divided by the drop factor strictly after the drop epoch."""
+    return clip.max_norm / clip.drop_factor if clip.drop_epoch and epoch > clip.drop_epoch else clip.max_norm
 
 
 def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:

@@ -135,10 +135,10 @@ def config_from_trace(tc: dict) -> MugsConfig:
 
 def build_from_state0(cfg: MugsConfig, state0: dict):
     """Student, teacher and objective holding exactly the trace's pre-step state."""
-    student, teacher = build_network(cfg, teacher=False), build_network(cfg, teacher=True)
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     student.load_state_dict(network_from_original(state0["student"]), strict=True)
     teacher.load_state_dict(network_from_original(state0["teacher"]), strict=True)
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     objective.student_memory.load_state_dict(memory_from_original(state0["student_mem"]))
     objective.teacher_memory.load_state_dict(memory_from_original(state0["teacher_mem"]))
     for ours, theirs in (("instance_queue", "instance"), ("local_group_queue", "local_group")):
@@ -192,7 +192,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     record = TraceRecorder()
     step = MugsTrainStep(
         student, teacher, objective, optimizer,
-        arch=cfg.arch, clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer, hooks=[record],
+        arch=cfg.arch, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer, hooks=[record],
     )
     inputs = trace["inputs"]
     t_crops = [c.float() for c in inputs["teacher_crops"]]

@@ -1,13 +1,12 @@
 """Resuming an output dir must continue THAT run: the settings it was started with are compared
 with the new flags before anything is built.
 
-Safe to change on resume (logged): where and how often output goes (the k-NN monitor included), how many loader workers,
-how the step is executed (activation checkpointing, compile, HSDP), the paths (a moved data set
-or output dir), the flags the original accepts but ignores, and the process count as long as the
-global batch stays the same (the data position is global: see pipeline/sharding.py). Everything
-else shapes the model, the losses, the schedules or the data order and is refused; this includes
-`--epochs`, because the cosine schedules span all epochs, so the steps already taken followed
-another schedule than a longer run would have.
+Each MugsConfig field's `resume` policy (configs/options.py) decides: SAFE fields (where and how
+often output goes, loader workers, how the step is executed, the paths) and IGNORED ones (the
+original's flags we accept and do not use) may change, with a note; SHAPES fields shape the model,
+the losses, the schedules or the data order and a change is refused; this includes `--epochs`,
+because the cosine schedules span all epochs. The per-GPU batch may change with the process count
+as long as the global batch stays the same (the data position is global: see pipeline/sharding.py).
 """
 from __future__ import annotations
 
@@ -16,22 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..configs.options import MugsConfig
+from ..configs.options import IGNORED, SAFE, MugsConfig, fields_with_policy
 from ..core import checkpoint as ckpt
 from ..core.errors import ConfigError
 
-SAFE_TO_CHANGE = frozenset({
-    # output cadence and length of this invocation
-    "saveckp_freq", "ckpt_every_steps", "ckpt_every_minutes", "ckpt_keep", "max_steps",
-    # execution only: same numbers, other speed/memory
-    "num_workers", "activation_checkpointing", "compile", "hsdp",
-    # paths (the loader itself refuses a data set with another number of images)
-    "data_path", "output_dir",
-    # the online k-NN monitor only reads the teacher (a run with it on is bitwise the run with it off)
-    "knn_every_epochs", "knn_train_path", "knn_val_path", "knn_subset_per_class", "knn_resize",
-    # accepted for the original's command lines and ignored
-    "dist_url", "local_rank", "rank", "world_size", "use_prefetcher", "debug", "ddpjob",
-})
+SAFE_TO_CHANGE = fields_with_policy(SAFE) | fields_with_policy(IGNORED)
 # checked as the global batch (per-GPU batch x processes), not field by field
 BATCH_FIELDS = frozenset({"batch_size_per_gpu"})
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..configs.views import ScheduleConfig
+
 
 @dataclass(frozen=True)
 class CosineSchedule:
@@ -39,7 +41,7 @@ class Schedules:
     momentum: CosineSchedule
 
 
-def build_schedules(cfg, iters_per_epoch: int, global_batch: int) -> Schedules:
+def build_schedules(cfg: ScheduleConfig, iters_per_epoch: int, global_batch: int) -> Schedules:
     """lr = cfg.lr x global_batch / 256 (linear scaling), warm-up then cosine; wd and momentum cosine."""
     total = cfg.epochs * iters_per_epoch
     return Schedules(

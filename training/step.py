@@ -167,7 +167,7 @@ class MugsTrainStep:
             h.on_backward_done(self.student)
         with self._phase("clip"):
             if self.clip_grad:
-                clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, self.arch, epoch))
+                clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, epoch))
             cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
         for h in self.hooks:
             h.on_clip_done(self.student)

@@ -90,11 +90,11 @@ def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str]
     """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded.
     `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals)."""
     torch.manual_seed(cfg.seed)  # same initial weights, queues and memories on every rank
-    student = build_network(cfg, teacher=False)
-    teacher = build_network(cfg, teacher=True)
+    student = build_network(cfg.model_view(), teacher=False)
+    teacher = build_network(cfg.model_view(), teacher=True)
     shared = {k: v for k, v in student.state_dict().items() if PREDICTOR not in k}
     teacher.load_state_dict(shared, strict=True)  # any other key the two do not share is a bug
-    objective = MugsObjective(cfg, student.backbone.embed_dim)
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     student.to(info.device), teacher.to(info.device), objective.to(info.device)
     prec = cfg.compute_precision
     parallelize(student, info.mesh, precision=prec, activation_checkpointing=cfg.activation_checkpointing,
@@ -125,11 +125,11 @@ class Run:
             raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
         self.iters = len(self.loader)
         self.global_batch = cfg.batch_size_per_gpu * info.world_size
-        self.sched = build_schedules(cfg, self.iters, self.global_batch)
+        self.sched = build_schedules(cfg.schedule_view(), self.iters, self.global_batch)
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
         self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer, arch=cfg.arch,
-                                     clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer)
+                                     clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         self.step = 0
         self.reason: Optional[str] = None  # why the loop ends; None while it runs
         self.last_save = time.monotonic()
