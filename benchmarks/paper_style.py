@@ -108,10 +108,10 @@ class PaperStyleStep:
 
     hooks: Tuple[StepHook, ...] = ()
 
-    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, arch: str, clip_grad: GradClip,
+    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, clip_grad: GradClip,
                  freeze_last_layer: int):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
-        self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
+        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         s = dict(student.named_parameters())
         self.ema_pairs = [(s[name], p) for name, p in teacher.named_parameters()]
         for p in teacher.parameters():

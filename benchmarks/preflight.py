@@ -56,8 +56,7 @@ def one_step(argv: Sequence[str]) -> dict:
     try:
         t0 = time.perf_counter()
         student, teacher, objective = build_models(cfg, info)
-        step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult), arch=cfg.arch,
-                             clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
+        step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult), clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         built = time.perf_counter() - t0
         t_crops, s_crops, weak = synthetic_batch(cfg, info.device, DTYPES[cfg.compute_precision])
         res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=cfg.momentum_teacher, lr=LR,

@@ -231,7 +231,7 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info, compile_backend=args.compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    step_fn = MugsTrainStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_view(),
+    step_fn = MugsTrainStep(student, teacher, objective, optimizer, clip_grad=cfg.clip_view(),
                             freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args,
@@ -243,7 +243,7 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
 
 def bench_baseline(cfg: MugsConfig, info: DistInfo, args, tf32: bool = False) -> dict:
     student, teacher, objective, optimizer = build_paper_style(cfg, info.device)
-    step_fn = PaperStyleStep(student, teacher, objective, optimizer, arch=cfg.arch, clip_grad=cfg.clip_view(),
+    step_fn = PaperStyleStep(student, teacher, objective, optimizer, clip_grad=cfg.clip_view(),
                              freeze_last_layer=cfg.freeze_last_layer)
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     cuda = torch.backends.cuda.matmul

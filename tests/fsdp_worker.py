@@ -27,7 +27,7 @@ def main(out_path: str, steps: int, global_batch: int) -> None:
     cfg = tiny_cfg(global_batch // info.world_size)
     student, teacher, objective = build_models(cfg, info)
     opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
-    step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=GradClip.constant(0.5),
+    step = MugsTrainStep(student, teacher, objective, opt, clip_grad=GradClip.constant(0.5),
                          freeze_last_layer=0)
     b = cfg.batch_size_per_gpu
     sl = slice(info.rank * b, (info.rank + 1) * b)

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from mugs.configs.options import parse_config
+from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.vit import MultiResBlock
 from mugs.training.optim import build_adamw
@@ -99,8 +100,7 @@ def _train(info, policy, steps=2):
                               activation_checkpointing=policy, compile=True)
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info)
-    step = MugsTrainStep(student, teacher, objective, build_adamw(student, fused=False), arch=cfg.arch,
-                         clip_grad=0.5, freeze_last_layer=0)
+    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
     losses = []
     for i in range(steps):
         g = torch.Generator().manual_seed(i)

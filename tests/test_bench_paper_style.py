@@ -19,14 +19,13 @@ KW = dict(epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04)
 
 def _pair():
     student, teacher, objective, optimizer = build_paper_style(CFG, torch.device("cpu"))
-    base = PaperStyleStep(student, teacher, objective, optimizer, arch=CFG.arch, clip_grad=GradClip.constant(0.3),
+    base = PaperStyleStep(student, teacher, objective, optimizer, clip_grad=GradClip.constant(0.3),
                           freeze_last_layer=0)
     s2, t2, o2 = copy.deepcopy(student), copy.deepcopy(teacher), copy.deepcopy(objective)
     for m in s2.modules():  # the optimised path: fused (SDPA) attention, foreach AdamW, vectorised losses
         if hasattr(m, "fused_attn"):
             m.fused_attn = True
-    opt = MugsTrainStep(s2, t2, o2, build_adamw(s2, CFG.patch_embed_lr_mult, fused=False), arch=CFG.arch,
-                        clip_grad=GradClip.constant(0.3), freeze_last_layer=0)
+    opt = MugsTrainStep(s2, t2, o2, build_adamw(s2, CFG.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.3), freeze_last_layer=0)
     return base, opt
 
 

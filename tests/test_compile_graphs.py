@@ -70,8 +70,7 @@ def test_depth_24_student_and_teacher_compile_to_a_constant_number_of_graphs(dis
     parallelize(student, dist_cpu.mesh, precision="fp32", activation_checkpointing=checkpointing, compile=True,
                 compile_backend=backend)
     parallelize(teacher, dist_cpu.mesh, precision="fp32", compile=True, compile_backend=backend, is_teacher=True)
-    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False), arch=cfg.arch,
-                         clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
+    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
     after = []
     for i in range(2):
         g = torch.Generator().manual_seed(i)

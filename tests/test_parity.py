@@ -60,7 +60,7 @@ def _raw_grads(trace, dtype):
         student, teacher, objective = R.build_from_state0(cfg, trace["state0"])
         opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
         rec = R.TraceRecorder()
-        step = MugsTrainStep(student, teacher, objective, opt, arch=cfg.arch, clip_grad=cfg.clip_view(),
+        step = MugsTrainStep(student, teacher, objective, opt, clip_grad=cfg.clip_view(),
                              freeze_last_layer=cfg.freeze_last_layer, hooks=[rec])
         inp = trace["inputs"]
         step([c.to(dtype) for c in inp["teacher_crops"]], [c.to(dtype) for c in inp["student_crops"]],

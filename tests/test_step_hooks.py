@@ -7,6 +7,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from mugs.benchmarks.phases import PhaseTimer
+from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
@@ -22,11 +23,10 @@ KW = dict(epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04)
 
 def _step(hooks=()):
     torch.manual_seed(0)
-    student, teacher = build_network(CFG, teacher=False), build_network(CFG, teacher=True)
+    student, teacher = build_network(CFG.model_view(), teacher=False), build_network(CFG.model_view(), teacher=True)
     teacher.load_state_dict(student.state_dict(), strict=False)
-    objective = MugsObjective(CFG, CFG.embed_dim)
-    return MugsTrainStep(student, teacher, objective, build_adamw(student, fused=False), arch=CFG.arch,
-                         clip_grad=0.3, freeze_last_layer=0, hooks=hooks)
+    objective = MugsObjective(CFG.objective_view(), CFG.embed_dim)
+    return MugsTrainStep(student, teacher, objective, build_adamw(student, CFG.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.3), freeze_last_layer=0, hooks=hooks)
 
 
 def _batch(i):

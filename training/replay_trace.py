@@ -192,7 +192,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     record = TraceRecorder()
     step = MugsTrainStep(
         student, teacher, objective, optimizer,
-        arch=cfg.arch, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer, hooks=[record],
+        clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer, hooks=[record],
     )
     inputs = trace["inputs"]
     t_crops = [c.float() for c in inputs["teacher_crops"]]

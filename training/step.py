@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from ..core.dist import mean_over_ranks, world_size
+from ..configs.views import GradClip
 from ..core.errors import NonFiniteLossError
 from ..model.network import MugsNetwork, MugsOutputs
 from ..model.objective import MugsObjective
@@ -99,13 +100,12 @@ class MugsTrainStep:
         objective: MugsObjective,
         optimizer: torch.optim.Optimizer,
         *,
-        arch: str,
-        clip_grad: float,
+        clip_grad: GradClip,
         freeze_last_layer: int,
         hooks: Sequence[StepHook] = (),
     ):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
-        self.arch, self.clip_grad, self.freeze_last_layer = arch, clip_grad, freeze_last_layer
+        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         self.hooks: Tuple[StepHook, ...] = tuple(hooks)
         self.teacher_params, self.student_params = ema_pairs(student, teacher)
         for p in teacher.parameters():

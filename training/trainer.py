@@ -128,7 +128,7 @@ class Run:
         self.sched = build_schedules(cfg.schedule_view(), self.iters, self.global_batch)
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
-        self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer, arch=cfg.arch,
+        self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer,
                                      clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         self.step = 0
         self.reason: Optional[str] = None  # why the loop ends; None while it runs
