@@ -41,6 +41,23 @@ def test_the_guard_allows_safe_and_ignored_changes_with_a_note(monkeypatch, tmp_
     assert [n for n in notes if n.startswith(f"--{name} was")]
 
 
+@pytest.mark.parametrize("arch,drop_epoch,refused", [("vit_large", 0, True), ("vit_large", 100, False),
+                                                     ("vit_small", 0, False), ("vit_small", 100, True)])
+def test_a_run_from_before_the_clip_drop_flags_resumes_only_with_the_drop_its_code_applied(
+        monkeypatch, tmp_path, arch, drop_epoch, refused):
+    """Older code hard-coded the drop (vit_large: / 10 after epoch 100): its checkpoints' configs lack
+    the two fields, and resuming them with another drop would change the run silently."""
+    old = MugsConfig(output_dir=str(tmp_path), arch=arch)
+    saved = {k: v for k, v in dataclasses.asdict(old).items() if not k.startswith("clip_grad_drop")}
+    monkeypatch.setattr(resume_guard, "saved_run", lambda _: (Path(tmp_path) / "ckpt", saved, 1))
+    new = old.replace(clip_grad_drop_epoch=drop_epoch, clip_grad_drop_factor=10.0)
+    if refused:
+        with pytest.raises(resume_guard.ConfigError, match="--clip_grad_drop_epoch was"):
+            resume_guard.check_resume(new, world_size=1)
+    else:
+        assert resume_guard.check_resume(new, world_size=1) == []
+
+
 # ---- presets: defaults that the other flags override
 def test_a_preset_gives_defaults_and_explicit_flags_win_wherever_they_stand():
     tiny = MugsConfig.from_preset("tiny")

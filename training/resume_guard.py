@@ -37,6 +37,18 @@ def saved_run(output_dir: str) -> Optional[Tuple[Path, Dict[str, Any], int]]:
     return last, config, int(meta.get("world_size", 0))
 
 
+def implied_by_older_code(old: Dict[str, Any]) -> Dict[str, Any]:
+    """The values of fields added after a run was started, as that run's code behaved: before
+    `--clip_grad_drop_epoch/_factor` existed, the clip dropped to a tenth after epoch 100 for
+    vit_large (the original's hard-coded quirk) and never otherwise. Without this, resuming an older
+    ViT-L run would silently lose the drop."""
+    implied: Dict[str, Any] = {}
+    if "clip_grad_drop_epoch" not in old:
+        implied["clip_grad_drop_epoch"] = 100 if old.get("arch") == "vit_large" else 0
+        implied["clip_grad_drop_factor"] = 10.0
+    return implied
+
+
 def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, (list, tuple)) else v
 
@@ -55,6 +67,7 @@ def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
     if found is None:
         return []
     last, old, old_world = found
+    old = {**implied_by_older_code(old), **old}
     new = dataclasses.asdict(cfg)
     refused, notes = [], []
     for name, value in new.items():
