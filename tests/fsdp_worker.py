@@ -13,7 +13,7 @@ from mugs.configs.options import MugsConfig
 from mugs.core.dist import init_distributed
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
-from mugs.training.trainer import build_models
+from mugs.training.models import build_models
 
 
 def tiny_cfg(global_batch: int) -> MugsConfig:

@@ -6,6 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from mugs.core.safe_load import read_dcp_metadata
 
 from train_helpers import ROOT, free_port, logged_losses, run
 
@@ -26,3 +29,10 @@ def test_v1_checkpoint_resumes_bitwise(tmp_path):
     assert "resumed from" in r.stderr and "step_00000002" in r.stderr, r.stderr[-2000:]
     got = {str(s): v for s, v in logged_losses(out)}
     assert got == expected["loss_total"]  # steps 3.. only: the resumed run logs nothing before them
+    # and what today's code writes has the same keys: every DCP entry and every rank-file entry
+    old, new = V1 / "run" / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000006"
+    assert set(read_dcp_metadata(new / ".metadata").state_dict_metadata) == set(
+        read_dcp_metadata(old / ".metadata").state_dict_metadata)
+    assert list(torch.load(new / "rank_0.pt", weights_only=True)) == list(torch.load(old / "rank_0.pt", weights_only=True))
+    exits = [r for r in map(json.loads, (out / "log.txt").read_text().splitlines()) if r.get("event") == "exit"]
+    assert exits == [{"event": "exit", "reason": "max_steps", "step": expected["resume_to"]}]  # StopReason's value
