@@ -128,7 +128,11 @@ class Run:
             "loader": ckpt.PerRank(self.loader),
         }
         self.mon = Monitor(cfg.output_dir, self.stop_at, None, enabled=info.is_main)
-        self.resumed_from = self.resume()
+        try:
+            self.resumed_from = self.resume()
+        except BaseException:
+            self.mon.close()
+            raise
         self.mon.start(self.step)
 
     # -- resume ------------------------------------------------------------------------------
@@ -146,7 +150,9 @@ class Run:
             if meta["loader"] is None:  # written by another number of processes: the position is global
                 self.loader.seek(*divmod(self.step, self.iters))
                 torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
-        except ValueError as e:  # e.g. the data set changed under the run
+        except CheckpointError:  # (a ValueError too) none loads: one line as it is
+            raise
+        except ValueError as e:  # the loader refusing the position, e.g. the data set changed under the run
             raise ConfigError(f"--data_path {self.cfg.data_path}: {e}; resume on the data the run started "
                               "with, or use a new --output_dir") from None
         self.knn_step = meta.get("knn_step")  # a point already measured is not measured again
@@ -231,7 +237,8 @@ class Run:
         epoch_end = step % self.iters == 0
         due = bool(cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or time_due
         if stop_now:
-            self._end(self.stop.why or StopReason.OTHER_RANK, f"stopped by {self.stop.signal or 'a signal on another rank'}")
+            self._end(self.stop.why or StopReason.OTHER_RANK,
+                      f"stopped by {self.stop.signal or 'a signal on another rank'}")
         elif step >= self.stop_at:
             self._end_of_steps()
         if epoch_end and not stop_now:  # before the save, which records it (a stop leaves it to the resume)
