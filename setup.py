@@ -8,6 +8,7 @@ PACKAGES = {
     "mugs.configs": "configs",
     "mugs.eval": "eval",
     "mugs.core": "core",
+    "mugs.core.checkpoint": "core/checkpoint",
     "mugs.benchmarks": "benchmarks",
     "mugs.apps": "apps",
 }

@@ -42,7 +42,7 @@ def use_materialised_attention(net: nn.Module) -> int:
 def build_paper_style(cfg, device: torch.device):
     """Student, teacher (copy of the student), objective and a plain AdamW, fp32, unsharded.
 
-    Same seed and order as training.trainer.build_models, so both start from the same weights."""
+    Same seed and order as training.models.build_models, so both start from the same weights."""
     torch.manual_seed(cfg.seed)
     student = build_network(cfg.model_view(), teacher=False)
     teacher = build_network(cfg.model_view(), teacher=True)

@@ -49,7 +49,7 @@ def one_step(argv: Sequence[str]) -> dict:
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
     from mugs.training.step import MugsTrainStep
-    from mugs.training.trainer import build_models
+    from mugs.training.models import build_models
 
     cfg = parse_args(list(argv) + ["--out", os.devnull])[1].replace(batch_size_per_gpu=PREFLIGHT_BATCH)
     info = init_distributed(cfg.device)

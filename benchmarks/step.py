@@ -3,7 +3,7 @@
 One step = teacher forward (2 global crops), student forward + backward (2 global + N
 local crops), the three losses, queue/centre/memory updates, per-parameter clipping,
 AdamW and the EMA: training/step.py's MugsTrainStep on FSDP2-sharded models built by
-training/trainer.py:build_models (world size 1 without torchrun). `--baseline` runs the
+training/models.py:build_models (world size 1 without torchrun). `--baseline` runs the
 paper-style step instead (benchmarks/paper_style.py); `--compare` runs both, one after
 the other in this process: the paper-style step once per `--baselines` precision (strict
 fp32, and TF32 matmuls as the paper's torch 1.7 ran on A100), each record carrying the
@@ -62,7 +62,8 @@ from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
 from mugs.training.step import MugsTrainStep, attached
 from mugs.training.monitor import gpu_memory_gb
-from mugs.training.trainer import build_models, loop_step
+from mugs.training.models import build_models
+from mugs.training.trainer import loop_step
 from mugs.training.validate import validate
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "step.jsonl"  # working dir; benchmarks/results/ only via --out

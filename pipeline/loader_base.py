@@ -13,12 +13,13 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ..core.errors import CheckpointError
 from .augment_config import AugmentConfig
 from .batch import MultiCropBatch
 from .files import FileIndex
 from .sharding import batches_per_epoch, rank_indices
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # of the dict `state_dict` returns; a saved position of another version is refused
 
 
 class MultiCropLoader:
@@ -80,7 +81,11 @@ class MultiCropLoader:
         """Resume where `state` left off. The position is global (epoch, steps consumed: global step k
         covers entries [k*G, (k+1)*G) of the epoch's permutation for every layout with B x W = G), so a
         state written with another world size resumes the same sample order; its backend state (DALI
-        checkpoints) then does not apply and the random ops restart from seeds of (seed, epoch, rank, step)."""
+        checkpoints) then does not apply and the random ops restart from seeds of (seed, epoch, rank, step).
+        CheckpointError if `state` is of another STATE_VERSION (its fields may mean something else)."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"the loader position is of version {state.get('version')!r}; this code reads "
+                                  f"version {STATE_VERSION}")
         mine = {"seed": self.seed, "num_images": len(self.index), "global batch": self.batch_size * self.world_size}
         theirs = {"seed": state["seed"], "num_images": state["num_images"],
                   "global batch": state["batch_size"] * state["world_size"]}

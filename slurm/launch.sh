@@ -11,7 +11,7 @@
 # step: the trainer checkpoints and exits 0, then this shell runs `scontrol requeue`; the requeued
 # job resumes from OUTPUT_DIR. SIGTERM here (scancel, preemption) saves the same way, never requeues.
 # `scancel --signal=USR1 JOB` (the steps) reaches mugs-train, which passes it to its workers: they
-# save and exit 0 with "stopped by SIGUSR1", which this shell requeues like its own USR1.
+# save and exit 0 with the exit reason `sigusr1`, which this shell requeues like its own USR1.
 #
 # Environment (all optional; sbatch passes the submitting shell's environment into the job):
 #   DATA_PATH           ImageNet train folder or mugs-scan-data list (default /datasets/imagenet/train)
@@ -71,6 +71,18 @@ requeue() {
     exit 0
 }
 
+wants_requeue() {  # $1: the trainer's exit reason, a training/exit_reason.py StopReason value (every one is
+    # named here: tests/test_exit_reason.py), or '' when it left no exit record (a crash, a killed worker)
+    case $1 in
+        finished|max_steps)  # the run is complete
+            [ "$MUGS_SIGNAL" = USR1 ] && log "training is complete: not requeueing"
+            return 1 ;;
+        sigusr1) return 0 ;;  # `scancel --signal=USR1 JOB` reached mugs-train and its workers
+        stop_file|sigterm|sigint|launcher_exit|other_rank|'') [ "$MUGS_SIGNAL" = USR1 ] ;;  # after this shell's USR1
+        *) log "warning: unknown trainer exit reason '$1'"; [ "$MUGS_SIGNAL" = USR1 ] ;;
+    esac
+}
+
 BATCH_OPTS=()
 [ -n "${BATCH_SIZE_PER_GPU:-}" ] && BATCH_OPTS+=(--batch-size-per-gpu "$BATCH_SIZE_PER_GPU")
 [ -n "${GLOBAL_BATCH:-}" ] && BATCH_OPTS+=(--global-batch "$GLOBAL_BATCH")
@@ -127,15 +139,10 @@ while :; do  # traps run only while the shell waits; wait returns early after ea
 done
 SRUN_PID=
 
-# What the trainer said this run ended with (its JSON-lines log): finished / reached --max_steps / stopped by ...
+# What the trainer said this run ended with: the "reason" of its last exit record in log.txt (a StopReason value)
 reason=$(tail -n +"$((LOG_LINES + 1))" "$OUTPUT_DIR/log.txt" 2>/dev/null | grep '"event": "exit"' | tail -n 1 |
          sed -n 's/.*"reason": "\([^"]*\)".*/\1/p')
 log "training exited with code $rc; trainer: ${reason:-no exit record}"
 [ -n "$MUGS_SIGNAL" ] && rm -f "$OUTPUT_DIR/STOP"
-if [ -z "$MUGS_CANCELLED" ] && { [ "$MUGS_SIGNAL" = USR1 ] || [ "$reason" = "stopped by SIGUSR1" ]; }; then
-    case $reason in
-        finished*|reached*) log "training is complete: not requeueing" ;;
-        *) requeue ;;
-    esac
-fi
+[ -z "$MUGS_CANCELLED" ] && wants_requeue "$reason" && requeue
 exit "$rc"

@@ -68,8 +68,10 @@ def save_run(output_dir: Path, cfg: MugsConfig, step: int = 6, epoch: int = 3, s
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
     with warnings.catch_warnings():  # "no process group: saving in a single process" is the intent
         warnings.simplefilter("ignore", UserWarning)
-        path = ckpt.save(str(output_dir), step, epoch, student=student, teacher=teacher, optimizer=optimizer,
-                         objective=objective, loader_state=None, keep=2, extra={"config": dataclasses.asdict(cfg)})
+        parts = {"student": ckpt.ModelState(student), "teacher": ckpt.ModelState(teacher),
+                 "optimizer": ckpt.OptimizerState(student, optimizer), "objective": objective,
+                 "rng": ckpt.PerRank(ckpt.RngState()), "loader": ckpt.PerRank(ckpt.Kept(None))}
+        path = ckpt.save(str(output_dir), step, epoch, parts, keep=2, extra={"config": dataclasses.asdict(cfg)})
     return path, student, teacher, objective
 
 

@@ -14,7 +14,7 @@ from mugs.core.dist import init_distributed
 from mugs.configs.views import GradClip
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
-from mugs.training.trainer import build_models
+from mugs.training.models import build_models
 
 
 def tiny_cfg(global_batch: int) -> MugsConfig:

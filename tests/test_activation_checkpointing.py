@@ -16,7 +16,7 @@ from mugs.training.optim import build_adamw
 from mugs.training.parallelize import checkpoint_forward_, compile_counts, compile_report, selective_policy
 from mugs.training.resume_guard import SAFE_TO_CHANGE
 from mugs.training.step import MugsTrainStep
-from mugs.training.trainer import build_models
+from mugs.training.models import build_models
 from fsdp_worker import tiny_cfg
 
 aten = torch.ops.aten

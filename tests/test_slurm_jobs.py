@@ -85,7 +85,7 @@ def test_template_job_trains_and_checkpoints(slurm, data, tmp_path):
     r = sbatch(slurm, tmp_path, out, data, ["--max_steps", "3"], "--wait")
     log = job_log(tmp_path)
     assert r.returncode == 0, f"{r.stderr}\n{log[-6000:]}\n{slurm.log_tail()}"
-    assert ckpt_step(out) == 3 and exits(out)[-1]["reason"] == "reached --max_steps 3"
+    assert ckpt_step(out) == 3 and exits(out)[-1]["reason"] == "max_steps"
     assert "1 nodes x 2 processes" in log and "--nproc_per_node=2" in log
     assert "NCCL_IB_HCA=mlx5_test" in log and "NCCL_DEBUG=WARN" in log  # site settings pass, defaults apply
     # the job's stderr is a file: plain progress lines (step, epoch, losses, img/s, ETA, memory), no bar
@@ -124,8 +124,8 @@ def test_usr1_saves_requeues_and_resumes(slurm, data, tmp_path):
     assert job_field(slurm, job, "JobState") == "COMPLETED", f"{log[-6000:]}\n{slurm.log_tail()}"
     assert job_field(slurm, job, "Restarts") == "1" and job_field(slurm, job, "ExitCode") == "0:0"
     first, second = exits(out)[-2:]
-    assert first["reason"] == "stopped by STOP file" and 2 <= first["step"] < total, first
-    assert second == {"event": "exit", "reason": f"reached --max_steps {total}", "step": total}
+    assert first["reason"] == "stop_file" and 2 <= first["step"] < total, first
+    assert second == {"event": "exit", "reason": "max_steps", "step": total}
     saved = first["step"]
     assert "got SIGUSR1 (restart 0)" in log and "requeueing job" in log and "restart 1:" in log
     assert re.search(rf"resumed from \S+step_{saved:08d} at step {saved}\b", log), log[-6000:]

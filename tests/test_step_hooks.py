@@ -14,7 +14,7 @@ from mugs.model.objective import MugsObjective
 from mugs.training.optim import build_adamw
 from mugs.training.replay_trace import TraceRecorder
 from mugs.training.step import MugsTrainStep, StepHook, attached
-from mugs.training.trainer import build_models
+from mugs.training.models import build_models
 from fsdp_worker import tiny_cfg
 
 CFG = tiny_cfg(4).replace(drop_path_rate=0.1)

@@ -22,10 +22,11 @@ PROGRESS_EVERY_SECONDS = 60.0
 class Monitor:
     """Rank 0 writes; other ranks get a Monitor that does nothing."""
 
-    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool, log_every: int = 10,
-                 bar: Optional[bool] = None, every_steps: int = PROGRESS_EVERY_STEPS,
+    def __init__(self, output_dir: str, total_steps: int, start_step: Optional[int], enabled: bool,
+                 log_every: int = 10, bar: Optional[bool] = None, every_steps: int = PROGRESS_EVERY_STEPS,
                  every_seconds: float = PROGRESS_EVERY_SECONDS):
-        """bar: a progress bar (True) or plain progress lines (False); None: a bar iff stderr is a terminal."""
+        """bar: a progress bar (True) or plain progress lines (False); None: a bar iff stderr is a terminal.
+        start_step None: the progress starts at `start(step)` (a run resumes after its monitor exists)."""
         self.enabled = enabled
         self.log_every = max(1, log_every)
         self.writer = None
@@ -41,12 +42,20 @@ class Monitor:
         self.tb_dir = out / "tb"
         self.writer = SummaryWriter(log_dir=str(self.tb_dir))
         self.log_path = out / "log.txt"
-        if bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="mugs", unit="step", dynamic_ncols=True,
+        self._progress = dict(bar=bar, total_steps=total_steps, every_steps=every_steps, every_seconds=every_seconds)
+        if start_step is not None:
+            self.start(start_step)
+
+    def start(self, start_step: int) -> None:
+        """Show progress from `start_step` on (messages before it are plain lines)."""
+        if not self.enabled:
+            return
+        p = self._progress
+        if p["bar"]:
+            self.bar = tqdm(total=p["total_steps"], initial=start_step, desc="mugs", unit="step", dynamic_ncols=True,
                             smoothing=0.1)
         else:
-            self.lines = ProgressLines(total_steps, start_step, every_steps, every_seconds)
-        self._t = time.perf_counter()
+            self.lines = ProgressLines(p["total_steps"], start_step, p["every_steps"], p["every_seconds"])
 
     def step(self, step: int, scalars: Dict[str, float]) -> None:
         if not self.enabled:

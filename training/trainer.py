@@ -1,4 +1,4 @@
-"""The training run: checks -> distributed set-up -> build -> resume -> epochs -> checkpoint and exit.
+"""The training run: checks -> distributed set-up -> build -> monitor -> resume -> epochs -> checkpoint and exit.
 
 `python -m mugs.training.trainer FLAGS` is what every worker runs (mugs-train and the SLURM
 templates start it through torchrun; `torchrun train_fsdp.py FLAGS` is the same). Every way a run
@@ -21,18 +21,18 @@ import torch
 
 from ..configs.options import MugsConfig, parse_config
 from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, shutdown
-from ..model.network import build_network
-from ..model.objective import MugsObjective
 from ..pipeline.sharding import derive_seed
 from ..core import checkpoint as ckpt, lease
 from ..core.cli import run_cli
 from ..core.errors import (EXIT_NONFINITE, CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
                            NonFiniteLossError, OwnerError, RunError)
 from . import failure
+from .exit_reason import StopReason
 from .knn_monitor import KnnMonitor, load_sets, timed
 from .monitor import Monitor, gpu_memory_gb
 from .optim import build_adamw
-from .parallelize import DTYPES, compile_counts, compile_report, parallelize
+from .models import build_models
+from .parallelize import DTYPES, compile_counts, compile_report
 from .resume_guard import check_resume
 from .schedules import build_schedules
 from .step import MugsTrainStep, StepResult
@@ -40,7 +40,6 @@ from .validate import check_output_dir, validate
 
 STOP_FILE = "STOP"  # `touch OUTPUT_DIR/STOP` asks a run to checkpoint and exit, like SIGUSR1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of them
 
 
 class StopRequest:
@@ -50,7 +49,8 @@ class StopRequest:
     one the worker also got)."""
 
     def __init__(self, output_dir: str):
-        self.signal: Optional[str] = None
+        self.signal: Optional[str] = None  # in words, for the console
+        self.why: Optional[StopReason] = None  # for log.txt and slurm/launch.sh
         self.stop_file = Path(output_dir) / STOP_FILE
         # only a torchrun worker watches its parent (a plain `python` run may outlive its shell)
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
@@ -58,13 +58,17 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.signal = self.signal or signal.Signals(signum).name
+        self._set(signal.Signals(signum).name, StopReason.of_signal(signum))
+
+    def _set(self, words: str, why: StopReason) -> None:
+        if self.signal is None:
+            self.signal, self.why = words, why
 
     def requested(self) -> bool:
         if self.signal is None and self.stop_file.exists():
-            self.signal = "STOP file"
+            self._set("STOP file", StopReason.STOP_FILE)
         if self.signal is None and self.parent is not None and os.getppid() != self.parent:
-            self.signal = "the exit of its launcher (torchrun)"
+            self._set("the exit of its launcher (torchrun)", StopReason.LAUNCHER_EXIT)
         return self.signal is not None
 
 
@@ -84,24 +88,6 @@ def loop_step(step_fn: MugsTrainStep, teacher_crops, student_crops, weak_flags, 
     syncs (`host_syncs_per_iteration`)."""
     flags = local_flags(stop, ckpt_every_minutes, last_save)
     return step_fn(teacher_crops, student_crops, weak_flags, flags=flags, **step_kw)
-
-
-def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str] = None):
-    """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded.
-    `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals)."""
-    torch.manual_seed(cfg.seed)  # same initial weights, queues and memories on every rank
-    student = build_network(cfg.model_view(), teacher=False)
-    teacher = build_network(cfg.model_view(), teacher=True)
-    shared = {k: v for k, v in student.state_dict().items() if PREDICTOR not in k}
-    teacher.load_state_dict(shared, strict=True)  # any other key the two do not share is a bug
-    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
-    student.to(info.device), teacher.to(info.device), objective.to(info.device)
-    prec = cfg.compute_precision
-    parallelize(student, info.mesh, precision=prec, activation_checkpointing=cfg.activation_checkpointing,
-                compile=cfg.compile, compile_backend=compile_backend)
-    parallelize(teacher, info.mesh, precision=prec, compile=cfg.compile, compile_backend=compile_backend,
-                is_teacher=True)
-    return student, teacher, objective
 
 
 class Run:
@@ -131,41 +117,47 @@ class Run:
         self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer,
                                      clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
         self.step = 0
-        self.reason: Optional[str] = None  # why the loop ends; None while it runs
+        self.reason: Optional[str] = None  # why the loop ends, in words for the console; None while it runs
+        self.exit_reason: Optional[StopReason] = None  # the same for log.txt and slurm/launch.sh (`_end`)
         self.last_save = time.monotonic()
-        self.resumed_from = self.resume()
-        self.mon = Monitor(cfg.output_dir, self.stop_at, self.step, enabled=info.is_main)
+        self.parts = {  # everything a checkpoint holds, by its name on disk (core/checkpoint/parts.py)
+            "student": ckpt.ModelState(self.student),
+            "teacher": ckpt.ModelState(self.teacher),
+            "optimizer": ckpt.OptimizerState(self.student, self.optimizer),
+            "objective": self.objective,
+            "rng": ckpt.PerRank(ckpt.RngState()),
+            "loader": ckpt.PerRank(self.loader),
+        }
+        self.mon = Monitor(cfg.output_dir, self.stop_at, None, enabled=info.is_main)
+        try:
+            self.resumed_from = self.resume()
+        except BaseException:
+            self.mon.close()
+            raise
+        self.mon.start(self.step)
 
     # -- resume ------------------------------------------------------------------------------
-    def _warn(self, msg: str) -> None:
-        """Resume warnings (a checkpoint set aside) on rank 0's stderr: the monitor starts after resume."""
-        if self.info.is_main:
-            print(msg, file=sys.stderr, flush=True)
-
     def resume(self) -> Optional[Path]:
         """Continue from the newest checkpoint: the same process count restores each rank's RNG and
-        DALI state (bit-exact); another count reshards (DCP) and continues the global data position."""
+        DALI state (bit-exact); another count reshards (DCP) and continues the global data position.
+        Warnings (a checkpoint set aside) go through the monitor: rank 0's stderr."""
         rank = self.info.rank
-        # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none loads)
-        meta = ckpt.resume_latest(self.cfg.output_dir, student=self.student, teacher=self.teacher,
-                                  optimizer=self.optimizer, objective=self.objective, log=self._warn)
-        if meta is None:
-            torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
-            return None
-        last = Path(meta["path"])
-        self.step = int(meta["step"])
-        self.knn_step = meta.get("knn_step")  # a point already measured is not measured again
-        epoch, pos = divmod(self.step, self.iters)
-        try:
-            if meta["loader"] is not None:
-                self.loader.load_state_dict(meta["loader"])
-            else:
-                self.loader.seek(epoch, pos)
+        try:  # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none)
+            meta = ckpt.resume_latest(self.cfg.output_dir, self.parts, log=self.mon.message)
+            if meta is None:
+                torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
+                return None
+            self.step = int(meta["step"])
+            if meta["loader"] is None:  # written by another number of processes: the position is global
+                self.loader.seek(*divmod(self.step, self.iters))
                 torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
-        except ValueError as e:  # e.g. the data set changed under the run
+        except CheckpointError:  # (a ValueError too) none loads: one line as it is
+            raise
+        except ValueError as e:  # the loader refusing the position, e.g. the data set changed under the run
             raise ConfigError(f"--data_path {self.cfg.data_path}: {e}; resume on the data the run started "
                               "with, or use a new --output_dir") from None
-        return last
+        self.knn_step = meta.get("knn_step")  # a point already measured is not measured again
+        return Path(meta["path"])
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -176,7 +168,7 @@ class Run:
         if self.notes:
             self.mon.log({"event": "resume_changes", "changes": self.notes})
         if self.step >= self.stop_at:  # nothing left to do: the checkpoint of this step exists
-            self.reason = "finished" if self.step >= self.total else f"reached --max_steps {self.cfg.max_steps}"
+            self._end_of_steps()
         self.knn_point(epoch_seconds=None)  # the random-init point (or one a stop at an epoch end left out)
         try:
             while self.reason is None:
@@ -184,7 +176,7 @@ class Run:
             self.mon.message(f"{self.reason} at step {self.step}/{self.total}; checkpoint in "
                              f"{ckpt.checkpoint_root(self.cfg.output_dir)}; TensorBoard: tensorboard --logdir "
                              f"{Path(self.cfg.output_dir) / 'tb'}")
-            exit_rec = {"event": "exit", "reason": self.reason, "step": self.step}
+            exit_rec = {"event": "exit", "reason": self.exit_reason.value, "step": self.step}
             if self.cfg.compile:  # how many graphs torch.compile made, and whether any block ran eagerly
                 exit_rec["compile_graphs"] = compiled = compile_report(True, since=self.compile_since)
                 if compiled["fell_back"]:
@@ -246,21 +238,31 @@ class Run:
         epoch_end = step % self.iters == 0
         due = bool(cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or time_due
         if stop_now:
-            self.reason = f"stopped by {self.stop.signal or 'a signal on another rank'}"
+            self._end(self.stop.why or StopReason.OTHER_RANK,
+                      f"stopped by {self.stop.signal or 'a signal on another rank'}")
         elif step >= self.stop_at:
-            self.reason = "finished" if step >= self.total else f"reached --max_steps {cfg.max_steps}"
+            self._end_of_steps()
         if epoch_end and not stop_now:  # before the save, which records it (a stop leaves it to the resume)
             self.knn_point(epoch_seconds=time.perf_counter() - self.epoch_t0)
         if self.reason is not None or epoch_end or due:
             snapshot = epoch_end and cfg.saveckp_freq > 0 and (step // self.iters) % cfg.saveckp_freq == 0
             self.save(keep_forever=snapshot or step >= self.total)
 
+    def _end(self, why: StopReason, words: str) -> None:
+        """The loop ends after this step: `why` for log.txt and slurm/launch.sh, `words` for the console."""
+        self.exit_reason, self.reason = why, words
+
+    def _end_of_steps(self) -> None:
+        if self.step >= self.total:
+            self._end(StopReason.FINISHED, "finished")
+        else:
+            self._end(StopReason.MAX_STEPS, f"reached --max_steps {self.cfg.max_steps}")
+
     def save(self, keep_forever: bool) -> None:
         """A full disk or any write failure: CheckpointWriteError, the same one line on every rank."""
         cfg = self.cfg
-        ckpt.save(cfg.output_dir, self.step, self.step // self.iters, student=self.student, teacher=self.teacher,
-                  optimizer=self.optimizer, objective=self.objective, loader_state=self.loader.state_dict(),
-                  keep=cfg.ckpt_keep, keep_forever=keep_forever,
+        ckpt.save(cfg.output_dir, self.step, self.step // self.iters, self.parts, keep=cfg.ckpt_keep,
+                  keep_forever=keep_forever,
                   extra={"config": dataclasses.asdict(cfg), "world_size": self.info.world_size,
                          "knn_step": self.knn_step})
         self.last_save = time.monotonic()

@@ -11,9 +11,9 @@ _STEP = os.environ.get("MUGS_FAULT_CRASH_IN_SAVE")
 if _STEP is not None:
     import functools
 
-    from mugs.core import checkpoint as _ckpt
+    from mugs.core.checkpoint import layout as _layout
 
-    _write_complete = _ckpt._write_complete
+    _write_complete = _layout.write_complete
 
     @functools.wraps(_write_complete)
     def _crash_at_step(tmp, meta):
@@ -21,7 +21,7 @@ if _STEP is not None:
             os._exit(9)
         return _write_complete(tmp, meta)
 
-    _ckpt._write_complete = _crash_at_step
+    _layout.write_complete = _crash_at_step
 
 # MUGS_FAULT_ENOSPC_IN_SAVE=N: on rank MUGS_FAULT_RANK (default 1) only, every fsync of a file of
 # step N's temporary checkpoint fails with ENOSPC, as on a full (network) disk; the other ranks write.

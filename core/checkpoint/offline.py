@@ -1,0 +1,85 @@
+"""Reading a checkpoint in one process, without a process group (evaluation tools, `mugs-consolidate`,
+`mugs-verify-checkpoint`): full CPU tensors of chosen parts, one consolidated file, or the checks alone.
+Every read verifies first, as the training read does (`read.py`)."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from ..errors import CheckpointError
+from ..safe_load import (
+    METADATA_FILE,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    check_storage,
+    confined,
+    first_line,
+    read_dcp_metadata,
+    set_path,
+)
+from .layout import one_line_reason, read_complete, save_file_atomically
+from .read import unverified_note, verify
+
+
+def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The top-level entries `parts` ("student", "teacher", "optimizer", "objective"; None:
+    all) of checkpoint dir `path` as full CPU tensors and plain values, without a process
+    group, after verifying every file's checksum (a checkpoint without checksums is read with a
+    one-line note on stderr). CheckpointError (one line) if they are absent, the checkpoint does not
+    verify, or it does not load; nothing is allocated from the metadata before it passed `check_storage`."""
+    try:
+        meta = read_complete(path)
+        md = read_dcp_metadata(confined(path, METADATA_FILE))
+        check_storage(path, md)
+        if not verify(path, meta):
+            print(unverified_note(path), file=sys.stderr, flush=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
+    planner_data = md.planner_data or {}
+    state: Dict[str, Any] = {}
+    for fqn, m in md.state_dict_metadata.items():
+        obj_path = tuple(planner_data.get(fqn, (fqn,)))
+        if parts is not None and obj_path[0] not in parts:
+            continue
+        if isinstance(m, TensorStorageMetadata):
+            set_path(state, obj_path, torch.empty(m.size, dtype=m.properties.dtype))
+        elif isinstance(m, BytesStorageMetadata):
+            set_path(state, obj_path, None)  # a placeholder: DCP fills it from the shard
+    missing = [p for p in (parts or ()) if p not in state]
+    if missing:
+        raise CheckpointError(f"{path}: the sharded checkpoint has no {', '.join(missing)}")
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - missing or truncated shards
+        raise CheckpointError(f"{path}: does not load ({one_line_reason(e)})") from None
+    return state
+
+
+def consolidate(path: Path, out: Path) -> None:
+    """One file with full (unsharded) tensors plus `meta`, loadable without a process group and with
+    weights_only=True (`mugs-consolidate`, eval tools)."""
+    meta = read_complete(path)
+    blob = read_parts(path)
+    blob["meta"] = meta
+    save_file_atomically(blob, Path(out))
+
+
+def check(path: Path) -> bool:
+    """Everything a reader checks before trusting checkpoint dir `path`, without loading it: the marker,
+    the metadata (restricted unpickler), confinement and sizes of every record, every file's checksum.
+    True if verified, False if it has no checksums (older); CheckpointError (one line) if broken."""
+    try:
+        meta = read_complete(path)
+        check_storage(path, read_dcp_metadata(confined(path, METADATA_FILE)))
+        return verify(path, meta)
+    except OSError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None

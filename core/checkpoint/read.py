@@ -1,0 +1,174 @@
+"""The collective read of a training run: validation before anything loads (the marker, the metadata,
+confinement and sizes of every record, every file's checksum), the load of every part with the ranks
+agreeing on success, and `resume_latest`'s fallback from a broken checkpoint to the previous one.
+
+Every file is read with `safe_load`'s restricted, confined and bounded readers: nothing in a run dir
+runs, nothing outside a checkpoint dir is opened, no declared size allocates more than the shards hold.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+
+from .. import integrity
+from ..dist import agree, barrier, rank as _rank, world_size as _world_size
+from ..errors import CheckpointError
+from ..safe_load import (
+    METADATA_FILE,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    check_storage,
+    confined,
+    first_line,
+    read_dcp_metadata,
+    safe_torch_load,
+)
+from . import layout
+from .layout import BROKEN_PREFIX, COMPLETE, checkpoint_root, list_complete, one_line_reason, read_complete
+from .parts import Parts, adapt, split
+
+
+def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1)) -> bool:
+    """Check the files of checkpoint dir `path` against the checksums its COMPLETE `meta` records:
+    every recorded file confined to `path` and present, no file of the checkpoint unrecorded, each
+    value equal. `share` (rank, world size): ranks split the reading, each checksums every
+    world-size-th file of the sorted list. True if verified, False if the checkpoint has no checksums
+    (written before them); CheckpointError naming the first mismatching file."""
+    sums = meta.get("checksums")
+    if sums is None:
+        return False
+    if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict):
+        raise CheckpointError(f"{path / COMPLETE}: malformed `checksums` entry")
+    files: Dict[str, str] = sums["files"]
+    algorithm = sums.get("algorithm")
+    if algorithm not in integrity.ALGORITHMS:
+        raise CheckpointError(f"{path / COMPLETE}: checksum algorithm {algorithm!r} is not available here "
+                              "(pip install crc32c)")
+    on_disk = {p.name for p in path.iterdir() if p.name != COMPLETE}
+    unrecorded = sorted(on_disk - set(files))
+    if unrecorded:
+        raise CheckpointError(f"{path / unrecorded[0]}: not part of the checkpoint as written "
+                              "(no checksum in COMPLETE)")
+    names = sorted(files)
+    for name in names[share[0]::share[1]]:
+        f = confined(path, name)
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (a file of this checkpoint)")
+        got = integrity.checksum_file(f, algorithm)
+        if got != files[name]:
+            raise CheckpointError(f"{f}: checksum mismatch ({algorithm} {got}, COMPLETE records {files[name]}): "
+                                  "the file changed after it was written")
+    return True
+
+
+def unverified_note(path: Path) -> str:
+    return f"mugs: warning: checkpoint {path} was written before checkpoints carried checksums: loaded unverified"
+
+
+def _read_rank_file(path: Path, meta: Dict[str, Any], names: List[str]) -> Optional[Dict[str, Any]]:
+    """This rank's `rank_N.pt` (its per-rank parts `names`), None if the checkpoint was written by another
+    number of ranks; a missing file or entry at the same world size is a broken checkpoint."""
+    f = confined(path, layout.rank_file_name(_rank()))
+    if meta.get("world_size", _world_size()) != _world_size():  # another process count: DCP reshards the
+        return None  # rest; a rank's RNG and DALI state do not carry over (the trainer re-derives them)
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (the checkpoint was written by {_world_size()} ranks)")
+    blob = safe_torch_load(f, released=False)  # ours: tensors and plain types only
+    absent = [n for n in names if not isinstance(blob, dict) or n not in blob]
+    if absent:
+        raise CheckpointError(f"{f}: not a per-rank state file (no `{absent[0]}` entry)")
+    return blob
+
+
+def load(path: Path, parts: Optional[Parts] = None, **objects: Any) -> Dict[str, Any]:
+    """Collective. Restores every part of `parts` (plus `objects`, the keyword form: `parts.adapt`);
+    returns the COMPLETE metadata plus, for each per-rank part, the state it was restored from under its
+    name (None when the checkpoint was written by another number of ranks: the part is then left as it is).
+
+    Every rank raises CheckpointError (one line) if the checkpoint fails to load on any rank; the
+    sharded parts may then be partly overwritten (load another checkpoint next). A per-rank part's other
+    errors (the loader refusing a position on other data: ValueError) propagate as they are."""
+    parts = {**(parts or {}), **(adapt(objects) if objects else {})}
+    sharded, per_rank_parts = split(parts)
+    failure = None
+    try:  # local checks first, so that all ranks enter (or skip) the collective read together
+        meta = read_complete(path)
+        check_storage(path, read_dcp_metadata(confined(path, METADATA_FILE)))  # named, confined, sized
+        meta["verified"] = verify(path, meta, share=(_rank(), _world_size()))  # then every byte
+        per_rank = _read_rank_file(path, meta, list(per_rank_parts))
+    except CheckpointError as e:
+        failure = str(e)
+    except OSError as e:  # an unreadable directory or file
+        failure = f"{path}: {first_line(e)}"
+    failure = agree(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
+    try:  # DCP calls each Stateful's state_dict(), reads into it in place, then its load_state_dict()
+        dcp.load(dict(sharded), storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - missing/truncated shards, bad state
+        failure = f"{path}: {one_line_reason(e)}"
+    failure = agree(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
+    try:  # a part refusing its state (another format version): CheckpointError, agreed like the rest
+        for name, part in per_rank_parts.items():
+            state = per_rank[name] if per_rank is not None else None
+            if state is not None:
+                part.load_state_dict(state)
+            meta[name] = state
+    except CheckpointError as e:
+        failure = f"{path / layout.rank_file_name(_rank())}: `{name}`: {e}"
+    failure = agree(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
+    return meta
+
+
+def _set_aside(path: Path) -> Path:
+    dest = path.with_name(BROKEN_PREFIX + path.name)
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{BROKEN_PREFIX}{path.name}.{n}")
+    os.replace(path, dest)
+    return dest
+
+
+def resume_latest(output_dir: str, parts: Optional[Parts] = None, *, log: Callable[[str], None] = print,
+                  **objects: Any) -> Optional[Dict[str, Any]]:
+    """Collective. Load the newest complete checkpoint that loads into `parts` (and `objects`, as `load`);
+    None if there is none.
+
+    Each newer one that fails (missing or truncated shard, bad metadata, refused file)
+    is reported in one line and, once an older one has loaded, set aside as
+    `broken-step_N` (renamed by rank 0, not deleted). If complete checkpoints exist but
+    none loads, raise CheckpointError and leave them all untouched: a run never starts
+    from scratch over existing checkpoints. The returned meta has `path` added."""
+    candidates = list_complete(output_dir)
+    broken: List[tuple] = []
+    for path in reversed(candidates):
+        try:
+            meta = load(path, parts, **objects)
+        except CheckpointError as e:
+            broken.append((path, str(e)))
+            log(f"mugs: warning: checkpoint {path.name} does not load: {e}")
+            continue
+        if _rank() == 0:
+            if not meta["verified"]:
+                log(unverified_note(path))
+            for bad, _ in broken:
+                log(f"mugs: warning: set aside {bad.name} as {_set_aside(bad).name}; resuming from {path.name}")
+        barrier()
+        meta["path"] = str(path)
+        return meta
+    if broken:
+        names = ", ".join(p.name for p, _ in broken)
+        raise CheckpointError(f"none of the {len(broken)} complete checkpoints in {checkpoint_root(output_dir)} "
+                              f"loads ({names}; reasons above); repair them or move them away to start afresh")
+    return None
+
+

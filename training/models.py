@@ -1,0 +1,33 @@
+"""The networks a run trains, built the same way by the trainer, the benchmarks and the tests: student,
+teacher (a copy of the student's shared weights) and the loss state, on device and sharded."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..configs.options import MugsConfig
+from ..core.dist import DistInfo
+from ..model.network import build_network
+from ..model.objective import MugsObjective
+from .parallelize import parallelize
+
+PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of them
+
+
+def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str] = None):
+    """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded.
+    `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals)."""
+    torch.manual_seed(cfg.seed)  # same initial weights, queues and memories on every rank
+    student = build_network(cfg.model_view(), teacher=False)
+    teacher = build_network(cfg.model_view(), teacher=True)
+    shared = {k: v for k, v in student.state_dict().items() if PREDICTOR not in k}
+    teacher.load_state_dict(shared, strict=True)  # any other key the two do not share is a bug
+    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
+    student.to(info.device), teacher.to(info.device), objective.to(info.device)
+    prec = cfg.compute_precision
+    parallelize(student, info.mesh, precision=prec, activation_checkpointing=cfg.activation_checkpointing,
+                compile=cfg.compile, compile_backend=compile_backend)
+    parallelize(teacher, info.mesh, precision=prec, compile=cfg.compile, compile_backend=compile_backend,
+                is_teacher=True)
+    return student, teacher, objective
