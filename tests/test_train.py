@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mugs.core import checkpoint as ckpt
+from mugs.core.errors import EXIT_NONFINITE
 from mugs.training.trainer import main as train_main
-from train_helpers import make_image_folder, run, train_cmd
+from train_helpers import launch_cmd, make_image_folder, run, train_cmd
 
 pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed
 
@@ -163,9 +164,10 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
 
 def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
-    r = run(train_cmd(1, 0, data, out, "--batch_size_per_gpu", "8", "--max_steps", "6",
-                      "--ckpt_every_steps", "1", "--lr", "1e30", "--clip_grad", "0", "--warmup_epochs", "0"))
-    assert r.returncode != 0, r.stderr[-3000:]  # the worker exits 3; torchrun reports it as a failure
+    r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "8", "--max_steps", "6",
+                       "--ckpt_every_steps", "1", "--lr", "1e30", "--clip_grad", "0", "--warmup_epochs", "0"))
+    assert r.returncode == EXIT_NONFINITE, r.stderr[-3000:]  # the worker's code, passed on by mugs-train
+    assert r.stderr.count("mugs: error: step ") == 1, r.stderr[-3000:]  # said once, as one line
     # the step and the term, in the step's own words (progress lines also say "step ", so match the message)
     assert re.search(r"step \d+: non-finite loss in (instance|local_group|group|total)", r.stderr), r.stderr[-3000:]
     last = ckpt.latest(str(out))

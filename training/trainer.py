@@ -24,7 +24,7 @@ from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_
 from ..pipeline.sharding import derive_seed
 from ..core import checkpoint as ckpt, lease
 from ..core.cli import run_cli
-from ..core.errors import (EXIT_NONFINITE, CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
+from ..core.errors import (CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
                            NonFiniteLossError, OwnerError, RunError)
 from . import failure
 from .exit_reason import StopReason
@@ -186,13 +186,10 @@ class Run:
             if self.info.is_main and self.stop.stop_file.exists():
                 self.stop.stop_file.unlink()
             return 0
-        except NonFiniteLossError as e:
-            msg = (f"{e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is intact; lower --lr or "
-                   "raise --clip_grad / --warmup_epochs and resume.")
-            self.mon.message(f"mugs: error: {msg}")
+        except NonFiniteLossError as e:  # train() records it and rank 0 says it, like every run error
             self.mon.log({"event": "nonfinite_loss", "step": self.step, "message": str(e)})
-            failure.record(msg, EXIT_NONFINITE)
-            return EXIT_NONFINITE
+            raise NonFiniteLossError(f"{e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is intact; "
+                                     "lower --lr or raise --clip_grad / --warmup_epochs and resume.") from None
         finally:
             self.mon.close()
 
@@ -303,8 +300,8 @@ def _failed(e: MugsError, show: bool = True) -> int:
 
 
 def train(cfg: MugsConfig) -> int:
-    """The process exit code (core/errors.py): 0 done or stopped with a checkpoint, 3 a non-finite loss.
-    Any other failure is a MugsError, recorded for the launcher and raised for `main`'s one line (or its
+    """The process exit code (core/errors.py): 0 done or stopped with a checkpoint. A failure is a
+    MugsError, recorded for the launcher and raised for `main`'s one line (or its
     exit code returned where another rank says the same line)."""
     world = launched_world_size()
     first_rank = os.environ.get("RANK", "0") == "0"  # checks every rank fails alike: say it once
