@@ -123,13 +123,20 @@ def test_planted_rank_file_payload_is_refused_and_the_previous_checkpoint_resume
     assert run["marker"].exists()  # the payload is real: an unsafe load would have run it
 
 
+def _sharded_state(student, teacher, optimizer, objective) -> dict:
+    """The DCP state dict of the sharded parts as the trainer saves them (payloads are planted in it)."""
+    parts = ckpt.adapt(dict(student=student, teacher=teacher, optimizer=optimizer))
+    return {name: parts[name].state_dict() for name in ("student", "teacher", "optimizer")} | {
+        "objective": objective.state_dict()}
+
+
 def test_planted_payload_in_a_shard_entry_is_refused(run, tmp_path, capsys):
     """DCP pickles non-tensor entries (the optimizer's hyper-parameters) into the shards and its
     default planner unpickles them with weights_only=False."""
     newest, marker = run["new"][0], run["marker"]
     _, student, teacher, objective = run["new"]
     optimizer = build_adamw(student, run["cfg"].patch_embed_lr_mult, fused=False)
-    state = ckpt._app_state(student, teacher, optimizer, objective)
+    state = _sharded_state(student, teacher, optimizer, objective)
     state["optimizer"]["param_groups"][0]["lr"] = Payload(marker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -143,7 +150,7 @@ def test_planted_payload_in_a_shard_entry_is_refused(run, tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "c.pt").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(ckpt._app_state(student, teacher, optimizer, objective), checkpoint_id=str(newest))
+        dcp.load(_sharded_state(student, teacher, optimizer, objective), checkpoint_id=str(newest))
     assert marker.exists()  # torch's default planner runs it
 
 

@@ -21,16 +21,9 @@ from .read import load, resume_latest, verify
 from .write import _write_failure, save
 
 
-def _app_state(student, teacher, optimizer, objective) -> dict:
-    """The DCP state dict of the four sharded parts as the trainer saves them (tests plant payloads in it)."""
-    parts = adapt(dict(student=student, teacher=teacher, optimizer=optimizer))
-    return {name: parts[name].state_dict() for name in ("student", "teacher", "optimizer")} | {
-        "objective": objective.state_dict()}
-
-
 __all__ = [
     "BROKEN_PREFIX", "COMPLETE", "TMP_PREFIX", "Kept", "ModelState", "OptimizerState", "PerRank", "RngState",
     "adapt", "check", "checkpoint_root", "consolidate", "latest", "list_complete", "load", "read_complete",
     "read_parts", "resolve", "resume_latest", "rng_state", "save", "save_file_atomically", "set_rng_state",
-    "step_of", "verify", "_write_failure", "_app_state",
+    "step_of", "verify", "_write_failure",
 ]
