@@ -36,7 +36,7 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
         if not math.isfinite(v) or v < 0:
             fail(f"--{name} {v} must be a finite number >= 0")
     if cfg.lr == 0:
-        fail("--lr 0 would not train: give a positive base lr (the paper's default is 0.0008)")
+        fail(f"--lr 0 would not train: give a positive base lr (the default is {MugsConfig().lr})")
     if len(cfg.size_crops) != 1:
         fail(f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
              f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)")
