@@ -1,6 +1,8 @@
-"""Fixtures shared across test files: a small JPEG tree and the package installed from its wheel."""
+"""Fixtures shared across test files: a small JPEG tree, the package installed from its wheel, and a
+real trainer Run built in this process."""
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -90,3 +92,33 @@ def installed_wheel(tmp_path_factory):
                            cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout.strip()
     assert where.startswith(str(venv)), f"mugs imported from {where}, not from the wheel in {venv}"
     return bindir, env
+
+
+@pytest.fixture
+def make_run(data, tmp_path):
+    """A real trainer Run (one process, gloo), as `python -m mugs.training.trainer` builds it, on the
+    requesting module's `data` folder with the tiny preset: `make_run(*extra_flags)`."""
+    from mugs.configs.options import parse_config
+    from mugs.core.dist import init_distributed, shutdown
+    from mugs.training.trainer import STOP_SIGNALS, Run, StopRequest
+    from train_helpers import TINY_FLAGS
+
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    made = []
+
+    def make(*extra):
+        cfg = parse_config(["--data_path", str(data), "--output_dir", str(tmp_path / "run"), *TINY_FLAGS,
+                            "--batch_size_per_gpu", "2", "--epochs", "2", *extra])
+        (tmp_path / "run").mkdir(exist_ok=True)
+        run = Run(cfg, init_distributed("cpu"), StopRequest(cfg.output_dir), [])
+        made.append(run)
+        return run
+
+    try:
+        yield make
+    finally:
+        for run in made:
+            run.mon.close()
+        shutdown()
+        for s, h in handlers.items():
+            signal.signal(s, h)

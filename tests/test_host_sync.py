@@ -21,7 +21,6 @@ logging and the after-step stop/checkpoint decision): the loader is replaced by 
 real batches and holds the check active from each batch's hand-over until the next one is asked
 for. Expected: no violation and exactly one sync per iteration (the step's loss check).
 """
-import signal
 import traceback
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from train_helpers import TINY_FLAGS, make_image_folder
+from train_helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,37 +163,9 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
 
 
-@pytest.fixture
-def make_run(data, tmp_path):
-    """A real trainer Run (one process, gloo), as `python -m mugs.training.trainer` builds it."""
-    from mugs.configs.options import parse_config
-    from mugs.core.dist import init_distributed, shutdown
-    from mugs.training.trainer import STOP_SIGNALS, Run, StopRequest
-
-    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    made = []
-
-    def make(*extra):
-        cfg = parse_config(["--data_path", str(data), "--output_dir", str(tmp_path / "run"), *TINY_FLAGS,
-                            "--batch_size_per_gpu", "2", "--epochs", "2", "--drop_path_rate", "0.1", *extra])
-        (tmp_path / "run").mkdir(exist_ok=True)
-        info = init_distributed("cpu")
-        run = Run(cfg, info, StopRequest(cfg.output_dir), [])
-        made.append(run)
-        return run
-
-    try:
-        yield make
-    finally:
-        for run in made:
-            run.mon.close()
-        shutdown()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
 
 def test_loop_body_builds_no_host_tensor_and_syncs_once_per_iteration(make_run):
-    run = make_run("--ckpt_every_steps", "0")
+    run = make_run("--ckpt_every_steps", "0", "--drop_path_rate", "0.1")
     batches = [b for _, b in zip(range(3), run.loader)]
     run.loader = loader = _CheckedLoader(run.loader, batches, checked=3)
     with pytest.raises(_StopChecking):
@@ -209,7 +180,7 @@ def test_loop_body_builds_no_host_tensor_and_syncs_once_per_iteration(make_run):
 
 def test_a_stop_request_seen_before_a_step_ends_the_loop_after_it_with_a_checkpoint(make_run):
     """The flags travel in the step's sync: a stop requested before step 2 stops the run after it."""
-    run = make_run("--ckpt_every_steps", "0")
+    run = make_run("--ckpt_every_steps", "0", "--drop_path_rate", "0.1")
     batches = [b for _, b in zip(range(4), run.loader)]
 
     def before(i):

@@ -1,46 +1,18 @@
 """The trainer's control flow around checkpoints, in one process: resume messages go through the
 Monitor (it exists before the resume), and a stop records its machine-read StopReason beside its words."""
 import json
-import signal
 from pathlib import Path
 
 import pytest
 
 from mugs.training.exit_reason import StopReason
-from train_helpers import TINY_FLAGS, make_image_folder
+from train_helpers import make_image_folder
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
 
-
-@pytest.fixture
-def make_run(data, tmp_path):
-    """A real trainer Run (one process, gloo), as `python -m mugs.training.trainer` builds it."""
-    from mugs.configs.options import parse_config
-    from mugs.core.dist import init_distributed, shutdown
-    from mugs.training.trainer import STOP_SIGNALS, Run, StopRequest
-
-    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    made = []
-
-    def make(*extra):
-        cfg = parse_config(["--data_path", str(data), "--output_dir", str(tmp_path / "run"), *TINY_FLAGS,
-                            "--batch_size_per_gpu", "2", "--epochs", "2", *extra])
-        (tmp_path / "run").mkdir(exist_ok=True)
-        run = Run(cfg, init_distributed("cpu"), StopRequest(cfg.output_dir), [])
-        made.append(run)
-        return run
-
-    try:
-        yield make
-    finally:
-        for run in made:
-            run.mon.close()
-        shutdown()
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def test_resume_warnings_go_through_the_monitor(make_run, monkeypatch):
