@@ -47,8 +47,10 @@ def test_compare_runs_and_writes_records(tmp_path):
                   "peak_mem_gb", "peak_tflops", "mfu"):
             assert _finite_positive(rec[k]), (k, rec[k])
         # the timed steps happened inside this process's lifetime, and the phase split adds up to a step
+        # in the same unit (a consistency check, not a timing claim: the phases are timed in 2 other
+        # steps, so a loaded machine moves the ratio several-fold; a unit slip moves it 1000-fold)
         assert (rec["warmup"] + rec["steps"]) * rec["step_time_min_s"] < wall
-        assert 0.2 < sum(rec["phases_s"].values()) / rec["step_time_s"] < 5, (rec["phases_s"], rec["step_time_s"])
+        assert 0.02 < sum(rec["phases_s"].values()) / rec["step_time_s"] < 50, (rec["phases_s"], rec["step_time_s"])
         assert rec["step_time_min_s"] <= rec["step_time_median_s"]
         assert 0 < rec["mfu"] < 1
         assert math.isclose(rec["achieved_tflops"], rec["flops_per_step_per_device"] / rec["step_time_s"] / 1e12)
