@@ -120,7 +120,9 @@ def _locked(output_dir: Path) -> Iterator[None]:
 
 
 def _write_new(path: Path, data: Dict[str, Any]) -> Path:
-    tmp = path.with_name(f"{path.name}.{data['token']}")
+    """`data` in a new temporary file beside `path`, named per process: the launcher and the worker
+    that adopted its lease share the token and may both write (where flock is not supported)."""
+    tmp = path.with_name(f"{path.name}.{data['token']}.{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(data, f)
         f.flush()
@@ -142,12 +144,18 @@ class Lease:
     def token(self) -> str:
         return self.data["token"]
 
+    def check(self, cur: Optional[Dict[str, Any]]) -> bool:
+        """Whether the lease read as `cur` is still ours; if not, record who holds it now (`lost`)."""
+        if cur is not None and cur.get("token") == self.token:
+            return True
+        self.lost = describe(cur) if cur else "the lease file was removed"
+        return False
+
     def _beat(self) -> None:
         """Refresh the heartbeat (and our pid) if the lease is still ours; else record who took it."""
         with _locked(self.dir):
             cur = read_owner(self.dir)
-            if cur is None or cur.get("token") != self.token:
-                self.lost = describe(cur) if cur else "the lease file was removed"
+            if not self.check(cur):
                 return
             self.data = dict(cur, heartbeat=time.time(),
                              pids=sorted(set(cur.get("pids", [])) | {os.getpid()}))
@@ -183,6 +191,13 @@ def _new_data(token: Optional[str] = None) -> Dict[str, Any]:
             "start": now, "heartbeat": now, "token": token or uuid.uuid4().hex}
 
 
+def _in_use(out: Path, cur: Dict[str, Any]) -> OwnerError:
+    """The one-line refusal for a lease held by a live run (`takeover_reason(cur)` is None)."""
+    return OwnerError(f"{out} is in use by another run ({describe(cur)}; lease {out / LEASE_FILE}): wait for it "
+                      f"to end, stop it, or use another --output_dir (a lease whose heartbeat is older than "
+                      f"{stale_after_s():.0f} s is taken over)")
+
+
 def acquire(output_dir: "str | Path", log=None) -> Lease:
     """Take the lease of `output_dir` (created if needed) and start its heartbeat; OwnerError (one
     line naming the owner) if another live run holds it. `log` gets the one-line take-over note."""
@@ -199,10 +214,7 @@ def acquire(output_dir: "str | Path", log=None) -> Lease:
                 cur = read_owner(out) or {}
                 why = takeover_reason(cur) if cur else "it vanished"
                 if why is None:
-                    raise OwnerError(
-                        f"{out} is in use by another run ({describe(cur)}; lease {path}): wait for it to end, "
-                        f"stop it, or use another --output_dir (a lease whose heartbeat is older than "
-                        f"{stale_after_s():.0f} s is taken over)") from None
+                    raise _in_use(out, cur) from None
                 os.replace(tmp, path)
                 if log is not None:
                     log(f"mugs: warning: took over the lease of {out} from {describe(cur)}: {why}")
@@ -231,9 +243,9 @@ def adopt(output_dir: "str | Path", token: str) -> Optional[Lease]:
 def peek(output_dir: "str | Path") -> None:
     """OwnerError if a live run holds the lease of `output_dir` (a check that takes nothing)."""
     cur = read_owner(output_dir)
-    if cur is not None and takeover_reason(cur) is None and cur.get("token") != os.environ.get(TOKEN_ENV):
-        raise OwnerError(f"{output_dir} is in use by another run ({describe(cur)}; lease "
-                         f"{Path(output_dir) / LEASE_FILE}): wait for it to end, stop it, or use another --output_dir")
+    ours = os.environ.get(TOKEN_ENV)
+    if cur is not None and takeover_reason(cur) is None and not (ours and cur.get("token") == ours):
+        raise _in_use(Path(output_dir), cur)
 
 
 def check_owned(output_dir: "str | Path") -> None:
@@ -242,11 +254,7 @@ def check_owned(output_dir: "str | Path") -> None:
     lease = _held.get(_key(output_dir))
     if lease is None:
         return
-    if lease.lost is None:
-        cur = read_owner(output_dir)
-        if cur is None or cur.get("token") != lease.token:
-            lease.lost = describe(cur) if cur else "the lease file was removed"
-    if lease.lost is not None:
+    if lease.lost is not None or not lease.check(read_owner(output_dir)):
         raise OwnerError(f"{output_dir}: this run no longer owns it (now {lease.lost}); not publishing checkpoints")
 
 

@@ -50,6 +50,24 @@ def test_a_live_lease_refuses_a_second_owner_naming_the_first(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_the_launchers_check_refuses_what_taking_the_lease_refuses(tmp_path, monkeypatch):
+    """`peek` (mugs-train's check before it starts anything) and `acquire` agree: a fresh lease that
+    does not parse is a live owner to both, whether or not this process carries a lease token."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / lease.LEASE_FILE).write_text("{half a lease")
+    monkeypatch.delenv(lease.TOKEN_ENV, raising=False)
+    for check in (lease.peek, lease.acquire):
+        with pytest.raises(OwnerError, match="in use by another run"):
+            check(out)
+    monkeypatch.setenv(lease.TOKEN_ENV, "0" * 32)  # a token of our own is not the unreadable lease's
+    with pytest.raises(OwnerError, match="in use by another run"):
+        lease.peek(out)
+    _plant(out, token="0" * 32)  # the launcher's own lease, as its worker sees it: not a refusal
+    lease.peek(out)
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["old_heartbeat", "same_slurm_job", "dead_pid_on_this_host"])
 def test_a_stale_lease_is_taken_over_with_a_message(tmp_path, monkeypatch, how):
     out = tmp_path / "out"
