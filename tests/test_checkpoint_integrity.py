@@ -125,6 +125,11 @@ def test_verify_checkpoint_tool(saved, capsys):
     (saved["new"][0] / "stray.bin").write_bytes(b"x")  # a file the writer never wrote
     assert verify_checkpoint.main([str(saved["new"][0])]) == 2
     assert "stray.bin: not part of the checkpoint" in capsys.readouterr().out
+    empty = saved["dir"].parent / "no_run_here"
+    empty.mkdir(exist_ok=True)
+    assert verify_checkpoint.main([str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mugs-verify-checkpoint: error: {empty}: no complete checkpoint here"]  # one line, no false count
 
 
 # ---------------------------------------------------------------- confined reads

@@ -3,12 +3,11 @@
 For each complete checkpoint: its COMPLETE marker, its metadata (restricted unpickler), that every
 file it names stays inside it and holds the bytes declared, and every file's checksum. One line per
 checkpoint; exit 0 if all verify (or predate checksums: said as `unverified`), 2 if any is broken or
-none is found. Nothing is loaded into memory beyond 8 MB at a time; nothing is changed.
+none is found. Shards are read in pieces of 8 MB to checksum them; nothing is changed.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -34,11 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _verify(dirs: Iterable[Path]) -> None:
     broken = found = 0
+    empty: List[Path] = []
     for d in dirs:
         targets = _targets(d)
         if not targets:
-            print(f"{PROG}: error: {d}: no complete checkpoint here", file=sys.stderr)
-            broken += 1
+            empty.append(d)
             continue
         for t in targets:
             found += 1
@@ -49,9 +48,11 @@ def _verify(dirs: Iterable[Path]) -> None:
                 print(f"BROKEN      {t}: {e}")
                 continue
             print(f"ok          {t}" if verified else f"unverified  {t}: written before checkpoints carried checksums")
-    if broken:
-        raise CheckpointError(f"{broken} broken of {found} checkpoints (a run sets a broken one aside and resumes "
-                              "from the previous one)")
+    problems = [f"{broken} broken of {found} checkpoints (a run sets a broken one aside and resumes from the "
+                "previous one)"] if broken else []
+    problems += [f"{d}: no complete checkpoint here" for d in empty]
+    if problems:
+        raise CheckpointError("; ".join(problems))
 
 
 if __name__ == "__main__":
