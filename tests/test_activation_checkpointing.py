@@ -154,3 +154,9 @@ def test_resuming_an_old_boolean_run_with_a_policy_is_allowed(tmp_path, monkeypa
     monkeypatch.setattr(resume_guard, "saved_run", lambda _: (tmp_path / "step_00000001", old, 1))
     notes = resume_guard.check_resume(cfg, 1)
     assert notes == ["--activation_checkpointing was true, is selective"]
+    # the same setting in old and new spellings is no change: no note on every resume of an old run
+    same = [("false", "none"), (False, "none"), (True, "full")]
+    for was, now in same:
+        monkeypatch.setattr(resume_guard, "saved_run", lambda _, w=was: (tmp_path / "step_00000001",
+                                                                         {**old, "activation_checkpointing": w}, 1))
+        assert resume_guard.check_resume(cfg.replace(activation_checkpointing=now), 1) == []

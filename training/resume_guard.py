@@ -70,11 +70,13 @@ def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
     old = {**implied_by_older_code(old), **old}
     new = dataclasses.asdict(cfg)
     refused, notes = [], []
+    parsers = {f.name: f.metadata.get("type") for f in dataclasses.fields(MugsConfig)}
     for name, value in new.items():
         if name not in old or name in BATCH_FIELDS:
             continue
         was, now = _norm(old[name]), _norm(value)
-        if was == now:
+        parse = parsers[name]  # a field whose old spellings still parse (e.g. AC's true/false) compares as parsed
+        if was == now or (parse is not None and parse(was) == now):
             continue
         change = f"--{name} was {_show(was)}, is {_show(now)}"
         (notes if name in SAFE_TO_CHANGE else refused).append(change)
