@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..configs.archs import backbone_shape
 from ..configs.table1 import RUNS
 from .flops import MugsShape, backbone_forward_flops, step_flops_per_image
 
@@ -33,7 +34,8 @@ def measured(run_dir: Path) -> dict:
     from ..configs.options import MugsConfig
 
     c = MugsConfig(**{k: v for k, v in cfg.items() if k in MugsConfig.__dataclass_fields__})
-    shape = MugsShape.from_config(c, c.embed_dim, c.depth)
+    embed_dim, depth, _ = backbone_shape(c.arch, c.embed_dim, c.depth, c.num_heads)  # a named arch's or the overrides
+    shape = MugsShape.from_config(c, embed_dim, depth)
     steps_per_epoch = later[0]["step"] // later[0]["epoch"]
     complete = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
     world = json.loads(complete[-1].read_text())["world_size"] if complete else 1

@@ -12,7 +12,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..model.vit import ARCH_SHAPES, MugsViT, build_backbone
+from ..configs.archs import ARCH_SHAPES
+from ..model.vit import MugsViT, build_backbone
 from ..core.errors import CheckpointError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-from ..model.vit import ARCH_SHAPES
+from ..configs.archs import ARCH_SHAPES
 from ..core import dist
 from ..core.cli import run_cli
 

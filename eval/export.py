@@ -19,7 +19,7 @@ import torch
 
 from ..core.checkpoint import save_file_atomically
 from ..model.convert import objective_to_original
-from ..model.vit import ARCH_SHAPES
+from ..configs.archs import ARCH_SHAPES
 from .cli import add_checkpoint_args, run
 from ..core.errors import CheckpointError
 from .arch import ArchSpec, shape_diff

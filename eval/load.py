@@ -25,7 +25,8 @@ import torch
 from ..core.checkpoint import list_complete, read_complete, read_parts, resolve, step_of
 from ..core.safe_load import plain, safe_torch_load
 from ..model.convert import network_from_original, objective_from_original
-from ..model.vit import ARCH_SHAPES, MugsViT
+from ..configs.archs import ARCH_SHAPES
+from ..model.vit import MugsViT
 from .arch import ArchSpec, build_from_state, check_requested, shape_diff, spec_from_weights
 from ..core.errors import CheckpointError
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..configs.archs import ARCH_SHAPES
+from ..configs.archs import backbone_shape
 
 
 Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch
@@ -228,15 +228,13 @@ def build_backbone(
     num_relation_blocks: int = 1,
 ) -> MugsViT:
     """A named arch (vit_tiny/small/base/large) or any custom embed/depth/heads."""
-    if arch not in ARCH_SHAPES and None in (embed_dim, depth, num_heads):
-        raise ValueError(f"unknown arch {arch!r}: choose one of {sorted(ARCH_SHAPES)} or give embed_dim, depth, num_heads")
-    d, n, h = ARCH_SHAPES.get(arch, (embed_dim, depth, num_heads))
+    d, n, h = backbone_shape(arch, embed_dim, depth, num_heads)
     return MugsViT(
         img_size=img_size,
         patch_size=patch_size,
-        embed_dim=embed_dim or d,
-        depth=depth or n,
-        num_heads=num_heads or h,
+        embed_dim=d,
+        depth=n,
+        num_heads=h,
         mlp_ratio=mlp_ratio,
         qkv_bias=qkv_bias,
         drop_path_rate=drop_path_rate,

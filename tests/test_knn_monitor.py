@@ -242,3 +242,21 @@ def test_cost_model_calibrates_the_flop_share_by_the_measured_share(tmp_path):
     vit_l = MugsShape.for_arch("vit_large")
     want = 20_000 * backbone_forward_flops(vit_l, 224) / (IMAGENET_TRAIN * step_flops_per_image(vit_l)["total"])
     assert large["flop_share"] == pytest.approx(want) and large["modelled_share"] == pytest.approx(m["calibration"] * want)
+
+
+@pytest.mark.timeout(60)
+def test_cost_model_reads_a_named_archs_shape(tmp_path):
+    """A run of a named arch has no --embed_dim/--depth in its config.json: the shape is the arch's."""
+    import dataclasses
+
+    from mugs.benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image
+    from mugs.benchmarks.knn_monitor_cost import measured
+
+    cfg = parse_config(["--data_path", "x", "--arch", "vit_tiny", "--batch_size_per_gpu", "4"])
+    assert cfg.embed_dim is None and cfg.depth is None
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    recs = [{"event": "knn", "epoch": 1, "step": 5, "bank": 30, "queries": 10, "seconds": 1.0, "epoch_seconds": 10.0}]
+    (tmp_path / "log.txt").write_text("\n".join(map(json.dumps, recs)) + "\n")
+    shape = MugsShape.for_arch("vit_tiny")
+    flop = 40 * backbone_forward_flops(shape, 224) / (5 * 4 * step_flops_per_image(shape)["total"])
+    assert measured(tmp_path)["flop_share"] == pytest.approx(flop)
