@@ -71,10 +71,11 @@ if [ $REHEARSE = 1 ]; then
   LOADER=(--device cpu --images 32 --batches 2 --warmup 1 --global-size 64 --local-size 32 --local-crops 2)
   LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2
 else
-  L_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compare --baselines fp32,tf32)
-  S_ARGS=(--arch vit_small --batch_size_per_gpu 64)
-  LC_ARGS=(--arch vit_large --batch_size_per_gpu 16 --drop_path_rate 0.3 --compile true)
-  B_ARGS=(--arch vit_base --batch_size_per_gpu 42)
+  # the Table-1 runs' shapes, per-GPU batches and drop path (configs/table1.py, via their presets)
+  L_ARGS=(--preset vit_large_250ep --compare --baselines fp32,tf32)
+  S_ARGS=(--preset vit_small_100ep)
+  LC_ARGS=(--preset vit_large_250ep --compile true)
+  B_ARGS=(--preset vit_base_400ep)
   STEPS=(--steps 10 --warmup 3)
   GEMM=(--size 8192 --dtype bf16 --reps 10 --warmup 3)
   TRAIN=(--device cuda --precision bf16 --compile true --arch vit_small --batch_size_per_gpu 32)
