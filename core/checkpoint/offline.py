@@ -15,17 +15,12 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from ..errors import CheckpointError
 from ..safe_load import (
-    METADATA_FILE,
     SafeFileSystemReader,
     SafeLoadPlanner,
-    check_storage,
-    confined,
-    first_line,
-    read_dcp_metadata,
     set_path,
 )
 from .layout import one_line_reason, read_complete, save_file_atomically
-from .read import unverified_note, verify
+from .read import unverified_note, validate
 
 
 def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -34,14 +29,9 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
     group, after verifying every file's checksum (a checkpoint without checksums is read with a
     one-line note on stderr). CheckpointError (one line) if they are absent, the checkpoint does not
     verify, or it does not load; nothing is allocated from the metadata before it passed `check_storage`."""
-    try:
-        meta = read_complete(path)
-        md = read_dcp_metadata(confined(path, METADATA_FILE))
-        check_storage(path, md)
-        if not verify(path, meta):
-            print(unverified_note(path), file=sys.stderr, flush=True)
-    except OSError as e:
-        raise CheckpointError(f"{path}: {first_line(e)}") from None
+    _, md, verified = validate(path)
+    if not verified:
+        print(unverified_note(path), file=sys.stderr, flush=True)
     planner_data = md.planner_data or {}
     state: Dict[str, Any] = {}
     for fqn, m in md.state_dict_metadata.items():
@@ -74,12 +64,6 @@ def consolidate(path: Path, out: Path) -> None:
 
 
 def check(path: Path) -> bool:
-    """Everything a reader checks before trusting checkpoint dir `path`, without loading it: the marker,
-    the metadata (restricted unpickler), confinement and sizes of every record, every file's checksum.
-    True if verified, False if it has no checksums (older); CheckpointError (one line) if broken."""
-    try:
-        meta = read_complete(path)
-        check_storage(path, read_dcp_metadata(confined(path, METADATA_FILE)))
-        return verify(path, meta)
-    except OSError as e:
-        raise CheckpointError(f"{path}: {first_line(e)}") from None
+    """`read.validate`'s checks alone (`mugs-verify-checkpoint`): True if verified, False if the
+    checkpoint has no checksums (older); CheckpointError (one line) if broken."""
+    return validate(path)[2]

@@ -65,6 +65,20 @@ def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1)) ->
     return True
 
 
+def validate(path: Path, share: Tuple[int, int] = (0, 1)) -> Tuple[Dict[str, Any], Any, bool]:
+    """Everything a reader checks before trusting checkpoint dir `path`, without loading it: the marker,
+    the metadata (restricted unpickler), confinement and sizes of every record, every file's checksum
+    (`share`: as in `verify`). (COMPLETE's metadata, DCP's metadata, verified: False for a checkpoint
+    older than checksums); CheckpointError (one line) if anything is wrong, an unreadable file included."""
+    try:
+        meta = read_complete(path)
+        md = read_dcp_metadata(confined(path, METADATA_FILE))
+        check_storage(path, md)  # named, confined, sized
+        return meta, md, verify(path, meta, share)  # then every byte
+    except OSError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
+
+
 def unverified_note(path: Path) -> str:
     return f"mugs: warning: checkpoint {path} was written before checkpoints carried checksums: loaded unverified"
 
@@ -96,9 +110,8 @@ def load(path: Path, parts: Optional[Parts] = None, **objects: Any) -> Dict[str,
     sharded, per_rank_parts = split(parts)
     failure = None
     try:  # local checks first, so that all ranks enter (or skip) the collective read together
-        meta = read_complete(path)
-        check_storage(path, read_dcp_metadata(confined(path, METADATA_FILE)))  # named, confined, sized
-        meta["verified"] = verify(path, meta, share=(_rank(), _world_size()))  # then every byte
+        meta, _, meta_verified = validate(path, share=(_rank(), _world_size()))
+        meta["verified"] = meta_verified
         per_rank = _read_rank_file(path, meta, list(per_rank_parts))
     except CheckpointError as e:
         failure = str(e)
