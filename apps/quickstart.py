@@ -39,7 +39,7 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K
     """Top-1 of weighted k-NN on the backbone's CLS features (mugs-eval-knn's protocol, k 20, T 0.05)."""
     from ..eval.data import eval_transform, image_folder
     from ..eval.features import cls_features, extract
-    from ..eval.knn import knn_classify
+    from ..model.knn import knn_classify
 
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
@@ -55,7 +55,7 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K
 def pixel_knn_accuracy(train_dir: Path, val_dir: Path, size: int, k: int = K, temperature: float = 0.05) -> float:
     """The same k-NN on raw pixels (the normalised eval view, flattened): what features must beat."""
     from ..eval.data import eval_transform, image_folder
-    from ..eval.knn import knn_classify
+    from ..model.knn import knn_classify
 
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)

@@ -55,7 +55,7 @@ from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.collectives import CollectiveCounter
 from mugs.benchmarks.phases import PhaseTimer, device_sync
 from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
-from mugs.core.dist import DistInfo, init_distributed, shutdown
+from mugs.core.dist import DistInfo, init_distributed, shutdown, world_size
 from mugs.core.cli import run_cli
 from mugs.core.errors import ConfigError
 from mugs.training.optim import build_adamw
@@ -163,7 +163,7 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         by_phase = counter.per_phase()
         out["collectives_per_step"] = counter.totals()
         out["collectives_by_phase"] = by_phase
-        if dist_world_size() > 1:  # FSDP's parameter traffic: the forward and backward phases
+        if world_size() > 1:  # FSDP's parameter traffic: the forward and backward phases
             out["fsdp_collectives_per_step"] = {
                 k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
         else:  # FSDP2 issues no collectives on one rank: what was counted is not FSDP traffic
@@ -187,10 +187,6 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         out["phases_s"] = timer.mean(args.phase_steps)
         out["phase_method"] = "device synchronize + time.perf_counter at phase boundaries, separate pass"
     return out
-
-
-def dist_world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 SYNC_CALLS = 3  # calls counted one by one: a one-off sync (a lazy initialisation) shows as one call's excess

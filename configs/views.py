@@ -1,8 +1,10 @@
 """Typed, frozen views of a MugsConfig, one per builder: each builder takes only the settings it uses.
 
-A view holds no defaults of its own: `X.from_config(cfg)` copies the MugsConfig fields of the same
-names (configs/options.py, the one place defaults live) and derives the few that are not plain
-copies. The augmentation view is pipeline/augment_config.py's AugmentConfig (it validates itself).
+A view holds no defaults of its own: `X.from_config(cfg)` copies MugsConfig's fields
+(configs/options.py, the one place defaults live), a few under the builder's own names (LoaderConfig's
+`backend`, `batch_size`, `num_threads` are --loader, --batch_size_per_gpu, --num_workers), and derives
+the few that are not plain copies. The augmentation view is pipeline/augment_config.py's
+AugmentConfig (it validates itself).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The README's "Exit codes" table explains them to users.
 """
 
 EXIT_OK = 0
-EXIT_CRASH = 1  # an unexpected failure: a traceback says where
+EXIT_CRASH = 1  # an unexpected failure (a traceback says where), or a worker killed by a signal
 EXIT_USER = 2  # a bad flag, file, folder, image or checkpoint; or the output dir has another owner
 EXIT_NONFINITE = 3  # a NaN/inf loss: stopped before any state changed
 EXIT_WRITE = 4  # a checkpoint could not be written (disk full, quota, permissions)

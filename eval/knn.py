@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import dist
-from ..model.knn import K, TEMPERATURE, default_temperature, knn_classify  # noqa: F401 - the one implementation
+from ..model.knn import K, default_temperature, knn_classify  # the one implementation (the monitor's too)
 from ..pipeline.labelled import SUBSET_SEED, subset_per_class
 from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_val_dirs

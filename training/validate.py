@@ -13,7 +13,7 @@ from ..core.errors import ConfigError
 
 
 def validate(cfg: MugsConfig, world_size: int = 1) -> None:
-    """The flags alone (no file system access beyond the data path's existence)."""
+    """The flags alone (the file system only for whether the data and k-NN paths exist)."""
     def fail(msg: str) -> None:
         raise ConfigError(msg)
 
