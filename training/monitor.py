@@ -60,8 +60,7 @@ class Monitor:
     def step(self, step: int, scalars: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, step)
+        self.scalars(step, scalars)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4f}",
@@ -72,7 +71,7 @@ class Monitor:
             self.log({"step": step, **scalars})
 
     def scalars(self, step: int, scalars: Dict[str, float]) -> None:
-        """TensorBoard scalars at `step` outside the step's own (the k-NN monitor's)."""
+        """TensorBoard scalars at `step` (the step's own, and the k-NN monitor's)."""
         if not self.enabled:
             return
         for k, v in scalars.items():
