@@ -129,6 +129,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
+    before = {sig: signal.signal(sig, _forward) for sig in FORWARDED}  # from the start: a signal during
+    try:  # the checks is one line, not a silent death
+        return _checked_launch(argv)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _checked_launch(argv: Sequence[str]) -> int:
     opts, flags = split_argv(argv)
     if "-h" in flags or "--help" in flags:
         print(_launcher_parser().format_help())
@@ -161,8 +170,6 @@ def _main(argv: Sequence[str]) -> int:
 
 
 def _launch(opts: argparse.Namespace, flags: List[str]) -> int:
-    for sig in FORWARDED:
-        signal.signal(sig, _forward)
     from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
