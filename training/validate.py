@@ -4,11 +4,10 @@ runs them again (it may be launched by plain torchrun)."""
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
 
 from ..configs.archs import backbone_shape
 from ..configs.options import MugsConfig, check_ranges
+from ..core import outputs
 from ..core.errors import ConfigError
 from ..pipeline.augment_config import AugmentConfig
 
@@ -123,14 +122,4 @@ def check_knn_data(cfg: MugsConfig):
 
 def check_output_dir(output_dir: str) -> None:
     """Creates the output dir and proves it writable (a probe file), or one line saying what to do."""
-    out = Path(output_dir)
-    try:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--output_dir {out} is a file, not a folder: remove it or choose another path")
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--output_dir {out} is not writable ({e.strerror or e}): fix its permissions "
-                          "(chmod / chattr -i) or choose another --output_dir") from None
+    outputs.check_output_dir(output_dir, "--output_dir")
