@@ -176,7 +176,6 @@ WRONG_TYPES = {
     "chunk_offsets_float": lambda md: setattr(_entry(md).chunks[0], "offsets", [0.5, 0, 0]),
     "properties_none": lambda md: setattr(_entry(md), "properties", None),
     "record_offset_string": lambda md: _set_record(md, offset="0"),
-    "record_length_float": lambda md: _set_record(md, length=1.5),
     "record_path_int": lambda md: _set_record(md, relative_path=7),
     "storage_data_list": lambda md: setattr(md, "storage_data", list(md.storage_data.values())),
     "entries_none": lambda md: setattr(md, "state_dict_metadata", None),
