@@ -259,3 +259,40 @@ def test_the_loaders_refusal_alone_is_a_data_path_error():
     with pytest.raises(CheckpointError) as e:
         part.load_state_dict(CheckpointError("the loader position is of version 9"))
     assert "--data_path" not in str(e.value)
+
+
+# ---------------------------------------------------------------- mugs-train: one relaunch over all of them
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from train_helpers import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
+
+
+@pytest.mark.distributed
+def test_mugs_train_falls_back_over_a_torn_complete_a_fifo_and_metadata_of_the_wrong_types(images, tmp_path):
+    """The newest checkpoint's COMPLETE torn (the launcher's resume check read it raw: a traceback), the
+    next one's `.metadata` a FIFO (every reader hung), the next one's metadata typed wrong (the trainer
+    blamed --data_path): the relaunch resumes from the oldest, saying why for each, exit 0."""
+    from train_helpers import launch_cmd, run
+
+    out = tmp_path / "run"
+    flags = ["--batch_size_per_gpu", "4", "--ckpt_every_steps", "1", "--ckpt_keep", "5"]
+    r = run(launch_cmd(1, 0, images, out, *flags, "--max_steps", "4"), timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    root = ckpt.checkpoint_root(out)
+    assert [p.name for p in ckpt.list_complete(out)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    (root / "step_00000004" / "COMPLETE").write_text('{"step": 4, "ep')
+    (root / "step_00000003" / ".metadata").unlink()
+    os.mkfifo(root / "step_00000003" / ".metadata")
+    rewrite_metadata(root / "step_00000002", WRONG_TYPES["shape_is_a_string"])
+    r = run(launch_cmd(1, 0, images, out, *flags, "--max_steps", "5"), timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("mugs: warning:")]
+    assert [w.split(" does not load")[0] for w in warnings[:3]] == [
+        f"mugs: warning: checkpoint step_0000000{i}" for i in (4, 3, 2)], warnings
+    assert "COMPLETE" in warnings[0] and "a FIFO" in warnings[1] and "not what DCP writes" in warnings[2]
+    assert "step_00000001 at step 1" in r.stderr and "--data_path" not in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-4000:]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("broken-")) == [
+        f"broken-step_0000000{i}" for i in (2, 3, 4)]
