@@ -296,3 +296,29 @@ def test_mugs_train_falls_back_over_a_torn_complete_a_fifo_and_metadata_of_the_w
     assert "Traceback" not in r.stderr, r.stderr[-4000:]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("broken-")) == [
         f"broken-step_0000000{i}" for i in (2, 3, 4)]
+
+
+@pytest.fixture(scope="module")
+def data(images):
+    return images  # conftest's make_run reads the module's `data`
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["shape_is_a_string", "rng_of_the_wrong_type"])
+def test_the_trainer_falls_back_instead_of_blaming_data_path(make_run, how):
+    """The trainer's own resume (a real Run, one process): a ValueError out of a broken checkpoint was
+    reworded as a --data_path error and stopped the run; now it is a broken checkpoint like any other."""
+    first = make_run()
+    first.save(keep_forever=False)  # step 0
+    first.step = 1
+    first.save(keep_forever=False)  # step 1, then broken
+    newest = ckpt.latest(first.cfg.output_dir)
+    if how == "shape_is_a_string":
+        rewrite_metadata(newest, WRONG_TYPES[how])
+    else:
+        blob = torch.load(newest / "rank_0.pt", weights_only=True)
+        blob["rng"]["numpy"]["key"] = torch.zeros(3, dtype=torch.int64)  # np.random.set_state: ValueError
+        torch.save(blob, newest / "rank_0.pt")
+        H.reseal(newest)
+    second = make_run()
+    assert second.step == 0 and second.resumed_from.name == "step_00000000"

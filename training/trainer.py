@@ -167,19 +167,19 @@ class Run:
         DALI state (bit-exact); another count reshards (DCP) and continues the global data position.
         Warnings (a checkpoint set aside) go through the monitor: rank 0's stderr."""
         rank = self.info.rank
-        try:  # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none)
-            meta = ckpt.resume_latest(self.cfg.output_dir, self.parts, log=self.mon.message)
-            if meta is None:
-                torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
-                return None
-            self.step = int(meta["step"])
-            if meta["loader"] is None:  # written by another number of processes: the position is global
+        # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none);
+        # only the loader's refusal of the position (the data changed: DataPosition) is a --data_path error
+        meta = ckpt.resume_latest(self.cfg.output_dir, self.parts, log=self.mon.message)
+        if meta is None:
+            torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
+            return None
+        self.step = int(meta["step"])
+        if meta["loader"] is None:  # written by another number of processes: the position is global
+            try:
                 self.loader.seek(*divmod(self.step, self.iters))
-                torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
-        except ValueError as e:  # the loader refusing the position (a CheckpointError is one line as it is)
-            if isinstance(e, MugsError):
-                raise
-            raise data_changed(self.cfg.data_path, e) from None
+            except ValueError as e:
+                raise data_changed(self.cfg.data_path, e) from None
+            torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
         self.knn_step = meta.get("knn_step")  # a point already measured is not measured again
         return Path(meta["path"])
 
