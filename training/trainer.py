@@ -93,6 +93,31 @@ def loop_step(step_fn: MugsTrainStep, teacher_crops, student_crops, weak_flags, 
     return step_fn(teacher_crops, student_crops, weak_flags, flags=flags, **step_kw)
 
 
+def data_changed(data_path: str, e: Exception) -> ConfigError:
+    return ConfigError(f"--data_path {data_path}: {e}; resume on the data the run started with, or use a "
+                       "new --output_dir")
+
+
+class DataPosition:
+    """The loader as a checkpoint part: its refusal of a saved position (the data set changed under the
+    run: a ValueError) is a --data_path error, told apart here from a broken checkpoint, which the
+    checkpoint read words (and falls back from) itself."""
+
+    def __init__(self, loader, data_path: str):
+        self.loader, self.data_path = loader, data_path
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        try:
+            self.loader.load_state_dict(state)
+        except ValueError as e:
+            if isinstance(e, MugsError):
+                raise
+            raise data_changed(self.data_path, e) from None
+
+
 class Run:
     """One training run: the models, the data and where the loop is (`step`, counted globally)."""
 
@@ -129,7 +154,7 @@ class Run:
             "optimizer": ckpt.OptimizerState(self.student, self.optimizer),
             "objective": self.objective,
             "rng": ckpt.PerRank(ckpt.RngState()),
-            "loader": ckpt.PerRank(self.loader),
+            "loader": ckpt.PerRank(DataPosition(self.loader, cfg.data_path)),
         }
         self.mon = Monitor(cfg.output_dir, self.stop_at, None, enabled=info.is_main)
         try:
@@ -145,20 +170,19 @@ class Run:
         DALI state (bit-exact); another count reshards (DCP) and continues the global data position.
         Warnings (a checkpoint set aside) go through the monitor: rank 0's stderr."""
         rank = self.info.rank
-        try:  # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none)
-            meta = ckpt.resume_latest(self.cfg.output_dir, self.parts, log=self.mon.message)
-            if meta is None:
-                torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
-                return None
-            self.step = int(meta["step"])
-            if meta["loader"] is None:  # written by another number of processes: the position is global
+        # newest checkpoint that loads; broken newer ones are reported and set aside (CheckpointError if none);
+        # only the loader's refusal of the position (the data changed: DataPosition) is a --data_path error
+        meta = ckpt.resume_latest(self.cfg.output_dir, self.parts, log=self.mon.message)
+        if meta is None:
+            torch.manual_seed(self.cfg.seed + 1 + rank)  # drop-path masks differ between ranks
+            return None
+        self.step = int(meta["step"])
+        if meta["loader"] is None:  # written by another number of processes: the position is global
+            try:
                 self.loader.seek(*divmod(self.step, self.iters))
-                torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
-        except CheckpointError:  # (a ValueError too) none loads: one line as it is
-            raise
-        except ValueError as e:  # the loader refusing the position, e.g. the data set changed under the run
-            raise ConfigError(f"--data_path {self.cfg.data_path}: {e}; resume on the data the run started "
-                              "with, or use a new --output_dir") from None
+            except ValueError as e:
+                raise data_changed(self.cfg.data_path, e) from None
+            torch.manual_seed(derive_seed(self.cfg.seed, 1, rank, self.step))  # fresh per-rank RNG
         self.knn_step = meta.get("knn_step")  # a point already measured is not measured again
         return Path(meta["path"])
 
@@ -325,6 +349,7 @@ def train(cfg: MugsConfig) -> int:
     try:
         validate(cfg, world)
         check_output_dir(cfg.output_dir)
+        ckpt.check_root(cfg.output_dir)
         notes = check_resume(cfg, world)
     except MugsError as e:
         return _failed(e, show=first_rank)
