@@ -15,9 +15,11 @@ from .parallelize import parallelize
 PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of them
 
 
-def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str] = None):
+def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str] = None,
+                 one_device: Optional[bool] = None):
     """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded.
-    `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals)."""
+    `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals).
+    `one_device`: False keeps FSDP2 on one rank too (None: training/one_device.py's path on one rank)."""
     torch.manual_seed(cfg.seed)  # same initial weights, queues and memories on every rank
     student = build_network(cfg.model_view(), teacher=False)
     teacher = build_network(cfg.model_view(), teacher=True)
@@ -27,7 +29,7 @@ def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str]
     student.to(info.device), teacher.to(info.device), objective.to(info.device)
     prec = cfg.compute_precision
     parallelize(student, info.mesh, precision=prec, activation_checkpointing=cfg.activation_checkpointing,
-                compile=cfg.compile, compile_backend=compile_backend)
+                compile=cfg.compile, compile_backend=compile_backend, one_device=one_device)
     parallelize(teacher, info.mesh, precision=prec, compile=cfg.compile, compile_backend=compile_backend,
-                is_teacher=True)
+                is_teacher=True, one_device=one_device)
     return student, teacher, objective
