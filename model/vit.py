@@ -98,15 +98,15 @@ class MultiResBlock(Block):
         return attn.proj_drop(attn.proj(out))
 
     def _drop_path(self, drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
-        """Stochastic depth per SAMPLE: the mask is drawn on each batch's [B_i, N_i, D] view.
+        """Stochastic depth per SAMPLE: one mask value per sample, drawn per batch as timm draws it.
 
-        Eager: timm's `DropPath` itself, so the RNG draws are exactly the released code's. Under
+        Eager: `packed_drop_path`, timm's `drop_path` draws on the packed rows (bitwise timm's). Under
         torch.compile: the same maths with the rate read from the `drop_path_rate` buffer, so every
         block of a model traces to ONE graph whatever its rate (Dynamo specialises on Python floats)."""
         if isinstance(drop, nn.Identity):
             return branch
         if not torch.compiler.is_compiling():
-            return pack([drop(t) for t in unpack(branch, sizes)])
+            return packed_drop_path(branch, sizes, drop.drop_prob, self.training, getattr(drop, "scale_by_keep", True))
         if not self.training:
             return branch
         keep = 1.0 - self.drop_path_rate
@@ -118,6 +118,37 @@ class MultiResBlock(Block):
                 mask = mask / torch.where(keep > 0, keep, torch.ones_like(keep))
             outs.append(t * mask)
         return pack(outs)
+
+
+def packed_drop_path(flat: torch.Tensor, sizes: Sizes, drop_prob: float, training: bool,
+                     scale_by_keep: bool = True) -> torch.Tensor:
+    """timm's `drop_path` of each batch of the packed rows `flat`, without unpacking them (issue 26).
+
+    The RNG draws are timm's, in its order: one `bernoulli_(keep)` of B_i values per batch, in `flat`'s
+    dtype, then the division by keep; the per-sample masks are then gathered to the rows (one index)
+    and multiply the rows once, instead of a multiply per batch and a concatenation. Bitwise timm's
+    `drop_path` on each [B_i, N_i, D] batch (tests/test_fused_pass.py)."""
+    if drop_prob == 0.0 or not training:
+        return flat
+    keep = 1.0 - drop_prob
+    mask = torch.cat([flat.new_empty((b, 1)).bernoulli_(keep) for b, _ in sizes])
+    if keep > 0.0 and scale_by_keep:
+        mask.div_(keep)
+    return flat * mask[_row_samples(sizes, flat.device)]
+
+
+_ROW_SAMPLES: dict = {}
+
+
+def _row_samples(sizes: Sizes, device: torch.device) -> torch.Tensor:
+    """Each packed row's sample (batch i's samples numbered after batch i-1's), made once per shape."""
+    key = (sizes, device)
+    if key not in _ROW_SAMPLES:
+        starts = [sum(b for b, _ in sizes[:i]) for i in range(len(sizes))]
+        # device factories and integer repeats only: no host tensor, no host sync (tests/test_host_sync.py)
+        _ROW_SAMPLES[key] = torch.cat([torch.arange(s, s + b, device=device).repeat_interleave(n)
+                                       for s, (b, n) in zip(starts, sizes)])
+    return _ROW_SAMPLES[key]
 
 
 def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:

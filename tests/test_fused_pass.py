@@ -81,6 +81,29 @@ def test_drop_path_is_per_sample_in_the_fused_pass():
             assert len(kept) >= 3  # masks really differ between samples
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_drop_path_is_timm_drop_path_bitwise(dtype):
+    """The eager packed drop path (one index and one multiply over the packed rows) draws timm's random
+    numbers in timm's order and gives timm's `drop_path` of each batch bit for bit, gradient included."""
+    from timm.layers import drop_path
+    from mugs.model.vit import pack, packed_drop_path, unpack
+
+    sizes = ((6, 5), (20, 3), (4, 7))
+    flat = torch.randn(sum(b * n for b, n in sizes), 16, dtype=dtype, requires_grad=True)
+    for prob in (0.0, 0.3, 1.0):
+        torch.manual_seed(3)
+        ref = pack([drop_path(t, prob, True) for t in unpack(flat, sizes)])
+        after_ref = torch.rand(1)
+        torch.manual_seed(3)
+        got = packed_drop_path(flat, sizes, prob, True)
+        assert torch.equal(torch.rand(1), after_ref)  # the same number of draws from the generator
+        assert torch.equal(got, ref), prob
+        g_ref, = torch.autograd.grad(ref.sum(), flat)
+        g_got, = torch.autograd.grad(got.sum(), flat)
+        assert torch.equal(g_got, g_ref)
+    assert packed_drop_path(flat, sizes, 0.3, False) is flat  # eval: nothing drawn
+
+
 def test_tensor_input_is_timm_block_forward():
     torch.manual_seed(0)
     blk = MultiResBlock(16, 2, qkv_bias=True).eval()
