@@ -87,13 +87,13 @@ class OpCounter(TorchDispatchMode):
                 "top_kernel_ops": dict(Counter(kernel).most_common(25))}
 
 
-def build_step(cfg: MugsConfig, info):
+def build_step(cfg: MugsConfig, info, compile_backend: Optional[str] = None):
     """The trainer's models, optimiser and step (training/models.py, training/optim.py)."""
     from mugs.training.models import build_models
     from mugs.training.optim import build_adamw
     from mugs.training.step import MugsTrainStep
 
-    student, teacher, objective = build_models(cfg, info)
+    student, teacher, objective = build_models(cfg, info, compile_backend=compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
     return MugsTrainStep(student, teacher, objective, optimizer, clip_grad=cfg.clip_view(),
                          freeze_last_layer=cfg.freeze_last_layer)
