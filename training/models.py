@@ -8,6 +8,7 @@ import torch
 
 from ..configs.options import MugsConfig
 from ..core.dist import DistInfo
+from ..core.errors import ConfigError
 from ..model.network import build_network
 from ..model.objective import MugsObjective
 from .parallelize import parallelize
@@ -25,6 +26,10 @@ def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str]
     teacher = build_network(cfg.model_view(), teacher=True)
     shared = {k: v for k, v in student.state_dict().items() if PREDICTOR not in k}
     teacher.load_state_dict(shared, strict=True)  # any other key the two do not share is a bug
+    if cfg.attention != "per_size" and info.device.type != "cuda":  # varlen is CUDA-only; flex has no CPU backward
+        raise ConfigError(f"--attention {cfg.attention} needs --device cuda (per_size runs everywhere)")
+    for blk in [*student.backbone.blocks, *teacher.backbone.blocks]:
+        blk.attention = cfg.attention
     objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     student.to(info.device), teacher.to(info.device), objective.to(info.device)
     prec = cfg.compute_precision
