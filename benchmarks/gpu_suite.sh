@@ -12,6 +12,10 @@
 #   vit_small, vit_base   the step at the Table-1 batches (64, 42)
 #   vit_large_compile     the optimised ViT-L step again with --compile (graphs compiled, any eager fall-back)
 #   dali_loader the DALI GPU loader's images/s (2 x 224 + 10 x 96 crops) at batch 64 and 128, when DALI imports
+#   profile     where the time goes (benchmarks/profile_step.py, profile.jsonl): torch.profiler over 3 steps of
+#               ViT-L at 16 and 64 per GPU in the default (eager) and the best (compiled) mode, a batch sweep
+#               16/32/64 (MFU), and the depth-24 step at tiny width (the host floor). ONLY as SUITE_ONLY=profile
+#               (budget 560 s: one <= 590 s device call of its own; a full run skips it)
 # After EVERY part, when $OUT is set, $OUT holds the run's JSONL records, summary.md and logs.tar.gz
 # (<= 7 files, no folder), each replaced atomically: a kill at any minute keeps every finished part.
 # The run's own folder is runs/gpu_suite/<time>-<device>/ (ignored by git; committing results is on purpose).
@@ -21,7 +25,7 @@
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 START=$(date +%s)
-PARTS="preflight gemm vit_large train_e2e vit_small vit_base vit_large_compile dali_loader"
+PARTS="preflight gemm vit_large train_e2e vit_small vit_base vit_large_compile dali_loader profile"
 err() { echo "gpu_suite: error: $*" >&2; exit 2; }
 
 REHEARSE=0
@@ -32,7 +36,7 @@ case "${1:-}" in
 esac
 ONLY=${SUITE_ONLY:-}
 [ -z "$ONLY" ] || [[ " $PARTS " == *" $ONLY "* ]] || err "SUITE_ONLY=$ONLY is not a part; parts: $PARTS"
-BUDGET=${SUITE_BUDGET_S:-$([ -n "$ONLY" ] && echo 150 || echo 520)}
+BUDGET=${SUITE_BUDGET_S:-$(case "$ONLY" in "") echo 520 ;; profile) echo 560 ;; *) echo 150 ;; esac)}
 
 # ---------------------------------------------------------------- 0. an interpreter with torch, a GPU, or stop at once
 PY=""
@@ -70,6 +74,8 @@ if [ $REHEARSE = 1 ]; then
   TRAIN=("${TINY[@]}" --compile false --batch_size_per_gpu 4)
   LOADER=(--device cpu --images 32 --batches 2 --warmup 1 --global-size 64 --local-size 32 --local-crops 2)
   LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2
+  P_ARGS=("${TINY[@]}" --drop_path_rate 0.3) P_BATCHES="2 4" P_SWEEP="3" P_BEST=(--compile true --compile_backend eager)
+  P_FLOOR=("${TINY[@]}" --depth 24 --batch_size_per_gpu 2) P_STEPS=(--steps 1 --warmup 1 --profile_steps 2)
 else
   # the Table-1 runs' shapes, per-GPU batches and drop path (configs/table1.py, via their presets)
   L_ARGS=(--preset vit_large_250ep --compare --baselines fp32,tf32)
@@ -81,6 +87,9 @@ else
   TRAIN=(--device cuda --precision bf16 --compile true --arch vit_small --batch_size_per_gpu 32)
   LOADER=(--device gpu --images 320 --batches 8 --warmup 2)
   LOADER_BATCHES="64 128" IMAGES=320 WORKERS_MAX=8
+  P_ARGS=(--preset vit_large_250ep) P_BATCHES="16 64" P_SWEEP="32" P_BEST=(--compile true)
+  P_FLOOR=(--preset vit_large_250ep --arch custom --embed_dim 64 --depth 24 --num_heads 1 --batch_size_per_gpu 16)
+  P_STEPS=(--steps 5 --warmup 3 --profile_steps 3)
 fi
 
 # ---------------------------------------------------------------- publishing: after every part, atomically
@@ -240,6 +249,31 @@ dali_loader() {
   done
 }
 
+profile() {  # profile NAME: each mode/batch its own process and timeout, its record appended as it finishes
+  local b rc t0=$(date +%s) runs=()
+  for b in $P_BATCHES; do runs+=("default $b"); done
+  for b in $P_BATCHES; do runs+=("best $b"); done
+  for b in $P_SWEEP; do runs+=("default $b"); done
+  runs+=("host_floor -")
+  local r label batch extra lim
+  for r in "${runs[@]}"; do
+    read -r label batch <<<"$r"
+    lim=$(( T - ($(date +%s) - t0) ))
+    if [ "$lim" -lt 30 ]; then status "profile $label $batch: skipped (${lim}s left)"; continue; fi
+    [ "$lim" -gt 200 ] && lim=200
+    case $label in
+      default) extra=("${P_ARGS[@]}" --batch_size_per_gpu "$batch") ;;
+      best) extra=("${P_ARGS[@]}" --batch_size_per_gpu "$batch" "${P_BEST[@]}") ;;
+      host_floor) extra=("${P_FLOOR[@]}") ;;
+    esac
+    timeout --kill-after=10 "$lim" "$PY" -m mugs.benchmarks.profile_step "${extra[@]}" "${P_STEPS[@]}" --label "$label" \
+      --out "$RUN_DIR/profile.jsonl" --tag "gpu_suite:profile" >"$RUN_DIR/logs/profile_${label}_$batch.log" 2>&1
+    rc=$?
+    grep -E '^\[|Error' "$RUN_DIR/logs/profile_${label}_$batch.log" | tail -3
+    status "profile $label $batch: exit $rc"
+  done
+}
+
 part preflight 45 20 preflight
 part gemm 30 10 gemm
 part vit_large 170 60 vit_large
@@ -248,6 +282,7 @@ part vit_small 60 30 vit_small
 part vit_base 60 30 vit_base
 part vit_large_compile 150 90 vit_large_compile
 part dali_loader 60 30 dali_loader
+[ "$ONLY" = profile ] && part profile 550 60 profile  # its own call: a full run's budget has no room for it
 echo "== suite done in $(( $(date +%s) - START ))s"
 cat "$RUN_DIR/summary.md"
 exit 0

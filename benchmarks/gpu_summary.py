@@ -93,6 +93,13 @@ def table(run_dir: Path) -> str:
     for r in _read(run_dir / "loader.jsonl"):
         lines.append(f"| DALI loader | batch {r['batch_size']}, {r['global_size']}/{r['local_size']} px x "
                      f"(2 + {r['local_crops']}) crops, {r['device']} | {r['img_per_s']:.0f} img/s |")
+    for r in _read(run_dir / "profile.jsonl"):
+        busy = (f"GPU busy {r['gpu_busy_pct']:.0f}%, {r['kernels_per_step']:.0f} kernels/step, idle gaps "
+                f"{_f(r['idle_gaps']['idle_ms_per_step'])} ms/step, " if r.get("gpu_busy_pct") is not None else "")
+        mfu = f", MFU {100 * r['mfu_bf16_peak']:.1f}% of bf16 spec" if r.get("mfu_bf16_peak") else ""
+        lines.append(f"| profile | {r['label']}: {r['arch']} depth {r.get('depth') or '-'} batch {r['batch_size_per_gpu']} "
+                     f"{r['precision']}{' + compile' if r.get('compile') else ''} | step {r['step_ms_median']:.1f} ms, "
+                     f"{busy}host {r['host_ms_per_step']:.1f} ms/step{mfu} |")
     status = run_dir / "status.txt"
     if status.exists():
         lines += ["", "Parts:"] + [f"- {l}" for l in status.read_text().splitlines() if l.strip()]

@@ -134,6 +134,10 @@ class MugsConfig:
                                          "true/false mean full/none", choices=AC_POLICIES, type=ac_policy,
                                          resume=SAFE)
     compile: bool = _opt(False, "torch.compile each block", resume=SAFE)
+    attention: str = _opt("per_size", "attention over the crops packed in one block pass: per_size (one SDPA per "
+                          "crop size), or one call for all sizes: varlen (torch.nn.attention.varlen) or flex "
+                          "(FlexAttention); both need --device cuda (issue 26: not yet measured on a GPU)",
+                          choices=("per_size", "varlen", "flex"), resume=SAFE)
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes", resume=SAFE)
     loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"), resume=SHAPES)
     max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)", range=NON_NEGATIVE, resume=SAFE)

@@ -57,6 +57,7 @@ class MultiResBlock(Block):
         # the drop-path rate as a TENSOR (non-persistent: no state-dict key). A compiled block reads
         # this instead of timm's Python float `drop_prob`, which Dynamo would guard on: with one rate
         # per depth every block would be a new graph and past the recompile limit blocks run eagerly.
+        self.attention = "per_size"  # or varlen / flex: one call for all crop sizes (`packed_attention`)
         rate = getattr(self.drop_path1, "drop_prob", 0.0)
         self.register_buffer("drop_path_rate", torch.tensor(float(rate)), persistent=False)
 
@@ -83,6 +84,13 @@ class MultiResBlock(Block):
         qkv = attn.qkv(flat)
         if getattr(attn, "gate", None) is not None:
             raise NotImplementedError("gated attention has no list forward")
+        if self.attention != "per_size" and attn.fused_attn and not (self.training and attn.attn_drop.p):
+            t = qkv.shape[0]
+            q, k, v = qkv.view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # [T, H, hd] each
+            out = packed_attention(attn.q_norm(q), attn.k_norm(k), v, sizes, self.attention).reshape(t, -1)
+            if getattr(attn, "norm", None) is not None:
+                out = attn.norm(out)
+            return attn.proj_drop(attn.proj(out))
         outs = []
         for part, (b, n) in zip(qkv.split([b * n for b, n in sizes]), sizes):
             q, k, v = part.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -98,15 +106,15 @@ class MultiResBlock(Block):
         return attn.proj_drop(attn.proj(out))
 
     def _drop_path(self, drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
-        """Stochastic depth per SAMPLE: the mask is drawn on each batch's [B_i, N_i, D] view.
+        """Stochastic depth per SAMPLE: one mask value per sample, drawn per batch as timm draws it.
 
-        Eager: timm's `DropPath` itself, so the RNG draws are exactly the released code's. Under
+        Eager: `packed_drop_path`, timm's `drop_path` draws on the packed rows (bitwise timm's). Under
         torch.compile: the same maths with the rate read from the `drop_path_rate` buffer, so every
         block of a model traces to ONE graph whatever its rate (Dynamo specialises on Python floats)."""
         if isinstance(drop, nn.Identity):
             return branch
         if not torch.compiler.is_compiling():
-            return pack([drop(t) for t in unpack(branch, sizes)])
+            return packed_drop_path(branch, sizes, drop.drop_prob, self.training, getattr(drop, "scale_by_keep", True))
         if not self.training:
             return branch
         keep = 1.0 - self.drop_path_rate
@@ -118,6 +126,99 @@ class MultiResBlock(Block):
                 mask = mask / torch.where(keep > 0, keep, torch.ones_like(keep))
             outs.append(t * mask)
         return pack(outs)
+
+
+ATTENTION_MODES = ("per_size", "varlen", "flex")
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, mode: str) -> torch.Tensor:
+    """Attention of every sample of the packed rows in ONE call (issue 26): q, k, v [T, H, hd] -> [T, H, hd],
+    each row attending only to the rows of its own sample.
+
+    `varlen`: torch.nn.attention.varlen (flash attention over cumulative sequence lengths; CUDA only).
+    `flex`: FlexAttention with a block mask of same-sample pairs (compiled on CUDA; the eager reference
+    elsewhere, which is how tests/test_fused_pass.py checks it against the per-size SDPA loop on CPU).
+    Softmax scale hd^-0.5, as SDPA's default and timm's."""
+    if mode == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = _cu_seqlens(sizes, q.device)
+        longest = max(n for _, n in sizes)
+        return varlen_attn(q, k, v, cu, cu, longest, longest)
+    if mode == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = _compiled_flex() if q.is_cuda else flex_attention
+        out = fn(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), block_mask=_sample_mask(sizes, q.device))
+        return out.squeeze(0).transpose(0, 1)
+    raise ValueError(f"attention {mode!r} is not one call: one of {ATTENTION_MODES[1:]}")
+
+
+_CU_SEQLENS: dict = {}
+_SAMPLE_MASKS: dict = {}
+_FLEX: list = []
+
+
+def _cu_seqlens(sizes: Sizes, device: torch.device) -> torch.Tensor:
+    """int32 [samples + 1]: where each sample's rows start in the packed rows, then the total (made once)."""
+    key = (sizes, device)
+    if key not in _CU_SEQLENS:
+        lengths = torch.cat([torch.full((b,), n, dtype=torch.int32, device=device) for b, n in sizes])
+        _CU_SEQLENS[key] = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
+                                      lengths.cumsum(0, dtype=torch.int32)])
+    return _CU_SEQLENS[key]
+
+
+def _sample_mask(sizes: Sizes, device: torch.device):
+    """FlexAttention's block mask: row q attends to row k when both belong to one sample (made once)."""
+    key = (sizes, device)
+    if key not in _SAMPLE_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        sample = _row_samples(sizes, device)
+        total = sample.shape[0]
+        _SAMPLE_MASKS[key] = create_block_mask(lambda b, h, q, k: sample[q] == sample[k], None, None, total, total,
+                                               device=device)
+    return _SAMPLE_MASKS[key]
+
+
+def _compiled_flex():
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
+
+
+def packed_drop_path(flat: torch.Tensor, sizes: Sizes, drop_prob: float, training: bool,
+                     scale_by_keep: bool = True) -> torch.Tensor:
+    """timm's `drop_path` of each batch of the packed rows `flat`, without unpacking them (issue 26).
+
+    The RNG draws are timm's, in its order: one `bernoulli_(keep)` of B_i values per batch, in `flat`'s
+    dtype, then the division by keep; the per-sample masks are then gathered to the rows (one index)
+    and multiply the rows once, instead of a multiply per batch and a concatenation. Bitwise timm's
+    `drop_path` on each [B_i, N_i, D] batch (tests/test_fused_pass.py)."""
+    if drop_prob == 0.0 or not training:
+        return flat
+    keep = 1.0 - drop_prob
+    mask = torch.cat([flat.new_empty((b, 1)).bernoulli_(keep) for b, _ in sizes])
+    if keep > 0.0 and scale_by_keep:
+        mask.div_(keep)
+    return flat * mask[_row_samples(sizes, flat.device)]
+
+
+_ROW_SAMPLES: dict = {}
+
+
+def _row_samples(sizes: Sizes, device: torch.device) -> torch.Tensor:
+    """Each packed row's sample (batch i's samples numbered after batch i-1's), made once per shape."""
+    key = (sizes, device)
+    if key not in _ROW_SAMPLES:
+        starts = [sum(b for b, _ in sizes[:i]) for i in range(len(sizes))]
+        # device factories and integer repeats only: no host tensor, no host sync (tests/test_host_sync.py)
+        _ROW_SAMPLES[key] = torch.cat([torch.arange(s, s + b, device=device).repeat_interleave(n)
+                                       for s, (b, n) in zip(starts, sizes)])
+    return _ROW_SAMPLES[key]
 
 
 def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:

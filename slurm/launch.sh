@@ -18,6 +18,7 @@
 #   OUTPUT_DIR          checkpoints + logs; the same dir resumes (default $SLURM_SUBMIT_DIR/runs/$RUN)
 #   GPUS_PER_NODE       processes per node (default: GPUs Slurm gave the job per node, else 8)
 #   GLOBAL_BATCH        keep this global batch (default: the paper's); per-GPU batch = GLOBAL_BATCH / GPUs
+#                       (fewer GPUs at a larger per-GPU batch keep the method's statistics: README, SLURM section)
 #   BATCH_SIZE_PER_GPU  fix the per-GPU batch instead (the global batch, and with it the lr, change)
 #   EXTRA_ARGS          train_fsdp.py flags appended last, so they override (split on whitespace);
 #                       arguments after the script name (`sbatch slurm/x.sh --epochs 10`) go after them

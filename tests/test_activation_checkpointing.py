@@ -110,7 +110,7 @@ def _train(info, policy, steps=2):
         res = step(t, s, torch.tensor([True, False]), epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04,
                    step_index=i)
         losses.append(res.losses)
-    params = {n: p.full_tensor().detach().clone() for n, p in student.named_parameters()}
+    params = {n: getattr(p, "full_tensor", lambda: p)().detach().clone() for n, p in student.named_parameters()}
     return losses, compile_report(True, since=before), params
 
 

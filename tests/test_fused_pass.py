@@ -81,6 +81,29 @@ def test_drop_path_is_per_sample_in_the_fused_pass():
             assert len(kept) >= 3  # masks really differ between samples
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_drop_path_is_timm_drop_path_bitwise(dtype):
+    """The eager packed drop path (one index and one multiply over the packed rows) draws timm's random
+    numbers in timm's order and gives timm's `drop_path` of each batch bit for bit, gradient included."""
+    from timm.layers import drop_path
+    from mugs.model.vit import pack, packed_drop_path, unpack
+
+    sizes = ((6, 5), (20, 3), (4, 7))
+    flat = torch.randn(sum(b * n for b, n in sizes), 16, dtype=dtype, requires_grad=True)
+    for prob in (0.0, 0.3, 1.0):
+        torch.manual_seed(3)
+        ref = pack([drop_path(t, prob, True) for t in unpack(flat, sizes)])
+        after_ref = torch.rand(1)
+        torch.manual_seed(3)
+        got = packed_drop_path(flat, sizes, prob, True)
+        assert torch.equal(torch.rand(1), after_ref)  # the same number of draws from the generator
+        assert torch.equal(got, ref), prob
+        g_ref, = torch.autograd.grad(ref.sum(), flat)
+        g_got, = torch.autograd.grad(got.sum(), flat)
+        assert torch.equal(g_got, g_ref)
+    assert packed_drop_path(flat, sizes, 0.3, False) is flat  # eval: nothing drawn
+
+
 def test_tensor_input_is_timm_block_forward():
     torch.manual_seed(0)
     blk = MultiResBlock(16, 2, qkv_bias=True).eval()
@@ -137,3 +160,39 @@ def test_tensor_forward_passes_timm_only_the_attention_arguments_set():
     assert torch.equal(out, Block.forward(blk, x))
     if "attn_mask" in inspect.signature(Block.forward).parameters:
         torch.testing.assert_close(blk(x, attn_mask=torch.zeros(5, 5)), out)
+
+
+@pytest.mark.parametrize("mode", ["flex", "varlen"])
+def test_one_call_attention_matches_the_per_size_loop(mode):
+    """Attention of all crop sizes in one call (model/vit.py packed_attention) against today's per-size SDPA
+    loop. CPU: FlexAttention's forward (it has no CPU backward), fp32, within 1e-5 (only the softmax's
+    summation order differs). CUDA: varlen and flex, bf16, forward and gradients within 2e-2."""
+    cuda = torch.cuda.is_available()
+    if mode == "varlen" and not cuda:
+        pytest.skip("torch.nn.attention.varlen runs on CUDA only")
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    blk = MultiResBlock(32, 2, qkv_bias=True).to(dev, dtype).train()
+    sizes = ((4, 17), (6, 5))
+    flat = torch.randn(sum(b * n for b, n in sizes), 32, device=dev, dtype=dtype, requires_grad=cuda)
+    tol = dict(atol=2e-2, rtol=2e-2) if cuda else dict(atol=1e-5, rtol=1e-5)
+
+    def run():
+        with torch.enable_grad() if cuda else torch.no_grad():  # (parameters require grad too)
+            out = blk(flat, sizes=sizes)
+        return out, (torch.autograd.grad(out.square().sum(), [flat, blk.attn.qkv.weight]) if cuda else ())
+
+    ref, g_ref = run()
+    blk.attention = mode
+    got, g_got = run()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, **tol)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, **tol)
+    # the rows of one sample do not see another's: changing sample 0 leaves every other row as it was
+    with torch.no_grad():
+        changed = flat.detach().clone()
+        changed[:17] += 1.0
+        before, after = blk(flat.detach(), sizes=sizes), blk(changed, sizes=sizes)
+        torch.testing.assert_close(after[17:], before[17:], atol=0, rtol=0)
+        assert not torch.allclose(after[:17], before[:17])

@@ -116,3 +116,25 @@ def test_suite_only_reruns_one_part(tmp_path):
     assert [e["bench"] for e in _records(out / "env.jsonl")] == ["gemm_ceiling"]
     assert sorted(p.name for p in out.iterdir()) == ["env.jsonl", "logs.tar.gz", "summary.md"]
     assert (out / "summary.md").read_text().count("exit") == 1
+
+
+@pytest.mark.timeout(500)
+def test_suite_only_profile_runs_every_mode_and_publishes(tmp_path):
+    """SUITE_ONLY=profile (issue 26): both modes at both batches, the sweep and the host floor, each a
+    record in profile.jsonl, within the file limit; on CPU the GPU figures are null, the host ones measured."""
+    r = subprocess.run(["bash", str(SUITE), "--rehearse"], capture_output=True, text=True, timeout=450,
+                       env=_env(tmp_path, SUITE_ONLY="profile"), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "profile.jsonl", "summary.md"]
+    recs = _records(out / "profile.jsonl")
+    assert [(x["label"], x["batch_size_per_gpu"]) for x in recs] == [
+        ("default", 2), ("default", 4), ("best", 2), ("best", 4), ("default", 3), ("host_floor", 2)]
+    assert [x["compile"] for x in recs] == [False, False, True, True, False, False]
+    assert recs[-1]["depth"] == 24
+    for x in recs:
+        assert x["step_ms_median"] > 0 and x["host_ms_per_step"] > 0 and x["profiled_steps"] == 2
+        assert {"teacher_fwd", "student_fwd", "backward", "optimizer", "ema"} <= set(x["phases_host_gpu_ms"])
+        assert x["gpu_busy_pct"] is None and "CPU" in x["note"]
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| profile |") == 6 and "profile host_floor -: exit 0" in summary

@@ -128,7 +128,7 @@ def test_teacher_is_resharded_by_fsdp_after_its_forward():
     backward, which shows what an unresharded root looks like."""
     info = init_distributed("cpu")
     try:
-        student, teacher, objective = build_models(tiny_cfg(2), info)
+        student, teacher, objective = build_models(tiny_cfg(2), info, one_device=False)  # FSDP2 on one rank too
         t, s, _ = _batch(0)
         with torch.no_grad():
             teacher([x[:2] for x in t], objective.teacher_memory)

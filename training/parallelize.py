@@ -16,7 +16,8 @@
    code object, hence Dynamo's recompile limit (8): nothing a block is traced with may
    differ per depth (the drop-path rate is a tensor buffer, model/vit.py), so a model
    compiles to a handful of graphs whatever its depth (`compile_report` counts them).
-3. FSDP2 (`fully_shard`): each block, the relation block, then the root
+3. FSDP2 (`fully_shard`) on more than one rank (one rank: training/one_device.py): each block,
+   the relation block, then the root
    (patch embedding, position embedding, final norm and the heads). Parameters are
    all-gathered per unit just before it runs; the blocks are entered once per
    forward for all crop resolutions (model/vit.py's list forward), so per step each
@@ -55,6 +56,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from ..configs.activation_checkpointing import ac_policy
 from ..model.network import MugsNetwork
+from . import one_device as one_device_
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -105,8 +107,10 @@ def parallelize(
     compile: bool = False,
     is_teacher: bool = False,
     compile_backend: Optional[Any] = None,  # a torch.compile backend: a name, or a callable (tests)
+    one_device: Optional[bool] = None,  # None: when the mesh has one rank (training/one_device.py)
 ) -> MugsNetwork:
-    """Apply AC, compile and FSDP2 to `net` in place (see the module docstring for order and policy)."""
+    """Apply AC, compile and FSDP2 to `net` in place (see the module docstring for order and policy).
+    On a one-rank mesh FSDP2 is replaced by training/one_device.py (no per-parameter casts)."""
     blocks = list(net.backbone.blocks)
     relation = list(net.backbone.relation_blocks)
     units = blocks + relation
@@ -118,6 +122,8 @@ def parallelize(
             # static shapes: the step's shapes are fixed, and Dynamo's automatic dynamic shapes (the teacher
             # and the student call one code object with different token counts) compiled slower generic kernels
             blk.compile(dynamic=False, **({"backend": compile_backend} if compile_backend else {}))
+    if one_device if one_device is not None else mesh.size() == 1:
+        return one_device_.attach(net, DTYPES[precision])
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     for blk in units:
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
