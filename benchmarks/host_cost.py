@@ -100,7 +100,7 @@ def build_step(cfg: MugsConfig, info, compile_backend: Optional[str] = None):
 
 
 def measure(cfg: MugsConfig, info, steps: int, warmup: int) -> Dict[str, object]:
-    from mugs.benchmarks.step import synthetic_batch
+    from mugs.benchmarks.step_measure import synthetic_batch
     from mugs.training.parallelize import DTYPES
 
     step_fn = build_step(cfg, info)

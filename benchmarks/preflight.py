@@ -44,7 +44,8 @@ def one_step(argv: Sequence[str]) -> dict:
     """Build the step benchmark's models from its flags and run one training step; losses and timings."""
     import torch
 
-    from mugs.benchmarks.step import LR, parse_args, synthetic_batch
+    from mugs.benchmarks.step import parse_args
+    from mugs.benchmarks.step_measure import LR, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES

@@ -114,7 +114,7 @@ def run(cfg: MugsConfig, steps: int, warmup: int, profile_steps: int, label: str
         compile_backend: Optional[str] = None) -> Dict[str, object]:
     from mugs.benchmarks.host_cost import build_step
     from mugs.benchmarks.phases import device_sync
-    from mugs.benchmarks.step import synthetic_batch
+    from mugs.benchmarks.step_measure import synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
     from mugs.training.parallelize import DTYPES
 

@@ -2,13 +2,13 @@
 import subprocess
 from pathlib import Path
 
-from mugs.benchmarks import loader, step
+from mugs.benchmarks import loader, step, step_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_outputs_are_ignored_paths_under_runs():
-    defaults = [Path(loader.RESULTS), step.DEFAULT_OUT, Path(step.parse_args([])[0].out[0])]
+    defaults = [Path(loader.RESULTS), step_records.DEFAULT_OUT, Path(step.parse_args([])[0].out[0])]
     for path in defaults:
         assert not path.is_absolute() and path.parts[:2] == ("runs", "benchmarks"), path
         r = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)  # 0: ignored

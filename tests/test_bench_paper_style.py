@@ -6,7 +6,7 @@ import torch
 
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.phases import PhaseTimer
-from mugs.benchmarks.step import synthetic_batch
+from mugs.benchmarks.step_measure import synthetic_batch
 from mugs.configs.options import MugsConfig
 from mugs.configs.views import GradClip
 from mugs.training.optim import build_adamw

@@ -14,7 +14,7 @@ EMA touch any state. The caller's per-step host flags (`flags`: the trainer's st
 checkpoint-due signals) ride in the same all-reduce and come back OR-ed over ranks, so a
 training-loop iteration has this one sync too; nothing on the hot path builds a host
 tensor that meets device tensors (tests/test_host_sync.py checks both on CPU). On CUDA,
-benchmarks/step.py counts the syncs with torch.cuda.set_sync_debug_mode
+benchmarks/step_measure.py counts the syncs with torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`, and `host_syncs_per_iteration` for training/trainer.py:loop_step).
 
 Each phase runs inside a `torch.profiler.record_function("mugs.<phase>")` range, so a
