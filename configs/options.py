@@ -121,6 +121,8 @@ class MugsConfig:
     compile: bool = _opt(False, "torch.compile each block", resume=SAFE)
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes", resume=SAFE)
     loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"), resume=SHAPES)
+    skip_unreadable: bool = _opt(False, "read the next readable image in place of one that cannot be read or decoded "
+                                 "(logged; the data order is kept); off: such an image stops the run", resume=SAFE)
     max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)", resume=SAFE)
     ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)", resume=SAFE)
     ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)",
