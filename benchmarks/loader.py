@@ -11,8 +11,9 @@ What it reports (one JSON line to --out, and one line on stdout):
     batches/2 steps before the end of epoch 0, via the loader's own seek), after `--warmup`;
   * turnover_s: the wait for the first batch of the new epoch, and median_batch_s: the median
     wait over the timed batches (turnover is reported apart, not hidden in the mean);
-  * next_ms_median: wall ms the consumer's `next(loader)` takes (the trainer thread's cost per step
-    when the step itself is instant: an upper bound of the host cost outside the producer);
+  * next_ms_median: wall ms the consumer's `next(loader)` takes: the trainer thread's cost per step. With
+    `--step-ms S` a fake S-ms step follows each batch, so with S above the loader's batch time this is
+    the host cost outside the producer when the loader keeps up;
   * pipeline_builds (total, and after the first batch: per epoch/resume) and dali_ops_per_step
     (operators in the built graphs that run once per step; conditional split/merge counted apart);
   * cpu_ms_per_img: CPU time of this process (all its threads) per image: robust to other load,
@@ -181,6 +182,8 @@ def run(args) -> dict:
                 done += 1
                 if done == 1:
                     builds_after_first = counter.builds
+                if args.step_ms:  # a fake step: the GIL is free, as in a real step's kernels
+                    time.sleep(args.step_ms / 1000)
                 if done == args.warmup:
                     t0, c0 = time.perf_counter(), time.process_time()
                 elif done > args.warmup:
@@ -209,7 +212,7 @@ def run(args) -> dict:
         "seconds": round(seconds, 3), "img_per_s": round(timed * args.batch_size / seconds, 2),
         "median_batch_s": round(statistics.median(waits), 4),
         "turnover_s": round(waits[boundary], 4) if boundary is not None else None,
-        "next_ms_median": round(1000 * statistics.median(waits), 3),
+        "next_ms_median": round(1000 * statistics.median(waits), 3), "step_ms": args.step_ms,
         "pipeline_builds": counter.builds, "pipelines_per_build_round": builds_after_first,
         "pipeline_builds_after_first_batch": counter.builds - (builds_after_first or 0),
         "dali_ops_per_step": sum(o["ops"] for o in ops) if ops else None,
@@ -291,6 +294,9 @@ def parse_args(argv=None):
     ap.add_argument("--local-size", type=int, default=d.local_crop_size)
     ap.add_argument("--local-crops", type=int, default=d.local_crops_number)
     ap.add_argument("--decode-only", action="store_true", help="time reading + DALI decoding only (the ceiling)")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="a fake step of this many ms after each batch: next() then shows the trainer thread's cost "
+                         "when the loader keeps up (img/s then includes the steps)")
     ap.add_argument("--out", default=RESULTS, help=f"JSON-lines file to append to (default {RESULTS})")
     return ap.parse_args(argv)
 

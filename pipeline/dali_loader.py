@@ -110,6 +110,8 @@ class DaliLoader(MultiCropLoader):
         self._orders: Dict[int, np.ndarray] = {}
         self._producer: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._queue: Optional[queue.Queue] = None
+        self._head: Tuple[int, int] = (-1, -1)  # (epoch, step) of the next batch in the queue
         self._build()
         _LIVE.add(self)
 
@@ -133,11 +135,26 @@ class DaliLoader(MultiCropLoader):
 
     # -- iteration: a producer thread, a bounded queue ------------------------------------------------
     def _iterate(self, epoch: int, start: int, extra: Any) -> Iterator[MultiCropBatch]:
-        self.close()
+        """Batches (epoch, start) ... (epoch, len - 1) from the producer. The producer runs on past the end of
+        the epoch into the next one (as far as the queue allows), so the first batch of epoch + 1 is ready
+        when the trainer asks for it; one started elsewhere (a seek) is stopped and a new one started."""
         if start >= len(self):
             return
+        if self._producer is None or self._head != (epoch, start):
+            self.close()
+            self._start_producer(epoch, start)
+        q = self._queue
+        for step in range(start, len(self)):
+            kind, item = q.get()
+            if kind == "error":
+                self.close()
+                raise item
+            self._head = (epoch, step + 1) if step + 1 < len(self) else (epoch + 1, 0)
+            yield self._handoff(item)
+
+    def _start_producer(self, epoch: int, start: int) -> None:
         q: "queue.Queue" = queue.Queue(maxsize=self.prefetch)
-        stop = self._stop = threading.Event()
+        stop = threading.Event()
 
         def put(item) -> None:
             while not stop.is_set():
@@ -151,41 +168,29 @@ class DaliLoader(MultiCropLoader):
         def produce() -> None:
             if self.device.type == "cpu":  # this thread's torch ops (OpenMP's setting is per thread): DALI
                 torch.set_num_threads(1)  # has its own threads, and the trainer keeps the others
+            e, step = epoch, start
             try:
-                for step in range(start, len(self)):
-                    put(("batch", self._produce(epoch, step)))
-                put(("end", None))
+                while True:
+                    put(("batch", self._produce(e, step)))
+                    e, step = (e, step + 1) if step + 1 < len(self) else (e + 1, 0)
             except _Stop:
                 pass
-            except BaseException as e:  # handed to the consumer, raised there
+            except BaseException as err:  # handed to the consumer, raised there
                 try:
-                    put(("error", e))
+                    put(("error", err))
                 except _Stop:
                     pass
 
+        self._queue, self._stop, self._head = q, stop, (epoch, start)
         self._producer = threading.Thread(target=produce, name=f"mugs-loader-rank{self.rank}", daemon=True)
         self._producer.start()
-        try:
-            while True:
-                kind, item = q.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise item
-                yield self._handoff(item)
-        finally:
-            stop.set()
-            self._join()
 
-    def _join(self) -> None:
+    def close(self) -> None:
+        """Stop the producer (a seek elsewhere, an error, or the end of the run)."""
+        self._stop.set()
         t, self._producer = self._producer, None
         if t is not None and t is not threading.current_thread():
             t.join()
-
-    def close(self) -> None:
-        """Stop the producer (a new iteration, or the end of the run)."""
-        self._stop.set()
-        self._join()
 
     def _handoff(self, item) -> MultiCropBatch:
         batch, event = item
@@ -229,7 +234,7 @@ class DaliLoader(MultiCropLoader):
 
     def _unreadable_message(self, idxs: List[int], epoch: int, pos: int) -> str:
         what = "; ".join(f"{self.index.paths[i]} ({self._bad[i]})" for i in idxs)
-        return (f"cannot read an image at sample {pos} of epoch {epoch} (rank {self.rank}): {what}. "
+        return (f"DALI could not decode an image at sample {pos} of epoch {epoch} (rank {self.rank}): {what}. "
                 + unreadable_advice(self.index.source))
 
     def _produce(self, epoch: int, step: int):
