@@ -294,7 +294,7 @@ class DaliLoader(MultiCropLoader):
             crops = {}
             for name, g in d.groups.items():
                 n = g.kind.shape[0]
-                u8 = torch.stack([_to_torch(o, self.device, stream) for o in outs[:n]], 1)  # [B, n, S, S, 3]
+                u8 = [_to_torch(o, self.device, stream) for o in outs[:n]]  # n x [B, S, S, 3]
                 del outs[:n]
                 crops[name] = apply_recipes(u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype).unbind(0)
             weak = torch.as_tensor(d.weak).to(self.device, non_blocking=True)

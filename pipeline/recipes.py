@@ -222,24 +222,32 @@ def jitter_matrices(jitter: np.ndarray, gray: np.ndarray, device) -> tuple:
     return _t(M, device), _t((1 - c) * b, device)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian (13 taps: 3 sigma of sigma 2; one kernel per crop), reflect padding: one grouped
-    convolution per axis over all the crops that drew a blur."""
+def _blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+    """Separable Gaussian, one kernel per crop cut at 3 sigma (13 taps at the largest sigma, 2), reflect
+    padding: crops are grouped by kernel radius, one grouped convolution per axis and group."""
     n, c, h, w = x.shape
-    r = _TAPS // 2
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, taps]
-    y = x.reshape(1, n * c, h, w)
-    for dim, size in ((2, h), (3, w)):
-        p = min(r, size - 1)
-        kk = k[:, r - p: r + p + 1]
-        kk = kk / kk.sum(1, keepdim=True)
-        if dim == 2:
-            y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), kk[:, None, :, None], groups=n * c)
-        else:
-            y = F.conv2d(F.pad(y, (p, p, 0, 0), mode="reflect"), kk[:, None, None, :], groups=n * c)
-    return y.view(n, c, h, w)
+    radius = np.clip(np.ceil(3 * sigma), 1, _TAPS // 2).astype(int)
+    out = torch.empty_like(x)
+    for r in np.unique(radius):
+        sel = np.flatnonzero(radius == r)
+        idx = torch.as_tensor(sel, device=x.device)
+        xs = x.index_select(0, idx) if len(sel) < n else x
+        m = len(sel)
+        t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+        sg = _t(sigma[sel], x.device)
+        k = torch.exp(-(t[None, :] ** 2) / (2 * sg[:, None] ** 2))
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [m*c, taps]
+        y = xs.reshape(1, m * c, h, w)
+        for dim, size in ((2, h), (3, w)):
+            p = min(int(r), size - 1)
+            kk = k[:, r - p: r + p + 1]
+            kk = kk / kk.sum(1, keepdim=True)
+            if dim == 2:
+                y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), kk[:, None, :, None], groups=m * c)
+            else:
+                y = F.conv2d(F.pad(y, (p, p, 0, 0), mode="reflect"), kk[:, None, None, :], groups=m * c)
+        out.index_copy_(0, idx, y.view(m, c, h, w))
+    return out
 
 
 def weak_recipe(x: torch.Tensor, d: CropDraws) -> torch.Tensor:
@@ -259,7 +267,7 @@ def weak_recipe(x: torch.Tensor, d: CropDraws) -> torch.Tensor:
     sel = np.flatnonzero(sigma > 0)
     if len(sel):
         idx = torch.as_tensor(sel, device=dev)
-        x.index_copy_(0, idx, _blur(x.index_select(0, idx), _t(sigma[sel], dev)))
+        x.index_copy_(0, idx, _blur(x.index_select(0, idx), sigma[sel]))
     sol = np.flatnonzero(d.solarize.reshape(-1))
     if len(sol):
         idx = torch.as_tensor(sol, device=dev)
@@ -306,12 +314,17 @@ def normalise_and_erase(x: torch.Tensor, d: CropDraws) -> torch.Tensor:
     return x
 
 
-def apply_recipes(crops_u8: torch.Tensor, d: CropDraws, increasing: bool, translate_frac: float,
+def apply_recipes(crops_u8, d: CropDraws, increasing: bool, translate_frac: float,
                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """uint8 crops [B, n, S, S, 3] (DALI's layout) -> normalised [n, B, 3, S, S] in `out_dtype`."""
-    B, n, S = crops_u8.shape[0], crops_u8.shape[1], crops_u8.shape[2]
-    x = torch.empty((n, B, 3, S, S), dtype=torch.float32, device=crops_u8.device)
-    x.copy_(crops_u8.permute(1, 0, 4, 2, 3))  # crop-major float32: one pass
+    """n uint8 crops [B, S, S, 3] each (DALI's layout; or one [B, n, S, S, 3] tensor) -> normalised
+    [n, B, 3, S, S] in `out_dtype`."""
+    if isinstance(crops_u8, torch.Tensor):
+        crops_u8 = list(crops_u8.unbind(1))
+    n = len(crops_u8)
+    B, S = crops_u8[0].shape[0], crops_u8[0].shape[1]
+    x = torch.empty((n, B, 3, S, S), dtype=torch.float32, device=crops_u8[0].device)
+    for c, u8 in enumerate(crops_u8):  # crop-major float32: one pass each
+        x[c].copy_(u8.permute(0, 3, 1, 2))
     x = x.view(n * B, 3, S, S)
     x = rand_augment(x, d, increasing, translate_frac * S)
     x = weak_recipe(x, d)
