@@ -75,7 +75,7 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     runs = [(l["backend"], l["batch_size"]) for l in loader if l.get("bench") != "loader_fed"]
     assert runs == [("dali", 8), ("dali_v1", 8), ("dali", 16), ("dali_v1", 16), ("dali_decode_only", 8)]
     assert all(l["img_per_s"] > 0 for l in loader if "img_per_s" in l)
-    new = [l for l in loader if l["backend"] == "dali"]
+    new = [l for l in loader if l.get("backend") == "dali"]
     assert all(l["pipeline_builds"] == 1 and l["pipeline_builds_after_first_batch"] == 0 and l["epochs_crossed"] >= 1
                and l["dali_ops_per_step"] <= 40 and l["dali_conditional_ops"] == 0 for l in new), new
     fed = [l for l in loader if l.get("bench") == "loader_fed"]
