@@ -126,6 +126,7 @@ class DaliLoader(MultiCropLoader):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             sides = [aug.global_size] * self.num_global + [aug.local_size] * aug.local_crops_number
+            sides = sides if gpu else []  # CPU: decode only, crops cut in torch (_cut)
             pipe = multicrop_graph(sides, "mixed" if gpu else "cpu", batch_size=self.batch_size,
                                    num_threads=self.num_threads, device_id=self.device_id, prefetch_queue_depth=1,
                                    seed=0)  # the graph draws nothing: every random choice is an input
@@ -285,10 +286,13 @@ class DaliLoader(MultiCropLoader):
         widths = np.array([s[2] for s in samples], dtype=np.int64)
         d = draw_batch(aug, self.seed, epoch, positions, heights, widths)
         pipe = self._pipe
+        gpu = self.device.type == "cuda"
         pipe.feed_input("encoded", [s[0] for s in samples])
         sizes = {"global": aug.global_size, "local": aug.local_size}
         c = 0
         for name, g in d.groups.items():
+            if not gpu:
+                break
             for m in _inverse_maps(g.window, g.flip, sizes[name]):
                 pipe.feed_input(f"m{c}", m)
                 c += 1
@@ -296,16 +300,19 @@ class DaliLoader(MultiCropLoader):
             outs = list(pipe.run())
         except RuntimeError as e:
             raise _DecodeFailed(_dali_said(e)) from None
-        gpu = self.device.type == "cuda"
         stream = self._stream
         ctx = torch.cuda.stream(stream) if gpu else _nullcontext()
         with ctx:
             crops = {}
             for name, g in d.groups.items():
                 n = g.kind.shape[0]
-                u8 = [_to_torch(o, self.device, stream) for o in outs[:n]]  # n x [B, S, S, 3]
-                del outs[:n]
-                crops[name] = apply_recipes(u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype).unbind(0)
+                if gpu:
+                    u8, layout = [_to_torch(o, self.device, stream) for o in outs[:n]], "HWC"  # n x [B, S, S, 3]
+                    del outs[:n]
+                else:
+                    u8, layout = _cut(outs[0], g.window, g.flip, sizes[name]), "CHW"  # n x [B, 3, S, S]
+                crops[name] = apply_recipes(u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype,
+                                            layout=layout).unbind(0)
             weak = torch.as_tensor(d.weak).to(self.device, non_blocking=True)
             event = None
             if gpu:
@@ -358,6 +365,24 @@ def _inverse_maps(window: np.ndarray, flip: np.ndarray, side: int) -> np.ndarray
     m[..., 1, 1] = h / side
     m[..., 1, 2] = i
     return m
+
+
+def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> List[torch.Tensor]:
+    """The CPU cutter: per crop, each image's window resized to side x side (bilinear, antialiased: the
+    RandomResizedCrop of torchvision on tensors), flipped where drawn. images: DALI's decoded HWC batch."""
+    import torch.nn.functional as F
+
+    imgs = [torch.from_numpy(np.asarray(images[b])) for b in range(window.shape[1])]
+    out = []
+    for c in range(window.shape[0]):
+        crops = torch.empty((len(imgs), 3, side, side), dtype=torch.uint8)
+        for b, img in enumerate(imgs):
+            i, j, h, w = (int(v) for v in window[c, b])
+            r = F.interpolate(img[i:i + h, j:j + w].permute(2, 0, 1)[None], size=(side, side), mode="bilinear",
+                              antialias=True)[0]
+            crops[b] = r.flip(-1) if flip[c, b] else r
+        out.append(crops)
+    return out
 
 
 def _to_torch(tensor_list, device: torch.device, stream) -> torch.Tensor:

@@ -315,16 +315,16 @@ def normalise_and_erase(x: torch.Tensor, d: CropDraws) -> torch.Tensor:
 
 
 def apply_recipes(crops_u8, d: CropDraws, increasing: bool, translate_frac: float,
-                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """n uint8 crops [B, S, S, 3] each (DALI's layout; or one [B, n, S, S, 3] tensor) -> normalised
+                  out_dtype: Optional[torch.dtype] = None, layout: str = "HWC") -> torch.Tensor:
+    """n uint8 crops [B, S, S, 3] each (layout HWC, DALI's; or [B, 3, S, S], CHW) -> normalised
     [n, B, 3, S, S] in `out_dtype`."""
     if isinstance(crops_u8, torch.Tensor):
         crops_u8 = list(crops_u8.unbind(1))
     n = len(crops_u8)
-    B, S = crops_u8[0].shape[0], crops_u8[0].shape[1]
+    B, S = crops_u8[0].shape[0], crops_u8[0].shape[2]
     x = torch.empty((n, B, 3, S, S), dtype=torch.float32, device=crops_u8[0].device)
     for c, u8 in enumerate(crops_u8):  # crop-major float32: one pass each
-        x[c].copy_(u8.permute(0, 3, 1, 2))
+        x[c].copy_(u8.permute(0, 3, 1, 2) if layout == "HWC" else u8)
     x = x.view(n * B, 3, S, S)
     x = rand_augment(x, d, increasing, translate_frac * S)
     x = weak_recipe(x, d)

@@ -35,9 +35,43 @@ def test_one_build_per_run_none_per_epoch_or_resume(tree16):
 
 
 def test_graph_is_small_and_has_no_conditionals(tree16):
+    from mugs.pipeline.dali_graph import multicrop_graph
+
     ld = loader("dali", tree16[0], batch_size=4, local_crops_number=10)  # the default 4 + 10 crops
-    ops = graph_ops(ld._pipe)
+    ops = graph_ops(ld._pipe)  # CPU: decode only, the crops are cut in torch
+    assert ops == {"ops": 2, "conditional_ops": 0}, ops
+    # the GPU loader's graph (decode + one warp per crop), built here on the CPU backend: same operators
+    pipe = multicrop_graph([224] * 4 + [96] * 10, "cpu", batch_size=4, num_threads=1, device_id=None)
+    pipe.build()
+    ops = graph_ops(pipe)
     assert ops["ops"] <= 40 and ops["conditional_ops"] == 0, ops
+
+
+def test_gpu_crop_graph_cuts_the_windows_the_cpu_cutter_cuts(tree16):
+    """The DALI warps (the GPU path's cutter, run here on the CPU backend) and the CPU cutter give the same
+    crops up to interpolation (bilinear without vs with antialiasing)."""
+    from mugs.pipeline.dali_graph import multicrop_graph
+    from mugs.pipeline.dali_loader import _cut, _inverse_maps, read_image_bytes
+    from mugs.pipeline.draws import sample_uniforms, rrc_windows
+
+    paths = tree16[1][:4]
+    data = [read_image_bytes(p) for p in paths]
+    h, w = np.array([d[1] for d in data]), np.array([d[2] for d in data])
+    _, u, _ = sample_uniforms(0, 0, np.arange(4), 2)
+    window = np.swapaxes(rrc_windows(u, h, w, (0.5, 1.0)), 0, 1)  # [2 crops, 4, 4]
+    flip = np.array([[True, False, True, False], [False, True, False, True]])
+    pipe = multicrop_graph([32, 32], "cpu", batch_size=4, num_threads=1, device_id=None)
+    pipe.build()
+    pipe.feed_input("encoded", [d[0] for d in data])
+    for c, m in enumerate(_inverse_maps(window, flip, 32)):
+        pipe.feed_input(f"m{c}", m)
+    warped = [torch.from_numpy(np.asarray(o.as_tensor())).permute(0, 3, 1, 2).float() for o in pipe.run()]
+    dec = multicrop_graph([], "cpu", batch_size=4, num_threads=1, device_id=None)
+    dec.build()
+    dec.feed_input("encoded", [d[0] for d in data])
+    cut = [t.float() for t in _cut(dec.run()[0], window, flip, 32)]
+    for a, b in zip(warped, cut):
+        assert (a - b).abs().mean() < 8, (a - b).abs().mean()  # grey levels; a wrong window or flip is ~40
 
 
 def _ks(a, b):
