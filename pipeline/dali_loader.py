@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import io
 import queue
 import sys
@@ -302,7 +303,7 @@ class DaliLoader(MultiCropLoader):
         except RuntimeError as e:
             raise _DecodeFailed(_dali_said(e)) from None
         stream = self._stream
-        ctx = torch.cuda.stream(stream) if gpu else _nullcontext()
+        ctx = torch.cuda.stream(stream) if gpu else contextlib.nullcontext()
         with ctx:
             crops = {}
             for name, g in d.groups.items():
@@ -341,14 +342,6 @@ class DaliLoader(MultiCropLoader):
 
 class _DecodeFailed(Exception):
     pass
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _dali_said(err: Exception) -> str:
