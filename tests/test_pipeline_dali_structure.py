@@ -275,3 +275,30 @@ def test_grayscale_and_png_images_still_decode(tmp_path):
     b = first_batches(loader("dali", str(tmp_path), batch_size=8, num_threads=1), n=1)[0]
     assert b.batch_size == 8
 
+
+
+def test_recipe_frequencies_of_the_original():
+    """Per crop kind: blur 1.0 / 0.1 / 0.5 / 0 and solarize 0 / 0.2 / 0 / 0 (weak 1, weak 2, weak local,
+    strong), jitter 0.8 and grayscale 0.2 of weak crops, RandAugment and erasing only on strong crops."""
+    from mugs.configs.options import MugsConfig
+    from mugs.pipeline.augment_config import AugmentConfig
+    from mugs.pipeline.draws import STRONG, WEAK_GLOBAL_1, WEAK_GLOBAL_2, WEAK_LOCAL, draw_batch
+
+    aug = AugmentConfig.from_config(MugsConfig())
+    n = 3000
+    d = draw_batch(aug, 0, 0, np.arange(n), np.full(n, 375), np.full(n, 500))
+    kind = np.concatenate([d.groups["global"].kind.ravel(), d.groups["local"].kind.ravel()])
+    get = lambda f: np.concatenate([f(d.groups["global"]).reshape(-1), f(d.groups["local"]).reshape(-1)])  # noqa: E731
+    blur, sol, gray = get(lambda g: g.blur_sigma > 0), get(lambda g: g.solarize), get(lambda g: g.gray)
+    jit = get(lambda g: np.abs(g.jitter - [1, 1, 1, 0]).sum(-1) > 0)
+    ra = get(lambda g: (g.ra_op >= 0).any(-1))
+    erase = get(lambda g: g.erase[..., 2] > 0)
+    for k, p_blur, p_sol in ((WEAK_GLOBAL_1, 1.0, 0.0), (WEAK_GLOBAL_2, 0.1, 0.2), (WEAK_LOCAL, 0.5, 0.0), (STRONG, 0, 0)):
+        m = kind == k
+        assert abs(blur[m].mean() - p_blur) < 0.03 and abs(sol[m].mean() - p_sol) < 0.03, k
+    weak = kind != STRONG
+    assert abs(jit[weak].mean() - 0.8) < 0.02 and abs(gray[weak].mean() - 0.2) < 0.02
+    assert not jit[~weak].any() and not gray[~weak].any() and not ra[weak].any() and not erase[weak].any()
+    assert abs(ra[~weak].mean() - 0.75) < 0.03  # 2 ops, each applied with p 0.5
+    assert abs(erase[~weak].mean() - aug.re_prob) < 0.03
+    assert abs(d.weak.mean() - aug.prob) < 0.03 and abs((d.groups["local"].kind != STRONG).mean() - aug.prob) < 0.02
