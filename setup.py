@@ -10,6 +10,7 @@ PACKAGES = {
     "mugs.core": "core",
     "mugs.core.checkpoint": "core/checkpoint",
     "mugs.benchmarks": "benchmarks",
+    "mugs.benchmarks.legacy_dali": "benchmarks/legacy_dali",
     "mugs.apps": "apps",
 }
 

@@ -11,7 +11,8 @@
 #               checkpoint and resumed to step 30
 #   vit_small, vit_base   the step at the Table-1 batches (64, 42)
 #   vit_large_compile     the optimised ViT-L step again with --compile (graphs compiled, any eager fall-back)
-#   dali_loader the DALI GPU loader's images/s (2 x 224 + 10 x 96 crops) at batch 64 and 128, when DALI imports
+#   dali_loader the DALI loader (4 x 224 + 10 x 96 crops) at batch 16/64/128, new and old (benchmarks/legacy_dali)
+#               in the same call; a decode-only ceiling; ViT-S at 64/GPU fed by the loader vs synthetic batches
 #   profile     where the time goes (benchmarks/profile_step.py, profile.jsonl): torch.profiler over 3 steps of
 #               ViT-L at 16 and 64 per GPU in the default (eager) and the best (compiled) mode, a batch sweep
 #               16/32/64 (MFU), and the depth-24 step at tiny width (the host floor). ONLY as SUITE_ONLY=profile
@@ -36,7 +37,7 @@ case "${1:-}" in
 esac
 ONLY=${SUITE_ONLY:-}
 [ -z "$ONLY" ] || [[ " $PARTS " == *" $ONLY "* ]] || err "SUITE_ONLY=$ONLY is not a part; parts: $PARTS"
-BUDGET=${SUITE_BUDGET_S:-$(case "$ONLY" in "") echo 520 ;; profile) echo 560 ;; *) echo 150 ;; esac)}
+BUDGET=${SUITE_BUDGET_S:-$(case "$ONLY" in "") echo 520 ;; profile) echo 560 ;; dali_loader) echo 420 ;; *) echo 150 ;; esac)}
 
 # ---------------------------------------------------------------- 0. an interpreter with torch, a GPU, or stop at once
 PY=""
@@ -72,8 +73,10 @@ if [ $REHEARSE = 1 ]; then
   STEPS=(--steps 2 --warmup 1)
   GEMM=(--device cpu --size 256 --dtype fp32 --reps 3)
   TRAIN=("${TINY[@]}" --compile false --batch_size_per_gpu 4)
-  LOADER=(--device cpu --images 32 --batches 2 --warmup 1 --global-size 64 --local-size 32 --local-crops 2)
-  LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2
+  LOADER=(--device cpu --images 48 --batches 2 --warmup 1 --global-size 32 --local-size 16 --local-crops 2 --workers 1)
+  LOADER_BATCHES="8 16" IMAGES=64 WORKERS_MAX=2 FED_BATCH=8
+  FED=("${TINY[@]}" --batch_size_per_gpu 8 --max_steps 6 --epochs 2 --warmup_epochs 1 --num_workers 1)
+  FED_STEP=("${TINY[@]}" --batch_size_per_gpu 8)
   P_ARGS=("${TINY[@]}" --drop_path_rate 0.3) P_BATCHES="2 4" P_SWEEP="3" P_BEST=(--compile true --compile_backend eager)
   P_FLOOR=("${TINY[@]}" --depth 24 --batch_size_per_gpu 2) P_STEPS=(--steps 1 --warmup 1 --profile_steps 2)
 else
@@ -85,8 +88,10 @@ else
   STEPS=(--steps 10 --warmup 3)
   GEMM=(--size 8192 --dtype bf16 --reps 10 --warmup 3)
   TRAIN=(--device cuda --precision bf16 --compile true --arch vit_small --batch_size_per_gpu 32)
-  LOADER=(--device gpu --images 320 --batches 8 --warmup 2)
-  LOADER_BATCHES="64 128" IMAGES=320 WORKERS_MAX=8
+  LOADER=(--device gpu --images 6000 --batches 50 --warmup 3)  # 4 x 224 + 10 x 96 crops, ImageNet-like sizes
+  LOADER_BATCHES="16 64 128" IMAGES=6000 WORKERS_MAX=8 FED_BATCH=64
+  FED=(--preset vit_small_100ep --device cuda --precision bf16 --max_steps 60 --epochs 2 --warmup_epochs 1 --num_workers 16)
+  FED_STEP=(--preset vit_small_100ep)
   P_ARGS=(--preset vit_large_250ep) P_BATCHES="16 64" P_SWEEP="32" P_BEST=(--compile true)
   P_FLOOR=(--preset vit_large_250ep --arch custom --embed_dim 64 --depth 24 --num_heads 1 --batch_size_per_gpu 16)
   P_STEPS=(--steps 5 --warmup 3 --profile_steps 3)
@@ -237,16 +242,34 @@ train_e2e() {
   status "train_e2e: killed ${killed_at:-never (see logs/train_first.log)}, resumed at ${resumed:-no}, exit $rc"
 }
 
-dali_loader() {
+dali_loader() {  # issue 27: the new loader and the old one (benchmarks/legacy_dali) in the same call, a decode-only
+  # ceiling, and ViT-S at the Table-1 batch fed by the loader vs by synthetic batches (the step benchmark)
   if [ -z "$DALI" ]; then status "dali_loader: skipped (DALI not importable)"; return 0; fi
-  local b rc
+  local b rc backend each=$(( T / (2 * $(echo $LOADER_BATCHES | wc -w) + 4) ))
   for b in $LOADER_BATCHES; do
-    timeout --kill-after=10 $(( T / 2 )) "$PY" -m mugs.benchmarks.loader --backend dali --batch-size "$b" "${LOADER[@]}" \
-      --out "$RUN_DIR/loader.jsonl" >"$RUN_DIR/logs/dali_loader_b$b.log" 2>&1
-    rc=$?
-    tail -1 "$RUN_DIR/logs/dali_loader_b$b.log"
-    status "dali_loader batch $b: exit $rc"
+    for backend in dali dali_v1; do
+      timeout --kill-after=5 "$each" "$PY" -m mugs.benchmarks.loader --backend "$backend" --batch-size "$b" "${LOADER[@]}" \
+        --out "$RUN_DIR/loader.jsonl" >"$RUN_DIR/logs/loader_${backend}_b$b.log" 2>&1
+      rc=$?
+      tail -1 "$RUN_DIR/logs/loader_${backend}_b$b.log"
+      status "dali_loader $backend batch $b: exit $rc"
+    done
   done
+  timeout --kill-after=5 "$each" "$PY" -m mugs.benchmarks.loader --decode-only --batch-size "$FED_BATCH" "${LOADER[@]}" \
+    --out "$RUN_DIR/loader.jsonl" >"$RUN_DIR/logs/loader_decode_only.log" 2>&1
+  rc=$?; tail -1 "$RUN_DIR/logs/loader_decode_only.log"; status "dali_loader decode-only: exit $rc"
+  # ViT-S fed by the loader (a short training run) vs the same step on synthetic batches
+  local out=$TMP/fed data
+  data=$("$PY" -c "from mugs.benchmarks.loader import synth_imagenet_like; print(synth_imagenet_like($IMAGES))")
+  timeout --kill-after=5 $(( each * 2 )) "$PY" "$ROOT/train_fsdp.py" --data_path "$data" --output_dir "$out" --loader dali \
+    "${FED[@]}" --ckpt_every_minutes 0 >"$RUN_DIR/logs/loader_fed_train.log" 2>&1
+  rc=$?
+  timeout --kill-after=5 "$each" "$PY" -m mugs.benchmarks.step "${FED_STEP[@]}" "${STEPS[@]}" --out "$RUN_DIR/step.jsonl" \
+    --tag "gpu_suite:dali_loader_synthetic" >"$RUN_DIR/logs/loader_fed_synthetic.log" 2>&1
+  local rc2=$?
+  "$PY" -m mugs.benchmarks.gpu_summary fed-record --output_dir "$out" --gpu "$GPU" --exit_code "$rc" \
+    --step_records "$RUN_DIR/step.jsonl" --out "$RUN_DIR/loader.jsonl" >/dev/null
+  status "dali_loader fed ViT-S: train exit $rc, synthetic step exit $rc2"
 }
 
 profile() {  # profile NAME: each mode/batch its own process and timeout, its record appended as it finishes
@@ -281,7 +304,7 @@ part train_e2e 200 90 train_e2e
 part vit_small 60 30 vit_small
 part vit_base 60 30 vit_base
 part vit_large_compile 150 90 vit_large_compile
-part dali_loader 60 30 dali_loader
+part dali_loader 300 60 dali_loader
 [ "$ONLY" = profile ] && part profile 550 60 profile  # its own call: a full run's budget has no room for it
 echo "== suite done in $(( $(date +%s) - START ))s"
 cat "$RUN_DIR/summary.md"

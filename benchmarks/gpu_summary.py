@@ -91,8 +91,7 @@ def table(run_dir: Path) -> str:
                      + (" (loader-bound: CPU torchvision decode, not a GPU figure)" if r.get("loader_bound") else "")
                      + (f", compile {cg}" if (cg := (r.get("exit_event") or {}).get("compile_graphs")) else "") + " |")
     for r in _read(run_dir / "loader.jsonl"):
-        lines.append(f"| DALI loader | batch {r['batch_size']}, {r['global_size']}/{r['local_size']} px x "
-                     f"(2 + {r['local_crops']}) crops, {r['device']} | {r['img_per_s']:.0f} img/s |")
+        lines.append(_loader_row(r))
     for r in _read(run_dir / "profile.jsonl"):
         busy = (f"GPU busy {r['gpu_busy_pct']:.0f}%, {r['kernels_per_step']:.0f} kernels/step, idle gaps "
                 f"{_f(r['idle_gaps']['idle_ms_per_step'])} ms/step, " if r.get("gpu_busy_pct") is not None else "")
@@ -104,6 +103,43 @@ def table(run_dir: Path) -> str:
     if status.exists():
         lines += ["", "Parts:"] + [f"- {l}" for l in status.read_text().splitlines() if l.strip()]
     return "\n".join(lines)
+
+
+def _loader_row(r: dict) -> str:
+    if r.get("bench") == "loader_fed":
+        ratio = f", {100 * r['fed_vs_synthetic']:.0f}% of the synthetic-batch step" if r.get("fed_vs_synthetic") else ""
+        return (f"| loader-fed step | {r['arch']} batch {r['batch_size_per_gpu']}, {r['loader']} loader | "
+                f"{_f(r['images_per_s_median'])} img/s, data wait {_f(100 * (r['data_wait_share_median'] or 0), '.0f')}%"
+                f" (synthetic {_f(r['synthetic_images_per_s'])} img/s){ratio} |")
+    if r.get("backend") == "dali_decode_only":
+        return f"| DALI decode only | batch {r['batch_size']}, {r['device']} | {r['img_per_s']:.0f} img/s |"
+    crops = r.get("crops") or f"(2 + {r['local_crops']}) crops"
+    extra = ""
+    if r.get("dali_ops_per_step") is not None:
+        extra = (f", builds {r['pipeline_builds']} ({r['pipeline_builds_after_first_batch']} after the first batch), "
+                 f"{r['dali_ops_per_step']} DALI ops/step, turnover {r['turnover_s']} s vs median batch "
+                 f"{r['median_batch_s']} s")
+    return (f"| DALI loader {r['backend']} | batch {r['batch_size']}, crops {crops}, {r['device']} | "
+            f"{r['img_per_s']:.0f} img/s{extra} |")
+
+
+def fed_record(a) -> dict:
+    """A short training run fed by the loader (its steady-state img/s and data-wait share, from TensorBoard)
+    against the step benchmark's synthetic-batch record of the same run (the last in --step_records)."""
+    out = Path(a.output_dir)
+    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    sc = _scalars(out / "tb") if (out / "tb").exists() else {}
+    ips = [v for st, v in sc.get("perf/images_per_s", []) if st > 3]
+    wait = [v for st, v in sc.get("perf/data_wait_share", []) if st > 3]
+    synth = [r for r in _read(Path(a.step_records)) if r.get("tag") == "gpu_suite:dali_loader_synthetic"
+             and "error" not in r]
+    fed = statistics.median(ips) if ips else None
+    syn = synth[-1]["images_per_s"] if synth else None
+    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "bench": "loader_fed",
+            "gpu": a.gpu, "loader": cfg.get("loader"), "arch": cfg.get("arch"),
+            "batch_size_per_gpu": cfg.get("batch_size_per_gpu"), "exit_code": a.exit_code,
+            "images_per_s_median": fed, "data_wait_share_median": statistics.median(wait) if wait else None,
+            "synthetic_images_per_s": syn, "fed_vs_synthetic": fed / syn if fed and syn else None}
 
 
 def _step_row(r: dict) -> str:
@@ -143,13 +179,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t.add_argument("--first_s", type=float, default=0)
     t.add_argument("--total_s", type=float, default=0)
     t.add_argument("--out", action="append", default=[])
+    f = sub.add_parser("fed-record")
+    f.add_argument("--output_dir", required=True)
+    f.add_argument("--gpu", required=True)
+    f.add_argument("--exit_code", type=int, required=True)
+    f.add_argument("--step_records", required=True)
+    f.add_argument("--out", action="append", default=[])
     s = sub.add_parser("table")
     s.add_argument("--run_dir", required=True)
     a = p.parse_args(argv)
     if a.cmd == "table":
         print(table(Path(a.run_dir)))
         return 0
-    rec = train_record(a)
+    rec = fed_record(a) if a.cmd == "fed-record" else train_record(a)
     records.append(a.out, rec)
     print(json.dumps(rec))
     return 0

@@ -1,15 +1,27 @@
-"""Loader throughput: images per second (one image = all its crops), DALI vs torchvision.
+"""Loader throughput and structure: images/s (one image = all its crops), pipeline builds, DALI operator
+invocations per step, epoch turnover and the trainer thread's cost per step.
 
-    python -m mugs.benchmarks.loader --backend dali --batch-size 32 --batches 20 [--data DIR]
+    python -m mugs.benchmarks.loader --backend dali --batch-size 64 --batches 50 [--data DIR]
         [--device cpu|gpu] [--workers W] [--global-size 224 --local-size 96 --local-crops 10]
+        [--images 6000] [--decode-only]
 
-`--workers 0` (torchvision) runs the transforms in-process, so its CPU-ms per image is
-measured too: CPU time per image does not depend on other load, wall img/s does.
-Without --data, a folder of synthetic ImageNet-like JPEGs (~500x375, quality 90) is made once
-in the temp dir and reused. Warm-up batches (pipeline builds, worker start) are not timed.
-Appends one JSON line per run (machine, CPU count, load average, backend, settings, img/s) to
---out, by default runs/benchmarks/loader.jsonl under the working directory (ignored by git in a
-checkout); the committed benchmarks/results/loader.jsonl changes only when --out names it.
+What it reports (one JSON line to --out, and one line on stdout):
+  * crops: what was measured, e.g. "4x224 + 10x96" (teacher 2 + student 2 globals, locals);
+  * img_per_s over `--batches` timed batches that cross an epoch boundary (the run starts
+    batches/2 steps before the end of epoch 0, via the loader's own seek), after `--warmup`;
+  * turnover_s: the wait for the first batch of the new epoch, and median_batch_s: the median
+    wait over the timed batches (turnover is reported apart, not hidden in the mean);
+  * next_ms_median: wall ms the consumer's `next(loader)` takes: the trainer thread's cost per step. With
+    `--step-ms S` a fake S-ms step follows each batch, so with S above the loader's batch time this is
+    the host cost outside the producer when the loader keeps up;
+  * pipeline_builds (total, and after the first batch: per epoch/resume) and dali_ops_per_step
+    (operators in the built graphs that run once per step; conditional split/merge counted apart);
+  * cpu_ms_per_img: CPU time of this process (all its threads) per image: robust to other load,
+    where all work is in-process (DALI, or torchvision with --workers 0).
+Without --data, JPEGs with an ImageNet-like mix of sizes are made once in the temp dir and reused
+(`synth_imagenet_like`). `--decode-only` (DALI) times reading + decoding alone: the loader's ceiling.
+`--backend dali_v1` measures the loader of f9e9db5 (benchmarks/legacy_dali) for comparison.
+Appends to --out, by default runs/benchmarks/loader.jsonl under the working directory.
 Compare numbers only from the same machine and load.
 """
 from __future__ import annotations
@@ -18,6 +30,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -28,99 +41,280 @@ from mugs.benchmarks import records
 from mugs.configs.options import MugsConfig
 
 RESULTS = os.path.join("runs", "benchmarks", "loader.jsonl")  # relative to the working directory
+DEFAULT_IMAGES = 6000
+# ImageNet-1K train's size mix, roughly: (probability, (w, h) choices); most are ~500 px on the long side
+SIZE_MIX = (
+    (0.55, ((500, 375), (375, 500), (500, 333), (333, 500))),
+    (0.25, ((500, 400), (400, 500), (500, 500), (450, 300))),
+    (0.12, ((300, 225), (250, 250), (200, 150))),
+    (0.08, ((800, 600), (1024, 768), (1600, 1200), (2048, 1536))),
+)
 
 
-def synth_imagenet_like(n: int, seed: int = 0) -> str:
-    """n JPEGs in 8 class folders, ImageNet-like sizes and file sizes; made once per n."""
+def _size(rng: np.random.Generator):
+    u, acc = rng.random(), 0.0
+    for p, choices in SIZE_MIX:
+        acc += p
+        if u < acc:
+            return choices[rng.integers(len(choices))]
+    return SIZE_MIX[0][1][0]
+
+
+def _write_images(args) -> None:
     from PIL import Image
 
-    root = os.path.join(tempfile.gettempdir(), f"mugs_bench_synth_{n}_{seed}")
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker):
-        return root
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        w, h = (500, 375) if rng.random() < 0.7 else (375, 500)
+    root, seed, first, last = args
+    for i in range(first, last):
+        rng = np.random.default_rng([seed, i])
+        w, h = _size(rng)
         base = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        pixels = np.asarray(base, dtype=np.float32) + rng.normal(0, 10, (h, w, 3))
+        pixels = np.asarray(base, dtype=np.float32) + rng.normal(0, 10, (h, w, 3)).astype(np.float32)
         d = os.path.join(root, f"class_{i % 8}")
         os.makedirs(d, exist_ok=True)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:05d}.JPEG"), quality=90)
+
+
+def synth_imagenet_like(n: int, seed: int = 0) -> str:
+    """n JPEGs (quality 90) in 8 class folders with SIZE_MIX's sizes; made once per (n, seed), on every core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = os.path.join(tempfile.gettempdir(), f"mugs_bench_mix_{n}_{seed}")
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker):
+        return root
+    chunk = 100
+    tasks = [(root, seed, a, min(n, a + chunk)) for a in range(0, n, chunk)]
+    if len(tasks) > 1 and (os.cpu_count() or 1) > 1:
+        with ProcessPoolExecutor(min(len(tasks), os.cpu_count() or 1)) as pool:
+            list(pool.map(_write_images, tasks))
+    else:
+        for t in tasks:
+            _write_images(t)
     open(marker, "w").close()
     return root
+
+
+class _BuildCounter:
+    """Counts DALI pipeline builds and keeps the pipelines built (to count their operators)."""
+
+    def __init__(self):
+        self.builds, self.pipes = 0, []
+        try:
+            from nvidia.dali.pipeline import Pipeline
+        except ImportError:
+            self.cls = None
+            return
+        self.cls, self.orig = Pipeline, Pipeline.build
+        counter = self
+
+        def build(pipe, *a, **kw):
+            if not getattr(pipe, "_built", False):
+                counter.builds += 1
+                counter.pipes.append(pipe)
+            return counter.orig(pipe, *a, **kw)
+
+        Pipeline.build = build
+
+    def close(self):
+        if self.cls is not None:
+            self.cls.build = self.orig
+
+
+def graph_ops(pipe) -> dict:
+    """Operators in a built DALI pipeline's graph: all, and the conditional split/merge ones."""
+    ops = getattr(pipe, "_ops", None) or []
+    names = [type(o._op).__name__ if getattr(o, "_op", None) is not None else o.name for o in ops]
+    cond = [n for n in names if n.lower().lstrip("_").startswith(("split", "merge", "conditional"))
+            or "_conditional" in n.lower()]
+    return {"ops": len(names), "conditional_ops": len(cond)}
+
+
+def crops_label(global_size: int, local_size: int, local_crops: int, vanilla: bool = False) -> str:
+    return f"{2 if vanilla else 4}x{global_size} + {local_crops}x{local_size}"
+
+
+def _build(args, data: str, device: str):
+    import torch
+
+    from mugs.pipeline import build_loader_from_config
+
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    backend = "dali" if args.backend == "dali_v1" else args.backend
+    cfg = MugsConfig(loader=backend, data_path=data, batch_size_per_gpu=args.batch_size, seed=0,
+                     num_workers=workers, img_size=args.global_size, size_crops=[args.local_size],
+                     local_crops_number=args.local_crops)
+    if args.backend == "dali_v1":
+        from mugs.benchmarks.legacy_dali import build_v1_loader
+
+        return build_v1_loader(cfg, device=device), workers
+    return build_loader_from_config(cfg, rank=0, world_size=1, device=device, dtype=torch.float32), workers
 
 
 def run(args) -> dict:
     import torch
 
-    from mugs.pipeline import build_loader_from_config
-
     device = "cuda" if args.device == "gpu" else "cpu"
     data = args.data or synth_imagenet_like(args.images)
-    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-    cfg = MugsConfig(loader=args.backend, data_path=data, batch_size_per_gpu=args.batch_size, seed=0,
-                     num_workers=workers, img_size=args.global_size, size_crops=[args.local_size],
-                     local_crops_number=args.local_crops)
-    loader = build_loader_from_config(cfg, rank=0, world_size=1, device=device, dtype=torch.float32)
-    done, timed, t0, c0, epoch = 0, 0, None, None, 0
-    while timed < args.batches:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            done += 1
-            if done == args.warmup:
-                t0, c0 = time.perf_counter(), time.process_time()
-            elif done > args.warmup:
-                timed += 1
-                if timed == args.batches:
+    counter = _BuildCounter()
+    try:
+        if args.decode_only:
+            return _decode_only(args, data, device, counter)
+        loader, workers = _build(args, data, device)
+        n = len(loader)
+        # start `batches/2 + warmup` steps before the end of epoch 0, so the timed window crosses into epoch 1
+        start = max(0, n - args.batches // 2 - args.warmup)
+        loader.seek(0, start)
+        waits, epoch_of, cpu_ms = [], [], None
+        builds_after_first = None
+        done, epoch, t0, c0 = 0, 0, None, None
+        while len(waits) < args.batches:
+            loader.set_epoch(epoch)
+            it = iter(loader)
+            while len(waits) < args.batches:
+                t = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
                     break
-        epoch += 1
-    seconds = time.perf_counter() - t0
-    cpu = time.process_time() - c0  # this process and its threads (DALI), not worker processes
-    img_s = timed * args.batch_size / seconds
-    in_process = args.backend == "dali" or workers == 0
-    result = {
-        "time": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-        "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "backend": args.backend,
-        "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "batch_size": args.batch_size, "batches": timed, "workers": workers, "global_size": args.global_size,
-        "local_size": args.local_size, "local_crops": args.local_crops,
-        "data": args.data or f"synthetic {args.images} JPEGs ~500x375", "seconds": round(seconds, 3),
-        "img_per_s": round(img_s, 2), "torch": torch.__version__,
-        # CPU time per image: robust to other load on the machine; only where all work is in-process
-        "cpu_ms_per_img": round(1000 * cpu / (timed * args.batch_size), 1) if in_process else None,
-    }
-    if args.backend == "dali":
-        import nvidia.dali
-
-        result["dali"] = nvidia.dali.__version__
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t
+                done += 1
+                if done == 1:
+                    builds_after_first = counter.builds
+                if args.step_ms:  # a fake step: the GIL is free, as in a real step's kernels
+                    time.sleep(args.step_ms / 1000)
+                if done == args.warmup:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                elif done > args.warmup:
+                    waits.append(dt)
+                    epoch_of.append(epoch)
+                del batch
+            epoch += 1
+        seconds = time.perf_counter() - t0
+        cpu = time.process_time() - c0  # this process and its threads, not worker processes
+        stop = getattr(loader, "close", None)
+        if stop:
+            stop()
+    finally:
+        counter.close()
+    timed = len(waits)
+    boundary = next((i for i in range(1, timed) if epoch_of[i] != epoch_of[i - 1]), None)
+    in_process = args.backend != "torchvision" or workers == 0
+    if in_process:
+        cpu_ms = round(1000 * cpu / (timed * args.batch_size), 1)
+    # the graphs of one epoch's build (the v1 loader builds 3 pipelines per epoch; the v2 loader 1 per run)
+    per_round = counter.pipes[:builds_after_first] if builds_after_first else []
+    ops = [graph_ops(p) for p in per_round]
+    result = _common(args, device, workers, data)
+    result.update({
+        "batches": timed, "epochs_crossed": epoch_of[-1] - epoch_of[0] if epoch_of else 0,
+        "seconds": round(seconds, 3), "img_per_s": round(timed * args.batch_size / seconds, 2),
+        "median_batch_s": round(statistics.median(waits), 4),
+        "turnover_s": round(waits[boundary], 4) if boundary is not None else None,
+        "next_ms_median": round(1000 * statistics.median(waits), 3), "step_ms": args.step_ms,
+        "pipeline_builds": counter.builds, "pipelines_per_build_round": builds_after_first,
+        "pipeline_builds_after_first_batch": counter.builds - (builds_after_first or 0),
+        "dali_ops_per_step": sum(o["ops"] for o in ops) if ops else None,
+        "dali_conditional_ops": sum(o["conditional_ops"] for o in ops) if ops else None,
+        "cpu_ms_per_img": cpu_ms,
+    })
     return result
 
 
-def main(argv=None) -> int:
+def _decode_only(args, data, device, counter) -> dict:
+    """Read + decode only (DALI), the same files and batch: the ceiling of any loader built on it."""
+    from mugs.pipeline.files import load_index
+    from nvidia.dali import fn, pipeline_def, types
+
+    index = load_index(data)
+    B = args.batch_size
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+
+    @pipeline_def
+    def decode():
+        enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(enc, device="mixed" if device == "cuda" else "cpu", output_type=types.RGB)
+
+    pipe = decode(batch_size=B, num_threads=workers, device_id=0 if device == "cuda" else None,
+                  prefetch_queue_depth=1)
+    pipe.build()
+
+    def batch(k):
+        files = [index.paths[(k * B + i) % len(index)] for i in range(B)]
+        out = []
+        for f in files:
+            with open(f, "rb") as fh:
+                out.append(np.frombuffer(fh.read(), dtype=np.uint8))
+        pipe.feed_input("enc", out)
+        return pipe.run()
+
+    for k in range(args.warmup):
+        batch(k)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for k in range(args.batches):
+        batch(args.warmup + k)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    result = _common(args, device, workers, data)
+    result.update({"backend": "dali_decode_only", "crops": "decode only", "batches": args.batches,
+                   "seconds": round(seconds, 3), "img_per_s": round(args.batches * B / seconds, 2),
+                   "cpu_ms_per_img": round(1000 * cpu / (args.batches * B), 1), "pipeline_builds": counter.builds})
+    return result
+
+
+def _common(args, device, workers, data) -> dict:
+    import torch
+
+    r = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
+         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "backend": args.backend,
+         "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+         "batch_size": args.batch_size, "workers": workers, "global_size": args.global_size,
+         "local_size": args.local_size, "local_crops": args.local_crops,
+         "crops": crops_label(args.global_size, args.local_size, args.local_crops),
+         "data": args.data or f"synthetic {args.images} JPEGs, ImageNet-like size mix", "torch": torch.__version__}
+    if args.backend != "torchvision":
+        import nvidia.dali
+
+        r["dali"] = nvidia.dali.__version__
+    return r
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = MugsConfig()  # the crop defaults are the training run's
     ap.add_argument("--data", help="ImageFolder root or mugs-scan-data list (default: synthetic JPEGs)")
-    ap.add_argument("--backend", choices=("dali", "torchvision"), default="dali")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=20, help="timed batches")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    ap.add_argument("--backend", choices=("dali", "dali_v1", "torchvision"), default="dali")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=50, help="timed batches (they cross an epoch boundary)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--workers", type=int, help="DALI threads / DataLoader workers (default: CPU count)")
-    ap.add_argument("--images", type=int, default=320, help="synthetic images when --data is absent")
+    ap.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="synthetic images when --data is absent")
     ap.add_argument("--global-size", type=int, default=d.img_size)
     ap.add_argument("--local-size", type=int, default=d.local_crop_size)
     ap.add_argument("--local-crops", type=int, default=d.local_crops_number)
+    ap.add_argument("--decode-only", action="store_true", help="time reading + DALI decoding only (the ceiling)")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="a fake step of this many ms after each batch: next() then shows the trainer thread's cost "
+                         "when the loader keeps up (img/s then includes the steps)")
     ap.add_argument("--out", default=RESULTS, help=f"JSON-lines file to append to (default {RESULTS})")
-    args = ap.parse_args(argv)
-    result = run(args)
-    print(f"{args.backend} ({result['device']}, {result['workers']} workers, batch {args.batch_size}, "
-          f"{args.global_size}/{args.local_size} px, {args.local_crops} local crops): "
-          f"{result['img_per_s']:.1f} img/s"
-          + (f", {result['cpu_ms_per_img']} CPU-ms/img" if result["cpu_ms_per_img"] is not None else "")
-          + f"  [load avg {result['load_avg_1m']}]")
-    records.append([args.out], result)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    r = run(args)
+    extra = ""
+    if "turnover_s" in r:
+        extra = (f"; median batch {r['median_batch_s']:.3f} s, turnover {r['turnover_s']} s, next() median "
+                 f"{r['next_ms_median']} ms; builds {r['pipeline_builds']} ({r['pipeline_builds_after_first_batch']} "
+                 f"after the first batch), DALI ops/step {r['dali_ops_per_step']} "
+                 f"({r['dali_conditional_ops']} conditional)")
+    print(f"{r['backend']} ({r['device']}, {r['workers']} workers, batch {args.batch_size}, crops {r['crops']}, "
+          f"{r['batches']} batches): {r['img_per_s']:.1f} img/s"
+          + (f", {r['cpu_ms_per_img']} CPU-ms/img" if r.get("cpu_ms_per_img") is not None else "")
+          + extra + f"  [load avg {r['load_avg_1m']}]")
+    records.append([args.out], r)
     return 0
 
 

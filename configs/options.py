@@ -140,6 +140,8 @@ class MugsConfig:
                           choices=("per_size", "varlen", "flex"), resume=SAFE)
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes", resume=SAFE)
     loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"), resume=SHAPES)
+    skip_unreadable: bool = _opt(False, "read the next readable image in place of one that cannot be read or decoded "
+                                 "(logged; the data order is kept); off: such an image stops the run", resume=SAFE)
     max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)", range=NON_NEGATIVE, resume=SAFE)
     ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)",
                                  range=NON_NEGATIVE, resume=SAFE)

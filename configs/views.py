@@ -99,11 +99,12 @@ class LoaderConfig:
     batch_size: int
     seed: int
     num_threads: int  # DALI threads or DataLoader worker processes
+    skip_unreadable: bool = False  # replace an unreadable image by the next readable one (logged)
 
     @classmethod
     def from_config(cls, cfg) -> "LoaderConfig":
         return cls(backend=cfg.loader, data_path=cfg.data_path, batch_size=cfg.batch_size_per_gpu, seed=cfg.seed,
-                   num_threads=cfg.num_workers)
+                   num_threads=cfg.num_workers, skip_unreadable=cfg.skip_unreadable)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def build_loader(aug: AugmentConfig, data: LoaderConfig, *, rank: int, world_siz
     """
     index = load_index(data.data_path)
     common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=data.seed, device=device,
-                  dtype=dtype)
+                  dtype=dtype, skip_unreadable=data.skip_unreadable)
     if data.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is an optional dependency
 

@@ -1,18 +1,29 @@
-"""The DALI multi-crop loader: one cutter + one or two augmenter pipelines per rank (see dali_graph).
+"""The DALI multi-crop loader: one graph built once per run, fed by index, overlapped with the step.
 
-Per epoch the pipelines are built for this rank's file order (sharding.py) with seeds from
-(seed, epoch, rank), so an epoch's batches depend only on those and the data. Per step, the
-per-image and per-crop recipe choices (weak/strong) come from a NumPy generator seeded by
-(seed, epoch, rank, step). Mid-epoch resume rebuilds the pipelines from their DALI checkpoints
-(reader position + random generator states): the next batches are identical. A state without
-checkpoints (e.g. written by the torchvision backend) resumes the position only.
+Per step a producer thread (the trainer only takes finished batches from a queue of `prefetch`):
+  1. takes this rank's B dataset indices for (epoch, step) from sharding.py and reads their bytes itself
+     (a read error, a file over MAX_IMAGE_PIXELS or a JPEG without its end marker is named at once);
+  2. draws every random choice on the host from (seed, epoch, global sample position) (draws.py);
+  3. runs the one DALI graph (dali_graph.py: decode once; on the GPU one warp per crop, on the CPU the
+     same windows are cut in torch, `_cut`);
+  4. applies the weak/strong recipes as batched torch ops (recipes.py), on its own CUDA stream on a GPU.
+So an epoch boundary or a resume builds nothing: resume is a position (loader_base.py), and a sample's
+crops depend only on (seed, epoch, position), not on the rank layout. With `skip_unreadable`, an image
+that cannot be read or decoded is replaced by the next readable one of the index (logged); every other
+sample, and the order, stay as they were.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
-import os
+import io
+import queue
+import sys
+import threading
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,78 +31,59 @@ import torch
 from ..core.errors import DataError
 from .augment_config import AugmentConfig
 from .batch import MultiCropBatch
-from .dali_graph import STRONG, WEAK_GLOBAL_1, WEAK_GLOBAL_2, WEAK_LOCAL, augment_pipeline, cutter_pipeline
-from .erasing import erase_strong
-from .files import FileIndex
-from .loader_base import MultiCropLoader
-from .sharding import derive_seed
-
-@contextlib.contextmanager
-def _quiet_build():
-    """Graph construction without DALI's per-operator stack capture (a private switch; about
-    half the build time) and without its deprecation warnings."""
-    try:
-        from nvidia.dali._utils import dali_trace
-    except ImportError:  # pragma: no cover - other DALI versions
-        dali_trace = None
-    was = dali_trace.is_tracing_enabled() if dali_trace else None
-    if dali_trace:
-        dali_trace.set_tracing(enabled=False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        if dali_trace:
-            dali_trace.set_tracing(enabled=was)
-
-
-def _to_torch(tensor_list, device: torch.device, share: bool = False) -> torch.Tensor:
-    """A dense DALI TensorList as a torch tensor on `device`.
-
-    share=True (CPU, dynamic executor only): a zero-copy view. The dynamic executor allocates
-    every output afresh and keeps it alive while referenced, so the view stays valid; this
-    saves a full copy of every batch (~3.5 MB per image at 224/96 px with 10 local crops).
-    """
-    t = tensor_list.as_tensor()
-    if share and device.type == "cpu":
-        return torch.from_numpy(np.asarray(t))
-    return _stack_to_torch([tensor_list], device)
-
-
-def _stack_to_torch(tensor_lists, device: torch.device) -> torch.Tensor:
-    """Dense DALI TensorLists of equal shape, concatenated along the batch on `device`:
-    one copy of each straight into its slice of the result (no per-list tensor + torch.cat)."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-    ts = [tl.as_tensor() for tl in tensor_lists]
-    shape = ts[0].shape()
-    out = torch.empty((len(ts) * shape[0], *shape[1:]), dtype=to_torch_type[ts[0].dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    for part, t in zip(out.chunk(len(ts)), ts):
-        feed_ndarray(t, part, cuda_stream=stream)
-    return out
-
-
-def draw_recipes(rng: np.random.Generator, aug: AugmentConfig, batch: int):
-    """Per-image weak flags and the recipe kind of every crop (crop-major), as the original draws them."""
-    if aug.vanilla_weak_augmentation:
-        weak = np.ones(batch, dtype=bool)
-        global_kinds = [WEAK_GLOBAL_1, WEAK_GLOBAL_2]
-    else:
-        weak = rng.random(batch) < aug.student_weak_prob
-        global_kinds = [WEAK_GLOBAL_1, WEAK_GLOBAL_2, WEAK_GLOBAL_1, WEAK_GLOBAL_2]
-    g = np.repeat(np.array(global_kinds, dtype=np.int32)[:, None], batch, axis=1)
-    if not aug.vanilla_weak_augmentation:
-        g[2:, ~weak] = STRONG
-    local_weak = rng.random((aug.local_crops_number, batch)) < aug.local_weak_prob
-    loc = np.where(local_weak, WEAK_LOCAL, STRONG).astype(np.int32)
-    return weak, g.reshape(-1), loc.reshape(-1), local_weak.T
-
+from .files import MAX_IMAGE_PIXELS, FileIndex
+from .loader_base import MultiCropLoader, unreadable_advice
+from .recipes import apply_recipes
 
 # check_image reasons that also stop DALI's decoder (it converts CMYK, palette and RGBA images and
 # decodes by content, so "cmyk", "mode" and "format_mismatch" files are read fine)
 _UNDECODABLE = frozenset({"non_image", "unreadable", "corrupt", "truncated"})
+
+
+class Unreadable(Exception):
+    """One file the loader cannot use: str() is the reason."""
+
+
+def read_image_bytes(path: str) -> Tuple[np.ndarray, int, int]:
+    """(bytes, height, width) of an image file, checked before DALI sees it: readable, a format PIL can
+    identify from its header, at most MAX_IMAGE_PIXELS pixels, and a JPEG with its end-of-image marker."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise Unreadable(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise Unreadable("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise Unreadable(f"more than {MAX_IMAGE_PIXELS} pixels") from None
+    except Exception as e:  # PIL raises many types for bad headers
+        raise Unreadable(f"not an image PIL can identify ({type(e).__name__})") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise Unreadable(f"{w}x{h} is more than {MAX_IMAGE_PIXELS} pixels")
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise Unreadable("truncated: no JPEG end-of-image marker")
+    return np.frombuffer(data, dtype=np.uint8), h, w
+
+
+class _Stop(Exception):
+    pass
+
+
+_LIVE = weakref.WeakSet()  # loaders whose producer may run: stopped before the interpreter exits
+
+
+@atexit.register
+def _stop_all() -> None:
+    for loader in list(_LIVE):
+        loader.close()
+        loader._pipe = None
 
 
 class DaliLoader(MultiCropLoader):
@@ -100,9 +92,12 @@ class DaliLoader(MultiCropLoader):
     def __init__(self, index: FileIndex, aug: AugmentConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: Any = "cpu", num_threads: int = 4,
                  dtype: torch.dtype = torch.float32, device_id: Optional[int] = None,
-                 prefetch: int = 2, debug: bool = False):
+                 prefetch: int = 2, debug: bool = False, skip_unreadable: bool = False,
+                 log: Optional[Callable[[str], None]] = None):
         super().__init__(index, aug, batch_size, rank, world_size, seed, device, dtype)
-        self.num_threads, self.prefetch, self.debug = num_threads, prefetch, debug
+        self.num_threads, self.prefetch, self.debug = max(1, num_threads), max(1, prefetch), debug
+        self.skip_unreadable = skip_unreadable
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         if self.device.type == "cuda":
             self.device_id = device_id if device_id is not None else (
                 self.device.index if self.device.index is not None else torch.cuda.current_device())
@@ -110,118 +105,287 @@ class DaliLoader(MultiCropLoader):
         else:
             self.device_id = None
         self.num_global = 2 if aug.vanilla_weak_augmentation else 4
-        self._pipes: Dict[str, Any] = {}
+        self.builds = 0  # DALI pipeline builds (1 per run; another only after a decode failure when skipping)
+        self.replaced: Dict[int, int] = {}  # unreadable dataset index -> the one read in its place
+        self._bad: Dict[int, str] = {}
+        self._pipe = None
+        self._stream = None
+        self._orders: Dict[int, np.ndarray] = {}
+        self._producer: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._queue: Optional[queue.Queue] = None
+        self._head: Tuple[int, int] = (-1, -1)  # (epoch, step) of the next batch in the queue
+        self._spent: collections.deque = collections.deque()  # batches handed out (CPU), freed by the producer
+        self._build()
+        _LIVE.add(self)
 
-    # -- pipelines ---------------------------------------------------------------------------
-    def _build(self, files: List[str], epoch: int, start: int, checkpoints: Optional[Dict[str, str]]):
-        """Pipelines over `files`; resuming at step `start` without checkpoints (another world size)
-        seeds them from (seed, epoch, rank, start) so the restarted random streams are fresh ones."""
+    # -- the graph, built once -----------------------------------------------------------------------
+    def _build(self) -> None:
+        from .dali_graph import multicrop_graph
+
         gpu = self.device.type == "cuda"
-        at = () if start == 0 or checkpoints else (start,)
-        common = dict(num_threads=self.num_threads, device_id=self.device_id, enable_checkpointing=True)
-        ck = checkpoints or {}
-        B, aug = self.batch_size, self.aug
-        with _quiet_build():
-            pipes = {"cutter": cutter_pipeline(
-                files, self.num_global, aug.local_crops_number, aug, "mixed" if gpu else "cpu", self.debug,
-                batch_size=B, seed=derive_seed(self.seed, epoch, self.rank, 0, *at),
-                prefetch_queue_depth=self.prefetch, checkpoint=ck.get("cutter"), **common)}
-            sizes = {"global": (aug.global_size, self.num_global)}
-            if aug.local_crops_number:
-                sizes["local"] = (aug.local_size, aug.local_crops_number)
-            for salt, (name, (size, count)) in enumerate(sizes.items(), 1):
-                pipes[name] = augment_pipeline(
-                    aug, size, "gpu" if gpu else "cpu", batch_size=B * count,
-                    seed=derive_seed(self.seed, epoch, self.rank, salt, *at), prefetch_queue_depth=1,
-                    checkpoint=ck.get(name), **common)
-            for p in pipes.values():
-                p.build()
-        return pipes
+        aug = self.aug
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sides = [aug.global_size] * self.num_global + [aug.local_size] * aug.local_crops_number
+            sides = sides if gpu else []  # CPU: decode only, crops cut in torch (_cut)
+            pipe = multicrop_graph(sides, "mixed" if gpu else "cpu", batch_size=self.batch_size,
+                                   num_threads=self.num_threads, device_id=self.device_id, prefetch_queue_depth=1,
+                                   seed=0)  # the graph draws nothing: every random choice is an input
+            pipe.build()
+        self._pipe = pipe
+        self.builds += 1
+        if gpu and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
 
-    def _extra_state(self):
-        if not self._pipes:
-            return None
-        return {name: p.checkpoint() for name, p in self._pipes.items()}
-
-    # -- iteration ---------------------------------------------------------------------------
-    def _iterate(self, epoch: int, start: int, extra: Optional[Dict[str, str]]) -> Iterator[MultiCropBatch]:
+    # -- iteration: a producer thread, a bounded queue ------------------------------------------------
+    def _iterate(self, epoch: int, start: int, extra: Any) -> Iterator[MultiCropBatch]:
+        """Batches (epoch, start) ... (epoch, len - 1) from the producer. The producer runs on past the end of
+        the epoch into the next one (as far as the queue allows), so the first batch of epoch + 1 is ready
+        when the trainer asks for it; one started elsewhere (a seek) is stopped and a new one started."""
         if start >= len(self):
             return
-        order = self.rank_order(epoch)
-        B = self.batch_size
-        # with checkpoints the reader resumes itself; without, read from the resume position on
-        skip = 0 if extra else start * B
-        files_idx = order[skip:]
-        files = [self.index.paths[i] for i in files_idx]
-        self._pipes = {}
-        pipes = self._build(files, epoch, start, extra)
-        self._pipes = pipes
-        try:
-            for step in range(start, len(self)):
-                yield self._step(pipes, files, files_idx, epoch, step)
-        finally:
-            self._pipes = {}
+        if self._producer is None or self._head != (epoch, start):
+            self.close()
+            self._start_producer(epoch, start)
+        q = self._queue
+        for step in range(start, len(self)):
+            kind, item = q.get()
+            if kind == "error":
+                self.close()
+                raise item
+            self._head = (epoch, step + 1) if step + 1 < len(self) else (epoch + 1, 0)
+            batch = self._handoff(item)
+            if self.device.type == "cpu":  # freeing a batch (~225 MB at 64 x 14 crops) takes tens of ms:
+                self._spent.append(batch)  # the producer drops it once the trainer has (see _produce)
+            del item
+            yield batch
+            del batch
 
-    def _step(self, pipes, files, files_idx, epoch: int, step: int) -> MultiCropBatch:
-        B, aug, dev = self.batch_size, self.aug, self.device
-        try:
-            out = pipes["cutter"].run()
-        except Exception as e:  # DALI raises RuntimeError with its own stack; name the file instead
-            raise self._decode_error(e, files, epoch, step) from None
-        pos = np.asarray(out[0].as_tensor()).reshape(-1)
-        rng = np.random.default_rng([self.seed, epoch, self.rank, step, 0x5EED])
-        weak, gkinds, lkinds, local_weak = draw_recipes(rng, aug, B)
-        noise = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, step))
-        ng, nl = self.num_global, aug.local_crops_number
-        staged = {"global": (out[1:1 + ng], gkinds), "local": (out[1 + ng:1 + ng + nl], lkinds)}
-        results = {}
-        for name, (lists, kinds) in staged.items():
-            if not lists:
-                continue
-            p = pipes[name]
-            if dev.type == "cuda":  # crop-major [count * B, S, S, 3] on the GPU
-                p.feed_input("crops", _stack_to_torch(lists, dev), cuda_stream=torch.cuda.current_stream(dev))
-            else:  # per-sample views of the cutter's outputs: DALI copies them once
-                p.feed_input("crops", [a for tl in lists for a in np.asarray(tl.as_tensor())])
-            p.feed_input("kinds", kinds)
-            flat = _to_torch(p.run()[0], dev, share=bool(getattr(p, "exec_dynamic", False)))  # [count*B,3,S,S]
-            erase_strong(flat, kinds == STRONG, aug.re_prob, rng, noise)
-            results[name] = flat.view(len(lists), B, *flat.shape[1:]).unbind(0)
-        g = list(results["global"])
-        teacher = g[:2]
-        student = (g[:2] if aug.vanilla_weak_augmentation else g[2:4]) + list(results.get("local", []))
-        debug = None
-        if self.debug:
-            debug = {"windows": _to_torch(out[1 + ng + nl], torch.device("cpu")),
-                     "local_weak": torch.as_tensor(local_weak)}
-            if aug.vanilla_weak_augmentation:  # the student's globals are the teacher's crops
-                w = debug["windows"]
-                debug["windows"] = torch.cat([w[:, :2], w[:, :2], w[:, 2:]], dim=1)
-        return self._finish(teacher, student, weak, pos, files_idx, debug)
+    def _start_producer(self, epoch: int, start: int) -> None:
+        q: "queue.Queue" = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
 
-    def _decode_error(self, err: Exception, files: List[str], epoch: int, step: int) -> DataError:
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stop
+
+        def produce() -> None:
+            if self.device.type == "cpu":  # this thread's torch ops (OpenMP's setting is per thread): DALI
+                torch.set_num_threads(1)  # has its own threads, and the trainer keeps the others
+            e, step = epoch, start
+            try:
+                while True:
+                    put(("batch", self._produce(e, step)))
+                    e, step = (e, step + 1) if step + 1 < len(self) else (e + 1, 0)
+            except _Stop:
+                pass
+            except BaseException as err:  # handed to the consumer, raised there
+                try:
+                    put(("error", err))
+                except _Stop:
+                    pass
+
+        self._queue, self._stop, self._head = q, stop, (epoch, start)
+        self._producer = threading.Thread(target=produce, name=f"mugs-loader-rank{self.rank}", daemon=True)
+        self._producer.start()
+
+    def close(self) -> None:
+        """Stop the producer (a seek elsewhere, an error, or the end of the run)."""
+        self._stop.set()
+        t, self._producer = self._producer, None
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def _handoff(self, item) -> MultiCropBatch:
+        batch, event = item
+        if event is not None:  # the step's stream waits for the producer's work; memory stays valid for it
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(event)
+            for t in set(batch.teacher + batch.student):
+                t.record_stream(cur)
+            batch.weak_flags.record_stream(cur)
+        return batch
+
+    # -- one batch ------------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: self.rank_order(epoch)}
+        return self._orders[epoch]
+
+    def _read(self, idx: int, epoch: int, pos: int) -> Tuple[np.ndarray, int, int, int]:
+        """Bytes and size of dataset image `idx`, or with skip_unreadable of the one read in its place."""
+        n = len(self.index)
+        for k in range(n):
+            j = (idx + k) % n
+            if j not in self._bad:
+                try:
+                    data, h, w = read_image_bytes(self.index.paths[j])
+                except Unreadable as e:
+                    self._bad[j] = str(e)
+                else:
+                    if k:
+                        self._note_replacement(idx, j, epoch, pos)
+                    return data, h, w, j
+            if not self.skip_unreadable:
+                raise DataError(self._unreadable_message([j], epoch, pos))
+        raise DataError(f"no readable image in {self.index.source} (rank {self.rank})")
+
+    def _note_replacement(self, idx: int, j: int, epoch: int, pos: int) -> None:
+        if self.replaced.get(idx) != j:
+            self.replaced[idx] = j
+            self.log(f"mugs: rank {self.rank}: skipped unreadable {self.index.paths[idx]} ({self._bad[idx]}); "
+                     f"read {self.index.paths[j]} in its place (epoch {epoch}, sample {pos}; --skip_unreadable)")
+
+    def _unreadable_message(self, idxs: List[int], epoch: int, pos: int) -> str:
+        what = "; ".join(f"{self.index.paths[i]} ({self._bad[i]})" for i in idxs)
+        return (f"DALI could not decode an image at sample {pos} of epoch {epoch} (rank {self.rank}): {what}. "
+                + unreadable_advice(self.index.source))
+
+    def _produce(self, epoch: int, step: int):
+        while len(self._spent) > 2:  # batches the trainer has moved past: their memory is freed here
+            self._spent.popleft()
+        B, W = self.batch_size, self.world_size
+        order = self._order(epoch)
+        local = np.arange(step * B, (step + 1) * B)
+        positions = local * W + self.rank  # global positions in the epoch's permutation (layout-free)
+        while True:
+            samples = [self._read(int(order[p]), epoch, int(g)) for p, g in zip(local, positions)]
+            try:
+                return self._assemble(samples, epoch, positions)
+            except _DecodeFailed as e:
+                bad = self._find_undecodable([s[3] for s in samples])
+                if not bad:
+                    raise DataError(
+                        f"DALI could not decode an image at step {step} of epoch {epoch} (rank {self.rank}): one of "
+                        f"{self.index.paths[samples[0][3]]} ... ({B} files; the scan check finds nothing wrong with "
+                        f"them). DALI said: {e}") from None
+                if not self.skip_unreadable:
+                    raise DataError(self._unreadable_message(bad, epoch, int(positions[0]))) from None
+                self._build()  # DALI's pipeline is not usable after a failed run: the next try needs a new one
+
+    def _find_undecodable(self, idxs: List[int]) -> List[int]:
         from .scan import check_image
 
-        B = self.batch_size
-        # the failing sample is in this step's batch or, with prefetching, a few batches later
-        done = len(self) - len(files) // B  # steps before `files` starts
-        lo = (step - done) * B
-        candidates = files[lo: lo + (self.prefetch + 1) * B]
         bad = []
-        for path in candidates:  # DALI decodes CMYK, palette/RGBA PNGs, grayscale: only name what it cannot
-            reason, detail = check_image(path, min_size=1, keep_grayscale=True)
+        for i in idxs:
+            reason, detail = check_image(self.index.paths[i], min_size=1, keep_grayscale=True)
             if reason in _UNDECODABLE:
-                bad.append(f"{path} ({reason}: {detail})")
-        lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-        after = [lines[i + 1] for i, l in enumerate(lines[:-1]) if l.endswith("encountered:")]
-        dali_said = after[0] if after else (lines[-1] if lines else type(err).__name__)
-        what = ("; ".join(bad) if bad else
-                f"one of the {len(candidates)} files from {candidates[0] if candidates else '?'} on "
-                f"(the scan check finds nothing wrong with them)")
-        src = self.index.source
-        root = src if os.path.isdir(src) else "<ImageFolder root>"
-        return DataError(
-            f"DALI could not decode an image at step {step} of epoch {epoch} (rank {self.rank}): {what}. "
-            f"DALI said: {dali_said}. Run `mugs-scan-data {root} --out LIST` and train on LIST "
-            f"(--data_path LIST) to leave unreadable files out."
-        )
+                self._bad[i] = f"{reason}: {detail}"
+                bad.append(i)
+        return bad
+
+    def _assemble(self, samples, epoch: int, positions: np.ndarray):
+        from .draws import draw_batch
+
+        aug = self.aug
+        heights = np.array([s[1] for s in samples], dtype=np.int64)
+        widths = np.array([s[2] for s in samples], dtype=np.int64)
+        d = draw_batch(aug, self.seed, epoch, positions, heights, widths)
+        pipe = self._pipe
+        gpu = self.device.type == "cuda"
+        pipe.feed_input("encoded", [s[0] for s in samples])
+        sizes = {"global": aug.global_size, "local": aug.local_size}
+        c = 0
+        for name, g in d.groups.items():
+            if not gpu:
+                break
+            for m in _inverse_maps(g.window, g.flip, sizes[name]):
+                pipe.feed_input(f"m{c}", m)
+                c += 1
+        try:
+            outs = list(pipe.run())
+        except RuntimeError as e:
+            raise _DecodeFailed(_dali_said(e)) from None
+        stream = self._stream
+        ctx = torch.cuda.stream(stream) if gpu else contextlib.nullcontext()
+        with ctx:
+            crops = {}
+            for name, g in d.groups.items():
+                n = g.kind.shape[0]
+                if gpu:
+                    u8, layout = [_to_torch(o, self.device, stream) for o in outs[:n]], "HWC"  # n x [B, S, S, 3]
+                    del outs[:n]
+                else:
+                    u8, layout = _cut(outs[0], g.window, g.flip, sizes[name]), "CHW"  # n x [B, 3, S, S]
+                crops[name] = apply_recipes(u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype,
+                                            layout=layout).unbind(0)
+            weak = torch.as_tensor(d.weak).to(self.device, non_blocking=True)
+            event = None
+            if gpu:
+                event = torch.cuda.Event()
+                event.record(stream)
+        g = list(crops["global"])
+        teacher = g[:2]
+        student = (g[:2] if aug.vanilla_weak_augmentation else g[2:4]) + list(crops.get("local", []))
+        idx = [s[3] for s in samples]
+        debug = None
+        if self.debug:
+            win = np.concatenate([d.groups[k].window for k in d.groups], 0)  # [crops, B, 4]
+            rel = win / np.stack([heights, widths, heights, widths], -1)[None]
+            w = torch.as_tensor(np.swapaxes(rel, 0, 1), dtype=torch.float32)
+            if aug.vanilla_weak_augmentation:
+                w = torch.cat([w[:, :2], w[:, :2], w[:, 2:]], dim=1)
+            lw = d.groups["local"].kind.T != 3 if "local" in d.groups else np.zeros((len(idx), 0), bool)
+            debug = {"windows": w, "local_weak": torch.as_tensor(lw)}
+        batch = MultiCropBatch(teacher=teacher, student=student, weak_flags=weak,
+                               paths=[self.index.paths[i] for i in idx],
+                               labels=torch.as_tensor([self.index.labels[i] for i in idx], dtype=torch.long),
+                               debug=debug)
+        return batch, event
+
+
+class _DecodeFailed(Exception):
+    pass
+
+
+def _dali_said(err: Exception) -> str:
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    after = [lines[i + 1] for i, l in enumerate(lines[:-1]) if l.endswith("encountered:")]
+    return after[0] if after else (lines[-1] if lines else type(err).__name__)
+
+
+def _inverse_maps(window: np.ndarray, flip: np.ndarray, side: int) -> np.ndarray:
+    """[n, B, 2, 3] maps output pixel -> image pixel for windows [n, B, 4] (i, j, h, w) and flips [n, B]."""
+    i, j, h, w = (window[..., k] for k in range(4))
+    m = np.zeros(window.shape[:2] + (2, 3), dtype=np.float32)
+    m[..., 0, 0] = np.where(flip, -w / side, w / side)
+    m[..., 0, 2] = np.where(flip, j + w, j)
+    m[..., 1, 1] = h / side
+    m[..., 1, 2] = i
+    return m
+
+
+def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> List[torch.Tensor]:
+    """The CPU cutter: per crop, each image's window resized to side x side (bilinear, antialiased: the
+    RandomResizedCrop of torchvision on tensors), flipped where drawn. images: DALI's decoded HWC batch."""
+    import torch.nn.functional as F
+
+    imgs = [torch.from_numpy(np.asarray(images[b])) for b in range(window.shape[1])]
+    out = []
+    for c in range(window.shape[0]):
+        crops = torch.empty((len(imgs), 3, side, side), dtype=torch.uint8)
+        for b, img in enumerate(imgs):
+            i, j, h, w = (int(v) for v in window[c, b])
+            r = F.interpolate(img[i:i + h, j:j + w].permute(2, 0, 1)[None], size=(side, side), mode="bilinear",
+                              antialias=True)[0]
+            crops[b] = r.flip(-1) if flip[c, b] else r
+        out.append(crops)
+    return out
+
+
+def _to_torch(tensor_list, device: torch.device, stream) -> torch.Tensor:
+    """A dense DALI TensorList as a torch tensor on `device` (CPU: a copy-free view, consumed at once)."""
+    t = tensor_list.as_tensor()
+    if device.type == "cpu":
+        return torch.from_numpy(np.asarray(t))
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out

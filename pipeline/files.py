@@ -21,6 +21,9 @@ from typing import List, Sequence, Tuple
 # what the loaders read from a folder tree (DALI and PIL decode all of these)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LIST_HEADER = "# mugs file list v1"
+# the most pixels (w x h) a loader decodes: PIL's own default limit (Image.MAX_IMAGE_PIXELS), stated here
+# once and applied by both loaders, so a small file declaring a huge image is refused before decoding
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,17 @@ from .batch import MultiCropBatch
 from .files import FileIndex
 from .sharding import batches_per_epoch, rank_indices
 
+def unreadable_advice(source: str) -> str:
+    """What to do after an unreadable image stopped a run: the same advice from both loaders."""
+    import os
+
+    root = source if os.path.isdir(source) else "<ImageFolder root>"
+    return ("Resume the run with --skip_unreadable true: it continues from its last checkpoint in the same data "
+            "order, reading the next readable image in place of each unreadable one (each named in the log). "
+            f"Or start a NEW run (new --output_dir) on a clean list: `mugs-scan-data {root} --out LIST`, then "
+            "--data_path LIST (a list of other length changes the data order, so the old run cannot resume on it).")
+
+
 STATE_VERSION = 1  # of the dict `state_dict` returns; a saved position of another version is refused
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.errors import DataError
 from .augment_config import AugmentConfig
 from .batch import MultiCropBatch
-from .files import FileIndex
-from .loader_base import MultiCropLoader
+from .files import MAX_IMAGE_PIXELS, FileIndex
+from .loader_base import MultiCropLoader, unreadable_advice
 from .sharding import derive_seed
 from .tv_transforms import MultiCropTransform
 
@@ -44,27 +45,41 @@ def _seeded(seed: int):
 class _EpochShard(Dataset):
     """Item i = the i-th image this rank reads in the epoch, from position `start` on."""
 
-    def __init__(self, index: FileIndex, order: np.ndarray, transform: MultiCropTransform, seed: int, epoch: int):
+    def __init__(self, index: FileIndex, order: np.ndarray, transform: MultiCropTransform, seed: int, epoch: int,
+                 rank: int = 0, skip_unreadable: bool = False):
         self.index, self.order, self.transform = index, order, transform
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.rank, self.skip_unreadable = seed, epoch, rank, skip_unreadable
 
     def __len__(self) -> int:
         return len(self.order)
 
+    def _open(self, path: str) -> Image.Image:
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{im.size[0]}x{im.size[1]} is more than {MAX_IMAGE_PIXELS} pixels")
+            return im.convert("RGB")
+
     def __getitem__(self, i: int):
         idx = int(self.order[i])
         path = self.index.paths[idx]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:
-            raise DataError(
-                f"cannot decode {path} ({type(e).__name__}: {e}). Run `mugs-scan-data <ImageFolder root> "
-                f"--out LIST` and train on LIST to leave unreadable files out."
-            ) from None
-        with _seeded(derive_seed(self.seed, self.epoch, idx, 1)):
+        n = len(self.index)
+        for k in range(n if self.skip_unreadable else 1):  # the next readable image in place of a bad one
+            try:
+                img = self._open(self.index.paths[(idx + k) % n])
+                break
+            except Exception as e:
+                if k == 0:
+                    first = f"{type(e).__name__}: {e}"
+        else:
+            advice = unreadable_advice(self.index.source)
+            raise DataError(f"cannot decode {path} ({first}) (rank {self.rank}). {advice}")
+        if k:
+            print(f"mugs: rank {self.rank}: skipped unreadable {path} ({first}); read "
+                  f"{self.index.paths[(idx + k) % n]} in its place (epoch {self.epoch}; --skip_unreadable)",
+                  file=sys.stderr, flush=True)
+        with _seeded(derive_seed(self.seed, self.epoch, idx, 1)):  # the position's draws, whatever was read
             crops, weak = self.transform(img)
-        return crops, weak, idx
+        return crops, weak, (idx + k) % n
 
 
 class TorchvisionLoader(MultiCropLoader):
@@ -72,14 +87,15 @@ class TorchvisionLoader(MultiCropLoader):
 
     def __init__(self, index: FileIndex, aug: AugmentConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: Any = "cpu", num_workers: int = 4,
-                 dtype: torch.dtype = torch.float32, prefetch_factor: int = 2):
+                 dtype: torch.dtype = torch.float32, prefetch_factor: int = 2, skip_unreadable: bool = False):
         super().__init__(index, aug, batch_size, rank, world_size, seed, device, dtype)
+        self.skip_unreadable = skip_unreadable
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.transform = MultiCropTransform(aug)
 
     def _iterate(self, epoch: int, start: int, extra: Any) -> Iterator[MultiCropBatch]:
         order = self.rank_order(epoch)[start * self.batch_size:]
-        ds = _EpochShard(self.index, order, self.transform, self.seed, epoch)
+        ds = _EpochShard(self.index, order, self.transform, self.seed, epoch, self.rank, self.skip_unreadable)
         kw = dict(num_workers=self.num_workers, batch_size=self.batch_size, shuffle=False, drop_last=True,
                   pin_memory=self.device.type == "cuda",
                   generator=torch.Generator().manual_seed(self.seed))  # not the trainer's global RNG

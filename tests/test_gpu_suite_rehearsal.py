@@ -53,7 +53,8 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     for s in steps:
         assert "error" not in s, s
         by_tag.setdefault(s["tag"], []).append(s)
-    assert set(by_tag) == {"gpu_suite:vit_large", "gpu_suite:vit_small", "gpu_suite:vit_base", "gpu_suite:vit_large_compile"}
+    assert set(by_tag) == {"gpu_suite:vit_large", "gpu_suite:vit_small", "gpu_suite:vit_base", "gpu_suite:vit_large_compile",
+                           "gpu_suite:dali_loader_synthetic"}
     compiled = by_tag["gpu_suite:vit_large_compile"][0]["compile_graphs"]
     assert compiled["enabled"] and compiled["graphs"] > 0 and not compiled["fell_back"], compiled
     large = by_tag["gpu_suite:vit_large"]
@@ -61,17 +62,29 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     assert [s.get("baseline", s["mode"]) for s in large] == ["optimised", "fp32_strict", "tf32"]
     for base in large[1:]:
         assert base["speedup_vs_baseline"] == pytest.approx(large[0]["images_per_s"] / base["images_per_s"])
-    for s in steps:  # the measured ceiling reached every step part
+    for s in steps:  # the measured ceiling reached every step part (the loader part's synthetic step is not MFU)
+        if s["tag"] == "gpu_suite:dali_loader_synthetic":
+            continue
         assert s["ceiling_tflops"] == pytest.approx(gemm[0]["tflops_median"])
         assert s["mfu_measured_ceiling"] == pytest.approx(s["achieved_tflops"] / s["ceiling_tflops"])
     train = _records(out / "train_e2e.jsonl")
     assert len(train) == 1 and train[0]["ok"], train
     assert train[0]["resumed_at_step"] == 10 and train[0]["final_step"] == 30
     loader = _records(out / "loader.jsonl")
-    assert [l["batch_size"] for l in loader] == [8, 16] and all(l["img_per_s"] > 0 for l in loader)
+    # issue 27: the new and the old loader in the same call at each batch, a decode-only ceiling, the fed step
+    runs = [(l["backend"], l["batch_size"]) for l in loader if l.get("bench") != "loader_fed"]
+    assert runs == [("dali", 8), ("dali_v1", 8), ("dali", 16), ("dali_v1", 16), ("dali_decode_only", 8)]
+    assert all(l["img_per_s"] > 0 for l in loader if "img_per_s" in l)
+    new = [l for l in loader if l.get("backend") == "dali"]
+    assert all(l["pipeline_builds"] == 1 and l["pipeline_builds_after_first_batch"] == 0 and l["epochs_crossed"] >= 1
+               and l["dali_ops_per_step"] <= 40 and l["dali_conditional_ops"] == 0 for l in new), new
+    fed = [l for l in loader if l.get("bench") == "loader_fed"]
+    assert len(fed) == 1 and fed[0]["images_per_s_median"] > 0 and fed[0]["synthetic_images_per_s"] > 0, fed
     summary = (out / "summary.md").read_text()
     for part in ("preflight: ok", "gemm: exit 0", "vit_large: exit 0", "train_e2e: killed after_step_10",
-                 "vit_small: exit 0", "vit_base: exit 0", "vit_large_compile: exit 0", "dali_loader batch 16: exit 0"):
+                 "vit_small: exit 0", "vit_base: exit 0", "vit_large_compile: exit 0", "dali_loader dali batch 16: exit 0",
+                 "dali_loader dali_v1 batch 16: exit 0", "dali_loader decode-only: exit 0",
+                 "dali_loader fed ViT-S: train exit 0, synthetic step exit 0"):
         assert part in summary, summary
     assert "loader-bound" not in summary  # the DALI loader fed the rehearsal's training run
 

@@ -8,7 +8,7 @@ from mugs.training.monitor import Monitor, ProgressLines
 
 def _scalars(step):
     return {"loss/total": 5.0 - step / 1000, "loss/instance": 4.9, "loss/local_group": 4.8, "loss/group": 5.2,
-            "perf/images_per_s": 32.0, "perf/step_time_s": 0.5, "epoch": step // 100}
+            "perf/images_per_s": 32.0, "perf/step_time_s": 0.5, "perf/data_wait_s": 0.0, "epoch": step // 100}
 
 
 def test_lines_every_n_steps_plus_first_and_last():
@@ -22,6 +22,7 @@ def test_lines_every_n_steps_plus_first_and_last():
     assert got == [1, 100, 200, 250] and len(text.splitlines()) == 4
     last = text.splitlines()[-1]
     for part in ("epoch 2 |", "loss 4.7500 group 5.2000 instance 4.9000 local_group 4.8000 |", "img/s", "s/step",
+                 "data wait 0% |",
                  "elapsed 0:00:00", "ETA 0:00:00", "mem ", "GB (peak RSS)"):
         assert part in last, (part, last)
 
@@ -51,3 +52,13 @@ def test_monitor_picks_lines_off_a_terminal_and_bar_on_one(tmp_path, capsys, mon
     mon = Monitor(str(tmp_path / "b"), total_steps=3, start_step=0, enabled=True)
     assert mon.bar is not None
     mon.close()
+
+
+def test_lines_show_the_share_of_wall_time_spent_waiting_for_data(monkeypatch):
+    clock = iter(range(0, 10_000, 10))  # each perf_counter() call advances 10 s
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: float(next(clock)))
+    out = io.StringIO()
+    lines = ProgressLines(total_steps=100, start_step=0, every_steps=2, every_seconds=1e9, out=out)
+    for step in (1, 2):
+        lines.step(step, {**_scalars(step), "perf/data_wait_s": 2.5})  # 5 s waited in the 20 s window
+    assert "data wait 25% |" in out.getvalue().splitlines()[-1]

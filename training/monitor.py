@@ -146,9 +146,10 @@ class ProgressLines:
     and the last step, like DINOv2's MetricLogger:
 
     mugs: step 200/780 epoch 1 | loss 5.0123 group 4.9871 instance 5.0244 local_group 5.0255 | 9.8 img/s
-    0.33 s/step | elapsed 0:01:05 ETA 0:03:10 | mem 1.4 GB (peak RSS)
+    0.33 s/step data wait 4% | elapsed 0:01:05 ETA 0:03:10 | mem 1.4 GB (peak RSS)
 
     (one line). img/s and s/step are wall-clock means since the previous line (data, step and checkpoints);
+    "data wait" is the share of that wall time the loop spent waiting for the loader (high: loader-bound);
     the ETA is the remaining steps at the mean wall-clock step time of this run so far."""
 
     def __init__(self, total_steps: int, start_step: int, every_steps: int = PROGRESS_EVERY_STEPS,
@@ -159,10 +160,12 @@ class ProgressLines:
         self.t0 = self.t_last = time.perf_counter()
         self.step_last = start_step
         self.images = 0.0  # images since the previous line
+        self.waited = 0.0  # seconds the loop waited for data since the previous line
 
     def step(self, step: int, scalars: Dict[str, float]) -> None:
         now = time.perf_counter()
         self.images += scalars.get("perf/images_per_s", 0.0) * scalars.get("perf/step_time_s", 0.0)
+        self.waited += scalars.get("perf/data_wait_s", 0.0)
         if not (step == self.start + 1 or step >= self.total or step % self.every_steps == 0
                 or now - self.t_last >= self.every_seconds):
             return
@@ -173,10 +176,11 @@ class ProgressLines:
                           if k.startswith("loss/") and k != "loss/total")
         line = (f"mugs: step {step}/{self.total} epoch {int(scalars.get('epoch', 0))} | "
                 f"loss {scalars.get('loss/total', float('nan')):.4f} {losses} | "
-                f"{self.images / max(window, 1e-9):.1f} img/s {window / max(steps, 1):.2f} s/step | "
+                f"{self.images / max(window, 1e-9):.1f} img/s {window / max(steps, 1):.2f} s/step "
+                f"data wait {100 * min(1.0, self.waited / max(window, 1e-9)):.0f}% | "
                 f"elapsed {_hms(now - self.t0)} ETA {_hms(eta)} | {_memory(scalars)}")
         print(line, file=self.out or sys.stderr, flush=True)
-        self.t_last, self.step_last, self.images = now, step, 0.0
+        self.t_last, self.step_last, self.images, self.waited = now, step, 0.0, 0.0
 
 
 def _memory(scalars: Dict[str, float]) -> str:

@@ -228,8 +228,8 @@ class Run:
         t0 = self.epoch_t0 = time.perf_counter()
         for batch in self.loader:
             res = self.train_step(batch, epoch, time.perf_counter() - t0)
-            t0 = time.perf_counter()
             self.after_step(*res.flags)
+            t0 = time.perf_counter()  # what the next batch costs past here is the wait for data
             if self.reason is not None or self.step % self.iters == 0:
                 return
         raise RuntimeError(f"the loader ended epoch {epoch} after {self.step % self.iters} of {self.iters} batches")
@@ -247,7 +247,8 @@ class Run:
         scalars = {f"loss/{k}": v for k, v in res.losses.items()}
         scalars.update({"sched/lr": lr, "sched/weight_decay": wd, "sched/teacher_momentum": m,
                         "sched/teacher_temp": res.teacher_temp, "data/weak_ratio": res.n_weak / self.global_batch,
-                        "perf/images_per_s": self.global_batch / dt, "perf/step_time_s": dt, "epoch": epoch})
+                        "perf/images_per_s": self.global_batch / dt, "perf/step_time_s": dt,
+                        "perf/data_wait_s": data_time, "perf/data_wait_share": data_time / dt, "epoch": epoch})
         mem = gpu_memory_gb()
         if mem is not None:
             scalars["perf/gpu_mem_gb"] = mem

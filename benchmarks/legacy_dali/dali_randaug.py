@@ -22,7 +22,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as A
 from nvidia.dali.pipeline import do_not_convert
 
-from .augment_config import IMAGENET_MEAN, RandAugmentPolicy
+from mugs.pipeline.augment_config import IMAGENET_MEAN, RandAugmentPolicy
 
 MAX_LEVEL = 10.0
 NUM_OPS = 15  # both timm suites (inc0 and inc1) have 15 ops
