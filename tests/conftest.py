@@ -100,7 +100,8 @@ def make_run(data, tmp_path):
     requesting module's `data` folder with the tiny preset: `make_run(*extra_flags)`."""
     from mugs.configs.options import parse_config
     from mugs.core.dist import init_distributed, shutdown
-    from mugs.training.trainer import STOP_SIGNALS, Run, StopRequest
+    from mugs.training.stop import STOP_SIGNALS, StopRequest
+    from mugs.training.trainer import Run
     from train_helpers import TINY_FLAGS
 
     handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
