@@ -18,9 +18,14 @@ ARCHS = tuple(ARCH_SHAPES)
 def backbone_shape(arch: str, embed_dim: Optional[int] = None, depth: Optional[int] = None,
                    num_heads: Optional[int] = None) -> Tuple[int, int, int]:
     """(embed_dim, depth, num_heads) of `arch` (a name above, or `custom`), each replaced where given
-    (the --embed_dim/--depth/--num_heads overrides); ValueError for another name without all three."""
-    if arch not in ARCH_SHAPES and None in (embed_dim, depth, num_heads):
-        raise ValueError(f"unknown arch {arch!r}: choose one of {sorted(ARCH_SHAPES)} "
-                         "or give embed_dim, depth, num_heads")
+    (the --embed_dim/--depth/--num_heads overrides). ValueError, worded for the flags, for another name,
+    `custom` without all three, or a width the heads do not divide: the one statement of these rules
+    (training/validate.py reports it before a run starts)."""
+    if arch not in ARCH_SHAPES and not (arch == "custom" and None not in (embed_dim, depth, num_heads)):
+        raise ValueError(f"--arch {arch!r} is unknown: choose one of {', '.join(ARCH_SHAPES)} "
+                         "(or --arch custom with --embed_dim --depth --num_heads)")
     d, n, h = ARCH_SHAPES.get(arch, (embed_dim, depth, num_heads))
-    return embed_dim or d, depth or n, num_heads or h
+    d, n, h = embed_dim or d, depth or n, num_heads or h
+    if d % h:
+        raise ValueError(f"--embed_dim {d} is not divisible by --num_heads {h}")
+    return d, n, h

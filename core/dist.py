@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import List, NoReturn, Optional
@@ -66,6 +67,23 @@ def exit_worker(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# what gloo and NCCL say when the other end of a collective is gone (its process exited or was killed)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+              "communicator was aborted", "remote process exited", "connection refused", "timed out")
+
+
+def peer_failure(e: BaseException) -> Optional[str]:
+    """One line saying why a collective failed when `e` is another rank being gone (a rank torn down
+    after a peer's failure says that instead of a backend traceback), else None."""
+    text = str(e).strip()
+    lower = text.lower()
+    if not isinstance(e, RuntimeError) or not (isinstance(e, dist.DistError) or any(p in lower for p in _PEER_GONE)):
+        return None
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), type(e).__name__)
+    last = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(last.split()))  # gloo's [source.cc:line] prefix
+    return last.split(". ")[0][:160]
 
 
 def agree(failure: Optional[str]) -> Optional[str]:

@@ -9,7 +9,7 @@ EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected failure (a traceback says where), or a worker killed by a signal
 EXIT_USER = 2  # a bad flag, file, folder, image or checkpoint; or the output dir has another owner
 EXIT_NONFINITE = 3  # a NaN/inf loss: stopped before any state changed
-EXIT_WRITE = 4  # a checkpoint could not be written (disk full, quota, permissions)
+EXIT_WRITE = 4  # a checkpoint or a log could not be written (disk full, quota, permissions)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) where no handler of ours saves first
 
 
@@ -61,5 +61,12 @@ class NonFiniteLossError(RunError):
 class CheckpointWriteError(RunError):
     """Saving failed (a full disk, a quota, permissions): one line naming the folder and its free space;
     the partial checkpoint is removed and the previous one still resumes."""
+
+    exit_code = EXIT_WRITE
+
+
+class OutputWriteError(RunError):
+    """A run's logs could not be written (TensorBoard events, log.txt, config.json: a full disk, a quota,
+    permissions): one line naming the folder and its free space; the last checkpoint still resumes."""
 
     exit_code = EXIT_WRITE

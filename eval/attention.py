@@ -21,6 +21,7 @@ from .cli import add_checkpoint_args, run
 from .data import BICUBIC, MEAN, STD
 from ..core.errors import DataError
 from .load import load_backbone
+from ..core.outputs import check_output_file
 
 PROG = "mugs-attention"
 
@@ -71,6 +72,7 @@ def render(image: Image.Image, maps: np.ndarray, size: int, cols: int, cmap: str
 
 
 def attention(args: argparse.Namespace) -> int:
+    out = check_output_file(args.out)  # before the work
     path = Path(args.image)
     try:
         image = Image.open(path).convert("RGB")
@@ -84,8 +86,6 @@ def attention(args: argparse.Namespace) -> int:
     if size <= 0:
         raise DataError(f"--image_size {args.image_size} is smaller than the patch size {spec.patch_size}")
     canvas = render(image, cls_maps(backbone, image, size, spec.patch_size), size, args.cols, args.cmap)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
     print(f"{PROG}: wrote {out} ({canvas.width}x{canvas.height}): image + {spec.num_heads} heads of "
           f"{spec.describe()} from {ckpt.path}")

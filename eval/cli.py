@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Optional
+import os
+import sys
+import time
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 from ..configs.archs import ARCH_SHAPES
 from ..core import dist
@@ -34,7 +37,9 @@ def add_split_args(ap: argparse.ArgumentParser) -> None:
 def add_runtime_args(ap: argparse.ArgumentParser, batch_size: Optional[int] = 128) -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--batch_size_per_gpu", type=int, default=batch_size, help="images per process and step")
-    ap.add_argument("--num_workers", type=int, default=10, help="data-loading workers per process")
+    ap.add_argument("--num_workers", type=int, default=default_workers(),
+                    help=f"data-loading workers per process (default: the cores this process may use, at most "
+                         f"{MAX_WORKERS}: {default_workers()} here)")
     ap.add_argument("--resize", type=int, default=256, help="evaluation views: short side resized to this (bicubic)")
     ap.add_argument("--crop", type=int, default=224, help="evaluation views: centre crop of this size")
 
@@ -49,6 +54,52 @@ def run(prog: str, body: Callable[[argparse.Namespace], object], args: argparse.
         return run_cli(status, prog)
     finally:
         dist.shutdown()
+
+
+MAX_WORKERS = 10  # loader workers per process by default, where that many cores are free to it
+PROGRESS_EVERY_SECONDS = 60.0  # a plain progress line at least this often where stderr is not a terminal
+T = TypeVar("T")
+
+
+def default_workers() -> int:
+    """No more loader workers than the cores this process may run on (its affinity: taskset, SLURM
+    --cpus-per-task, a container's cpuset), at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+def progress(batches: Iterable[T], desc: str) -> Iterable[T]:
+    """Rank 0's progress over `batches`: a tqdm bar on a terminal; where stderr is a file or a pipe (SLURM
+    logs, nohup, CI) plain lines (no carriage returns): the first batch, every tenth of them or
+    PROGRESS_EVERY_SECONDS, and the last."""
+    if not dist.is_main():
+        return batches
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if terminal:
+        from tqdm import tqdm
+
+        return tqdm(batches, desc=desc, dynamic_ncols=True)
+    return _lines(batches, desc)
+
+
+def _lines(batches: Iterable[T], desc: str) -> Iterator[T]:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    t0 = last = time.monotonic()
+    tenth = max(1, -(-(total or 0) // 10))  # a tenth, rounded up
+    i = 0
+    for i, item in enumerate(batches, 1):
+        yield item
+        now = time.monotonic()
+        if i == 1 or i == total or i % tenth == 0 or now - last >= PROGRESS_EVERY_SECONDS:
+            of = f"/{total}" if total else ""
+            print(f"{desc}: {i}{of} batches, {now - t0:.1f} s", file=sys.stderr, flush=True)
+            last = now
 
 
 def log(msg: str) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -24,6 +23,7 @@ from .cli import add_checkpoint_args, run
 from ..core.errors import CheckpointError
 from .arch import ArchSpec, shape_diff
 from .load import load_backbone, load_training_state
+from ..core.outputs import check_output_file
 
 PROG = "mugs-export"
 
@@ -84,9 +84,7 @@ def original_checkpoint(path: str) -> dict:
 
 
 def export(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.is_dir():  # before reading anything: refused with nothing written (no stray `.tmp`)
-        raise CheckpointError(f"--out {out}: is a directory; give the file to write")
+    out = check_output_file(args.out)  # before reading anything: refused with nothing written
     if args.format == "mugs":
         save_file_atomically(original_checkpoint(args.checkpoint), out)
         print(f"{PROG}: wrote {out} (original Mugs layout) from {args.checkpoint}")

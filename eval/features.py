@@ -15,12 +15,12 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..model.knn import cls_features, extract_features  # noqa: F401 - cls_features: re-exported
 from ..model.vit import MugsViT
 from ..core import dist
 from ..core.safe_load import safe_torch_load
+from .cli import progress
 
 FeatureFn = Callable[[MugsViT, torch.Tensor], torch.Tensor]
 
@@ -54,7 +54,7 @@ def extract(backbone: MugsViT, dataset: Dataset, fn: FeatureFn, dim: int, *, bat
     (model/knn.py's extract_features, which the training run's k-NN monitor uses too)."""
     return extract_features(lambda images: fn(backbone, images), dataset, dim, batch_size=batch_size,
                             num_workers=num_workers, device=device,
-                            progress=lambda it: tqdm(it, desc=desc, disable=not dist.is_main(), dynamic_ncols=True))
+                            progress=lambda it: progress(it, desc))
 
 
 def fingerprint(**parts) -> str:

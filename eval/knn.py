@@ -27,6 +27,7 @@ from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
 from .data import check_same_classes, eval_transform, image_folder, train_val_dirs
 from .features import cached, checkpoint_identity, cls_features, extract, fingerprint
 from .load import load_backbone
+from ..core.outputs import check_output_dir, check_output_file
 
 PROG = "mugs-eval-knn"
 
@@ -58,6 +59,10 @@ def _subset(dataset, per_class: int):
 
 def evaluate(args: argparse.Namespace) -> Dict:
     """Extract (or read cached) features, classify; returns the results dict on every rank."""
+    if args.out:  # before the work: a result that cannot be written fails now, not after the evaluation
+        check_output_file(args.out)
+    if args.cache:
+        check_output_dir(args.cache, "--cache")
     device = dist.pick_device(args.device)
     dist.init_eval(device)
     train_dir, val_dir = train_val_dirs(args.train, args.val, args.data_path)

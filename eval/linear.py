@@ -28,17 +28,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler, Subset
-from tqdm import tqdm
 
 from ..configs.options import bool_flag
 from ..core import dist
-from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
+from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, progress, run
 from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
 from ..core.errors import ConfigError
 from .features import block_features, loader
 from .arch import ArchSpec
 from .load import load_backbone
 from ..core.safe_load import safe_torch_load
+from ..core.outputs import check_output_dir
 
 PROG = "mugs-eval-linear"
 SWEEP_LRS = [base * n for base in (1e-4, 1e-3, 1e-2, 1e-1) for n in range(1, 10)]
@@ -80,7 +80,7 @@ def train_one_epoch(heads, optimizer, batches, feat, device, desc: str) -> float
     """One pass over the train set; returns the mean loss per head."""
     heads.train()
     total, n = 0.0, 0
-    for images, target in tqdm(batches, desc=desc, disable=not dist.is_main(), dynamic_ncols=True):
+    for images, target in progress(batches, desc):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.no_grad():
             x = feat(images)
@@ -100,7 +100,7 @@ def validate(heads, batches, feat, device, n_heads: int, num_labels: int) -> Lis
     heads.eval()
     counts = torch.zeros(n_heads, 3, dtype=torch.float64, device=device)  # top1, top5, seen
     top_n = min(5, num_labels)
-    for images, target in tqdm(batches, desc="validate", disable=not dist.is_main(), dynamic_ncols=True):
+    for images, target in progress(batches, "validate"):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         pred = heads(feat(images)).topk(top_n, dim=-1).indices  # [H, B, top_n]
         hit = pred == target.view(1, -1, 1)
@@ -179,6 +179,7 @@ def _save(out: Path, row: dict, state: dict) -> None:
 
 def evaluate(args: argparse.Namespace) -> Dict:
     """Train the linear head(s) (or resume), validate; returns the results dict."""
+    check_output_dir(args.output_dir)  # before the work
     device = dist.pick_device(args.device)
     dist.init_eval(device)
     train_dir, val_dir = train_val_dirs(args.train, args.val, args.data_path)

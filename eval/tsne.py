@@ -20,6 +20,7 @@ from .data import eval_transform, image_folder
 from ..core.errors import DataError
 from .features import cls_features, extract
 from .load import load_backbone
+from ..core.outputs import check_output_file
 
 PROG = "mugs-tsne"
 
@@ -66,6 +67,7 @@ def plot(points: np.ndarray, labels: np.ndarray, names: Sequence[str], out: Path
 
 
 def tsne(args: argparse.Namespace) -> int:
+    check_output_file(args.out)  # before the work
     device = dist.pick_device(args.device)
     dist.init_eval(device)
     data = image_folder(args.data, eval_transform(args.resize, args.crop), classes=args.classes)

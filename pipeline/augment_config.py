@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Tuple
 
+from ..configs.options import range_error
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -68,6 +70,11 @@ class AugmentConfig:
     timm_auto_augment_par: str
     strong_ratio: float
 
+    # this view's fields -> the MugsConfig flags whose ranges they take
+    FLAGS = {"global_size": "img_size", "local_size": "size_crops", "global_crops_scale": "global_crops_scale",
+             "local_crops_scale": "local_crops_scale", "prob": "prob", "re_prob": "re_prob",
+             "strong_ratio": "strong_ratio"}
+
     @classmethod
     def from_config(cls, cfg) -> "AugmentConfig":
         """The view of a MugsConfig (configs/options.py)."""
@@ -75,18 +82,18 @@ class AugmentConfig:
         return cls(global_size=cfg.img_size, local_size=cfg.local_crop_size, **{n: getattr(cfg, n) for n in names})
 
     def __post_init__(self) -> None:
-        if self.global_size < 1 or self.local_size < 1:
-            raise ValueError("crop sizes must be positive")
-        if self.local_crops_number < 0:
+        """Each field within the range its flag states (configs/options.py), then the view's own rules."""
+        for name, flag in self.FLAGS.items():
+            msg = range_error(flag, getattr(self, name))
+            if msg is not None:
+                raise ValueError(msg)
+        if self.local_crops_number < 0:  # the loader takes 0 (tests); training needs >= 1 (its flag's range)
             raise ValueError("local_crops_number must be >= 0")
         for name in ("global_crops_scale", "local_crops_scale"):
             lo, hi = getattr(self, name)
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+            if not lo <= hi:
+                raise ValueError(f"--{name} {lo} {hi}: min must not exceed max")
             object.__setattr__(self, name, (float(lo), float(hi)))
-        for name in ("prob", "re_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
         self.policy  # validate the RandAugment string early
 
     @property

@@ -11,18 +11,22 @@ left-out file (path, reason, detail), plus empty class folders. Reasons:
   non_image, unreadable, corrupt, truncated, format_mismatch (content is not what the
   extension says, e.g. PNG in .JPEG), cmyk, grayscale (kept with --keep-grayscale),
   mode (other pixel modes: palette, alpha, 16-bit), too_small (a side < --min-size),
-  outside_class (a file directly in ROOT).
+  outside_class (a file directly in ROOT), unlistable_name (a TAB, newline or carriage return in
+  its name, which a file list line cannot hold: left out before decoding anything).
 Class indices count every class folder (sorted), as torchvision's ImageFolder does, so an
 empty class keeps its index and later classes do not shift.
 
 `scan_dataset` is safe to call from any process, also one that already runs threads (OpenMP, DALI,
 TensorBoard): its decoding processes come from a fork server (or spawn), never from forking the caller.
-Like every non-fork start method, the workers import the calling script, so a script that calls it
-needs the `if __name__ == "__main__":` guard (without it the scan stops with an error saying so).
+The workers need only this module, so they are started without importing the calling script (which
+every non-fork start method does by default): a script calling it works with or without the
+`if __name__ == "__main__":` guard.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.machinery
 import io
 import json
 import multiprocessing
@@ -32,12 +36,13 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageFile
 
 from ..core.cli import run_cli
 from ..core.errors import DataError
+from ..core.outputs import check_output_file
 from .files import class_folders, is_image_name, walk_class, write_file_list
 
 # what each extension must contain (PIL format names)
@@ -118,19 +123,41 @@ def _pool_context():
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+UNLISTABLE = ("\t", "\n", "\r")  # characters a file list line (relative/path<TAB>class) cannot hold
+
+
+@contextlib.contextmanager
+def _without_main_script() -> Iterator[None]:
+    """While the pool starts its processes, __main__ reads as a module to leave alone: multiprocessing then
+    does not re-import the caller's script in each worker (nor in the fork server), so a script without the
+    `if __name__ == "__main__":` guard does not run its scan again there. The workers run only this module."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = main.__dict__.get("__spec__")
+    main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        main.__spec__ = saved
+
+
 def _check_all(tasks: list, workers: int):
     """Yields _check_task's results in completion order, from `workers` processes. A worker that dies
     (e.g. a calling script without the `if __name__ == "__main__":` guard, which the workers import)
     ends the scan with an error instead of a pool that restarts it forever."""
+    if not tasks:
+        return
     with ProcessPoolExecutor(max(1, min(workers, len(tasks))), mp_context=_pool_context()) as ex:
-        futures = [ex.submit(_check_chunk, tasks[i:i + _CHUNK]) for i in range(0, len(tasks), _CHUNK)]
+        with _without_main_script():  # the processes start during the submits
+            futures = [ex.submit(_check_chunk, tasks[i:i + _CHUNK]) for i in range(0, len(tasks), _CHUNK)]
         try:
             for fut in as_completed(futures):
                 yield from fut.result()
         except BrokenProcessPool as e:
-            raise RuntimeError(f"mugs-scan-data: a decoding process died ({e}): killed (out of memory?), or "
-                               "a script that calls scan_dataset lacks the `if __name__ == \"__main__\":` guard "
-                               "it needs") from None
+            raise DataError(f"a decoding process died ({e}): killed (out of memory?); scan again with "
+                            "fewer --workers") from None
         finally:
             for fut in futures:
                 fut.cancel()
@@ -149,7 +176,11 @@ def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_graysca
     tasks = []
     for label, cls in enumerate(classes):
         for rel in walk_class(root, cls):
-            tasks.append((len(tasks), root, rel, label, min_size, keep_grayscale))
+            if any(c in rel for c in UNLISTABLE):  # before decoding: the list could not name it
+                left_out.append({"path": rel, "reason": "unlistable_name",
+                                 "detail": "a TAB, newline or carriage return in the name: rename the file"})
+            else:
+                tasks.append((len(tasks), root, rel, label, min_size, keep_grayscale))
     out = sys.stderr
     if not quiet:
         print(f"mugs-scan-data: {len(tasks)} files in {len(classes)} class folders under {root}", file=out)
@@ -167,9 +198,9 @@ def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_graysca
     used = {label for _, label in kept}
     counts = dict(Counter(item["reason"] for item in left_out))
     if not quiet:
-        _progress(len(tasks), len(tasks), bad, t0, out)
+        _progress(len(tasks), len(tasks), len(left_out), t0, out)
     return {
-        "root": root, "scanned": len(tasks), "kept": len(kept), "left_out_counts": counts,
+        "root": root, "scanned": len(tasks) + counts.get("unlistable_name", 0), "kept": len(kept), "left_out_counts": counts,
         "empty_classes": [c for i, c in enumerate(classes) if i not in used],
         "num_classes": len(classes), "min_size": min_size, "keep_grayscale": keep_grayscale,
         "seconds": round(time.time() - t0, 2), "left_out": left_out, "kept_entries": kept,
@@ -193,13 +224,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _scan(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
         raise DataError(f"{args.root} is not a folder")
+    report_path = args.report or args.out + ".report.json"
+    check_output_file(args.out)  # before the scan: a list that cannot be written fails now
+    check_output_file(report_path, "--report")
     report = scan_dataset(args.root, args.workers, args.min_size, args.keep_grayscale, args.quiet)
     kept = report.pop("kept_entries")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     write_file_list(args.out, report["root"], kept)
     report["list"] = os.path.abspath(args.out)
-    report_path = args.report or args.out + ".report.json"
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(report["left_out_counts"].items())) or "nothing"

@@ -40,6 +40,7 @@ def test_each_error_carries_its_exit_code():
     assert all(issubclass(c, errors.InputError) and c.exit_code == errors.EXIT_USER == 2 for c in user)
     assert issubclass(errors.NonFiniteLossError, errors.RunError) and errors.NonFiniteLossError.exit_code == 3
     assert issubclass(errors.CheckpointWriteError, errors.RunError) and errors.CheckpointWriteError.exit_code == 4
+    assert issubclass(errors.OutputWriteError, errors.RunError) and errors.OutputWriteError.exit_code == 4
     assert issubclass(errors.InputError, errors.MugsError) and issubclass(errors.RunError, errors.MugsError)
 
 
@@ -106,6 +107,6 @@ def test_the_readme_states_every_exit_code_once():
     assert codes == {int(c) for c in rows}, rows.keys()
     table = "\n".join(rows.values())
     for cls in (errors.InputError, errors.ConfigError, errors.DataError, errors.CheckpointError, errors.OwnerError,
-                errors.NoDeviceError, errors.NonFiniteLossError, errors.CheckpointWriteError):
+                errors.NoDeviceError, errors.NonFiniteLossError, errors.CheckpointWriteError, errors.OutputWriteError):
         assert f"`{cls.__name__}`" in table, cls.__name__
     assert len(re.findall(r"\*Exit codes\*|^## Exit codes", readme, re.M)) == 1

@@ -84,7 +84,8 @@ def test_knn_on_run_dir_beats_chance_and_caches(run, data, tmp_path, capsys):
         assert 0.0 <= res["knn"][k]["top1"] <= res["knn"][k]["top5"] <= 1.0
     assert res["knn"]["20"]["top1"] >= 0.75  # 4 classes: chance is 0.25
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "val"]
-    capsys.readouterr()
+    err = capsys.readouterr().err  # not a terminal: plain progress lines, no carriage-return bars
+    assert "\r" not in err and "features (train): 1/" in err, err[-2000:]
     assert knn.main(argv + SMALL) == 0
     assert "read from the cache" in capsys.readouterr().out
     assert json.loads(out.read_text())["knn"] == res["knn"]

@@ -101,10 +101,39 @@ def test_scan_dataset_from_a_threaded_process_with_torch_and_dali(dirty_tree, tm
     assert out["left_out"] == bad  # the same results as from the command line
 
 
-def test_scan_dataset_from_a_script_without_main_guard_fails_at_once(dirty_tree, tmp_path):
-    """The workers import the calling script; without the guard they die at start: one error, no endless pool."""
+def test_scan_dataset_from_a_script_without_main_guard_works(dirty_tree, tmp_path):
+    """f9e9db5: the workers (and the fork server) re-ran an unguarded calling script, which died with a
+    97-line traceback. The workers now start without importing the script: it runs once and scans."""
+    root, good, bad = dirty_tree
     script = tmp_path / "no_guard.py"
-    script.write_text(_THREADED_PARENT.replace('if __name__ == "__main__":', "if True:"))
-    r = subprocess.run([sys.executable, str(script), dirty_tree[0]], capture_output=True, text=True, timeout=180,
+    script.write_text(_THREADED_PARENT.replace('if __name__ == "__main__":', "if True:")
+                      .replace("def run(root):", "print('SCRIPT-RAN', file=sys.stderr, flush=True)\n\n\ndef run(root):"))
+    r = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=180,
                        cwd=tmp_path)
-    assert r.returncode != 0 and 'lacks the `if __name__ == "__main__":` guard' in r.stderr, r.stderr[-4000:]
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("SCRIPT-RAN") == 1 and "Traceback" not in r.stderr, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kept"] == sorted(os.path.relpath(p, root) for p in good) and out["left_out"] == bad
+
+
+@pytest.mark.parametrize("char", ["\t", "\n", "\r"])
+def test_a_name_a_file_list_cannot_hold_is_left_out_with_its_reason(tmp_path, char, capsys):
+    """f9e9db5 decoded every file, then crashed writing the list (no list, a traceback)."""
+    root = tmp_path / "data"
+    good = make_tree(str(root), classes=2, per_class=3)
+    odd = root / "class_0" / f"odd{char}name.JPEG"
+    odd.write_bytes(open(good[0], "rb").read())
+    out = str(tmp_path / "train.txt")
+    assert main([str(root), "--out", out, "--workers", "1", "--min-size", "8", "--quiet"]) == 0
+    assert sorted(read_file_list(out).paths) == sorted(good)
+    report = json.load(open(out + ".report.json"))
+    assert report["left_out"] == [{"path": os.path.join("class_0", odd.name), "reason": "unlistable_name",
+                                   "detail": "a TAB, newline or carriage return in the name: rename the file"}]
+    assert report["scanned"] == len(good) + 1 and report["kept"] == len(good)
+
+
+def test_an_unwritable_list_is_refused_before_the_scan(dirty_tree, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main([dirty_tree[0], "--out", str(tmp_path / "f" / "train.txt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mugs-scan-data: error: --out ") and "not writable" in err[0], err

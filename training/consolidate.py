@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from ..core import checkpoint as ckpt
 from ..core.cli import run_cli
+from ..core.outputs import check_output_file
 
 PROG = "mugs-consolidate"
 
@@ -20,6 +21,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _consolidate(checkpoint: str, out: Path) -> None:
+    check_output_file(str(out))  # before reading anything
     src = ckpt.resolve(checkpoint)
     ckpt.consolidate(src, out)
     print(f"wrote {out} from {src}")

@@ -2,10 +2,12 @@
 
 torchrun gives each worker a file to report its failure in (TORCHELASTIC_ERROR_FILE, the format of
 torch.distributed.elastic's error handler) and reads it back into the ProcessFailure of a worker that
-exited non-zero. A worker that stops on a user error (exit 2/3/4) writes its one-line message there
-with the exact time (`record`); `blame` picks, among the failed workers torchrun reports, the one to
-name: the earliest that recorded a message, else one killed by a signal other than the SIGTERM of
-torchrun's tear-down, else the lowest rank.
+exited non-zero. A worker that stops on an error of its own (a user error, exit 2/3/4, or a crash) writes
+its one-line message there with the exact time (`record`); a worker that stops because a peer is gone
+(its collective failed) records that as `peer`. `blame` names the rank that failed first BY ITS OWN EXIT,
+never one torn down with it: the earliest own record, else a rank that exited non-zero without a
+record, else one killed by a signal other than torchrun's tear-down SIGTERM, else a rank that saw a
+peer fail, else one torchrun terminated (the lowest rank within each kind).
 """
 from __future__ import annotations
 
@@ -29,15 +31,17 @@ class WorkerFailed(MugsError):
         self.exit_code = exit_code
 
 
-def record(message: str, exit_code: int) -> None:
-    """Write this worker's one-line failure where its launcher (torchrun) reads it; nothing without one."""
+def record(message: str, exit_code: int, peer: bool = False) -> None:
+    """Write this worker's one-line failure where its launcher (torchrun) reads it; nothing without one.
+    `peer`: it stopped because another rank failed (blame names that one instead)."""
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
         return
     now = time.time()
     data = {"message": {"message": message, "extraInfo": {
         "py_callstack": "", "timestamp": str(int(now)),
-        _KEY: {"message": message, "exit_code": exit_code, "time": now, "rank": int(os.environ.get("RANK", 0))}}}}
+        _KEY: {"message": message, "exit_code": exit_code, "time": now, "rank": int(os.environ.get("RANK", 0)),
+               "peer": peer}}}}
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
@@ -56,15 +60,23 @@ def _ours(f: Any) -> Optional[Dict[str, Any]]:
 
 def blame(failures: Dict[int, Any]) -> Tuple[int, int, str]:
     """(rank, exit code, one-line description) of the worker to name among torchrun's `failures`
-    (global rank -> ProcessFailure)."""
-    told = sorted(((m["time"], rank, m) for rank, f in failures.items() if (m := _ours(f)) is not None),
-                  key=lambda x: (x[0], x[1]))
-    if told:
-        _, rank, m = told[0]
+    (global rank -> ProcessFailure): the one that failed first by its own exit (module docstring)."""
+    told = {rank: m for rank, f in failures.items() if (m := _ours(f)) is not None}
+    own = sorted((m["time"], rank) for rank, m in told.items() if not m.get("peer"))
+    if own:
+        rank = own[0][1]
+        m = told[rank]
         return rank, int(m["exit_code"]), f"worker rank {rank} failed first (exit {m['exit_code']}): {m['message']}"
-    signalled = [r for r, f in failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
-    killed = [r for r, f in failures.items() if f.exitcode < 0]
-    rank = min(signalled or killed or failures)
+    untold = {r: f.exitcode for r, f in failures.items() if r not in told}
+    exited = [r for r, code in untold.items() if code > 0]
+    signalled = [r for r, code in untold.items() if code < 0 and code != -signal.SIGTERM]
+    peers = sorted((m["time"], rank) for rank, m in told.items())
+    terminated = [r for r, code in untold.items() if code == -signal.SIGTERM]
+    if exited or signalled or not peers:
+        rank = min(exited or signalled or terminated or failures)
+    else:
+        rank = peers[0][1]
+        return rank, int(told[rank]["exit_code"]), f"worker rank {rank} {told[rank]['message']}"
     code = failures[rank].exitcode
     if code < 0:
         name = signal.Signals(-code).name

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..configs.options import parse_config
+from ..configs.ranges import NON_NEGATIVE, POSITIVE, between, out_of_range
 from ..core import lease
 from ..core.cli import run_cli
 from ..core.errors import ConfigError
@@ -36,6 +37,8 @@ from .validate import check_data, check_knn_data, check_output_dir, validate
 
 PROG = "mugs-train"
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# the launcher options' valid ranges (the training flags state theirs in configs/options.py)
+RANGES = {"nproc_per_node": POSITIVE, "nnodes": POSITIVE, "node_rank": NON_NEGATIVE, "master_port": between(1, 65535)}
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
@@ -126,13 +129,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
+    before = {sig: signal.signal(sig, _forward) for sig in FORWARDED}  # from the start: a signal during
+    try:  # the checks is one line, not a silent death
+        return _checked_launch(argv)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _checked_launch(argv: Sequence[str]) -> int:
     opts, flags = split_argv(argv)
     if "-h" in flags or "--help" in flags:
         print(_launcher_parser().format_help())
         parse_config(["--help"])  # the training flags; exits 0
+    for name, rng in RANGES.items():
+        value = getattr(opts, name)
+        if value is not None and out_of_range(name, value, rng):
+            raise ConfigError(out_of_range(name, value, rng))
+    if opts.node_rank >= opts.nnodes:
+        raise ConfigError(f"--node_rank {opts.node_rank} must be below --nnodes {opts.nnodes}")
     world = opts.nproc_per_node * opts.nnodes
-    if opts.nproc_per_node < 1 or opts.nnodes < 1:
-        raise ConfigError(f"--nproc_per_node {opts.nproc_per_node} / --nnodes {opts.nnodes} must be at least 1")
     notes = check(flags, world)
     if opts.check_only:
         for note in notes:
@@ -154,8 +170,6 @@ def _main(argv: Sequence[str]) -> int:
 
 
 def _launch(opts: argparse.Namespace, flags: List[str]) -> int:
-    for sig in FORWARDED:
-        signal.signal(sig, _forward)
     from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError

@@ -1,18 +1,24 @@
 """What a long run reports: TensorBoard scalars, a JSON-lines log, and its progress with ETA (rank 0):
 a progress bar on a terminal; one plain line every PROGRESS_EVERY_STEPS steps or PROGRESS_EVERY_SECONDS
 seconds, whichever comes first, where stderr is a file or a pipe (SLURM logs, nohup, CI), so that
-`tail -f` shows something and the log does not fill with carriage-return updates."""
+`tail -f` shows something and the log does not fill with carriage-return updates.
+
+A write that fails (a full disk, a quota, permissions) is OutputWriteError: one line naming the folder
+and its free space, exit 4, like a checkpoint that cannot be written."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from tqdm.auto import tqdm
+
+from ..core.errors import OutputWriteError
 
 # the progress line's cadence when stderr is not a terminal (the first and the last step always print)
 PROGRESS_EVERY_STEPS = 100
@@ -38,10 +44,11 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         self.tb_dir = out / "tb"
-        self.writer = SummaryWriter(log_dir=str(self.tb_dir))
         self.log_path = out / "log.txt"
+        with writing("the TensorBoard events", self.tb_dir):
+            out.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir))
         self._progress = dict(bar=bar, total_steps=total_steps, every_steps=every_steps, every_seconds=every_seconds)
         if start_step is not None:
             self.start(start_step)
@@ -74,13 +81,14 @@ class Monitor:
         """TensorBoard scalars at `step` (the step's own, and the k-NN monitor's)."""
         if not self.enabled:
             return
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, step)
+        with writing("the TensorBoard events", self.tb_dir):
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
 
     def log(self, record: Dict) -> None:
         if not self.enabled:
             return
-        with open(self.log_path, "a") as f:
+        with writing("log.txt", self.log_path.parent), open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def message(self, text: str) -> None:
@@ -92,12 +100,34 @@ class Monitor:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Flush and close; a write failure is raised only when no other exception is on its way out
+        (a failed run's own error stays the one line)."""
         if not self.enabled:
             return
-        self.writer.flush()
-        self.writer.close()
         if self.bar is not None:
             self.bar.close()
+        failing = sys.exc_info()[1] is not None
+        try:
+            with writing("the TensorBoard events", self.tb_dir):
+                self.writer.close()  # flushes
+        except OutputWriteError:
+            if not failing:
+                raise
+
+
+@contextlib.contextmanager
+def writing(what: str, folder: Path) -> Iterator[None]:
+    """An OSError inside (a full disk: ENOSPC, EDQUOT; permissions) becomes one OutputWriteError line naming
+    `folder` and its free space (core/checkpoint/write.py words the reason the same way)."""
+    try:
+        yield
+    except OSError as e:
+        from ..core.checkpoint import _write_failure
+
+        reason = e.strerror or str(e) or type(e).__name__
+        raise OutputWriteError(f"cannot write {what} to {folder} ({_write_failure(reason, Path(folder))}): free "
+                               "disk space or fix the folder, then resume (the run's checkpoints are "
+                               "untouched)") from None
 
 
 def _is_terminal(stream) -> bool:

@@ -97,7 +97,10 @@ def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> 
     """Scale each gradient by min(1, max_norm / (||g|| + 1e-6)) on its OWN norm.
 
     With FSDP2 the local squared norms of all shards are stacked and summed with
-    ONE all-reduce (not one per tensor). Returns the per-parameter norms."""
+    ONE all-reduce (not one per tensor). Returns the per-parameter norms. A negative `max_norm` would
+    flip every gradient (gradient ascent): ValueError (--clip_grad's range refuses it before a run starts)."""
+    if not max_norm >= 0:
+        raise ValueError(f"clip norm {max_norm} must be >= 0 (0: no clipping)")
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(0)

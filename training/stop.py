@@ -9,10 +9,11 @@ import signal
 from pathlib import Path
 from typing import Optional
 
+from . import early_signals
 from .exit_reason import StopReason
 
 STOP_FILE = "STOP"  # `touch OUTPUT_DIR/STOP` asks a run to checkpoint and exit, like SIGUSR1
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = early_signals.STOP_SIGNALS
 
 
 class StopRequest:
@@ -29,6 +30,8 @@ class StopRequest:
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        for signum in early_signals.caught[:1]:  # one that arrived during start-up counts the same
+            self._handle(signum, None)
 
     def _handle(self, signum, _frame) -> None:
         self._set(signal.Signals(signum).name, StopReason.of_signal(signum))

@@ -8,6 +8,7 @@ is global, so a run may resume on another number of processes with the same glob
 """
 from __future__ import annotations
 
+from . import early_signals  # noqa: F401 - imported first: keeps a stop signal that arrives while torch is imported
 import dataclasses
 import json
 import os
@@ -17,17 +18,17 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..configs.options import MugsConfig, parse_config
-from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, shutdown
+from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, peer_failure, shutdown
 from ..core import checkpoint as ckpt, lease
 from ..core.cli import run_cli
-from ..core.errors import (CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
+from ..core.errors import (EXIT_CRASH, CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
                            NonFiniteLossError, OwnerError, RunError)
 from . import failure
 from .exit_reason import StopReason
 from .checkpointer import Checkpointer, checkpoint_parts
 from .knn_monitor import KnnMonitor, load_sets
 from .knn_point import KnnPoint
-from .monitor import Monitor, gpu_memory_gb
+from .monitor import Monitor, gpu_memory_gb, writing
 from .optim import build_adamw
 from .models import build_models
 from .parallelize import DTYPES, compile_counts
@@ -37,6 +38,7 @@ from .schedules import build_schedules
 from .step import MugsTrainStep, StepResult
 from .stop import StopRequest
 from .validate import check_output_dir, validate
+
 
 def local_flags(stop: Optional[StopRequest], ckpt_every_minutes: float, last_save: float) -> List[bool]:
     """This rank's per-iteration flags, host values only: [stop requested, checkpoint due by the clock].
@@ -210,6 +212,20 @@ def _failed(e: MugsError, show: bool = True) -> int:
     return e.exit_code
 
 
+def _crashed(e: Exception, info: DistInfo) -> int:
+    """A rank whose collective failed because a peer is gone says so in one line (no backend traceback over
+    the peer's message) and tells the launcher it was torn down; any other exception is a crash: recorded
+    with its time (so the launcher can name the rank that failed first), then raised for its traceback."""
+    why = peer_failure(e) if info.world_size > 1 else None
+    if why is None:
+        first = " ".join(str(e).split())[:300]
+        failure.record(f"{type(e).__name__}: {first} (its traceback above says where)", EXIT_CRASH)
+        raise e
+    print(f"mugs: rank {info.rank} stopped: another rank failed ({why})", file=sys.stderr, flush=True)
+    failure.record(f"stopped because another rank failed ({why})", EXIT_CRASH, peer=True)
+    return EXIT_CRASH
+
+
 def train(cfg: MugsConfig) -> int:
     """The process exit code (core/errors.py): 0 done or stopped with a checkpoint. A failure is a
     MugsError, recorded for the launcher and raised for `main`'s one line (or its
@@ -231,12 +247,15 @@ def train(cfg: MugsConfig) -> int:
     try:
         held = lease.hold(cfg.output_dir, log=lambda m: print(m, file=sys.stderr, flush=True))  # one owner
         if info.is_main:
-            (Path(cfg.output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            with writing("config.json", Path(cfg.output_dir)):
+                (Path(cfg.output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         return Run(cfg, info, stop, notes).train()
-    except (CheckpointError, OwnerError, RunError) as e:  # agreed by every rank: rank 0 says it
+    except (CheckpointError, OwnerError, RunError) as e:  # agreed by every rank (logs: rank 0's own): rank 0 says it
         return _failed(e, show=info.is_main)
     except MugsError as e:  # may be one rank's own (its image does not decode): each says it
         return _failed(e)
+    except Exception as e:  # noqa: BLE001 - told to the launcher, then raised as it is (or one line)
+        return _crashed(e, info)
     finally:
         if held is not None:
             held.release()

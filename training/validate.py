@@ -3,62 +3,54 @@ is allocated. `mugs-train` runs them in one process before it starts any worker;
 runs them again (it may be launched by plain torchrun)."""
 from __future__ import annotations
 
-import math
 import os
-import uuid
-from pathlib import Path
 
-from ..configs.options import ARCHS, MugsConfig
+from ..configs.archs import backbone_shape
+from ..configs.options import MugsConfig, check_ranges
+from ..core import outputs
 from ..core.errors import ConfigError
+from ..pipeline.augment_config import AugmentConfig
 
 
 def validate(cfg: MugsConfig, world_size: int = 1) -> None:
-    """The flags alone (the file system only for whether the data and k-NN paths exist)."""
+    """The flags alone (the file system only for whether the data and k-NN paths exist). Each numeric
+    flag's range is stated once, next to its field (configs/options.py); the rules between flags follow."""
     def fail(msg: str) -> None:
         raise ConfigError(msg)
 
-    custom = None not in (cfg.embed_dim, cfg.depth, cfg.num_heads)
-    if cfg.arch not in ARCHS and not (cfg.arch == "custom" and custom):
-        fail(f"--arch {cfg.arch!r} is unknown: choose one of {', '.join(ARCHS)} "
-             "(or --arch custom with --embed_dim --depth --num_heads)")
-    if cfg.embed_dim and cfg.num_heads and cfg.embed_dim % cfg.num_heads:
-        fail(f"--embed_dim {cfg.embed_dim} is not divisible by --num_heads {cfg.num_heads}")
+    out_of_range = check_ranges(cfg)
+    if out_of_range:
+        fail(out_of_range)
+    try:  # the named archs and the custom one's rules: configs/archs.py
+        backbone_shape(cfg.arch, cfg.embed_dim, cfg.depth, cfg.num_heads)
+    except ValueError as e:
+        fail(str(e))
     if not cfg.data_path:
         fail("--data_path is required (an ImageFolder root or a file list from mugs-scan-data)")
     if not os.path.exists(cfg.data_path):
         fail(f"--data_path {cfg.data_path} does not exist")
+    if not cfg.output_dir:
+        fail("--output_dir is empty: name the folder for checkpoints and logs (e.g. --output_dir runs/NAME)")
     if cfg.optimizer != "adamw":
         fail(f"--optimizer {cfg.optimizer!r} is not supported: only adamw (the paper's optimiser)")
     if cfg.use_bn_in_head:
         fail("--use_bn_in_head true is not supported (the paper's runs use false)")
-    for name in ("lr", "min_lr"):
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < 0:
-            fail(f"--{name} {v} must be a finite number >= 0")
-    if cfg.lr == 0:
-        fail(f"--lr 0 would not train: give a positive base lr (the default is {MugsConfig().lr})")
     if len(cfg.size_crops) != 1:
         fail(f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
              f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)")
     g, l, p = cfg.img_size, cfg.local_crop_size, cfg.patch_size
-    if p <= 0 or g % p:
+    if g % p:
         fail(f"global crop size {g} (--img_size) is not a multiple of --patch_size {p}")
-    if l % p or l <= 0:
+    if l % p:
         fail(f"local crop size {l} (--size_crops) is not a multiple of --patch_size {p}")
     if l > g:
         fail(f"local crop size {l} is larger than the global crop size {g}")
-    for name in ("global_crops_scale", "local_crops_scale"):
-        lo, hi = getattr(cfg, name)
-        if not 0 < lo <= hi <= 1:
-            fail(f"--{name} {lo} {hi} must satisfy 0 < min <= max <= 1")
-    if cfg.local_crops_number < 1:
-        fail("--local_crops_number must be at least 1 (the losses average large- and small-crop pairs)")
-    if not 0 <= cfg.prob <= 1:
-        fail(f"--prob {cfg.prob} is not a probability")
+    try:  # the crops' own rules (min <= max, the RandAugment policy): pipeline/augment_config.py
+        AugmentConfig.from_config(cfg)
+    except ValueError as e:
+        fail(str(e))
     if cfg.loader == "dali" and cfg.num_workers < 1:
         fail(f"--num_workers {cfg.num_workers}: the DALI loader needs at least 1 thread per process")
-    if cfg.batch_size_per_gpu < 1:
-        fail("--batch_size_per_gpu must be at least 1")
     # (no "global batch >= top-k" rule: the memory starts random, so top-k always finds rows)
     if cfg.mem_size < cfg.local_group_knn_top_n:
         fail(f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}")
@@ -66,14 +58,10 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
     for name in ("instance_queue_size", "local_group_queue_size"):
         if getattr(cfg, name) < 2 * global_batch:
             fail(f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global batch = {2 * global_batch})")
-    if len(cfg.loss_weights) != 3 or any(w < 0 for w in cfg.loss_weights) or sum(cfg.loss_weights) <= 0:
-        fail(f"--loss_weights {cfg.loss_weights}: three non-negative numbers, not all zero")
-    if cfg.epochs < 1 or cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
+    if sum(cfg.loss_weights) <= 0:
+        fail(f"--loss_weights {' '.join(map(str, cfg.loss_weights))}: not all zero (each loss is on when its weight is > 0)")
+    if cfg.warmup_epochs >= cfg.epochs:
         fail(f"--warmup_epochs {cfg.warmup_epochs} must be in [0, --epochs {cfg.epochs})")
-    if cfg.max_steps < 0 or cfg.ckpt_every_steps < 0 or cfg.ckpt_keep < 1:
-        fail("--max_steps and --ckpt_every_steps must be >= 0 and --ckpt_keep >= 1")
-    if cfg.knn_every_epochs < 0 or cfg.knn_subset_per_class < 0:
-        fail("--knn_every_epochs and --knn_subset_per_class must be >= 0 (0: monitor off / all images)")
     if cfg.knn_resize and cfg.knn_resize < cfg.img_size:
         fail(f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop (0: automatic)")
     if cfg.knn_every_epochs:
@@ -134,14 +122,4 @@ def check_knn_data(cfg: MugsConfig):
 
 def check_output_dir(output_dir: str) -> None:
     """Creates the output dir and proves it writable (a probe file), or one line saying what to do."""
-    out = Path(output_dir)
-    try:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--output_dir {out} is a file, not a folder: remove it or choose another path")
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--output_dir {out} is not writable ({e.strerror or e}): fix its permissions "
-                          "(chmod / chattr -i) or choose another --output_dir") from None
+    outputs.check_output_dir(output_dir, "--output_dir")

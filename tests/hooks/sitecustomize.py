@@ -43,3 +43,21 @@ if _ENOSPC is not None and os.environ.get("RANK", "0") == os.environ.get("MUGS_F
         return _fsync(fd)
 
     os.fsync = _full_disk_fsync
+
+# MUGS_FAULT_ENOSPC_IN_TB=N: on rank 0, every TensorBoard event of step N or later fails with ENOSPC, as
+# the event writer does when the disk fills between checkpoints (it raises the OSError at the next write).
+_TB = os.environ.get("MUGS_FAULT_ENOSPC_IN_TB")
+
+if _TB is not None and os.environ.get("RANK", "0") == "0":
+    import errno
+
+    from torch.utils.tensorboard import writer as _tb_writer
+
+    _add_event = _tb_writer.FileWriter.add_event
+
+    def _full_disk_add_event(self, event, step=None, walltime=None):
+        if step is not None and step >= int(_TB):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.get_logdir())
+        return _add_event(self, event, step, walltime)
+
+    _tb_writer.FileWriter.add_event = _full_disk_add_event
