@@ -6,14 +6,16 @@ touches anything, and that a thread refreshes every `HEARTBEAT_S` seconds while 
 
 Taking it: a new lease is written to a private temporary file and hard-linked to the lease name;
 `link` fails if the name exists, and it is atomic on local filesystems and on NFS (the classic NFS
-lock-file idiom). A lease that exists is taken over only if it is stale: its heartbeat is older
-than `stale_after_s()` (`STALE_AFTER_S`, env MUGS_LEASE_STALE_S), its owner runs on this host and
-its pids are gone, or its SLURM job id is this process's own (a requeued job replacing its dead
-earlier incarnation). Take-overs and heartbeats hold an exclusive `flock` on OUTPUT_DIR/.mugs-owner.lock
-where the filesystem supports it (NFSv4 and Lustre do; where it fails the link/re-read protocol
-alone decides, and two simultaneous take-overs of one stale lease are told apart by re-reading:
-one of them refuses). Heartbeats compare clocks of different hosts: they must agree to well within
-the stale limit (NTP does).
+lock-file idiom); a filesystem without hard links gets an O_EXCL create of the lease name instead.
+A lease that exists is taken over only if it is stale: its heartbeat is older than `stale_after_s()`
+(`STALE_AFTER_S`, env MUGS_LEASE_STALE_S), its owner runs on this host and its pids are gone, or its
+SLURM job id is this process's own (a requeued job replacing its dead earlier incarnation).
+Take-overs and heartbeats hold an exclusive `flock` on OUTPUT_DIR/.mugs-owner.lock where the
+filesystem supports it (NFSv4 and Lustre do; where it fails the link/re-read protocol alone decides,
+and two simultaneous take-overs of one stale lease are told apart by re-reading: one of them
+refuses). Heartbeats compare clocks of different hosts: they must agree to well within the stale
+limit (NTP does); a heartbeat further in the future than the limit is clock skew, taken over with a
+note like a stale one.
 
 A run that finds its lease taken over stops publishing checkpoints (`check_owned`), so two runs
 never both write one output dir; whoever holds the lease removes it when the run ends.
@@ -21,6 +23,7 @@ never both write one output dir; whoever holds the lease removes it when the run
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -30,6 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from . import files
 from .errors import OwnerError
 
 LEASE_FILE = ".mugs-owner"
@@ -49,29 +53,48 @@ def _key(output_dir: "str | Path") -> str:
     return str(Path(output_dir).resolve())
 
 
+def _valid(owner: Any) -> bool:
+    """A lease as this code writes it: the fields that are read have their types."""
+    number = (int, float)
+    return (isinstance(owner, dict) and isinstance(owner.get("heartbeat", 0), number)
+            and isinstance(owner.get("start", 0), number) and isinstance(owner.get("pids", []), list)
+            and all(isinstance(p, int) for p in owner.get("pids", [])))
+
+
 def read_owner(output_dir: "str | Path") -> Optional[Dict[str, Any]]:
-    """The lease's JSON, None if there is none; a lease that does not parse counts as held by 'unknown'."""
+    """The lease's JSON, None if there is none; a lease that does not parse (a torn write, random bytes)
+    counts as held by 'unknown' with its file's time as heartbeat. Something other than a regular file
+    under the lease's name (a directory, a FIFO: never opened) is an OwnerError in one line."""
     f = Path(output_dir) / LEASE_FILE
     try:
-        text = f.read_text()
+        raw = files.read_regular(f, OwnerError)
+        mtime = f.stat().st_mtime
     except FileNotFoundError:
         return None
+    except OwnerError as e:
+        raise OwnerError(f"{e}: an output dir's {LEASE_FILE} is its ownership lease; remove it") from None
     try:
-        owner = json.loads(text)
-        if not isinstance(owner, dict):
-            raise ValueError
-        return owner
-    except ValueError:
-        return {"host": "?", "pids": [], "token": None, "heartbeat": f.stat().st_mtime, "unreadable": True}
+        owner = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        owner = None
+    if not _valid(owner):
+        return {"host": "?", "pids": [], "token": None, "heartbeat": mtime, "unreadable": True}
+    return owner
+
+
+def _beat_age(owner: Dict[str, Any], now: float) -> str:
+    beat = now - float(owner.get("heartbeat", 0))
+    return f"heartbeat {beat:.0f} s ago" if beat >= 0 else f"heartbeat {-beat:.0f} s in the future"
 
 
 def describe(owner: Dict[str, Any], now: Optional[float] = None) -> str:
     now = time.time() if now is None else now
+    if owner.get("unreadable"):
+        return f"unknown: the lease does not read as one (written {now - float(owner['heartbeat']):.0f} s ago)"
     pids = ",".join(str(p) for p in owner.get("pids", [])) or "?"
     job = f", SLURM job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("start", 0)))
-    beat = now - float(owner.get("heartbeat", 0))
-    return f"host {owner.get('host', '?')} pid {pids}{job}, started {started}, heartbeat {beat:.0f} s ago"
+    return f"host {owner.get('host', '?')} pid {pids}{job}, started {started}, {_beat_age(owner, now)}"
 
 
 def _alive(pid: int) -> bool:
@@ -90,6 +113,9 @@ def takeover_reason(owner: Dict[str, Any], now: Optional[float] = None) -> Optio
     age = now - float(owner.get("heartbeat", 0))
     if age > stale_after_s():
         return f"its heartbeat is {age:.0f} s old (limit {stale_after_s():.0f} s)"
+    if -age > stale_after_s():  # no live run's beat is ahead of this clock by more than the limit
+        return (f"its heartbeat is {-age:.0f} s in the future (limit {stale_after_s():.0f} s): the clocks of "
+                f"this host and {owner.get('host', '?')} disagree (clock skew; run NTP)")
     job = os.environ.get("SLURM_JOB_ID")
     if job and str(owner.get("slurm_job_id")) == job:
         return f"it belongs to this SLURM job ({job}), requeued"
@@ -168,6 +194,8 @@ class Lease:
                     self._beat()
                 except OSError:
                     pass  # a transient filesystem error; the next beat tries again
+                except OwnerError as e:  # the lease's name now holds something else: no longer ours
+                    self.lost = str(e)
                 if self.lost:
                     return
 
@@ -179,10 +207,32 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         _held.pop(_key(self.dir), None)
-        with contextlib.suppress(OSError), _locked(self.dir):
+        with contextlib.suppress(OSError, OwnerError), _locked(self.dir):
             cur = read_owner(self.dir)
             if cur is not None and cur.get("token") == self.token:
                 self.path.unlink()
+
+
+# `link` answers these where the filesystem has no hard links (some FUSE, SMB/CIFS and object-store mounts)
+NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK})
+
+
+def _publish(tmp: Path, path: Path, data: Dict[str, Any]) -> None:
+    """Make `tmp` (holding `data`) the lease at `path` if no lease is there; FileExistsError otherwise.
+    A hard link publishes the complete file at once; where the filesystem has none, the lease is created
+    with O_EXCL (equally exclusive; a reader meeting it half-written sees an unreadable lease, held by
+    'unknown', and refuses: the safe side)."""
+    try:
+        os.link(tmp, path)
+        return
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno not in NO_LINKS:
+            raise
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _new_data(token: Optional[str] = None) -> Dict[str, Any]:
@@ -209,7 +259,7 @@ def acquire(output_dir: "str | Path", log=None) -> Lease:
     try:
         with _locked(out):
             try:
-                os.link(tmp, path)
+                _publish(tmp, path, data)
             except FileExistsError:
                 cur = read_owner(out) or {}
                 why = takeover_reason(cur) if cur else "it vanished"

@@ -28,13 +28,23 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
+from . import files
 from .errors import CheckpointError
 
 METADATA_FILE = ".metadata"
@@ -64,12 +74,23 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def regular_file(path: "str | Path") -> os.stat_result:
+    """`core/files.py`'s check, refusing with a CheckpointError."""
+    return files.regular_file(path, CheckpointError)
+
+
+def read_regular(path: "str | Path") -> bytes:
+    """`core/files.py`'s read of a regular file only, refusing with a CheckpointError."""
+    return files.read_regular(path, CheckpointError)
+
+
 def read_dcp_metadata(path: "str | Path") -> Metadata:
     """The DCP metadata file `path` (a checkpoint dir's `.metadata`), read with the restricted unpickler."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
+        md = _MetadataUnpickler(io.BytesIO(read_regular(path))).load()
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         if str(e).startswith("refused global"):
             raise CheckpointError(f"{path}: refused: it pickles a Python object that DCP metadata never holds "
@@ -103,37 +124,112 @@ def _numel(shape) -> int:
     return math.prod(int(d) for d in shape)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _shape(v: Any) -> bool:
+    """A shape or offset: a tuple/list/torch.Size of non-negative ints."""
+    return isinstance(v, (tuple, list)) and all(_is_int(d) and d >= 0 for d in v)
+
+
+def check_types(directory: "str | Path", md: Metadata) -> None:
+    """`md` is made of DCP's own classes (the restricted unpickler saw to that), but its fields could hold
+    anything: every field that a reader uses must have the type DCP writes, every size and offset be a
+    non-negative int. CheckpointError (one line naming the entry) otherwise."""
+    where = Path(directory) / METADATA_FILE
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: refused: {what} (not what DCP writes)")
+
+    if not isinstance(md.state_dict_metadata, dict):
+        raise bad(f"state_dict_metadata is a {type(md.state_dict_metadata).__name__}")
+    for fqn, m in md.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise bad(f"an entry is named by a {type(fqn).__name__}")
+        if isinstance(m, BytesStorageMetadata):
+            continue
+        if not isinstance(m, TensorStorageMetadata):
+            raise bad(f"entry {fqn} is a {type(m).__name__}")
+        if not isinstance(m.properties, TensorProperties) or not isinstance(m.properties.dtype, torch.dtype):
+            raise bad(f"entry {fqn} has no tensor dtype")
+        if not _shape(m.size):
+            raise bad(f"entry {fqn} has the shape {m.size!r}")
+        if not isinstance(m.chunks, (list, tuple)):
+            raise bad(f"entry {fqn} has chunks of type {type(m.chunks).__name__}")
+        for c in m.chunks:
+            if not isinstance(c, ChunkStorageMetadata) or not _shape(c.offsets) or not _shape(c.sizes):
+                raise bad(f"entry {fqn} has a chunk {c!r}")
+    if not isinstance(md.storage_data, dict):
+        raise bad(f"storage_data is a {type(md.storage_data).__name__}")
+    for key, info in md.storage_data.items():
+        if not isinstance(key, MetadataIndex) or not isinstance(key.fqn, str) or not (
+                key.offset is None or _shape(key.offset)) or not (key.index is None or _is_int(key.index)):
+            raise bad(f"a record is keyed by {key!r}")
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str) \
+                or not _is_int(info.offset) or not _is_int(info.length):
+            raise bad(f"the record of {key.fqn} is {info!r}")
+        if info.offset < 0 or info.length < 0:
+            raise CheckpointError(f"{Path(directory) / info.relative_path}: refused: a record at a negative "
+                                  "offset or length")
+        if getattr(info, "transform_descriptors", None):  # compression etc.: never written by this project
+            raise bad(f"the record of {key.fqn} names transforms {info.transform_descriptors!r}")
+    if md.planner_data is not None and not (isinstance(md.planner_data, dict) and all(
+            isinstance(v, (tuple, list)) and v and all(isinstance(k, str) or _is_int(k) for k in v)
+            for v in md.planner_data.values())):
+        raise bad("planner_data is not a map of entry paths")
+    if md.storage_meta is not None and not isinstance(md.storage_meta, StorageMeta):
+        raise bad(f"storage_meta is a {type(md.storage_meta).__name__}")
+
+
+def check_records(directory: "str | Path", md: Metadata) -> Dict[str, int]:
+    """Per shard file, its records' byte ranges are disjoint: overlapping records would let a small
+    file declare (and a reader allocate) many times its size. Returns {file: bytes needed}."""
+    ranges: Dict[str, List[Tuple[int, int, str]]] = {}
+    for key, info in md.storage_data.items():
+        ranges.setdefault(info.relative_path, []).append((info.offset, info.offset + info.length, key.fqn))
+    need: Dict[str, int] = {}
+    for rel, spans in ranges.items():
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise CheckpointError(f"{Path(directory) / rel}: refused: the records of {a} and {b} overlap "
+                                      f"(bytes {start}-{end})")
+        need[rel] = max(end for _, end, _ in spans)
+    return need
+
+
 def check_storage(directory: "str | Path", md: Metadata) -> Dict[str, int]:
-    """Before anything is read or allocated from `md`: every shard file it names is confined to
-    `directory`, exists and is as long as its records need, and every declared tensor fits the bytes
-    of its chunks' records (size x dtype of each chunk <= the record's length; the chunks' records
-    hold at least the whole tensor), so a forged size cannot allocate more than the shards hold.
+    """Before anything is read or allocated from `md`: its fields have DCP's types (`check_types`), the
+    records of each file are disjoint (`check_records`), every shard file it names is confined to
+    `directory`, is a regular file and is as long as its records need, and every declared tensor fits
+    the bytes of its chunks' records (size x dtype of each chunk <= the record's length; the chunks'
+    records hold at least the whole tensor), so a forged size cannot allocate more than the shards hold.
     Returns {file: bytes needed}. CheckpointError (one line naming the file) otherwise."""
     directory = Path(directory)
-    storage = md.storage_data or {}
-    need: Dict[str, int] = {}
-    for info in storage.values():
-        if int(info.offset) < 0 or int(info.length) < 0:
-            raise CheckpointError(f"{directory / str(info.relative_path)}: refused: a record at a negative offset or length")
-        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    check_types(directory, md)
+    storage = md.storage_data
+    need = check_records(directory, md)
     for rel, size in sorted(need.items()):
         f = confined(directory, rel)
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (a shard of this checkpoint)")
-        if f.stat().st_size < size:
-            raise CheckpointError(f"{f}: truncated ({f.stat().st_size} bytes; the metadata needs {size})")
-    for fqn, m in (md.state_dict_metadata or {}).items():
+        try:
+            st = regular_file(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{f}: missing (a shard of this checkpoint)") from None
+        if st.st_size < size:
+            raise CheckpointError(f"{f}: truncated ({st.st_size} bytes; the metadata needs {size})")
+    for fqn, m in md.state_dict_metadata.items():
         if not isinstance(m, TensorStorageMetadata):
             continue
-        item = torch.empty((), dtype=m.properties.dtype).element_size()
+        item = m.properties.dtype.itemsize
         want, have, seen = _numel(m.size) * item, 0, set()
         for chunk in m.chunks:
-            info = storage.get(MetadataIndex(fqn, chunk.offsets))
+            info = storage.get(MetadataIndex(fqn, torch.Size(chunk.offsets)))
             if info is None:
                 raise CheckpointError(f"{directory / METADATA_FILE}: entry {fqn} has a chunk without a record")
             nbytes = _numel(chunk.sizes) * item
             if any(int(o) < 0 or int(o) + int(n) > int(d) for o, n, d in zip(chunk.offsets, chunk.sizes, m.size)) \
-                    or len(chunk.sizes) != len(m.size):
+                    or len(chunk.sizes) != len(m.size) or len(chunk.offsets) != len(m.size):
                 raise CheckpointError(f"{directory / METADATA_FILE}: entry {fqn} has a chunk outside its "
                                       f"declared shape {tuple(m.size)}")
             if nbytes > int(info.length):
@@ -239,8 +335,12 @@ def safe_torch_load(path: "str | Path", *, released: bool = True) -> Any:
     """`torch.load` on CPU of tensors, containers, plain numbers and (with `released`, for files
     that may be the original's) `released_checkpoint_globals()` only."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    try:
+        regular_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
     with torch.serialization.safe_globals(released_checkpoint_globals() if released else []):
         try:
             return _load(path)

@@ -14,6 +14,7 @@ import torch
 
 from ..configs.options import MugsConfig
 from ..core import checkpoint as ckpt
+from ..core.errors import ConfigError, MugsError
 from ..core.checkpoint.parts import Parts
 from ..pipeline.sharding import derive_seed
 
@@ -48,7 +49,8 @@ class Checkpointer:
 
     def resume(self, loader, rank: int, log: Callable[[str], None]) -> Optional[dict]:
         """Collective: load the newest checkpoint that loads (broken newer ones reported and set aside;
-        CheckpointError if checkpoints exist but none loads) and position the run after it. The same
+        CheckpointError if checkpoints exist but none loads) and position the run after it. Only the
+        loader's refusal of the position (the data changed under the run) is a --data_path ConfigError. The same
         process count restores each rank's RNG and loader state (bit-exact); another count reshards
         (DCP) and continues the global data position. None, with the run's seeds set, when there is none."""
         seed = self.cfg.seed
@@ -58,13 +60,42 @@ class Checkpointer:
             return None
         step = int(meta["step"])
         if meta["loader"] is None:  # written by another number of processes: the position is global
-            loader.seek(*divmod(step, self.iters))
+            try:
+                loader.seek(*divmod(step, self.iters))
+            except ValueError as e:
+                raise data_changed(self.cfg.data_path, e) from None
             torch.manual_seed(derive_seed(seed, 1, rank, step))  # fresh per-rank RNG
         return meta
 
 
-def checkpoint_parts(student, teacher, optimizer, objective, loader) -> Parts:
+def checkpoint_parts(student, teacher, optimizer, objective, loader, data_path: str) -> Parts:
     """Everything a checkpoint holds, by its name on disk (core/checkpoint/parts.py)."""
     return {"student": ckpt.ModelState(student), "teacher": ckpt.ModelState(teacher),
             "optimizer": ckpt.OptimizerState(student, optimizer), "objective": objective,
-            "rng": ckpt.PerRank(ckpt.RngState()), "loader": ckpt.PerRank(loader)}
+            "rng": ckpt.PerRank(ckpt.RngState()), "loader": ckpt.PerRank(DataPosition(loader, data_path))}
+
+
+def data_changed(data_path: str, e: Exception) -> ConfigError:
+    return ConfigError(f"--data_path {data_path}: {e}; resume on the data the run started with, or use a "
+                       "new --output_dir")
+
+
+class DataPosition:
+    """The loader as a checkpoint part: its refusal of a saved position (the data set changed under the
+    run: a ValueError) is a --data_path error, told apart here from a broken checkpoint, which the
+    checkpoint read words (and falls back from) itself."""
+
+    def __init__(self, loader, data_path: str):
+        self.loader, self.data_path = loader, data_path
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        try:
+            self.loader.load_state_dict(state)
+        except ValueError as e:
+            if isinstance(e, MugsError):
+                raise
+            raise data_changed(self.data_path, e) from None
+

@@ -68,6 +68,7 @@ def split_argv(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
 
 def check(flags: List[str], world: int) -> List[str]:
     """All start-up checks in this one process; raises an InputError. Returns the resume notes."""
+    from ..core.checkpoint.layout import check_root
     from .resume_guard import check_resume
 
     cfg = parse_config(flags)  # argparse: usage + one error line, exit 2
@@ -75,6 +76,7 @@ def check(flags: List[str], world: int) -> List[str]:
     check_data(cfg, world)
     check_knn_data(cfg)
     check_output_dir(cfg.output_dir)
+    check_root(cfg.output_dir)  # `checkpoints`, `step_N`: directories, or the first save fails
     lease.peek(cfg.output_dir)  # another live run owns it: say so before anything else
     return check_resume(cfg, world)
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..configs.options import IGNORED, SAFE, MugsConfig, fields_with_policy
 from ..core import checkpoint as ckpt
-from ..core.errors import ConfigError
+from ..core.errors import CheckpointError, ConfigError
 
 SAFE_TO_CHANGE = fields_with_policy(SAFE) | fields_with_policy(IGNORED)
 # checked as the global batch (per-GPU batch x processes), not field by field
@@ -25,16 +25,32 @@ BATCH_FIELDS = frozenset({"batch_size_per_gpu"})
 
 
 def saved_run(output_dir: str) -> Optional[Tuple[Path, Dict[str, Any], int]]:
-    """(checkpoint, its config, the process count that wrote it) of the newest checkpoint, or None."""
-    last = ckpt.latest(output_dir)
-    if last is None:
-        return None
-    meta = json.loads((last / "COMPLETE").read_text())
-    config = meta.get("config")
-    if config is None:  # written before checkpoints carried their config
-        cfg_file = Path(output_dir) / "config.json"
-        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    return last, config, int(meta.get("world_size", 0))
+    """(checkpoint, its config, the process count that wrote it) of the newest checkpoint whose COMPLETE
+    reads, or None. A newer one whose COMPLETE is torn, empty or not a marker is left to the resume,
+    which sets it aside and falls back to this one (its settings are the ones the run continues)."""
+    for last in reversed(ckpt.list_complete(output_dir)):
+        try:
+            meta = ckpt.read_complete(last)
+        except CheckpointError:
+            continue
+        config = meta.get("config")
+        if config is None:  # written before checkpoints carried their config
+            config = _saved_config(Path(output_dir) / "config.json")
+        config = config if isinstance(config, dict) else {}
+        world = meta.get("world_size", 0)
+        return last, config, world if isinstance(world, int) and not isinstance(world, bool) else 0
+    return None
+
+
+def _saved_config(cfg_file: Path) -> Dict[str, Any]:
+    if not cfg_file.is_file():
+        return {}
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg_file}: unreadable ({type(e).__name__}: {e}); restore it or use a new "
+                          "--output_dir") from None
+    return config if isinstance(config, dict) else {}
 
 
 def implied_by_older_code(old: Dict[str, Any]) -> Dict[str, Any]:

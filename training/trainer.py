@@ -83,20 +83,15 @@ class Run:
         self.resumed_from: Optional[Path] = None
         self.mon = Monitor(cfg.output_dir, self.stop_at, None, enabled=info.is_main)
         self.knn = KnnPoint(knn, self.teacher, self.mon, self.iters)  # the epoch-end callback
-        parts = checkpoint_parts(self.student, self.teacher, self.optimizer, self.objective, self.loader)
+        parts = checkpoint_parts(self.student, self.teacher, self.optimizer, self.objective, self.loader,
+                                 cfg.data_path)
         self.checkpointer = Checkpointer(cfg, parts, self.iters, self.total, info.world_size,
                                          extra=lambda: {"knn_step": self.knn.last_step})
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that loads, if any (Checkpointer.resume); warnings (a
         checkpoint set aside) go through the monitor: rank 0's stderr."""
-        try:
-            meta = self.checkpointer.resume(self.loader, self.info.rank, log=self.mon.message)
-        except CheckpointError:  # (a ValueError too) none loads: one line as it is
-            raise
-        except ValueError as e:  # the loader refusing the position, e.g. the data set changed under the run
-            raise ConfigError(f"--data_path {self.cfg.data_path}: {e}; resume on the data the run started "
-                              "with, or use a new --output_dir") from None
+        meta = self.checkpointer.resume(self.loader, self.info.rank, log=self.mon.message)
         if meta is not None:
             self.step, self.resumed_from = int(meta["step"]), Path(meta["path"])
             self.knn.last_step = meta.get("knn_step")  # a point already measured is not measured again
@@ -235,6 +230,7 @@ def train(cfg: MugsConfig) -> int:
     try:
         validate(cfg, world)
         check_output_dir(cfg.output_dir)
+        ckpt.check_root(cfg.output_dir)
         notes = check_resume(cfg, world)
     except MugsError as e:
         return _failed(e, show=first_rank)

@@ -42,12 +42,14 @@ def _verify(dirs: Iterable[Path]) -> None:
         for t in targets:
             found += 1
             try:
-                verified = ckpt.check(t)
+                verified, unlisted = ckpt.check(t)
             except CheckpointError as e:
                 broken += 1
                 print(f"BROKEN      {t}: {e}")
                 continue
-            print(f"ok          {t}" if verified else f"unverified  {t}: written before checkpoints carried checksums")
+            ignored = f" (ignored {', '.join(unlisted)}: not listed in COMPLETE)" if unlisted else ""
+            print(f"ok          {t}{ignored}" if verified
+                  else f"unverified  {t}: written before checkpoints carried checksums")
     problems = [f"{broken} broken of {found} checkpoints (a run sets a broken one aside and resumes from the "
                 "previous one)"] if broken else []
     problems += [f"{d}: no complete checkpoint here" for d in empty]

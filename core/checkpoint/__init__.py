@@ -7,6 +7,7 @@ from .layout import (
     BROKEN_PREFIX,
     COMPLETE,
     TMP_PREFIX,
+    check_root,
     checkpoint_root,
     latest,
     list_complete,
@@ -23,7 +24,7 @@ from .write import _write_failure, save
 
 __all__ = [
     "BROKEN_PREFIX", "COMPLETE", "TMP_PREFIX", "Kept", "ModelState", "OptimizerState", "PerRank", "RngState",
-    "adapt", "check", "checkpoint_root", "consolidate", "latest", "list_complete", "load", "read_complete",
-    "read_parts", "resolve", "resume_latest", "rng_state", "save", "save_file_atomically", "set_rng_state",
-    "step_of", "verify", "_write_failure",
+    "adapt", "check", "check_root", "checkpoint_root", "consolidate", "latest", "list_complete", "load",
+    "read_complete", "read_parts", "resolve", "resume_latest", "rng_state", "save", "save_file_atomically",
+    "set_rng_state", "step_of", "verify", "_write_failure",
 ]

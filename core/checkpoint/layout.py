@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..safe_load import confined, first_line
+from ..safe_load import confined, first_line, read_regular
 
 _NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -59,14 +59,27 @@ def latest(output_dir: "str | Path") -> Optional[Path]:
 def read_complete(path: Path) -> Dict[str, Any]:
     """The COMPLETE metadata of checkpoint dir `path` (CheckpointError if unreadable)."""
     try:
-        meta = json.loads(confined(path, COMPLETE).read_text())
+        meta = json.loads(read_regular(confined(path, COMPLETE)))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path / COMPLETE}: unreadable ({first_line(e)})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool):
         raise CheckpointError(f"{path / COMPLETE}: not a checkpoint marker (no integer `step`)")
     return meta
+
+
+def check_root(output_dir: "str | Path") -> None:
+    """Before a run starts: OUTPUT_DIR/checkpoints and every step_N in it are directories (a file of either
+    name would fail the first save, after the run's first interval of work). CheckpointError naming it."""
+    root = checkpoint_root(output_dir)
+    if root.exists() and not root.is_dir() or root.is_symlink() and not root.exists():
+        raise CheckpointError(f"{root}: not a directory (checkpoints are written into it): move it away")
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if _NAME.match(p.name) and not p.is_dir():
+            raise CheckpointError(f"{p}: not a directory (a checkpoint is written there): move it away")
 
 
 def resolve(path: "str | Path") -> Path:

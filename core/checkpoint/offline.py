@@ -17,10 +17,11 @@ from ..errors import CheckpointError
 from ..safe_load import (
     SafeFileSystemReader,
     SafeLoadPlanner,
+    first_line,
     set_path,
 )
 from .layout import one_line_reason, read_complete, save_file_atomically
-from .read import unverified_note, validate
+from .read import unlisted_note, unverified_note, validate
 
 
 def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -29,9 +30,11 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
     group, after verifying every file's checksum (a checkpoint without checksums is read with a
     one-line note on stderr). CheckpointError (one line) if they are absent, the checkpoint does not
     verify, or it does not load; nothing is allocated from the metadata before it passed `check_storage`."""
-    _, md, verified = validate(path)
+    meta, md, verified = validate(path)
     if not verified:
         print(unverified_note(path), file=sys.stderr, flush=True)
+    if meta.get("unlisted"):
+        print(unlisted_note(path, meta["unlisted"]), file=sys.stderr, flush=True)
     planner_data = md.planner_data or {}
     state: Dict[str, Any] = {}
     for fqn, m in md.state_dict_metadata.items():
@@ -39,7 +42,11 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
         if parts is not None and obj_path[0] not in parts:
             continue
         if isinstance(m, TensorStorageMetadata):
-            set_path(state, obj_path, torch.empty(m.size, dtype=m.properties.dtype))
+            try:  # bounded by the shards' bytes (check_storage); the machine may still have less
+                set_path(state, obj_path, torch.empty(m.size, dtype=m.properties.dtype))
+            except (MemoryError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: entry {fqn} ({tuple(m.size)} {m.properties.dtype}) cannot be "
+                                      f"allocated ({first_line(e)})") from None
         elif isinstance(m, BytesStorageMetadata):
             set_path(state, obj_path, None)  # a placeholder: DCP fills it from the shard
     missing = [p for p in (parts or ()) if p not in state]
@@ -63,7 +70,9 @@ def consolidate(path: Path, out: Path) -> None:
     save_file_atomically(blob, Path(out))
 
 
-def check(path: Path) -> bool:
-    """`read.validate`'s checks alone (`mugs-verify-checkpoint`): True if verified, False if the
-    checkpoint has no checksums (older); CheckpointError (one line) if broken."""
-    return validate(path)[2]
+def check(path: Path) -> "tuple[bool, list]":
+    """`read.validate`'s checks alone (`mugs-verify-checkpoint`): (True if verified, False if the
+    checkpoint has no checksums (older); the files COMPLETE does not list, ignored); CheckpointError
+    (one line) if broken."""
+    meta, _, verified = validate(path)
+    return verified, meta.get("unlisted", [])

@@ -8,6 +8,7 @@ runs, nothing outside a checkpoint dir is opened, no declared size allocates mor
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from .. import integrity
 from ..dist import agree, barrier, rank as _rank, world_size as _world_size
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MugsError
 from ..safe_load import (
     METADATA_FILE,
     SafeFileSystemReader,
@@ -25,23 +26,29 @@ from ..safe_load import (
     confined,
     first_line,
     read_dcp_metadata,
+    regular_file,
     safe_torch_load,
 )
 from . import layout
 from .layout import BROKEN_PREFIX, COMPLETE, checkpoint_root, list_complete, one_line_reason, read_complete
 from .parts import Parts, adapt, split
 
+_RANK_FILE = re.compile(r"^rank_\d+\.pt$")
 
-def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1)) -> bool:
+
+def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1), read: frozenset = frozenset()) -> bool:
     """Check the files of checkpoint dir `path` against the checksums its COMPLETE `meta` records:
-    every recorded file confined to `path` and present, no file of the checkpoint unrecorded, each
-    value equal. `share` (rank, world size): ranks split the reading, each checksums every
+    every recorded file confined to `path`, present and a regular file, each value equal. A file that
+    COMPLETE does not list (a `.DS_Store`) is ignored and named in `meta["unlisted"]`, unless a reader
+    would read it (`read`: the shard files its metadata names, `.metadata`, a `rank_N.pt`): that is a
+    broken checkpoint. `share` (rank, world size): ranks split the reading, each checksums every
     world-size-th file of the sorted list. True if verified, False if the checkpoint has no checksums
     (written before them); CheckpointError naming the first mismatching file."""
     sums = meta.get("checksums")
     if sums is None:
         return False
-    if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict):
+    if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sums["files"].items()):
         raise CheckpointError(f"{path / COMPLETE}: malformed `checksums` entry")
     files: Dict[str, str] = sums["files"]
     algorithm = sums.get("algorithm")
@@ -50,14 +57,18 @@ def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1)) ->
                               "(pip install crc32c)")
     on_disk = {p.name for p in path.iterdir() if p.name != COMPLETE}
     unrecorded = sorted(on_disk - set(files))
-    if unrecorded:
-        raise CheckpointError(f"{path / unrecorded[0]}: not part of the checkpoint as written "
+    read_anyway = [n for n in unrecorded if n in read or n == METADATA_FILE or _RANK_FILE.match(n)]
+    if read_anyway:
+        raise CheckpointError(f"{path / read_anyway[0]}: not part of the checkpoint as written "
                               "(no checksum in COMPLETE)")
+    meta["unlisted"] = unrecorded
     names = sorted(files)
     for name in names[share[0]::share[1]]:
         f = confined(path, name)
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (a file of this checkpoint)")
+        try:
+            regular_file(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{f}: missing (a file of this checkpoint)") from None
         got = integrity.checksum_file(f, algorithm)
         if got != files[name]:
             raise CheckpointError(f"{f}: checksum mismatch ({algorithm} {got}, COMPLETE records {files[name]}): "
@@ -67,16 +78,27 @@ def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1)) ->
 
 def validate(path: Path, share: Tuple[int, int] = (0, 1)) -> Tuple[Dict[str, Any], Any, bool]:
     """Everything a reader checks before trusting checkpoint dir `path`, without loading it: the marker,
-    the metadata (restricted unpickler), confinement and sizes of every record, every file's checksum
-    (`share`: as in `verify`). (COMPLETE's metadata, DCP's metadata, verified: False for a checkpoint
-    older than checksums); CheckpointError (one line) if anything is wrong, an unreadable file included."""
+    the metadata (restricted unpickler, DCP's field types), confinement, kind and sizes of every record
+    (disjoint, inside its file), every file's checksum (`share`: as in `verify`). (COMPLETE's metadata,
+    with `unlisted` added: files COMPLETE does not list, ignored; DCP's metadata; verified: False for a
+    checkpoint older than checksums); CheckpointError (one line) if anything is wrong, an unreadable
+    file or metadata no check foresaw included."""
     try:
         meta = read_complete(path)
         md = read_dcp_metadata(confined(path, METADATA_FILE))
-        check_storage(path, md)  # named, confined, sized
-        return meta, md, verify(path, meta, share)  # then every byte
+        need = check_storage(path, md)  # typed, named, confined, regular, sized, disjoint
+        return meta, md, verify(path, meta, share, read=frozenset(need))  # then every byte
+    except CheckpointError:
+        raise
     except OSError as e:
         raise CheckpointError(f"{path}: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - metadata no check above foresaw: still a broken checkpoint
+        raise CheckpointError(f"{path}: malformed checkpoint ({first_line(e)})") from None
+
+
+def unlisted_note(path: Path, names: List[str]) -> str:
+    return (f"mugs: note: checkpoint {path}: ignored {', '.join(names)} (not listed in its COMPLETE: "
+            "not written by the run)")
 
 
 def unverified_note(path: Path) -> str:
@@ -89,7 +111,7 @@ def _read_rank_file(path: Path, meta: Dict[str, Any], names: List[str]) -> Optio
     f = confined(path, layout.rank_file_name(_rank()))
     if meta.get("world_size", _world_size()) != _world_size():  # another process count: DCP reshards the
         return None  # rest; a rank's RNG and DALI state do not carry over (the trainer re-derives them)
-    if not f.is_file():
+    if not f.exists():
         raise CheckpointError(f"{f}: missing (the checkpoint was written by {_world_size()} ranks)")
     blob = safe_torch_load(f, released=False)  # ours: tensors and plain types only
     absent = [n for n in names if not isinstance(blob, dict) or n not in blob]
@@ -104,8 +126,10 @@ def load(path: Path, parts: Optional[Parts] = None, **objects: Any) -> Dict[str,
     name (None when the checkpoint was written by another number of ranks: the part is then left as it is).
 
     Every rank raises CheckpointError (one line) if the checkpoint fails to load on any rank; the
-    sharded parts may then be partly overwritten (load another checkpoint next). A per-rank part's other
-    errors (the loader refusing a position on other data: ValueError) propagate as they are."""
+    sharded parts may then be partly overwritten (load another checkpoint next); a per-rank part failing
+    on its saved state in any way is such a failure too. Only a part's own `MugsError` other than
+    CheckpointError (the trainer's loader refusing a position on other data: a --data_path error)
+    propagates as it is: a broken checkpoint is never worded as anything else."""
     parts = {**(parts or {}), **(adapt(objects) if objects else {})}
     sharded, per_rank_parts = split(parts)
     failure = None
@@ -115,7 +139,7 @@ def load(path: Path, parts: Optional[Parts] = None, **objects: Any) -> Dict[str,
         per_rank = _read_rank_file(path, meta, list(per_rank_parts))
     except CheckpointError as e:
         failure = str(e)
-    except OSError as e:  # an unreadable directory or file
+    except Exception as e:  # noqa: BLE001 - an unreadable directory or file, a malformed rank file
         failure = f"{path}: {first_line(e)}"
     failure = agree(failure)
     if failure is not None:
@@ -135,6 +159,10 @@ def load(path: Path, parts: Optional[Parts] = None, **objects: Any) -> Dict[str,
             meta[name] = state
     except CheckpointError as e:
         failure = f"{path / layout.rank_file_name(_rank())}: `{name}`: {e}"
+    except MugsError:  # the part's own verdict on something else (the data): not the checkpoint's fault
+        raise
+    except Exception as e:  # noqa: BLE001 - a per-rank state of the wrong shape or type
+        failure = f"{path / layout.rank_file_name(_rank())}: `{name}`: not a state this part reads ({first_line(e)})"
     failure = agree(failure)
     if failure is not None:
         raise CheckpointError(failure)
@@ -173,6 +201,8 @@ def resume_latest(output_dir: str, parts: Optional[Parts] = None, *, log: Callab
         if _rank() == 0:
             if not meta["verified"]:
                 log(unverified_note(path))
+            if meta.get("unlisted"):
+                log(unlisted_note(path, meta["unlisted"]))
             for bad, _ in broken:
                 log(f"mugs: warning: set aside {bad.name} as {_set_aside(bad).name}; resuming from {path.name}")
         barrier()
