@@ -1,1 +1,2 @@
-"""Throughput benchmarks (train step, FLOP model, scaling projection); run them as scripts from the repo root."""
+"""Throughput benchmarks (train step, host cost, loader, FLOP model, scaling projection, the GPU suite): modules of
+the installed package, run as `python -m mugs.benchmarks.NAME` (benchmarks/README.md)."""

@@ -19,7 +19,6 @@ from typing import Any, Optional, Sequence
 
 from .activation_checkpointing import POLICIES as AC_POLICIES, ac_policy
 from .archs import ARCHS
-from .presets import PRESETS, argv as preset_argv
 from .ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, TEMPERATURE, Range, above, between, out_of_range
 from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig, ScheduleConfig
 
@@ -249,6 +248,8 @@ def bool_flag(s: str) -> bool:
 
 def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentParser:
     """argparse parser generated from MugsConfig; `defaults` may carry a preset (`preset_defaults`)."""
+    from .presets import PRESETS  # presets are MugsConfigs: imported once this module is
+
     defaults = defaults or MugsConfig()
     p = argparse.ArgumentParser("mugs", description="Mugs self-supervised ViT pretraining")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from these named settings "
@@ -287,6 +288,8 @@ def config_from_args(ns: argparse.Namespace) -> MugsConfig:
 
 def preset_defaults(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None):
     """The defaults to parse `argv` with: `defaults` with the preset `argv` names (--preset) on top."""
+    from .presets import PRESETS, argv as preset_argv
+
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
     name = pre.parse_known_args(argv)[0].preset

@@ -1,19 +1,29 @@
 """Named settings, the one place each lives: `tiny` (the tests), `smoke` (the README's CPU smoke
 run), `quickstart` (mugs-quickstart) and the five Table-1 runs (configs/table1.py, read here).
 
-A preset is a set of MugsConfig defaults: `--preset NAME` (configs/options.py:parse_config) starts
-from them and every flag given on the command line overrides them, wherever it stands. In Python:
+A preset is a MugsConfig, made with `replace()` so that a misspelt field fails when this module is
+imported: `--preset NAME` (configs/options.py:parse_config) starts from the fields it sets and every
+flag given on the command line overrides them, wherever it stands. In Python:
 `MugsConfig.from_preset(NAME, **overrides)`, or `argv(NAME)` for the explicit flags.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List
 
+from .options import MugsConfig
 from .table1 import RUNS, to_argv
+
+_DEFAULTS = MugsConfig()
+
+
+def _preset(**values: object) -> MugsConfig:
+    """MugsConfig's defaults with `values` on top (a name MugsConfig lacks is a TypeError at import)."""
+    return _DEFAULTS.replace(**values)
 
 # The tests' model: 2 blocks of width 32 on 32-px images (8-px patches, 16-px local crops), tiny
 # heads and queues, torchvision loader in-process, fp32 on CPU, 3 short epochs, no timed saves.
-TINY = dict(
+TINY = _preset(
     device="cpu", precision="fp32", loader="torchvision", num_workers=0,
     arch="custom", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32, size_crops=[16],
     local_crops_number=2, head_hidden_dim=32, pred_hidden_dim=48, instance_out_dim=16, local_group_out_dim=16,
@@ -23,7 +33,7 @@ TINY = dict(
 )
 
 # The README's CPU smoke run: 2 gloo ranks, DALI CPU pipeline, 20 steps on the Fashion-MNIST split.
-SMOKE = dict(
+SMOKE = _preset(
     device="cpu", loader="dali", num_workers=1,
     arch="custom", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=56, size_crops=[24],
     local_crops_number=2, head_hidden_dim=64, pred_hidden_dim=64, instance_out_dim=32, local_group_out_dim=32,
@@ -41,7 +51,7 @@ SMOKE = dict(
 # without the group loss, at a 4x lower lr too); with 256 it falls all run long. Teacher momentum
 # 0.95 (cosine to 1): at 0.99 the teacher averaged the students of steps ~300-600 and trailed the
 # final student by 4-6 points (a lower lr floor did not help); 0.9 collapsed.
-QUICKSTART = dict(
+QUICKSTART = _preset(
     device="cpu", loader="dali", num_workers=1,
     arch="custom", embed_dim=96, depth=4, num_heads=3, patch_size=8,
     img_size=56, size_crops=[24], local_crops_number=2, vanilla_weak_augmentation=True,
@@ -53,13 +63,20 @@ QUICKSTART = dict(
     ckpt_every_minutes=2.0,
 )
 
-PRESETS: Dict[str, Dict[str, object]] = {
+PRESETS: Dict[str, MugsConfig] = {
     "tiny": TINY, "smoke": SMOKE, "quickstart": QUICKSTART,
     # each Table-1 run at the paper's cluster shape (per-GPU batch included)
-    **{name: {**run.flags, "batch_size_per_gpu": run.batch_size_per_gpu} for name, run in RUNS.items()},
+    **{name: _preset(**run.flags, batch_size_per_gpu=run.batch_size_per_gpu) for name, run in RUNS.items()},
 }
+
+
+def values(name: str) -> Dict[str, object]:
+    """The fields the preset sets: those that differ from MugsConfig's defaults."""
+    preset = PRESETS[name]
+    return {f.name: getattr(preset, f.name) for f in dataclasses.fields(MugsConfig)
+            if getattr(preset, f.name) != getattr(_DEFAULTS, f.name)}
 
 
 def argv(name: str) -> List[str]:
     """The preset as explicit command-line flags (they override what comes before them)."""
-    return to_argv(PRESETS[name])
+    return to_argv(values(name))

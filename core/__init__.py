@@ -1,5 +1,7 @@
-"""Infrastructure every layer uses: process groups and collectives (`dist`), the errors and exit codes (`errors`),
-how every command ends (`cli`).
+"""Infrastructure every layer uses: process groups and collectives (`dist`, `ports`), the errors and exit
+codes (`errors`), how every command ends (`cli`), the checkpoint format (`checkpoint/`: layout, parts,
+write, read, offline tools), checkpoint checksums (`integrity`), reading untrusted files without
+executing them (`safe_load`) and one owner per output directory (`lease`).
 
 The very bottom: it imports nothing of ours (`configs`, `model` and `pipeline` may import it).
 """

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 from typing import List, NoReturn, Optional
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import NoDeviceError
+from .ports import free_port
 
 
 def _all_gather_single(out: torch.Tensor, x: torch.Tensor) -> None:
@@ -134,12 +134,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launched_world_size() -> int:
     """The WORLD_SIZE torchrun/SLURM set for this process (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -165,7 +159,7 @@ def _init_group(dev: torch.device, timeout_minutes: float) -> None:
     if "RANK" in os.environ:
         dist.init_process_group(backend, **kw)
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, **kw)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, **kw)
 
 
 def init_distributed(device: str, hsdp: bool = False, timeout_minutes: float = 30.0) -> DistInfo:

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import init_linear
+
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, bias: bool) -> nn.Sequential:
     """Linear (GELU Linear)*: indices 0, 2, 4... hold the linears, as in the original."""
@@ -17,13 +19,6 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, bias: bool) ->
         if i < nlayers - 1:
             layers.append(nn.GELU())
     return nn.Sequential(*layers)
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 class ContrastiveHead(nn.Module):
@@ -49,7 +44,7 @@ class ContrastiveHead(nn.Module):
         self.predictor: Optional[nn.Sequential] = (
             mlp(out_dim, pred_hidden_dim, out_dim, nlayers - 1, bias=False) if with_predictor else None
         )
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.projector(x)
@@ -92,7 +87,7 @@ class GroupHead(nn.Module):
     ):
         super().__init__()
         self.projector = mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, bias=True)
-        self.projector.apply(_init_linear)
+        self.projector.apply(init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ..core.dist import mean_over_ranks
 from .ring_buffer import RingBuffer
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """Loss arithmetic in at least fp32 (bf16/fp16 activations are upcast; fp64 stays fp64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -71,9 +71,9 @@ class InfoNCELoss(nn.Module):
         keys = queue.rows.to(student.dtype)
         neg = (preds @ keys.T) / self.temperature  # [S, B, Q], shared by both targets
         pos = torch.einsum("sbd,tbd->tsb", preds, targets) / self.temperature  # [2, S, B]
-        neg_lse = torch.logsumexp(_upcast(neg), dim=-1)  # [S, B]
-        lse = torch.logaddexp(_upcast(pos), neg_lse.unsqueeze(0))  # logsumexp over [pos, neg]
-        pair_loss = (lse - _upcast(pos)).mean(dim=-1)  # cross-entropy with label 0, mean over the batch
+        neg_lse = torch.logsumexp(upcast(neg), dim=-1)  # [S, B]
+        lse = torch.logaddexp(upcast(pos), neg_lse.unsqueeze(0))  # logsumexp over [pos, neg]
+        pair_loss = (lse - upcast(pos)).mean(dim=-1)  # cross-entropy with label 0, mean over the batch
         return _pair_mean(pair_loss)
 
 
@@ -121,8 +121,8 @@ class GroupLoss(nn.Module):
             scalar (0-dim, at least fp32).
         """
         b = teacher.shape[0] // 2
-        log_p = F.log_softmax(_upcast(student) / self.student_temp, dim=-1).view(n_student_crops, b, -1)
-        q = F.softmax((_upcast(teacher.detach()) - self.center) / self.teacher_temp(epoch), dim=-1).view(2, b, -1)
+        log_p = F.log_softmax(upcast(student) / self.student_temp, dim=-1).view(n_student_crops, b, -1)
+        q = F.softmax((upcast(teacher.detach()) - self.center) / self.teacher_temp(epoch), dim=-1).view(2, b, -1)
         pair_loss = -torch.einsum("tbg,sbg->ts", q, log_p) / b
         return _pair_mean(pair_loss)
 

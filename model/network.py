@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..configs.views import ModelConfig
 from .heads import ContrastiveHead, GroupHead
+from .losses import upcast
 from .memory import LocalGroupMemory
 from .vit import BackboneOutput, MugsViT, build_backbone
 
@@ -63,17 +64,13 @@ class MugsNetwork(nn.Module):
         fp32 arithmetic, not bf16-rounded."""
         cls_all = torch.cat([o.cls for o in outs])
         return MugsOutputs(
-            instance=_fp32(self.instance_head(cls_all)) if self.instance_head is not None else None,
-            local_group=_fp32(self.local_group_head(torch.cat([o.relation for o in outs])))
+            instance=upcast(self.instance_head(cls_all)) if self.instance_head is not None else None,
+            local_group=upcast(self.local_group_head(torch.cat([o.relation for o in outs])))
             if self.local_group_head is not None
             else None,
-            group=_fp32(self.group_head(cls_all)) if self.group_head is not None else None,
+            group=upcast(self.group_head(cls_all)) if self.group_head is not None else None,
             memory_tokens=torch.cat(list(memory_tokens)),
         )
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def same_size_runs(crops: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""ViT backbone on timm's VisionTransformer with the two things Mugs adds.
+"""ViT backbone on timm's VisionTransformer with the three things Mugs adds.
 
 1. DINO-style position-embedding interpolation for crops other than the
    training grid (bicubic with `scale_factor` and the +0.1 offset), which the
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..configs.archs import backbone_shape
+from .init import init_linear
 
 
 Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch
@@ -244,14 +245,7 @@ class MugsViT(VisionTransformer):
             MultiResBlock(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=kwargs["qkv_bias"], norm_layer=kwargs["norm_layer"])
             for _ in range(num_relation_blocks)
         )
-        self.relation_blocks.apply(self._init_relation)
-
-    @staticmethod
-    def _init_relation(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.relation_blocks.apply(init_linear)
 
     def interpolated_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Position embedding for an h x w patch grid, exactly as DINO/Mugs compute it."""

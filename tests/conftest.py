@@ -1,5 +1,6 @@
 """Fixtures shared across test files: a small JPEG tree, the package installed from its wheel, and a
 real trainer Run built in this process."""
+import _posixsubprocess
 import os
 import shutil
 import signal
@@ -13,7 +14,9 @@ import pytest
 from images import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_LIMIT_TIERS = ("distributed", "slurm", "quickstart")  # markers with their own limit in pyproject.toml
+# The tiers (pyproject.toml's markers; each has its own time limit there). A test without one of these
+# markers is in the fast unit tier (`-m unit`), which starts no other process: `no_process_in_unit_tier`.
+TIME_LIMIT_TIERS = ("process", "distributed", "slurm", "quickstart")
 
 
 def pytest_addoption(parser):
@@ -23,14 +26,41 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     """A tier's marker sets the test's pytest-timeout limit (the longest of its tiers); an explicit
-    @pytest.mark.timeout wins."""
+    @pytest.mark.timeout wins. A test in none of them is marked `unit`."""
     for item in items:
+        if not any(item.get_closest_marker(t) for t in TIME_LIMIT_TIERS):
+            item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("timeout") is not None:
             continue
         limits = [float(config.getini(f"timeout_{t}")) for t in TIME_LIMIT_TIERS
                   if item.get_closest_marker(t) is not None and config.getini(f"timeout_{t}")]
         if limits:
             item.add_marker(pytest.mark.timeout(max(limits)))
+
+
+@pytest.fixture(autouse=True)
+def no_process_in_unit_tier(request, monkeypatch):
+    """A unit-tier test that starts a process (subprocess, multiprocessing, os.fork) fails, naming what it
+    started: such a test belongs to the `process` tier (or a slower one), with that tier's time limit."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    started = []
+
+    def recorder(name, real):
+        def record(*args, **kwargs):
+            started.append(name)
+            return real(*args, **kwargs)
+        return record
+
+    for module, name in ((subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"),
+                         (os, "posix_spawn"), (os, "posix_spawnp"), (os, "system")):
+        if getattr(module, name, None) is not None:
+            monkeypatch.setattr(module, name, recorder(f"{module.__name__}.{name}", getattr(module, name)))
+    yield
+    if started:
+        pytest.fail(f"a unit-tier test started {len(started)} process(es) ({', '.join(sorted(set(started)))}): "
+                    "mark it @pytest.mark.process", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +130,8 @@ def make_run(data, tmp_path):
     requesting module's `data` folder with the tiny preset: `make_run(*extra_flags)`."""
     from mugs.configs.options import parse_config
     from mugs.core.dist import init_distributed, shutdown
-    from mugs.training.trainer import STOP_SIGNALS, Run, StopRequest
+    from mugs.training.stop import STOP_SIGNALS, StopRequest
+    from mugs.training.trainer import Run
     from train_helpers import TINY_FLAGS
 
     handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}

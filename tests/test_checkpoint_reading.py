@@ -244,7 +244,7 @@ def test_a_per_rank_state_of_the_wrong_type_is_a_broken_checkpoint(saved):
 
 
 def test_the_loaders_refusal_alone_is_a_data_path_error():
-    from mugs.training.trainer import DataPosition
+    from mugs.training.checkpointer import DataPosition
 
     class Loader:
         def state_dict(self):
@@ -309,9 +309,8 @@ def test_the_trainer_falls_back_instead_of_blaming_data_path(make_run, how):
     """The trainer's own resume (a real Run, one process): a ValueError out of a broken checkpoint was
     reworded as a --data_path error and stopped the run; now it is a broken checkpoint like any other."""
     first = make_run()
-    first.save(keep_forever=False)  # step 0
-    first.step = 1
-    first.save(keep_forever=False)  # step 1, then broken
+    first.checkpointer.save(0, keep_forever=False)
+    first.checkpointer.save(1, keep_forever=False)  # then broken
     newest = ckpt.latest(first.cfg.output_dir)
     if how == "shape_is_a_string":
         rewrite_metadata(newest, WRONG_TYPES[how])
@@ -321,4 +320,5 @@ def test_the_trainer_falls_back_instead_of_blaming_data_path(make_run, how):
         torch.save(blob, newest / "rank_0.pt")
         H.reseal(newest)
     second = make_run()
+    second.start()  # the top of train(): the resume
     assert second.step == 0 and second.resumed_from.name == "step_00000000"

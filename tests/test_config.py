@@ -69,6 +69,13 @@ def test_a_preset_gives_defaults_and_explicit_flags_win_wherever_they_stand():
     assert parse_config([]) == MugsConfig()  # no preset: MugsConfig's defaults
 
 
+def test_a_preset_is_a_typed_config_and_a_misspelt_field_fails_where_it_is_written():
+    assert all(isinstance(p, MugsConfig) for p in presets.PRESETS.values())
+    assert presets.PRESETS["tiny"] == MugsConfig.from_preset("tiny")
+    with pytest.raises(TypeError, match="epochz"):
+        presets._preset(epochz=3)
+
+
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_every_preset_parses_and_passes_the_start_up_checks(name, tmp_path):
     cfg = MugsConfig.from_preset(name, data_path=str(tmp_path))

@@ -73,6 +73,6 @@ def test_no_exit_record_requeues_only_after_the_shells_usr1():
 
 
 def test_every_stop_signal_of_the_trainer_has_its_reason():
-    from mugs.training.trainer import STOP_SIGNALS
+    from mugs.training.stop import STOP_SIGNALS
 
     assert {StopReason.of_signal(s).value for s in STOP_SIGNALS} == {"sigusr1", "sigterm", "sigint"}

@@ -1,5 +1,5 @@
 """No test listens on a fixed port: two test runs (or a test and a real job) on one machine would collide
-in the rendezvous. Ports come from train_helpers.free_port (train_cmd/launch_cmd take 0 for one)."""
+in the rendezvous. Ports come from core/ports.free_port (train_cmd/launch_cmd take 0 for one)."""
 import re
 from pathlib import Path
 

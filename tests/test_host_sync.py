@@ -166,6 +166,7 @@ def data(tmp_path_factory):
 
 def test_loop_body_builds_no_host_tensor_and_syncs_once_per_iteration(make_run):
     run = make_run("--ckpt_every_steps", "0", "--drop_path_rate", "0.1")
+    run.start()
     batches = [b for _, b in zip(range(3), run.loader)]
     run.loader = loader = _CheckedLoader(run.loader, batches, checked=3)
     with pytest.raises(_StopChecking):
@@ -181,6 +182,7 @@ def test_loop_body_builds_no_host_tensor_and_syncs_once_per_iteration(make_run):
 def test_a_stop_request_seen_before_a_step_ends_the_loop_after_it_with_a_checkpoint(make_run):
     """The flags travel in the step's sync: a stop requested before step 2 stops the run after it."""
     run = make_run("--ckpt_every_steps", "0", "--drop_path_rate", "0.1")
+    run.start()
     batches = [b for _, b in zip(range(4), run.loader)]
 
     def before(i):

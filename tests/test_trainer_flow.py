@@ -19,13 +19,13 @@ def test_resume_warnings_go_through_the_monitor(make_run, monkeypatch):
     from mugs.training.monitor import Monitor
 
     first = make_run()
-    first.save(keep_forever=False)  # step 0
-    first.step = 1
-    first.save(keep_forever=False)  # step 1, then broken
+    first.checkpointer.save(0, keep_forever=False)
+    first.checkpointer.save(1, keep_forever=False)  # then broken
     (Path(first.cfg.output_dir) / "checkpoints" / "step_00000001" / "__0_0.distcp").unlink()
     said = []
     monkeypatch.setattr(Monitor, "message", lambda self, text: said.append(text))
     second = make_run()
+    second.start()  # the top of train(): the resume
     assert second.step == 0 and second.resumed_from.name == "step_00000000"
     assert any("checkpoint step_00000001 does not load" in m for m in said), said
     assert any("set aside step_00000001 as broken-step_00000001" in m for m in said), said

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from images import make_tree
 from mugs.configs import presets
+from mugs.core.ports import free_port  # noqa: F401 - the tests take it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,15 +30,6 @@ def train_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list
 def run(cmd: list, timeout: int = 600, env: dict = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
-
-
-def free_port() -> int:
-    """A port nobody listens on now (fixed ports collide with other jobs on a shared machine)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list:
