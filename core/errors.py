@@ -35,6 +35,16 @@ class DataError(InputError):
     that do not match); the message names them and the fix (often mugs-scan-data)."""
 
 
+class UnreadableImage(DataError):
+    """One image file the loader cannot use (str(): the reason alone); the loader words the one line
+    with the file and rank, or reads another image in its place (--skip_unreadable)."""
+
+
+class UndecodableBatch(DataError):
+    """DALI failed to decode one of a batch's images (str(): what DALI said); the loader then finds
+    which file it was."""
+
+
 class CheckpointError(InputError):
     """A checkpoint that cannot be used (missing, unsafe, broken, wrong format or architecture)."""
 

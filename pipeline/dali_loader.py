@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..core.errors import DataError
+from ..core.errors import DataError, UndecodableBatch, UnreadableImage
 from .augment_config import AugmentConfig
 from .batch import MultiCropBatch
 from .files import MAX_IMAGE_PIXELS, FileIndex
@@ -40,10 +40,6 @@ from .recipes import apply_recipes
 _UNDECODABLE = frozenset({"non_image", "unreadable", "corrupt", "truncated"})
 
 
-class Unreadable(Exception):
-    """One file the loader cannot use: str() is the reason."""
-
-
 def read_image_bytes(path: str) -> Tuple[np.ndarray, int, int]:
     """(bytes, height, width) of an image file, checked before DALI sees it: readable, a format PIL can
     identify from its header, at most MAX_IMAGE_PIXELS pixels, and a JPEG with its end-of-image marker."""
@@ -53,27 +49,23 @@ def read_image_bytes(path: str) -> Tuple[np.ndarray, int, int]:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise Unreadable(f"unreadable: {e.strerror or e}") from None
+        raise UnreadableImage(f"unreadable: {e.strerror or e}") from None
     if not data:
-        raise Unreadable("empty file")
+        raise UnreadableImage("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
     except Image.DecompressionBombError:
-        raise Unreadable(f"more than {MAX_IMAGE_PIXELS} pixels") from None
+        raise UnreadableImage(f"more than {MAX_IMAGE_PIXELS} pixels") from None
     except Exception as e:  # PIL raises many types for bad headers
-        raise Unreadable(f"not an image PIL can identify ({type(e).__name__})") from None
+        raise UnreadableImage(f"not an image PIL can identify ({type(e).__name__})") from None
     if w * h > MAX_IMAGE_PIXELS:
-        raise Unreadable(f"{w}x{h} is more than {MAX_IMAGE_PIXELS} pixels")
+        raise UnreadableImage(f"{w}x{h} is more than {MAX_IMAGE_PIXELS} pixels")
     if data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        raise Unreadable("truncated: no JPEG end-of-image marker")
+        raise UnreadableImage("truncated: no JPEG end-of-image marker")
     return np.frombuffer(data, dtype=np.uint8), h, w
-
-
-class _Stop(Exception):
-    pass
 
 
 _LIVE = weakref.WeakSet()  # loaders whose producer may run: stopped before the interpreter exits
@@ -166,30 +158,25 @@ class DaliLoader(MultiCropLoader):
         q: "queue.Queue" = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
-        def put(item) -> None:
+        def put(item) -> bool:
+            """False once the loader is closed (the item is dropped)."""
             while not stop.is_set():
                 try:
                     q.put(item, timeout=0.05)
-                    return
+                    return True
                 except queue.Full:
                     continue
-            raise _Stop
+            return False
 
         def produce() -> None:
             if self.device.type == "cpu":  # this thread's torch ops (OpenMP's setting is per thread): DALI
                 torch.set_num_threads(1)  # has its own threads, and the trainer keeps the others
             e, step = epoch, start
             try:
-                while True:
-                    put(("batch", self._produce(e, step)))
+                while put(("batch", self._produce(e, step))):
                     e, step = (e, step + 1) if step + 1 < len(self) else (e + 1, 0)
-            except _Stop:
-                pass
             except BaseException as err:  # handed to the consumer, raised there
-                try:
-                    put(("error", err))
-                except _Stop:
-                    pass
+                put(("error", err))
 
         self._queue, self._stop, self._head = q, stop, (epoch, start)
         self._producer = threading.Thread(target=produce, name=f"mugs-loader-rank{self.rank}", daemon=True)
@@ -226,7 +213,7 @@ class DaliLoader(MultiCropLoader):
             if j not in self._bad:
                 try:
                     data, h, w = read_image_bytes(self.index.paths[j])
-                except Unreadable as e:
+                except UnreadableImage as e:
                     self._bad[j] = str(e)
                 else:
                     if k:
@@ -258,7 +245,7 @@ class DaliLoader(MultiCropLoader):
             samples = [self._read(int(order[p]), epoch, int(g)) for p, g in zip(local, positions)]
             try:
                 return self._assemble(samples, epoch, positions)
-            except _DecodeFailed as e:
+            except UndecodableBatch as e:
                 bad = self._find_undecodable([s[3] for s in samples])
                 if not bad:
                     raise DataError(
@@ -301,7 +288,7 @@ class DaliLoader(MultiCropLoader):
         try:
             outs = list(pipe.run())
         except RuntimeError as e:
-            raise _DecodeFailed(_dali_said(e)) from None
+            raise UndecodableBatch(_dali_said(e)) from None
         stream = self._stream
         ctx = torch.cuda.stream(stream) if gpu else contextlib.nullcontext()
         with ctx:
@@ -338,10 +325,6 @@ class DaliLoader(MultiCropLoader):
                                labels=torch.as_tensor([self.index.labels[i] for i in idx], dtype=torch.long),
                                debug=debug)
         return batch, event
-
-
-class _DecodeFailed(Exception):
-    pass
 
 
 def _dali_said(err: Exception) -> str:
