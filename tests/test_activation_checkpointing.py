@@ -119,6 +119,7 @@ def no_ac(dist_cpu):
     return _train(dist_cpu, "none")
 
 
+@pytest.mark.process
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_ac_under_compile_trains_like_no_ac(dist_cpu, no_ac, policy):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mugs.benchmarks import gpu_summary
@@ -14,6 +15,7 @@ from mugs.benchmarks import gpu_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.process
 def test_suite_without_gpu_exits_at_once_with_one_line():
     if torch.cuda.is_available():
         import pytest
@@ -30,6 +32,7 @@ def test_suite_without_gpu_exits_at_once_with_one_line():
     assert set((ROOT / "benchmarks" / "results").rglob("*")) == before  # nothing written
 
 
+@pytest.mark.process
 def test_step_module_runs_as_installed_package():
     r = subprocess.run([sys.executable, "-m", "mugs.benchmarks.step", "--help"], capture_output=True, text=True,
                        timeout=60)

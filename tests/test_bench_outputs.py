@@ -2,11 +2,14 @@
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from mugs.benchmarks import loader, step, step_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.process
 def test_default_outputs_are_ignored_paths_under_runs():
     defaults = [Path(loader.RESULTS), step_records.DEFAULT_OUT, Path(step.parse_args([])[0].out[0])]
     for path in defaults:

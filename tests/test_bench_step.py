@@ -30,6 +30,7 @@ def _finite_positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.process
 def test_compare_runs_and_writes_records(tmp_path):
     r, out, wall = _run(["--steps", "2", "--warmup", "1", "--phase_steps", "1", "--compare", "--tag", "pytest",
                    "--activation_checkpointing", "true", "--ceiling_tflops", "0.5"], tmp_path)

@@ -216,6 +216,7 @@ def _declare(ckpt_dir: Path, numel: int, record: str = None) -> str:
     return fqn
 
 
+@pytest.mark.process
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["huge", "stride0"])
 def test_a_declared_size_beyond_the_shard_is_refused_before_allocating(saved, how):
@@ -245,6 +246,7 @@ def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(900)
 def test_two_ranks_set_aside_a_flipped_byte_and_resume_bitwise_from_the_previous(images, tmp_path):
     flags = ("--batch_size_per_gpu", "4", "--ckpt_every_steps", "1")

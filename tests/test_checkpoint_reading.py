@@ -110,6 +110,7 @@ _PEAK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(120)
 def test_a_small_shard_declaring_64_gib_through_overlapping_records_is_refused_before_allocating(saved):
     """A 1 MiB record file whose 16,384 records overlap (each at its own offset, nearly the whole file)
@@ -190,6 +191,7 @@ def test_metadata_fields_of_the_wrong_type_are_refused_by_every_reader(saved, ca
 
 
 # ---------------------------------------------------------------- files that are not regular files
+@pytest.mark.process
 @pytest.mark.timeout(60)
 def test_a_fifo_named_metadata_is_refused_without_opening_it(saved, capsys):
     md = saved["new"] / ".metadata"

@@ -381,6 +381,7 @@ def test_attention_weights_match_timm_and_png_has_the_stated_size(run, consolida
         assert im.size == (2 * 64, 2 * 64)  # 70 rounds down to a multiple of the patch (8); 3 panels in 2 columns
 
 
+@pytest.mark.process
 def test_tsne_png_has_the_stated_size(run, data, tmp_path):
     out = tmp_path / "tsne.png"
     argv = ["--checkpoint", str(run["dir"]), "--data", str(data / "train"), "--classes", "red", "blue", "yellow",

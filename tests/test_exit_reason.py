@@ -61,6 +61,7 @@ def _requeues(reason: str, shell_signal: str) -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("reason", sorted(POLICY))
 def test_launcher_requeues_each_reason_as_the_policy_says(reason):
     got = (_requeues(reason, ""), _requeues(reason, "USR1"))
@@ -68,6 +69,7 @@ def test_launcher_requeues_each_reason_as_the_policy_says(reason):
     assert got == want, (reason, got)
 
 
+@pytest.mark.process
 def test_no_exit_record_requeues_only_after_the_shells_usr1():
     assert (_requeues("", ""), _requeues("", "USR1")) == (False, True)  # a crash after the time-limit warning
 

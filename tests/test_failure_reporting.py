@@ -156,6 +156,7 @@ def test_a_stop_signal_during_worker_start_up_stops_with_a_checkpoint(data, tmp_
     assert exits and exits[-1]["reason"] != "finished", exits
 
 
+@pytest.mark.process
 def test_the_early_handlers_stay_out_of_a_process_that_only_imports_the_trainer():
     code = ("import signal; from mugs.training import trainer, early_signals; "
             "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, early_signals.caught)")

@@ -50,6 +50,7 @@ def _fill(mnt: Path, leave: int) -> Path:
     return filler
 
 
+@pytest.mark.process
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("how", ["tmpfs", "enospc_on_rank_1"])
 def test_full_disk_is_one_line_exit_4_and_the_previous_checkpoint_resumes(data, tmp_path, small_disk, how):
@@ -83,6 +84,7 @@ def test_full_disk_is_one_line_exit_4_and_the_previous_checkpoint_resumes(data, 
     assert ckpt.latest(str(out)).name == "step_00000003"
 
 
+@pytest.mark.process
 @pytest.mark.timeout(600)
 def test_truncated_jpeg_mid_run_names_the_file_and_the_rank_in_the_last_line(tmp_path):
     data = make_image_folder(tmp_path / "imgs", classes=2, per_class=8)
@@ -100,6 +102,7 @@ def test_truncated_jpeg_mid_run_names_the_file_and_the_rank_in_the_last_line(tmp
     assert any(str(victim) in line for line in said), r.stderr[-4000:]  # the failing worker said it too
 
 
+@pytest.mark.process
 @pytest.mark.timeout(600)
 def test_a_worker_killed_by_a_signal_is_named_not_the_rank_torn_down_with_it(data, tmp_path):
     out = tmp_path / "run"

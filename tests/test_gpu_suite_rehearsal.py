@@ -35,6 +35,7 @@ def _published(out: Path):
     return files
 
 
+@pytest.mark.process
 @pytest.mark.timeout(600)
 def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     r = subprocess.run(["bash", str(SUITE), "--rehearse"], capture_output=True, text=True, timeout=540,
@@ -89,6 +90,7 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     assert "loader-bound" not in summary  # the DALI loader fed the rehearsal's training run
 
 
+@pytest.mark.process
 @pytest.mark.timeout(600)
 def test_suite_killed_half_way_keeps_the_finished_parts(tmp_path):
     out = tmp_path / "out"
@@ -110,6 +112,7 @@ def test_suite_killed_half_way_keeps_the_finished_parts(tmp_path):
     assert "vit_small" not in (out / "summary.md").read_text()
 
 
+@pytest.mark.process
 def test_bad_arguments_and_parts_are_one_line(tmp_path):
     for args, env, msg in ((["--bogus"], {}, "unknown argument '--bogus'"),
                            (["--rehearse"], {"SUITE_ONLY": "nope"}, "SUITE_ONLY=nope is not a part"),
@@ -120,6 +123,7 @@ def test_bad_arguments_and_parts_are_one_line(tmp_path):
         assert msg in r.stderr, r.stderr
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_suite_only_reruns_one_part(tmp_path):
     r = subprocess.run(["bash", str(SUITE), "--rehearse"], capture_output=True, text=True, timeout=240,
@@ -131,6 +135,7 @@ def test_suite_only_reruns_one_part(tmp_path):
     assert (out / "summary.md").read_text().count("exit") == 1
 
 
+@pytest.mark.process
 @pytest.mark.timeout(500)
 def test_suite_only_profile_runs_every_mode_and_publishes(tmp_path):
     """SUITE_ONLY=profile (issue 26): both modes at both batches, the sweep and the host floor, each a

@@ -31,6 +31,7 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[-1], lines[-1]
 
 
+@pytest.mark.process
 def test_bad_arch_with_two_processes_is_the_last_line(data, tmp_path):
     r = _launch("--nproc_per_node", "2", "--data_path", str(data), "--output_dir", str(tmp_path / "o"),
                 "--arch", "vit_huge")
@@ -38,11 +39,13 @@ def test_bad_arch_with_two_processes_is_the_last_line(data, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()  # no worker ran
 
 
+@pytest.mark.process
 def test_malformed_value_is_the_last_line(data, tmp_path):
     r = _launch("--nproc_per_node", "2", "--data_path", str(data), "--output_dir", str(tmp_path), "--lr", "fast")
     _one_line_error(r, "--lr", "invalid float value")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", ["empty_data", "too_few_images", "output_is_a_file", "output_under_a_file"])
 def test_data_and_output_dir_failures_are_one_line_naming_the_path(data, tmp_path, case):
     data_path, out = str(data), tmp_path / "out"

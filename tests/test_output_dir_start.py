@@ -120,6 +120,7 @@ def test_checkpoints_or_a_step_that_is_not_a_directory_is_refused_at_start(data,
     assert len(err) == 1 and f"{bad}: not a directory" in err[0], err
 
 
+@pytest.mark.process
 @pytest.mark.timeout(60)
 def test_a_fifo_lease_does_not_hang_the_launchers_check(data, tmp_path):
     out = tmp_path / "run"

@@ -67,6 +67,7 @@ def test_the_launchers_check_refuses_what_taking_the_lease_refuses(tmp_path, mon
     lease.peek(out)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["old_heartbeat", "same_slurm_job", "dead_pid_on_this_host"])
 def test_a_stale_lease_is_taken_over_with_a_message(tmp_path, monkeypatch, how):
@@ -110,6 +111,7 @@ def test_a_run_that_lost_its_lease_publishes_nothing(tmp_path):
     assert lease.read_owner(out)["token"] == "f" * 32  # not ours: release leaves it
 
 
+@pytest.mark.process
 @pytest.mark.timeout(60)
 def test_temporary_checkpoint_names_are_unique_per_writer(tmp_path, monkeypatch):
     """Two writers of the same step never share a directory (each write's name carries host, pid and
@@ -140,6 +142,7 @@ def test_temporary_checkpoint_names_are_unique_per_writer(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- two launches into one output dir
+@pytest.mark.process
 @pytest.mark.timeout(600)
 def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path):
     out = tmp_path / "run"
@@ -178,6 +181,7 @@ def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path)
     assert lease.read_owner(out) is None  # the run released it on the way out
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_launch_over_a_stale_lease_takes_it_over(data, tmp_path):
     out = tmp_path / "run"

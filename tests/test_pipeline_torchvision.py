@@ -9,6 +9,7 @@ from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 from mugs.core.errors import DataError
 
 
+@pytest.mark.process
 def test_contract_and_workers(tree16):
     root, paths = tree16
     batches = first_batches(loader("torchvision", root, batch_size=4, re_prob=0.0, num_threads=2))

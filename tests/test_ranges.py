@@ -139,6 +139,7 @@ def test_probe_case_is_refused_by_the_trainer_before_anything_starts(extra, expe
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("entry", [[sys.executable, "-m", "mugs.training.launch", "--nproc_per_node", "2"],
                                    [sys.executable, str(ROOT / "train_fsdp.py")]], ids=["mugs-train", "train_fsdp"])
+@pytest.mark.process
 def test_clip_grad_minus_one_is_one_line_exit_2(entry, tmp_path):
     """The critical case: --clip_grad -1 trained by gradient ascent and exited 0 on f9e9db5."""
     data = tmp_path / "data"

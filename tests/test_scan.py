@@ -20,6 +20,7 @@ def dirty_tree(tmp_path_factory):
     return root, good, bad
 
 
+@pytest.mark.process
 def test_scan_finds_each_planted_file(dirty_tree, tmp_path, capsys):
     root, good, bad = dirty_tree
     out = str(tmp_path / "train.txt")
@@ -86,6 +87,7 @@ if __name__ == "__main__":        # the workers import this script (forkserver/s
 """
 
 
+@pytest.mark.process
 def test_scan_dataset_from_a_threaded_process_with_torch_and_dali(dirty_tree, tmp_path):
     """The scan's workers never come from forking a process that runs threads (it hung once, forever, on a
     futex a thread of the parent held): every fork of the caller would say so on stderr."""
@@ -101,6 +103,7 @@ def test_scan_dataset_from_a_threaded_process_with_torch_and_dali(dirty_tree, tm
     assert out["left_out"] == bad  # the same results as from the command line
 
 
+@pytest.mark.process
 def test_scan_dataset_from_a_script_without_main_guard_works(dirty_tree, tmp_path):
     """f9e9db5: the workers (and the fork server) re-ran an unguarded calling script, which died with a
     97-line traceback. The workers now start without importing the script: it runs once and scans."""

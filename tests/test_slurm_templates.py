@@ -73,6 +73,7 @@ def opt(tokens, name):
     return next(t.split("=", 1)[1] for t in tokens if t.startswith(name + "="))
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_template_syntax_and_preemption_setup(name):
     path = TEMPLATES[name]
@@ -86,6 +87,7 @@ def test_template_syntax_and_preemption_setup(name):
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "launch.sh")]).returncode == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_template_launches_table1_flags_at_the_paper_shape(name):
     nodes, gpus, per_gpu, global_batch, row = TABLE1[name]
@@ -103,6 +105,7 @@ def test_template_launches_table1_flags_at_the_paper_shape(name):
     assert nodes * gpus * cfg.batch_size_per_gpu == global_batch
 
 
+@pytest.mark.process
 def test_other_shapes_keep_the_global_batch_or_fail_clearly():
     runner, argv = launched(dry_run("vit_large_250ep", 10, 8))
     assert opt(runner, "--nnodes") == "10" and parse_config(argv).batch_size_per_gpu == 8  # 10 x 8 x 8 = 640
@@ -116,6 +119,7 @@ def test_other_shapes_keep_the_global_batch_or_fail_clearly():
     assert parse_config(argv).batch_size_per_gpu == 32
 
 
+@pytest.mark.process
 def test_environment_overrides_and_extra_args_come_last():
     runner, argv = launched(dry_run("vit_large_250ep", 1, 8, "--seed", "5", DATA_PATH="/d/train",
                                     OUTPUT_DIR="/o/run", GPUS_PER_NODE="2", EXTRA_ARGS="--lr 0.1 --arch vit_base",
@@ -127,6 +131,7 @@ def test_environment_overrides_and_extra_args_come_last():
     assert opt(runner, "--rdzv_id") == "77"
 
 
+@pytest.mark.process
 def test_knn_monitor_is_off_by_default_and_knn_val_path_turns_it_on_with_the_suggested_subset():
     _, argv = launched(dry_run("vit_large_250ep", 5, 8))
     assert parse_config(argv).knn_every_epochs == 0

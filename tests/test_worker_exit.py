@@ -17,6 +17,7 @@ runpy.run_path(target, run_name="__main__") if kind == "path" else runpy.run_mod
 
 @pytest.mark.parametrize("entry", [("path", str(ROOT / "train_fsdp.py")), ("module", "mugs.training.trainer")],
                          ids=["train_fsdp.py", "python -m mugs.training.trainer"])
+@pytest.mark.process
 def test_a_finished_worker_exits_zero_even_if_teardown_would_abort(entry, tmp_path):
     data = make_image_folder(tmp_path / "imgs")
     script = tmp_path / "abort_at_teardown.py"
