@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from mugs.benchmarks import hardware, records
+from mugs.benchmarks import records
+from mugs.core import hardware
 from mugs.benchmarks.phases import device_sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -6,7 +6,7 @@ RUN_DIR: a run with the monitor on (e.g. mugs-quickstart's `quickstart/run`). It
 measured share of each monitored epoch the monitor took (`seconds` / `epoch_seconds`, the points after
 the first: images are decoded once and kept, so later points cost the forwards). The model FLOP
 ratio of the same run (monitor: one eval-view forward per bank and query image; epoch: a training
-step per image, benchmarks/flops.py) gives the calibration c = measured share / FLOP share, which
+step per image, model/flops.py) gives the calibration c = measured share / FLOP share, which
 carries the monitor's overheads relative to training (per-batch agreement, feature gather, rank-0
 voting, smaller batches) as measured. The Table-1 figure is then c x the FLOP share of a run on
 ImageNet (1,281,167 training images per epoch) with `per_class` x `classes` bank and query images each.

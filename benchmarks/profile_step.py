@@ -27,8 +27,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mugs.benchmarks import hardware, records
-from mugs.benchmarks.flops import MugsShape, step_flops_per_image
+from mugs.benchmarks import records
+from mugs.core import hardware
+from mugs.model.flops import MugsShape, step_flops_per_image
 from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "profile.jsonl"

@@ -2,7 +2,7 @@
 
 Compute: the single-GPU step time at the run's per-GPU batch, measured (best optimised
 bf16 world-1 record for that arch and GPU in benchmarks/results/step.jsonl, scaled
-linearly in batch) or, without one, analytic FLOPs (benchmarks/flops.py) at `--assume_mfu`.
+linearly in batch) or, without one, analytic FLOPs (model/flops.py) at `--assume_mfu`.
 
 Communication per GPU per step, following training/parallelize.py (FSDP2: one unit per
 transformer block and the relation block, reshard after forward; the root unit -- patch
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from mugs.benchmarks.flops import MugsShape, step_flops_per_image
-from mugs.benchmarks.hardware import GPU_PEAKS
+from mugs.model.flops import MugsShape, step_flops_per_image
+from mugs.core.hardware import GPU_PEAKS
 from mugs.configs.table1 import RUNS
 
 BF16_PEAK = {name: peaks["bf16"] for name, peaks in GPU_PEAKS}  # dense bf16 TFLOP/s (SXM)

@@ -16,7 +16,7 @@ with every c10d collective counted (benchmarks/collectives.py: `collectives_per_
 phase, and `fsdp_units`), on CUDA one step under torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`), and a pass of `--phase_steps` steps for the per-phase split
 (benchmarks/phases.py's PhaseTimer, attached to the step as a hook).
-MFU = analytic model FLOPs (benchmarks/flops.py) / (step time x peak); `mfu` uses the
+MFU = analytic model FLOPs (model/flops.py) / (step time x peak); `mfu` uses the
 peak of the run's precision, `mfu_bf16_peak` the GPU's bf16 dense peak (docs/performance.md's MFU),
 `mfu_measured_ceiling` the bf16 GEMM rate measured on the same device (`--ceiling_tflops`);
 `mfu_suspect` flags an MFU above MFU_SUSPECT of spec. At world size 1 the counted collectives

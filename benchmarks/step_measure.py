@@ -13,9 +13,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from mugs.benchmarks import hardware
+from mugs.core import hardware
 from mugs.benchmarks.collectives import CollectiveCounter
-from mugs.benchmarks.flops import MugsShape
+from mugs.model.flops import MugsShape
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.phases import PhaseTimer, device_sync
 from mugs.configs.options import MugsConfig

@@ -11,8 +11,9 @@ from typing import Sequence
 
 import torch
 
-from mugs.benchmarks import hardware, records
-from mugs.benchmarks.flops import MugsShape, step_flops_per_image
+from mugs.benchmarks import records
+from mugs.core import hardware
+from mugs.model.flops import MugsShape, step_flops_per_image
 from mugs.configs.options import MugsConfig
 from mugs.core.dist import DistInfo
 

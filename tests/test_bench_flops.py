@@ -1,11 +1,11 @@
-"""The analytic FLOP model (benchmarks/flops.py) against torch's FlopCounterMode on a tiny Mugs pair,
+"""The analytic FLOP model (model/flops.py) against torch's FlopCounterMode on a tiny Mugs pair,
 and its ViT-L figures against docs/performance.md."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mugs.benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image
+from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
 from mugs.configs.options import MugsConfig
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective

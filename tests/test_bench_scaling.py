@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mugs.benchmarks import scaling
-from mugs.benchmarks.flops import MugsShape
+from mugs.model.flops import MugsShape
 from mugs.configs.options import MugsConfig
 from mugs.model.network import build_network
 

@@ -226,7 +226,7 @@ def test_cost_model_calibrates_the_flop_share_by_the_measured_share(tmp_path):
     """benchmarks/knn_monitor_cost.py: measured share / FLOP share of a run, applied to the Table-1 FLOP shares."""
     import dataclasses
 
-    from mugs.benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image
+    from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
     from mugs.benchmarks.knn_monitor_cost import IMAGENET_TRAIN, measured, table1
 
     cfg = parse_config(["--data_path", "x", *TINY_FLAGS, "--batch_size_per_gpu", "4"])
@@ -249,7 +249,7 @@ def test_cost_model_reads_a_named_archs_shape(tmp_path):
     """A run of a named arch has no --embed_dim/--depth in its config.json: the shape is the arch's."""
     import dataclasses
 
-    from mugs.benchmarks.flops import MugsShape, backbone_forward_flops, step_flops_per_image
+    from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
     from mugs.benchmarks.knn_monitor_cost import measured
 
     cfg = parse_config(["--data_path", "x", "--arch", "vit_tiny", "--batch_size_per_gpu", "4"])

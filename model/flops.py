@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Dict
 
-from mugs.configs.archs import ARCH_SHAPES
-from mugs.configs.options import MugsConfig
+from ..configs.archs import ARCH_SHAPES
+from ..configs.options import MugsConfig
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,8 @@ def step_flops_per_image(s: MugsShape) -> Dict[str, float]:
 def describe(s: MugsShape) -> dict:
     """Shape and per-image FLOP breakdown, for the JSON record."""
     return {"shape": asdict(s), "per_image": step_flops_per_image(s),
-            "fwd_global": backbone_forward_flops(s, s.global_size), "fwd_local": backbone_forward_flops(s, s.local_size)}
+            "fwd_global": backbone_forward_flops(s, s.global_size),
+            "fwd_local": backbone_forward_flops(s, s.local_size)}
 
 
 if __name__ == "__main__":
