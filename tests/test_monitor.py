@@ -62,3 +62,35 @@ def test_lines_show_the_share_of_wall_time_spent_waiting_for_data(monkeypatch):
     for step in (1, 2):
         lines.step(step, {**_scalars(step), "perf/data_wait_s": 2.5})  # 5 s waited in the 20 s window
     assert "data wait 25% |" in out.getvalue().splitlines()[-1]
+
+
+def test_lines_show_mfu_over_the_window_when_the_steps_report_it(monkeypatch):
+    """On CUDA each step carries perf/mfu (training/mfu.py); the line shows its wall-time mean."""
+    clock = iter(range(0, 10_000, 10))  # each perf_counter() call advances 10 s
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: float(next(clock)))
+    out = io.StringIO()
+    lines = ProgressLines(total_steps=100, start_step=0, every_steps=3, every_seconds=1e9, out=out)
+    for step, mfu in ((1, 0.1), (2, 0.3), (3, 0.5)):  # step 1 prints alone (the first line); 2 and 3 then
+        lines.step(step, {**_scalars(step), "perf/step_time_s": 10.0, "perf/mfu": mfu})
+    assert "data wait 0% MFU 40.0% |" in out.getvalue().splitlines()[-1]
+    plain = io.StringIO()
+    ProgressLines(total_steps=100, start_step=0, out=plain).step(1, _scalars(1))
+    assert "MFU" not in plain.getvalue()  # CPU: no peak, no MFU
+
+
+def test_mfu_is_the_model_flops_over_time_and_peak_and_absent_without_a_peak():
+    import torch
+
+    from mugs.configs.options import MugsConfig
+    from mugs.model.flops import MugsShape, step_flops_per_image
+    from mugs.training.mfu import MfuMeter
+
+    cfg = MugsConfig.from_preset("vit_large_250ep")
+    student = torch.nn.Module()
+    student.backbone = torch.nn.Module()
+    student.backbone.embed_dim, student.backbone.blocks = 1024, [None] * 24
+    meter = MfuMeter.for_run(cfg, student, torch.device("cpu"))
+    assert meter(1.0) is None  # no peak on a CPU
+    flops = step_flops_per_image(MugsShape.from_config(cfg, 1024, 24))["total"] * 16
+    assert meter.flops_per_step == flops and 1.5e12 < flops / 16 < 1.8e12  # ~1.66 TFLOP per ViT-L image
+    assert abs(MfuMeter(flops, 989.0)(0.1) - flops / 0.1 / 989e12) < 1e-12

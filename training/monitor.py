@@ -150,6 +150,7 @@ class ProgressLines:
 
     (one line). img/s and s/step are wall-clock means since the previous line (data, step and checkpoints);
     "data wait" is the share of that wall time the loop spent waiting for the loader (high: loader-bound);
+    on CUDA "MFU" follows it: the steps' model FLOPs over their wall time and the GPU's peak (training/mfu.py);
     the ETA is the remaining steps at the mean wall-clock step time of this run so far."""
 
     def __init__(self, total_steps: int, start_step: int, every_steps: int = PROGRESS_EVERY_STEPS,
@@ -161,11 +162,13 @@ class ProgressLines:
         self.step_last = start_step
         self.images = 0.0  # images since the previous line
         self.waited = 0.0  # seconds the loop waited for data since the previous line
+        self.mfu_s = 0.0  # sum of MFU x step seconds since the previous line (CUDA only)
 
     def step(self, step: int, scalars: Dict[str, float]) -> None:
         now = time.perf_counter()
         self.images += scalars.get("perf/images_per_s", 0.0) * scalars.get("perf/step_time_s", 0.0)
         self.waited += scalars.get("perf/data_wait_s", 0.0)
+        self.mfu_s += scalars.get("perf/mfu", 0.0) * scalars.get("perf/step_time_s", 0.0)
         if not (step == self.start + 1 or step >= self.total or step % self.every_steps == 0
                 or now - self.t_last >= self.every_seconds):
             return
@@ -177,10 +180,11 @@ class ProgressLines:
         line = (f"mugs: step {step}/{self.total} epoch {int(scalars.get('epoch', 0))} | "
                 f"loss {scalars.get('loss/total', float('nan')):.4f} {losses} | "
                 f"{self.images / max(window, 1e-9):.1f} img/s {window / max(steps, 1):.2f} s/step "
-                f"data wait {100 * min(1.0, self.waited / max(window, 1e-9)):.0f}% | "
-                f"elapsed {_hms(now - self.t0)} ETA {_hms(eta)} | {_memory(scalars)}")
+                f"data wait {100 * min(1.0, self.waited / max(window, 1e-9)):.0f}%"
+                + (f" MFU {100 * self.mfu_s / max(window, 1e-9):.1f}%" if "perf/mfu" in scalars else "")
+                + f" | elapsed {_hms(now - self.t0)} ETA {_hms(eta)} | {_memory(scalars)}")
         print(line, file=self.out or sys.stderr, flush=True)
-        self.t_last, self.step_last, self.images, self.waited = now, step, 0.0, 0.0
+        self.t_last, self.step_last, self.images, self.waited, self.mfu_s = now, step, 0.0, 0.0, 0.0
 
 
 def _memory(scalars: Dict[str, float]) -> str:

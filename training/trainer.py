@@ -30,6 +30,7 @@ from .knn_monitor import KnnMonitor, load_sets
 from .knn_point import KnnPoint
 from .monitor import Monitor, gpu_memory_gb, writing
 from .optim import build_adamw
+from .mfu import MfuMeter
 from .models import build_models
 from .parallelize import DTYPES, compile_counts
 from .resume_guard import check_resume
@@ -69,6 +70,7 @@ class Run:
         self.compile_since = compile_counts()
         self.student, self.teacher, self.objective = build_models(cfg, info)
         self.optimizer = build_adamw(self.student, cfg.patch_embed_lr_mult)
+        self.mfu = MfuMeter.for_run(cfg, self.student, info.device)  # None on CPU
         self.loader = _build_loader(cfg, info)
         self.iters = len(self.loader)
         self.global_batch = cfg.batch_size_per_gpu * info.world_size
@@ -150,8 +152,8 @@ class Run:
                         ckpt_every_minutes=self.cfg.ckpt_every_minutes, last_save=self.checkpointer.last_save,
                         epoch=epoch, momentum=m, lr=lr, weight_decay=wd, step_index=step)
         self.step += 1
-        self.mon.step(self.step, step_scalars(res, lr, wd, m, epoch, self.global_batch, data_time,
-                                              data_time + time.perf_counter() - t0))
+        dt = data_time + time.perf_counter() - t0
+        self.mon.step(self.step, step_scalars(res, lr, wd, m, epoch, self.global_batch, data_time, dt, self.mfu(dt)))
         return res
 
     def after_step(self, stop_now: bool) -> None:
@@ -186,9 +188,9 @@ def _build_loader(cfg: MugsConfig, info: DistInfo):
 
 
 def step_scalars(res: StepResult, lr: float, wd: float, m: float, epoch: int, global_batch: int,
-                 data_time: float, dt: float) -> dict:
+                 data_time: float, dt: float, mfu: Optional[float]) -> dict:
     """One step's TensorBoard scalars (the Monitor writes every log_every-th); `dt` is the whole iteration,
-    `data_time` its wait for the batch."""
+    `data_time` its wait for the batch, `mfu` this GPU's (None on CPU)."""
     scalars = {f"loss/{k}": v for k, v in res.losses.items()}
     scalars.update({"sched/lr": lr, "sched/weight_decay": wd, "sched/teacher_momentum": m,
                     "sched/teacher_temp": res.teacher_temp, "data/weak_ratio": res.n_weak / global_batch,
@@ -197,6 +199,8 @@ def step_scalars(res: StepResult, lr: float, wd: float, m: float, epoch: int, gl
     mem = gpu_memory_gb()
     if mem is not None:
         scalars["perf/gpu_mem_gb"] = mem
+    if mfu is not None:
+        scalars["perf/mfu"] = mfu
     return scalars
 
 
