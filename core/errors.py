@@ -80,3 +80,10 @@ class OutputWriteError(RunError):
     permissions): one line naming the folder and its free space; the last checkpoint still resumes."""
 
     exit_code = EXIT_WRITE
+
+
+def first_line(e: BaseException) -> str:
+    """Any exception as `Type: its first line` (at most 200 characters of it): how a failure that is
+    not ours is named inside one of our one-line messages."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from . import files
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 METADATA_FILE = ".metadata"
 
@@ -367,11 +367,6 @@ def _weights_only_reason(e: Exception) -> str:
         return f"it names {what}"
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
     return f"weights-only unpickler: {detail.group(1)[:160]}" if detail else first_line(e)
-
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 def plain(obj: Any) -> Any:

@@ -108,7 +108,3 @@ class AugmentConfig:
     @property
     def local_weak_prob(self) -> float:
         return 1.0 if self.prob >= 1.0 else self.prob
-
-    @property
-    def num_crops(self) -> int:
-        return 4 + self.local_crops_number

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..configs.options import MugsConfig
 from ..core import dist
 from ..core.checkpoint import rng_state, set_rng_state
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, first_line
 from ..model.knn import K, default_temperature, extract_features, knn_classify
 from ..pipeline.files import FileIndex
 from ..pipeline.labelled import LabelledImages, eval_view, subset_per_class
@@ -130,6 +130,5 @@ def timed(fn):
     try:
         out, failure = fn(), None
     except Exception as e:  # noqa: BLE001 - the monitor must never end a run
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        out, failure = None, f"{type(e).__name__}: {text}" if text else type(e).__name__
+        out, failure = None, first_line(e)
     return out, time.perf_counter() - t0, failure

@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..safe_load import confined, first_line, read_regular
+from ..errors import first_line
+from ..safe_load import confined, read_regular
 
 _NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
