@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from .cli import add_checkpoint_args, run
+from .cli import add_checkpoint_args, tool_main
 from .data import BICUBIC, MEAN, STD
 from ..core.errors import DataError
 from .load import load_backbone
@@ -103,8 +102,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(PROG, attention, parser().parse_args(argv))
+main = tool_main(PROG, parser, attention)  # the console script
 
 
 if __name__ == "__main__":

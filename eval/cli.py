@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from ..configs.archs import ARCH_SHAPES
 from ..core import dist
@@ -54,6 +54,14 @@ def run(prog: str, body: Callable[[argparse.Namespace], object], args: argparse.
         return run_cli(status, prog)
     finally:
         dist.shutdown()
+
+
+def tool_main(prog: str, make_parser: Callable[[], argparse.ArgumentParser],
+              body: Callable[[argparse.Namespace], object]) -> Callable[..., int]:
+    """An evaluation tool's console-script `main(argv=None)`: parse, then `run`."""
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        return run(prog, body, make_parser().parse_args(argv))
+    return main
 
 
 MAX_WORKERS = 10  # loader workers per process by default, where that many cores are free to it

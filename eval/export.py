@@ -12,14 +12,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 
 from ..core.checkpoint import save_file_atomically
 from ..model.convert import objective_to_original
 from ..configs.archs import ARCH_SHAPES
-from .cli import add_checkpoint_args, run
+from .cli import add_checkpoint_args, tool_main
 from ..core.errors import CheckpointError
 from .arch import ArchSpec, shape_diff
 from .load import load_backbone, load_training_state
@@ -110,8 +110,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(PROG, export, parser().parse_args(argv))
+main = tool_main(PROG, parser, export)  # the console script
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..core import dist
 from ..model.knn import K, default_temperature, knn_classify  # the one implementation (the monitor's too)
 from ..pipeline.labelled import SUBSET_SEED, subset_per_class
-from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, run
+from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, tool_main
 from .data import check_same_classes, eval_transform, image_folder, train_val_dirs
 from .features import cached, checkpoint_identity, cls_features, extract, fingerprint
 from .load import load_backbone
@@ -106,8 +106,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(PROG, evaluate, parser().parse_args(argv))
+main = tool_main(PROG, parser, evaluate)  # the console script
 
 
 if __name__ == "__main__":

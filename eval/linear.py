@@ -22,7 +22,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler, Subset
 
 from ..configs.options import bool_flag
 from ..core import dist
-from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, progress, run
+from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, progress, tool_main
 from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
 from ..core.errors import ConfigError
 from .features import block_features, loader
@@ -247,8 +247,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(PROG, evaluate, parser().parse_args(argv))
+main = tool_main(PROG, parser, evaluate)  # the console script
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from ..core import dist
-from .cli import add_checkpoint_args, add_runtime_args, log, run
+from .cli import add_checkpoint_args, add_runtime_args, log, tool_main
 from .data import eval_transform, image_folder
 from ..core.errors import DataError
 from .features import cls_features, extract
@@ -104,8 +104,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(PROG, tsne, parser().parse_args(argv))
+main = tool_main(PROG, parser, tsne)  # the console script
 
 
 if __name__ == "__main__":

@@ -93,11 +93,18 @@ def _console_scripts():
 
 @pytest.mark.parametrize("name,path", _console_scripts(), ids=lambda x: getattr(x, "name", x))
 def test_every_command_ends_through_run_cli(name, path):
-    """Its `main` calls run_cli (the evaluation tools through eval/cli.py's `run`, which does)."""
-    main = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main")
-    wrapper = "run" if path.parent.name == "eval" else "run_cli"
-    assert _calls(main, wrapper), f"{name}: {path.relative_to(ROOT)} main() does not call {wrapper}"
-    assert _calls(ast.parse((ROOT / "eval" / "cli.py").read_text()), "run_cli")
+    """Its `main` calls run_cli (the evaluation tools' `main = tool_main(...)` through eval/cli.py's `run`,
+    which does)."""
+    body = ast.parse(path.read_text()).body
+    if path.parent.name == "eval":
+        main = next(n for n in body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "main")
+        assert _calls(main, "tool_main"), f"{name}: {path.relative_to(ROOT)} main is not tool_main(...)"
+        cli = {n.name: n for n in ast.parse((ROOT / "eval" / "cli.py").read_text()).body
+               if isinstance(n, ast.FunctionDef)}
+        assert _calls(cli["tool_main"], "run") and _calls(cli["run"], "run_cli")
+        return
+    main = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert _calls(main, "run_cli"), f"{name}: {path.relative_to(ROOT)} main() does not call run_cli"
 
 
 def test_the_readme_states_every_exit_code_once():
