@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..configs.archs import backbone_shape
 from ..configs.table1 import RUNS
-from .flops import MugsShape, backbone_forward_flops, step_flops_per_image
+from ..model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
 
 IMAGENET_TRAIN = 1_281_167
 

@@ -13,65 +13,87 @@ from ..pipeline.augment_config import AugmentConfig
 
 
 def validate(cfg: MugsConfig, world_size: int = 1) -> None:
-    """The flags alone (the file system only for whether the data and k-NN paths exist). Each numeric
-    flag's range is stated once, next to its field (configs/options.py); the rules between flags follow."""
-    def fail(msg: str) -> None:
-        raise ConfigError(msg)
-
+    """The flags alone (the file system only for whether the data and k-NN paths exist): ConfigError,
+    one line. Each numeric flag's range is stated once, next to its field (configs/options.py); the
+    rules between flags follow, one function per part of the config."""
     out_of_range = check_ranges(cfg)
     if out_of_range:
-        fail(out_of_range)
+        raise ConfigError(out_of_range)
+    for check in (_paths, _model, _crops, _objective, _schedule, _knn):
+        check(cfg, world_size)
+
+
+def _paths(cfg: MugsConfig, world_size: int) -> None:
+    if not cfg.data_path:
+        raise ConfigError("--data_path is required (an ImageFolder root or a file list from mugs-scan-data)")
+    if not os.path.exists(cfg.data_path):
+        raise ConfigError(f"--data_path {cfg.data_path} does not exist")
+    if not cfg.output_dir:
+        raise ConfigError("--output_dir is empty: name the folder for checkpoints and logs (e.g. --output_dir "
+                          "runs/NAME)")
+
+
+def _model(cfg: MugsConfig, world_size: int) -> None:
     try:  # the named archs and the custom one's rules: configs/archs.py
         backbone_shape(cfg.arch, cfg.embed_dim, cfg.depth, cfg.num_heads)
     except ValueError as e:
-        fail(str(e))
-    if not cfg.data_path:
-        fail("--data_path is required (an ImageFolder root or a file list from mugs-scan-data)")
-    if not os.path.exists(cfg.data_path):
-        fail(f"--data_path {cfg.data_path} does not exist")
-    if not cfg.output_dir:
-        fail("--output_dir is empty: name the folder for checkpoints and logs (e.g. --output_dir runs/NAME)")
-    if cfg.optimizer != "adamw":
-        fail(f"--optimizer {cfg.optimizer!r} is not supported: only adamw (the paper's optimiser)")
+        raise ConfigError(str(e)) from None
     if cfg.use_bn_in_head:
-        fail("--use_bn_in_head true is not supported (the paper's runs use false)")
+        raise ConfigError("--use_bn_in_head true is not supported (the paper's runs use false)")
+    # (no "global batch >= top-k" rule: the memory starts random, so top-k always finds rows)
+    if cfg.mem_size < cfg.local_group_knn_top_n:
+        raise ConfigError(f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n "
+                          f"{cfg.local_group_knn_top_n}")
+
+
+def _crops(cfg: MugsConfig, world_size: int) -> None:
     if len(cfg.size_crops) != 1:
-        fail(f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
-             f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)")
+        raise ConfigError(f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
+                          f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)")
     g, l, p = cfg.img_size, cfg.local_crop_size, cfg.patch_size
     if g % p:
-        fail(f"global crop size {g} (--img_size) is not a multiple of --patch_size {p}")
+        raise ConfigError(f"global crop size {g} (--img_size) is not a multiple of --patch_size {p}")
     if l % p:
-        fail(f"local crop size {l} (--size_crops) is not a multiple of --patch_size {p}")
+        raise ConfigError(f"local crop size {l} (--size_crops) is not a multiple of --patch_size {p}")
     if l > g:
-        fail(f"local crop size {l} is larger than the global crop size {g}")
+        raise ConfigError(f"local crop size {l} is larger than the global crop size {g}")
     try:  # the crops' own rules (min <= max, the RandAugment policy): pipeline/augment_config.py
         AugmentConfig.from_config(cfg)
     except ValueError as e:
-        fail(str(e))
+        raise ConfigError(str(e)) from None
     if cfg.loader == "dali" and cfg.num_workers < 1:
-        fail(f"--num_workers {cfg.num_workers}: the DALI loader needs at least 1 thread per process")
-    # (no "global batch >= top-k" rule: the memory starts random, so top-k always finds rows)
-    if cfg.mem_size < cfg.local_group_knn_top_n:
-        fail(f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}")
+        raise ConfigError(f"--num_workers {cfg.num_workers}: the DALI loader needs at least 1 thread per process")
+
+
+def _objective(cfg: MugsConfig, world_size: int) -> None:
     global_batch = cfg.batch_size_per_gpu * world_size
     for name in ("instance_queue_size", "local_group_queue_size"):
         if getattr(cfg, name) < 2 * global_batch:
-            fail(f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global batch = {2 * global_batch})")
+            raise ConfigError(f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global "
+                              f"batch = {2 * global_batch})")
     if sum(cfg.loss_weights) <= 0:
-        fail(f"--loss_weights {' '.join(map(str, cfg.loss_weights))}: not all zero (each loss is on when its weight is > 0)")
+        raise ConfigError(f"--loss_weights {' '.join(map(str, cfg.loss_weights))}: not all zero (each loss is on "
+                          "when its weight is > 0)")
+
+
+def _schedule(cfg: MugsConfig, world_size: int) -> None:
+    if cfg.optimizer != "adamw":
+        raise ConfigError(f"--optimizer {cfg.optimizer!r} is not supported: only adamw (the paper's optimiser)")
     if cfg.warmup_epochs >= cfg.epochs:
-        fail(f"--warmup_epochs {cfg.warmup_epochs} must be in [0, --epochs {cfg.epochs})")
+        raise ConfigError(f"--warmup_epochs {cfg.warmup_epochs} must be in [0, --epochs {cfg.epochs})")
+
+
+def _knn(cfg: MugsConfig, world_size: int) -> None:
     if cfg.knn_resize and cfg.knn_resize < cfg.img_size:
-        fail(f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop (0: automatic)")
-    if cfg.knn_every_epochs:
-        for name in ("knn_train_path", "knn_val_path"):
-            path = getattr(cfg, name)
-            if not path:
-                fail(f"--knn_every_epochs {cfg.knn_every_epochs} needs --{name} (a labelled ImageFolder root "
-                     "or a mugs-scan-data file list); or --knn_every_epochs 0")
-            if not os.path.exists(path):
-                fail(f"--{name} {path} does not exist")
+        raise ConfigError(f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop "
+                          "(0: automatic)")
+    for name in ("knn_train_path", "knn_val_path") if cfg.knn_every_epochs else ():
+        path = getattr(cfg, name)
+        if not path:
+            raise ConfigError(f"--knn_every_epochs {cfg.knn_every_epochs} needs --{name} (a labelled ImageFolder "
+                              "root or a mugs-scan-data file list); or --knn_every_epochs 0")
+        if not os.path.exists(path):
+            raise ConfigError(f"--{name} {path} does not exist")
 
 
 def check_data(cfg: MugsConfig, world_size: int) -> int:
