@@ -255,6 +255,27 @@ def test_ema_matches_per_tensor_formula_and_skips_predictors():
         assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n].detach(), atol=1e-7), n
 
 
+def test_ema_is_one_multi_tensor_pass():
+    """The EMA reads and writes the teacher once (issue 26, item 4): one `_foreach_lerp_`, no second pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_cfg()
+    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
+    t_params, s_params = ema_pairs(student, teacher)
+    with Ops() as ops:
+        ema_update_(t_params, s_params, 0.9)
+    assert [n for n in ops.names if n not in ("detach", "alias")] == ["_foreach_lerp_"]
+
+
 # ---- naming and interop
 def test_backbone_loads_into_timm_and_gives_the_same_features():
     timm = pytest.importorskip("timm")

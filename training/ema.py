@@ -28,8 +28,11 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
 
 @torch.no_grad()
 def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student."""
+    """teacher <- m * teacher + (1 - m) * student, in ONE multi-tensor pass.
+
+    As teacher + (1 - m) * (student - teacher) (`_foreach_lerp_`): the same value up to rounding
+    (~1 ulp per update, against the two-pass m * teacher + (1 - m) * student), half the passes
+    over the teacher's memory."""
     t = [local_shard(p) for p in teacher_params]
     s = [local_shard(p).to(x.dtype) for p, x in zip(student_params, t)]
-    torch._foreach_mul_(t, momentum)
-    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
