@@ -4,7 +4,7 @@ Per step a producer thread (the trainer only takes finished batches from a queue
   1. takes this rank's B dataset indices for (epoch, step) from sharding.py and reads their bytes itself
      (a read error, a file over MAX_IMAGE_PIXELS or a JPEG without its end marker is named at once);
   2. draws every random choice on the host from (seed, epoch, global sample position) (draws.py);
-  3. runs the one DALI graph (dali_graph.py: decode once; on the GPU one warp per crop, on the CPU the
+  3. runs the one DALI graph (dali_graph.py: decode once; on the GPU one resize per crop, on the CPU the
      same windows are cut in torch, `_cut`);
   4. applies the weak/strong recipes as batched torch ops (recipes.py), on its own CUDA stream on a GPU.
 So an epoch boundary or a resume builds nothing: resume is a position (loader_base.py), and a sample's
