@@ -4,7 +4,7 @@ Per step a producer thread (the trainer only takes finished batches from a queue
   1. takes this rank's B dataset indices for (epoch, step) from sharding.py and reads their bytes itself
      (a read error, a file over MAX_IMAGE_PIXELS or a JPEG without its end marker is named at once);
   2. draws every random choice on the host from (seed, epoch, global sample position) (draws.py);
-  3. runs the one DALI graph (dali_graph.py: decode once; on the GPU one warp per crop, on the CPU the
+  3. runs the one DALI graph (dali_graph.py: decode once; on the GPU one resize per crop, on the CPU the
      same windows are cut in torch, `_cut`);
   4. applies the weak/strong recipes as batched torch ops (recipes.py), on its own CUDA stream on a GPU.
 So an epoch boundary or a resume builds nothing: resume is a position (loader_base.py), and a sample's
@@ -282,8 +282,9 @@ class DaliLoader(MultiCropLoader):
         for name, g in d.groups.items():
             if not gpu:
                 break
-            for m in _inverse_maps(g.window, g.flip, sizes[name]):
-                pipe.feed_input(f"m{c}", m)
+            for start, end in zip(*_rois(g.window, g.flip)):
+                pipe.feed_input(f"roi_start{c}", start)
+                pipe.feed_input(f"roi_end{c}", end)
                 c += 1
         try:
             outs = list(pipe.run())
@@ -333,20 +334,18 @@ def _dali_said(err: Exception) -> str:
     return after[0] if after else (lines[-1] if lines else type(err).__name__)
 
 
-def _inverse_maps(window: np.ndarray, flip: np.ndarray, side: int) -> np.ndarray:
-    """[n, B, 2, 3] maps output pixel -> image pixel for windows [n, B, 4] (i, j, h, w) and flips [n, B]."""
-    i, j, h, w = (window[..., k] for k in range(4))
-    m = np.zeros(window.shape[:2] + (2, 3), dtype=np.float32)
-    m[..., 0, 0] = np.where(flip, -w / side, w / side)
-    m[..., 0, 2] = np.where(flip, j + w, j)
-    m[..., 1, 1] = h / side
-    m[..., 1, 2] = i
-    return m
+def _rois(window: np.ndarray, flip: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """DALI resize ROIs, (start, end) [n, B, 2] (y, x) in pixels, for windows [n, B, 4] (i, j, h, w) and flips
+    [n, B]: a flipped window runs from its right edge to its left."""
+    i, j, h, w = (window[..., k].astype(np.float32) for k in range(4))
+    x0, x1 = np.where(flip, j + w, j), np.where(flip, j, j + w)
+    return np.stack([i, x0], -1), np.stack([i + h, x1], -1)
 
 
 def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> List[torch.Tensor]:
-    """The CPU cutter: per crop, each image's window resized to side x side (bilinear, antialiased: the
-    RandomResizedCrop of torchvision on tensors), flipped where drawn. images: DALI's decoded HWC batch."""
+    """The CPU cutter: per crop, each image's window resized to side x side (bicubic, antialiased: the
+    RandomResizedCrop of torchvision on tensors; on uint8 torch saturates the overshoot to 0..255), flipped
+    where drawn. images: DALI's decoded HWC batch."""
     import torch.nn.functional as F
 
     imgs = [torch.from_numpy(np.asarray(images[b])) for b in range(window.shape[1])]
@@ -355,7 +354,7 @@ def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> List[torch.
         crops = torch.empty((len(imgs), 3, side, side), dtype=torch.uint8)
         for b, img in enumerate(imgs):
             i, j, h, w = (int(v) for v in window[c, b])
-            r = F.interpolate(img[i:i + h, j:j + w].permute(2, 0, 1)[None], size=(side, side), mode="bilinear",
+            r = F.interpolate(img[i:i + h, j:j + w].permute(2, 0, 1)[None], size=(side, side), mode="bicubic",
                               antialias=True)[0]
             crops[b] = r.flip(-1) if flip[c, b] else r
         out.append(crops)
