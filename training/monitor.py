@@ -87,7 +87,7 @@ class Monitor:
             return
         with writing("the TensorBoard events", self.tb_dir):
             for k, v in scalars.items():
-                cast(SummaryWriter, self.writer).add_scalar(k, v, step)
+                cast("SummaryWriter", self.writer).add_scalar(k, v, step)
 
     def log(self, record: Dict) -> None:
         if not self.enabled:
@@ -113,7 +113,7 @@ class Monitor:
         failing = sys.exc_info()[1] is not None
         try:
             with writing("the TensorBoard events", self.tb_dir):
-                cast(SummaryWriter, self.writer).close()  # flushes
+                cast("SummaryWriter", self.writer).close()  # flushes
         except OutputWriteError:
             if not failing:
                 raise
