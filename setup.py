@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "pytest-timeout", "pillow", "ruff"],  # ruff: the linter CI runs (pyproject.toml)
+        "test": ["pytest", "pytest-timeout", "pillow", "ruff", "mypy"],  # ruff, mypy: CI's linter, type checker
     },
     entry_points={
         "console_scripts": [

@@ -4,7 +4,7 @@ The one copy: the CLI's --arch choices, the model builder, the evaluation tools 
 FLOP model read it."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, cast
 
 ARCH_SHAPES: Dict[str, Tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
@@ -24,7 +24,7 @@ def backbone_shape(arch: str, embed_dim: Optional[int] = None, depth: Optional[i
     if arch not in ARCH_SHAPES and not (arch == "custom" and None not in (embed_dim, depth, num_heads)):
         raise ValueError(f"--arch {arch!r} is unknown: choose one of {', '.join(ARCH_SHAPES)} "
                          "(or --arch custom with --embed_dim --depth --num_heads)")
-    d, n, h = ARCH_SHAPES.get(arch, (embed_dim, depth, num_heads))
+    d, n, h = ARCH_SHAPES.get(arch, cast(Tuple[int, int, int], (embed_dim, depth, num_heads)))  # custom: all given
     d, n, h = embed_dim or d, depth or n, num_heads or h
     if d % h:
         raise ValueError(f"--embed_dim {d} is not divisible by --num_heads {h}")

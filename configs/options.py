@@ -33,7 +33,7 @@ def _opt(default: Any, help: str, *, resume: str, range: Optional[Range] = None,
         raise ValueError(f"resume policy {resume!r} is not one of {RESUME_POLICIES}")
     meta = {"help": help, "resume": resume, "range": range, **extra}
     if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)  # a fresh copy per instance
     return field(default=default, metadata=meta)
 
 

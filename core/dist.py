@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -153,7 +153,7 @@ def _init_group(dev: torch.device, timeout_minutes: float) -> None:
     if initialized():
         return
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    kw = dict(timeout=datetime.timedelta(minutes=timeout_minutes))
+    kw: Dict[str, Any] = dict(timeout=datetime.timedelta(minutes=timeout_minutes))
     if dev.type == "cuda":
         kw["device_id"] = dev
     if "RANK" in os.environ:
@@ -244,10 +244,10 @@ def gather_indexed_rows(local: torch.Tensor, index: torch.Tensor, total: int, ch
     largest and all-gathered `chunk` rows at a time to bound device memory; only
     rank 0 keeps them (ImageNet x ViT-L features are ~5 GB)."""
     if not initialized():
-        out = torch.zeros(total, *local.shape[1:], dtype=local.dtype)
-        out[index.cpu()] = local.cpu()
-        return out
-    out = torch.zeros(total, *local.shape[1:], dtype=local.dtype) if is_main() else None
+        one = torch.zeros(total, *local.shape[1:], dtype=local.dtype)
+        one[index.cpu()] = local.cpu()
+        return one
+    out: Optional[torch.Tensor] = torch.zeros(total, *local.shape[1:], dtype=local.dtype) if is_main() else None
     dev = local.device
     counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world_size())]
     dist.all_gather(counts, torch.tensor([local.shape[0]], device=dev))

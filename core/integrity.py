@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 CHUNK = 8 << 20
 
+_crc32c: Optional[Callable[..., int]]
 try:  # an install requirement (setup.py); zlib's CRC-32 keeps writing possible without it
     from crc32c import crc32c as _crc32c
 except ImportError:  # pragma: no cover - depends on the environment

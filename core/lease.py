@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, TypeGuard
 
 from . import files
 from .errors import OwnerError
@@ -170,7 +170,7 @@ class Lease:
     def token(self) -> str:
         return self.data["token"]
 
-    def check(self, cur: Optional[Dict[str, Any]]) -> bool:
+    def check(self, cur: Optional[Dict[str, Any]]) -> TypeGuard[Dict[str, Any]]:
         """Whether the lease read as `cur` is still ours; if not, record who holds it now (`lost`)."""
         if cur is not None and cur.get("token") == self.token:
             return True
@@ -268,10 +268,10 @@ def acquire(output_dir: "str | Path", log=None) -> Lease:
                 os.replace(tmp, path)
                 if log is not None:
                     log(f"mugs: warning: took over the lease of {out} from {describe(cur)}: {why}")
-            cur = read_owner(out)
-            if cur is None or cur.get("token") != data["token"]:
+            now = read_owner(out)
+            if now is None or now.get("token") != data["token"]:
                 raise OwnerError(f"{out}: another run took the lease at the same moment "
-                                 f"({describe(cur) if cur else 'gone'}); use another --output_dir")
+                                 f"({describe(now) if now else 'gone'}); use another --output_dir")
     finally:
         tmp.unlink(missing_ok=True)
     return Lease(out, data).start_heartbeat()

@@ -103,7 +103,7 @@ def read_dcp_metadata(path: "str | Path") -> Metadata:
     return md
 
 
-def confined(directory: "str | Path", name: Any) -> Path:
+def confined(directory: "str | os.PathLike[str]", name: Any) -> Path:
     """`directory/name` if `name` is a plain relative file name whose path resolves inside `directory`
     (symlinks followed); else CheckpointError naming it."""
     root = Path(directory)
@@ -199,7 +199,7 @@ def check_records(directory: "str | Path", md: Metadata) -> Dict[str, int]:
     return need
 
 
-def check_storage(directory: "str | Path", md: Metadata) -> Dict[str, int]:
+def check_storage(directory: "str | os.PathLike[str]", md: Metadata) -> Dict[str, int]:
     """Before anything is read or allocated from `md`: its fields have DCP's types (`check_types`), the
     records of each file are disjoint (`check_records`), every shard file it names is confined to
     `directory`, is a regular file and is as long as its records need, and every declared tensor fits
@@ -270,9 +270,10 @@ class SafeFileSystemReader(FileSystemReader):
         name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
         md = read_dcp_metadata(confined(self.path, name))
         check_storage(self.path, md)
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
+        meta = getattr(md, "storage_meta", None)
+        if meta is None:
+            meta = md.storage_meta = StorageMeta()
+        meta.load_id = self.load_id
         return md
 
 
@@ -284,7 +285,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            info = (getattr(self, "metadata", None) and self.metadata.storage_data or {}).get(read_item.storage_index)
+            md = getattr(self, "metadata", None)
+            info = (md and md.storage_data or {}).get(read_item.storage_index)
             where = getattr(info, "relative_path", "a shard")
             raise CheckpointError(f"{where}: entry {fqn} refused by the weights-only unpickler "
                                   f"({_weights_only_reason(e)})") from None

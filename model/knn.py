@@ -13,7 +13,7 @@ classification (`knn_classify`).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Sized, Tuple, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -73,7 +73,7 @@ def _thread_batches(dataset: Dataset, index: Sequence[int], batch_size: int, thr
 @torch.no_grad()
 def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size: int, device: torch.device,
                      num_workers: int = 0, threads: int = 0, lockstep: bool = False,
-                     progress: Optional[Callable[[Iterator], Iterator]] = None) -> Optional[torch.Tensor]:
+                     progress: Optional[Callable[[Iterable], Iterable]] = None) -> Optional[torch.Tensor]:
     """[len(dataset), dim] float32 CPU features in dataset order on rank 0; None on the other ranks.
 
     Each rank encodes its strided shard (core.dist.shard); rows are gathered once to rank 0.
@@ -82,12 +82,13 @@ def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size:
     rank runs the same number of forwards (shorter shards are padded with a repeated image whose
     features are dropped) and the ranks agree after loading each batch, so that an unreadable image on
     one rank raises DataError on every rank instead of leaving the others waiting."""
-    n = len(dataset)
+    n = len(cast(Sized, dataset))  # a map-style dataset with a length
     index = dist.shard(n)
     real = len(index)
     if lockstep:
         longest = -(-n // dist.world_size())
         index = index + [index[-1] if index else 0] * (longest - real)
+    batches: Iterable[Any]
     if threads > 0:
         batches = _thread_batches(dataset, index, batch_size, threads)
     else:  # a dedicated generator: iterating a DataLoader draws its base seed from one
@@ -110,7 +111,7 @@ def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size:
             failure = dist.agree(failure)
             if failure is not None:
                 raise DataError(failure)
-        rows.append(encode(images.to(device, non_blocking=True)).float())
+        rows.append(encode(cast(torch.Tensor, images).to(device, non_blocking=True)).float())  # a failure raised above
     next(it, None)  # the end of the iteration: a progress bar shows its last batch and closes
     local = torch.cat(rows)[:real] if rows else torch.zeros(0, dim, device=device)
     return dist.gather_indexed_rows(local, torch.tensor(index[:real], dtype=torch.long), n)

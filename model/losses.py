@@ -89,6 +89,8 @@ def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epoc
 class GroupLoss(nn.Module):
     """DINO-style clustering loss: student log-softmax vs centred, sharpened teacher softmax."""
 
+    center: torch.Tensor  # the buffer registered below
+
     def __init__(
         self,
         out_dim: int,

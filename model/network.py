@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,7 @@ class MugsNetwork(nn.Module):
         self.group_head = group_head
 
     def forward(self, crops: Sequence[torch.Tensor], memory: Optional[LocalGroupMemory], *,
-                cls_only: bool = False) -> MugsOutputs:
+                cls_only: bool = False) -> Union[MugsOutputs, torch.Tensor]:
         """All crops in ONE backbone pass: each run of same-size crops is one batch of the block's
         list forward, so every block (one FSDP unit) is entered once per forward for all crops.
 
@@ -49,7 +49,7 @@ class MugsNetwork(nn.Module):
         [B, D] (model/knn.py's features; no heads, no relation block), through this module's call so
         that a sharded network gathers its root parameters and casts the input as in training."""
         if cls_only:
-            return self.backbone.forward_mugs(crops).cls
+            return self.backbone.forward_mugs(cast(torch.Tensor, crops)).cls  # one batch of images here
         runs = same_size_runs(crops)
         use_memory = memory if self.local_group_head is not None else None
         outs = self.backbone.forward_mugs_list([torch.cat(list(crops[a:b])) for a, b in runs], use_memory)
@@ -65,7 +65,7 @@ class MugsNetwork(nn.Module):
         cls_all = torch.cat([o.cls for o in outs])
         return MugsOutputs(
             instance=upcast(self.instance_head(cls_all)) if self.instance_head is not None else None,
-            local_group=upcast(self.local_group_head(torch.cat([o.relation for o in outs])))
+            local_group=upcast(self.local_group_head(torch.cat([cast(torch.Tensor, o.relation) for o in outs])))
             if self.local_group_head is not None
             else None,
             group=upcast(self.group_head(cls_all)) if self.group_head is not None else None,

@@ -6,7 +6,7 @@ all-gathered updates.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ class MugsObjective(nn.Module):
         self.student_memory = LocalGroupMemory(*memory)
         self.teacher_memory = LocalGroupMemory(*memory)
 
-    def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, torch.Tensor]:
+    def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, Optional[torch.Tensor]]:
         """The three losses (absent ones are None) and `total`, all from the pre-step state.
 
         Args:
@@ -84,10 +84,11 @@ class MugsObjective(nn.Module):
         w = self.loss_weights
         b = weak_flags.shape[0]
         parts = {}  # name -> [b, width] local piece, concatenated along dim 1 for one gather
+        # (a loss weighted > 0 has its head, so the teacher's output for it is there: the casts below)
         if w.instance > 0:
-            parts["instance"] = torch.cat(teacher.instance.detach().float().chunk(2), dim=1)
+            parts["instance"] = torch.cat(cast(torch.Tensor, teacher.instance).detach().float().chunk(2), dim=1)
         if w.local_group > 0:
-            parts["local_group"] = torch.cat(teacher.local_group.detach().float().chunk(2), dim=1)
+            parts["local_group"] = torch.cat(cast(torch.Tensor, teacher.local_group).detach().float().chunk(2), dim=1)
         parts["student_memory"] = student.memory_tokens[:b].detach().float()
         parts["teacher_memory"] = teacher.memory_tokens[:b].detach().float()
         parts["keep"] = weak_flags.to(device=parts["student_memory"].device, dtype=torch.float32).view(b, 1)
@@ -97,7 +98,7 @@ class MugsObjective(nn.Module):
             if name in gathered:  # crop 0's keys of every rank (rank order), then crop 1's
                 getattr(self, f"{name}_queue").write(torch.cat(gathered[name].chunk(2, dim=1)))
         if w.group > 0:
-            self.group_loss.update_center(teacher.group)
+            self.group_loss.update_center(cast(torch.Tensor, teacher.group))
         n_weak = self.student_memory.write_kept(gathered["student_memory"], gathered["keep"].view(-1) > 0.5)
         self.teacher_memory.write(gathered["teacher_memory"])
         return n_weak

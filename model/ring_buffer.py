@@ -21,6 +21,9 @@ POINTER_RULES = ("fixed", "original")
 
 
 class RingBuffer(nn.Module):
+    rows: torch.Tensor  # the buffers registered below
+    ptr: torch.Tensor
+
     def __init__(self, size: int, dim: int, *, unit_rows: bool = False, pointer: str = "fixed"):
         super().__init__()
         if size < 1 or dim < 1:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..configs.archs import backbone_shape
 from .init import init_linear
+
+if TYPE_CHECKING:
+    from timm.layers import DropPath
+    from timm.models.vision_transformer import Attention
 
 
 Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch
@@ -52,6 +56,9 @@ class MultiResBlock(Block):
       result is packed the same way. The model keeps its tokens packed from the first block
       to the last, so no block concatenates or splits activations;
     - `blk([x_0, x_1, ...])`: the same for a list of [B_i, N_i, D] tensors (packs and unpacks)."""
+
+    attn: Attention  # timm's default attention layer (the model passes no attn_layer)
+    drop_path_rate: torch.Tensor  # the buffer registered below
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -106,7 +113,7 @@ class MultiResBlock(Block):
             out = attn.norm(out)
         return attn.proj_drop(attn.proj(out))
 
-    def _drop_path(self, drop: nn.Module, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+    def _drop_path(self, drop: Union[DropPath, nn.Identity], branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
         """Stochastic depth per SAMPLE: one mask value per sample, drawn per batch as timm draws it.
 
         Eager: `packed_drop_path`, timm's `drop_path` draws on the packed rows (bitwise timm's). Under
@@ -145,7 +152,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: S
 
         cu = _cu_seqlens(sizes, q.device)
         longest = max(n for _, n in sizes)
-        return varlen_attn(q, k, v, cu, cu, longest, longest)
+        return cast(torch.Tensor, varlen_attn(q, k, v, cu, cu, longest, longest))  # no return_lse: the output alone
     if mode == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -235,12 +242,16 @@ def unpack(flat: torch.Tensor, sizes: Sizes) -> List[torch.Tensor]:
 class MugsViT(VisionTransformer):
     """timm VisionTransformer + DINO interpolation + the Mugs relation block."""
 
+    cls_token: nn.Parameter  # timm's are Optional: this model always has a class token
+    pos_embed: nn.Parameter  # and a learnt position embedding
+
     def __init__(self, *, num_relation_blocks: int = 1, **kwargs):
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
         kwargs.setdefault("qkv_bias", True)
         super().__init__(num_classes=0, dynamic_img_size=True, block_fn=MultiResBlock, **kwargs)
-        dim, heads = self.embed_dim, self.blocks[0].attn.num_heads
-        mlp_ratio = self.blocks[0].mlp.fc1.out_features / dim
+        first = cast(MultiResBlock, self.blocks[0])  # block_fn above
+        dim, heads = self.embed_dim, first.attn.num_heads
+        mlp_ratio = cast(nn.Linear, first.mlp.fc1).out_features / dim
         self.relation_blocks = nn.ModuleList(
             MultiResBlock(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=kwargs["qkv_bias"], norm_layer=kwargs["norm_layer"])
             for _ in range(num_relation_blocks)

@@ -15,7 +15,8 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
     Built once: with FSDP2 both models are sharded with the same plan, so the
     local shards line up and the update needs no communication."""
     s = dict(student.named_parameters())
-    t_params, s_params = [], []
+    t_params: List[torch.Tensor] = []
+    s_params: List[torch.Tensor] = []
     for name, p in teacher.named_parameters():
         if name not in s:
             raise KeyError(f"teacher parameter {name} has no student twin")

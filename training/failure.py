@@ -51,7 +51,7 @@ def record(message: str, exit_code: int, peer: bool = False) -> None:
 
 
 def _ours(f: Any) -> Optional[Dict[str, Any]]:
-    data = getattr(f, "error_file_data", None)
+    data: Any = getattr(f, "error_file_data", None)
     try:
         return data["message"]["extraInfo"][_KEY]
     except (KeyError, TypeError):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ def load_sets(cfg: MugsConfig) -> Optional[Tuple[FileIndex, FileIndex]]:
     rank); None when the monitor is off. ConfigError (one line) on every rank when a path fails."""
     if not cfg.knn_every_epochs:
         return None
-    found = None
+    found: Any = None  # rank 0's (bank, queries) or its error's text, then broadcast
     if dist.is_main():
         try:
             found = tuple(_subset(ix, cfg.knn_subset_per_class) for ix in check_knn_data(cfg))

@@ -5,7 +5,7 @@ once per step: the step of the last point travels in each checkpoint, so a resum
 repeats nor skips one. A failure is a warning on rank 0; training goes on."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 from .knn_monitor import KnnMonitor, timed
 from .monitor import Monitor
@@ -31,7 +31,7 @@ class KnnPoint:
             self._report(step, epoch, res, seconds, epoch_seconds)
 
     def _report(self, step: int, epoch: int, res, seconds: float, epoch_seconds: Optional[float]) -> None:
-        knn = self.knn
+        knn = cast(KnnMonitor, self.knn)  # __call__ returned when there is none
         share = seconds / epoch_seconds if epoch_seconds else None
         self.mon.scalars(step, {"knn/top1": res.top1, "knn/top5": res.top5, "knn/seconds": seconds})
         self.mon.log({"event": "knn", "epoch": epoch, "step": step, "top1": res.top1, "top5": res.top5,

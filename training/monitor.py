@@ -14,11 +14,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, cast
 
 from tqdm.auto import tqdm
 
 from ..core.errors import OutputWriteError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 # the progress line's cadence when stderr is not a terminal (the first and the last step always print)
 PROGRESS_EVERY_STEPS = 100
@@ -35,7 +38,7 @@ class Monitor:
         start_step None: the progress starts at `start(step)` (a run resumes after its monitor exists)."""
         self.enabled = enabled
         self.log_every = max(1, log_every)
-        self.writer = None
+        self.writer: Optional[SummaryWriter] = None  # there whenever enabled (the casts below)
         self.bar = None
         if not enabled:
             return
@@ -49,7 +52,8 @@ class Monitor:
         with writing("the TensorBoard events", self.tb_dir):
             out.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(self.tb_dir))
-        self._progress = dict(bar=bar, total_steps=total_steps, every_steps=every_steps, every_seconds=every_seconds)
+        self._progress: Dict[str, Any] = dict(bar=bar, total_steps=total_steps, every_steps=every_steps,
+                                              every_seconds=every_seconds)
         if start_step is not None:
             self.start(start_step)
 
@@ -83,7 +87,7 @@ class Monitor:
             return
         with writing("the TensorBoard events", self.tb_dir):
             for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
+                cast("SummaryWriter", self.writer).add_scalar(k, v, step)
 
     def log(self, record: Dict) -> None:
         if not self.enabled:
@@ -109,7 +113,7 @@ class Monitor:
         failing = sys.exc_info()[1] is not None
         try:
             with writing("the TensorBoard events", self.tb_dir):
-                self.writer.close()  # flushes
+                cast("SummaryWriter", self.writer).close()  # flushes
         except OutputWriteError:
             if not failing:
                 raise

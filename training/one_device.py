@@ -21,7 +21,7 @@ ends (a callback queued on the autograd engine, as FSDP2 does), so between steps
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ class BF16Mirrors:
     def __init__(self, net: nn.Module, dtype: torch.dtype):
         # every (module, attribute) holding a parameter, parametrisations' originals included
         self.slots: List[Tuple[nn.Module, str]] = []
-        self.masters: List[nn.Parameter] = []
+        self.masters: List[torch.Tensor] = []  # the parameters
         for mod in net.modules():
             for name, p in mod._parameters.items():
                 if p is not None:
@@ -60,7 +60,7 @@ class BF16Mirrors:
     def swap(self, use_mirrors: bool) -> None:
         tensors = self.mirrors if use_mirrors else self.masters
         for (mod, name), t in zip(self.slots, tensors):
-            mod._parameters[name] = t
+            mod._parameters[name] = t  # type: ignore[assignment]  # a mirror (a plain tensor), on purpose
         self.swapped = use_mirrors
 
     def pre_forward(self, module, args, kwargs):
@@ -92,18 +92,20 @@ class BF16Mirrors:
     @torch.no_grad()
     def post_backward(self) -> None:
         """The mirrors' bf16 gradients become the masters' fp32 gradients (one op); masters back in."""
-        fresh, more = [], []
+        fresh: List[int] = []  # mirrors with a gradient (hence the casts below) whose master has none
+        more: List[int] = []  # mirrors with a gradient whose master has one
         for i, m in enumerate(self.mirrors):
             if m.grad is not None:
                 (fresh if self.masters[i].grad is None else more).append(i)
         if fresh:
             if self.grads32 is None:
                 self.grads32 = [torch.empty_like(p) for p in self.masters]
-            torch._foreach_copy_([self.grads32[i] for i in fresh], [self.mirrors[i].grad for i in fresh])
+            torch._foreach_copy_([self.grads32[i] for i in fresh],
+                                 [cast(torch.Tensor, self.mirrors[i].grad) for i in fresh])
             for i in fresh:
                 self.masters[i].grad = self.grads32[i]
         for i in more:  # a second backward before the gradients were cleared: they add up, as on a plain module
-            self.masters[i].grad.add_(self.mirrors[i].grad)
+            cast(torch.Tensor, self.masters[i].grad).add_(cast(torch.Tensor, self.mirrors[i].grad))
         for i in fresh + more:
             self.mirrors[i].grad = None
         self.swap(False)
@@ -120,7 +122,7 @@ def attach(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype == torch.float32:
         return net
     mirrors = BF16Mirrors(net, dtype)
-    net._one_device = mirrors
+    setattr(net, "_one_device", mirrors)  # nn.Module's typed __setattr__ knows tensors and modules only
     net.register_forward_pre_hook(mirrors.pre_forward, with_kwargs=True)
     net.register_forward_hook(mirrors.post_forward, with_kwargs=True)
     return net

@@ -1,7 +1,7 @@
 """Optimiser pieces of the Mugs step: parameter groups, per-parameter clipping, last-layer freeze."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ GROUP_NAMES = ("normal_params", "patch_embed", "no_wd", "patch_embed_no_wd")
 def param_groups(model: nn.Module) -> List[dict]:
     """The original's four groups. No decay for names ending in `.bias` and for 1-D tensors;
     cls_token, pos_embed and the [G, 1] weight-norm gain ARE decayed. Frozen parameters are left out."""
-    groups = {n: [] for n in GROUP_NAMES}
+    groups: Dict[str, List[nn.Parameter]] = {n: [] for n in GROUP_NAMES}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -40,7 +40,7 @@ def build_adamw(model: nn.Module, patch_embed_lr_mult: float, fused: Optional[bo
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         fused = next(model.parameters()).device.type in _get_fused_kernels_supported_devices()
-    kwargs = {"fused": True} if fused else {"foreach": True}
+    kwargs: Dict[str, Any] = {"fused": True} if fused else {"foreach": True}
     opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kwargs)
     init_adamw_state(opt)
     return opt

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -51,8 +51,8 @@ class TraceRecorder(StepHook):
     """What a trace compares beyond the step's result: both models' outputs, the raw and the clipped
     gradients (full tensors, detached copies)."""
 
-    def __init__(self):
-        self.outputs = None
+    def __init__(self) -> None:
+        self.outputs: Optional[Tuple[Any, Any]] = None  # (student, teacher), set by the forward
         self.grads_raw: Dict[str, torch.Tensor] = {}
         self.grads_clipped: Dict[str, torch.Tensor] = {}
 
@@ -200,7 +200,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     result = step(t_crops, s_crops, inputs["weak_flags"], epoch=tc["epoch"], momentum=tc["momentum_teacher"])
 
     out, checks = trace["outputs"], []
-    s_out, t_out = record.outputs
+    s_out, t_out = cast(Tuple[Any, Any], record.outputs)  # the step ran its forward
     pairs = {
         "teacher_instance_target": t_out.instance,
         "teacher_local_group_target": t_out.local_group,

@@ -85,7 +85,8 @@ def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
     last, old, old_world = found
     old = {**implied_by_older_code(old), **old}
     new = dataclasses.asdict(cfg)
-    refused, notes = [], []
+    refused: List[str] = []
+    notes: List[str] = []
     parsers = {f.name: f.metadata.get("type") for f in dataclasses.fields(MugsConfig)}
     for name, value in new.items():
         if name not in old or name in BATCH_FIELDS:

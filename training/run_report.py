@@ -3,7 +3,7 @@ Monitor and log.txt's records (the exit record's `reason` is what slurm/launch.s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..configs.options import MugsConfig
 from ..core import checkpoint as ckpt
@@ -27,7 +27,7 @@ def say_exit(mon: Monitor, cfg: MugsConfig, words: str, why: StopReason, step: i
     """The console line and log.txt's exit record, with torch.compile's graph count under --compile."""
     mon.message(f"{words} at step {step}/{total}; checkpoint in {ckpt.checkpoint_root(cfg.output_dir)}; "
                 f"TensorBoard: tensorboard --logdir {Path(cfg.output_dir) / 'tb'}")
-    record = {"event": "exit", "reason": why.value, "step": step}
+    record: Dict[str, Any] = {"event": "exit", "reason": why.value, "step": step}
     if cfg.compile:  # how many graphs torch.compile made, and whether any block ran eagerly
         record["compile_graphs"] = compiled = compile_report(True, since=compile_since)
         if compiled["fell_back"]:

@@ -86,7 +86,7 @@ def apply_lr_wd(optimizer: torch.optim.Optimizer, lr: Optional[float], weight_de
     is a TypeError (a missing weight decay used to mean 0 without a word)."""
     if (lr is None) != (weight_decay is None):
         raise TypeError(f"lr and weight_decay go together: got lr={lr!r}, weight_decay={weight_decay!r}")
-    if lr is not None:
+    if lr is not None and weight_decay is not None:  # both or neither (above)
         set_lr_wd(optimizer, lr, weight_decay)
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, cast
 
 from ..configs.options import MugsConfig, parse_config
 from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, peer_failure, shutdown
@@ -113,7 +113,8 @@ class Run:
             self.knn(self.step, epoch_seconds=None)  # the random-init point (or one a stop at an epoch end left out)
             while self.reason is None:
                 self.train_epoch()
-            say_exit(self.mon, self.cfg, self.reason, self.exit_reason, self.step, self.total, self.compile_since)
+            why = cast(StopReason, self.exit_reason)  # set with `reason` (`_end`)
+            say_exit(self.mon, self.cfg, self.reason, why, self.step, self.total, self.compile_since)
             if self.info.is_main:
                 self.stop.remove_stop_file()
             return 0

@@ -40,7 +40,10 @@ def rank_file_name(rank: int) -> str:
 
 
 def step_of(path: Path) -> int:
-    return int(_NAME.match(path.name).group(1))
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"{path}: not a checkpoint directory (step_NNNNNNNN)")
+    return int(m.group(1))
 
 
 def list_complete(output_dir: "str | Path") -> List[Path]:

@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -121,8 +121,9 @@ def save(output_dir: str, step: int, epoch: int, parts: Parts, *, keep: int, kee
     def publish(per_rank: Optional[List[Dict[str, str]]]) -> None:
         if rank != 0:
             return
+        every_rank = cast(List[Dict[str, str]], per_rank)  # gather_to_main's list on rank 0
         meta = {"step": step, "epoch": epoch, "time": time.time(), "keep_forever": keep_forever,
-                "world_size": _world_size(), **(extra or {}), "checksums": _checksums(tmp, per_rank)}
+                "world_size": _world_size(), **(extra or {}), "checksums": _checksums(tmp, every_rank)}
         lease.check_owned(output_dir)  # a run that lost its output dir publishes nothing
         layout.write_complete(tmp, meta)
         if final.exists():  # a re-save of the same step replaces the old one
