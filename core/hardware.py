@@ -25,7 +25,7 @@ GPU_PEAKS = [
 
 
 def _cpuinfo() -> dict:
-    info = {}
+    info: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
