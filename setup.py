@@ -1,4 +1,5 @@
 """Installs the top-level folders under one `mugs.*` namespace (no bare `import model`)."""
+
 from setuptools import setup
 
 PACKAGES = {

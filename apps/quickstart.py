@@ -12,6 +12,7 @@ Fashion-MNIST split with the real code path and shows what it learned, on CPU.
    PNG. With this recipe the EMA teacher ends level with the student (README's table); in the
    paper's 100+ epoch runs it is the better of the two, so the eval tools default to the teacher.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,11 +45,31 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
     backbone.eval()
-    feats = [F.normalize(extract(backbone, ds, cls_features, backbone.embed_dim, batch_size=256, num_workers=0,
-                                 device=torch.device("cpu"), desc=f"k-NN features ({name})"), dim=1)
-             for name, ds in (("train", train), ("val", val))]
-    top1, _ = knn_classify(feats[0], torch.tensor(train.targets), feats[1], torch.tensor(val.targets), k, temperature,
-                           num_classes=len(train.classes))
+    feats = [
+        F.normalize(
+            extract(
+                backbone,
+                ds,
+                cls_features,
+                backbone.embed_dim,
+                batch_size=256,
+                num_workers=0,
+                device=torch.device("cpu"),
+                desc=f"k-NN features ({name})",
+            ),
+            dim=1,
+        )
+        for name, ds in (("train", train), ("val", val))
+    ]
+    top1, _ = knn_classify(
+        feats[0],
+        torch.tensor(train.targets),
+        feats[1],
+        torch.tensor(val.targets),
+        k,
+        temperature,
+        num_classes=len(train.classes),
+    )
     return top1
 
 
@@ -60,12 +81,19 @@ def pixel_knn_accuracy(train_dir: Path, val_dir: Path, size: int, k: int = K, te
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
     feats = [F.normalize(torch.stack([ds[i][0].flatten() for i in range(len(ds))]), dim=1) for ds in (train, val)]
-    top1, _ = knn_classify(feats[0], torch.tensor(train.targets), feats[1], torch.tensor(val.targets), k, temperature,
-                           num_classes=len(train.classes))
+    top1, _ = knn_classify(
+        feats[0],
+        torch.tensor(train.targets),
+        feats[1],
+        torch.tensor(val.targets),
+        k,
+        temperature,
+        num_classes=len(train.classes),
+    )
     return top1
 
 
-def initial_backbone(flags: List[str]):
+def initial_backbone(flags: list[str]):
     """The network exactly as train_fsdp.py initialises it (same seed, same build order)."""
     from ..model.network import build_network
 
@@ -74,7 +102,7 @@ def initial_backbone(flags: List[str]):
     return build_network(cfg.model_view(), teacher=False).backbone
 
 
-def _smooth(values: List[float], window: int) -> np.ndarray:
+def _smooth(values: list[float], window: int) -> np.ndarray:
     """Trailing moving average (the first points average what exists so far)."""
     v = np.asarray(values, dtype=np.float64)
     c = np.cumsum(np.insert(v, 0, 0.0))
@@ -85,9 +113,11 @@ def _smooth(values: List[float], window: int) -> np.ndarray:
 def chance_levels(cfg) -> dict:
     """Each loss's value for outputs that carry no information: ln(queue + 1) for InfoNCE (one
     positive among the queue's keys), ln(prototypes) for the group loss (a uniform teacher)."""
-    return {"instance": float(np.log(cfg.instance_queue_size + 1)),
-            "local_group": float(np.log(cfg.local_group_queue_size + 1)),
-            "group": float(np.log(cfg.group_out_dim))}
+    return {
+        "instance": float(np.log(cfg.instance_queue_size + 1)),
+        "local_group": float(np.log(cfg.local_group_queue_size + 1)),
+        "group": float(np.log(cfg.group_out_dim)),
+    }
 
 
 def _merge_close(marks, within: int):
@@ -102,8 +132,9 @@ def _merge_close(marks, within: int):
     return merged
 
 
-def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: dict,
-               raw_pixels: Optional[float] = None) -> None:
+def loss_curve(
+    tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance: dict, raw_pixels: float | None = None
+) -> None:
     """Each loss smoothed (raw faint behind) with its chance level (dotted, same colour), and where
     the lr peaks and the group head's last layer is unfrozen (read from the logged lr and epoch);
     below, when the run logged `knn/top1` (the online k-NN monitor), the teacher's k-NN top-1 against
@@ -119,13 +150,18 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
     tags = ea.Tags()["scalars"]
     knn = ea.Scalars("knn/top1") if "knn/top1" in tags else []
     if knn:
-        fig, (ax, kax) = plt.subplots(2, 1, figsize=(10, 7), dpi=100, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
+        fig, (ax, kax) = plt.subplots(
+            2, 1, figsize=(10, 7), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+        )
     else:
         fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
-    steps: List[int] = []
-    for tag, colour in (("loss/total", "black"), ("loss/instance", "tab:blue"), ("loss/local_group", "tab:orange"),
-                        ("loss/group", "tab:green")):
+    steps: list[int] = []
+    for tag, colour in (
+        ("loss/total", "black"),
+        ("loss/instance", "tab:blue"),
+        ("loss/local_group", "tab:orange"),
+        ("loss/group", "tab:green"),
+    ):
         if tag not in tags:
             continue
         ev = ea.Scalars(tag)
@@ -134,8 +170,13 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
         name = tag.split("/")[1]
         ax.plot(steps, _smooth(values, max(5, len(values) // 40)), color=colour, linewidth=1.8, label=name)
         if name in chance:
-            ax.axhline(chance[name], color=colour, linestyle=":", linewidth=1.2,
-                       label=f"{name} at chance (ln {round(np.exp(chance[name]))})")
+            ax.axhline(
+                chance[name],
+                color=colour,
+                linestyle=":",
+                linewidth=1.2,
+                label=f"{name} at chance (ln {round(np.exp(chance[name]))})",
+            )
     marks = []  # (step, label): events drawn as vertical lines; events a few steps apart share one line
     if "sched/lr" in tags:
         lr = ea.Scalars("sched/lr")
@@ -159,13 +200,20 @@ def loss_curve(tb_dir: Path, out: Path, *, freeze_last_layer_epochs: int, chance
     plt.close(fig)
 
 
-def _knn_panel(ax, knn, raw_pixels: Optional[float]) -> None:
+def _knn_panel(ax, knn, raw_pixels: float | None) -> None:
     """The monitor's teacher k-NN top-1 per point (step 0 = random init), labelled with its value."""
     steps, top1 = [e.step for e in knn], [round(e.value, 6) for e in knn]  # float32 events: 0.4805 not 0.48050001
     ax.plot(steps, top1, color="tab:blue", marker="o", linewidth=1.8, label="EMA teacher, k-NN top-1 (monitor)")
     if steps[0] == 0:
-        ax.plot([0], [top1[0]], marker="o", markersize=9, color="tab:red", linestyle="none",
-                label=f"random init ({top1[0]:.3f})")
+        ax.plot(
+            [0],
+            [top1[0]],
+            marker="o",
+            markersize=9,
+            color="tab:red",
+            linestyle="none",
+            label=f"random init ({top1[0]:.3f})",
+        )
     for x, y in zip(steps, top1):
         ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
     if raw_pixels is not None:
@@ -177,14 +225,15 @@ def _knn_panel(ax, knn, raw_pixels: Optional[float]) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def monitor_points(run_dir: Path) -> List[dict]:
+def monitor_points(run_dir: Path) -> list[dict]:
     """The run's k-NN monitor records (log.txt), one per point, without repeats."""
     log = run_dir / "log.txt"
     if not log.is_file():
         return []
     recs = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "knn"]
-    return [{k: r[k] for k in ("epoch", "step", "top1", "top5", "seconds", "epoch_seconds", "share_of_epoch")}
-            for r in recs]
+    return [
+        {k: r[k] for k in ("epoch", "step", "top1", "top5", "seconds", "epoch_seconds", "share_of_epoch")} for r in recs
+    ]
 
 
 def attention_png(backbone, spec, val_dir: Path, out: Path, img_size: int, images: int = 4) -> None:
@@ -205,9 +254,10 @@ def attention_png(backbone, spec, val_dir: Path, out: Path, img_size: int, image
     canvas.save(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="mugs-quickstart", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="mugs-quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workdir", default="quickstart", help="data, run and pictures go here")
     ap.add_argument("--epochs", type=int, default=5, help="pretraining epochs (the schedules span them)")
     ap.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
@@ -230,20 +280,44 @@ def _quickstart(args: argparse.Namespace) -> None:
         import shutil
 
         shutil.rmtree(run_dir)
-    flags = QUICKSTART_FLAGS + ["--data_path", str(train_dir), "--output_dir", str(run_dir), "--epochs", str(args.epochs),
-                                "--max_steps", str(args.max_steps)]
+    flags = QUICKSTART_FLAGS + [
+        "--data_path",
+        str(train_dir),
+        "--output_dir",
+        str(run_dir),
+        "--epochs",
+        str(args.epochs),
+        "--max_steps",
+        str(args.max_steps),
+    ]
     img_size = parse_config(flags).img_size
     # the online k-NN monitor on the held-out split, every epoch, in step 2's view (the 56-px images as they are)
-    flags += ["--knn_every_epochs", "1", "--knn_train_path", str(train_dir), "--knn_val_path", str(val_dir),
-              "--knn_resize", str(img_size)]
+    flags += [
+        "--knn_every_epochs",
+        "1",
+        "--knn_train_path",
+        str(train_dir),
+        "--knn_val_path",
+        str(val_dir),
+        "--knn_resize",
+        str(img_size),
+    ]
     cfg = parse_config(flags)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"mugs-quickstart: data in {work / 'data'}; k-NN of the randomly initialised network...", flush=True)
     before = knn_accuracy(initial_backbone(flags), train_dir, val_dir, img_size)
     pixels = pixel_knn_accuracy(train_dir, val_dir, img_size)
     print(f"mugs-quickstart: k-NN top-1 at random init: {before:.3f} (raw pixels: {pixels:.3f})", flush=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "mugs.training.trainer", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "mugs.training.trainer",
+        *flags,
+    ]
     print("mugs-quickstart: pretraining: " + " ".join(cmd[2:]), flush=True)
     rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if rc != 0:
@@ -253,20 +327,34 @@ def _quickstart(args: argparse.Namespace) -> None:
     ckpt = read_checkpoint(run_dir, parts=("student", "teacher"))  # read once for both k-NN and the picture
     nets = {key: load_backbone(run_dir, key=key, ckpt=ckpt)[:2] for key in ("student", "teacher")}
     after = {key: knn_accuracy(net, train_dir, val_dir, img_size) for key, (net, _) in nets.items()}
-    loss_curve(run_dir / "tb", work / "loss_curve.png", freeze_last_layer_epochs=cfg.freeze_last_layer,
-               chance=chance_levels(cfg), raw_pixels=pixels)
+    loss_curve(
+        run_dir / "tb",
+        work / "loss_curve.png",
+        freeze_last_layer_epochs=cfg.freeze_last_layer,
+        chance=chance_levels(cfg),
+        raw_pixels=pixels,
+    )
     attention_png(*nets["teacher"], val_dir, work / "attention.png", img_size)
-    results = {"knn_top1_raw_pixels": pixels, "knn_top1_random_init": before, "knn_top1_pretrained": after["student"],
-               "knn_top1_pretrained_teacher": after["teacher"], "gain_points": 100 * (after["student"] - before),
-               "epochs": args.epochs, "max_steps": args.max_steps, "minutes": (time.time() - t0) / 60,
-               "knn_monitor": monitor_points(run_dir)}
+    results = {
+        "knn_top1_raw_pixels": pixels,
+        "knn_top1_random_init": before,
+        "knn_top1_pretrained": after["student"],
+        "knn_top1_pretrained_teacher": after["teacher"],
+        "gain_points": 100 * (after["student"] - before),
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "minutes": (time.time() - t0) / 60,
+        "knn_monitor": monitor_points(run_dir),
+    }
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nmugs-quickstart: k-NN top-1 on {len(list(val_dir.rglob('*.png')))} held-out images: "
-          f"random init {before:.3f} -> pretrained {after['student']:.3f} ({results['gain_points']:+.1f} points; "
-          f"EMA teacher {after['teacher']:.3f}; raw pixels {pixels:.3f})\n"
-          f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
-          f"  loss curve:   {work / 'loss_curve.png'}\n  attention:    {work / 'attention.png'}\n"
-          f"  checkpoints:  {run_dir / 'checkpoints'}   ({results['minutes']:.1f} min in all)")
+    print(
+        f"\nmugs-quickstart: k-NN top-1 on {len(list(val_dir.rglob('*.png')))} held-out images: "
+        f"random init {before:.3f} -> pretrained {after['student']:.3f} ({results['gain_points']:+.1f} points; "
+        f"EMA teacher {after['teacher']:.3f}; raw pixels {pixels:.3f})\n"
+        f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
+        f"  loss curve:   {work / 'loss_curve.png'}\n  attention:    {work / 'attention.png'}\n"
+        f"  checkpoints:  {run_dir / 'checkpoints'}   ({results['minutes']:.1f} min in all)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ process) and of reading the files back and checksumming them (core/integrity.py)
 
     python -m mugs.benchmarks.checksum_cost [--gb 1] [--dir /tmp/mugs_checksum_bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,16 @@ def main(argv=None) -> None:
         files = [os.path.join(args.dir, f) for f in sorted(os.listdir(args.dir))]
         size = sum(os.path.getsize(f) for f in files) / GB
         vit_l = 4 * VIT_L_PARAMS * 4 / GB
-        print(f"dcp.save: {write / size:.3f} s/GB ({size:.2f} GB); ViT-L checkpoint {vit_l:.2f} GB: {write / size * vit_l:.1f} s")
+        print(
+            f"dcp.save: {write / size:.3f} s/GB ({size:.2f} GB); "
+            f"ViT-L checkpoint {vit_l:.2f} GB: {write / size * vit_l:.1f} s"
+        )
         for algo in integrity.ALGORITHMS:
             best = min(_timed(files, algo) for _ in range(3))
-            print(f"{algo}: {best / size:.3f} s/GB read back + checksum = {100 * best / write:.1f}% of the write; "
-                  f"ViT-L: {best / size * vit_l:.1f} s in one process (split across ranks when saving)")
+            print(
+                f"{algo}: {best / size:.3f} s/GB read back + checksum = {100 * best / write:.1f}% of the write; "
+                f"ViT-L: {best / size * vit_l:.1f} s in one process (split across ranks when saving)"
+            )
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
 

@@ -14,10 +14,10 @@ The counter is also a step hook (training/step.py's StepHook): attached to a ste
 them, which separates FSDP's parameter traffic (forward and backward phases) from the
 small state collectives (loss check, clip, state update).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,8 +54,8 @@ class CollectiveCounter(TorchDispatchMode, StepHook):
 
     def __init__(self):
         super().__init__()
-        self.pending: Dict[str, int] = defaultdict(int)  # since the last phase boundary
-        self.by_phase: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.pending: dict[str, int] = defaultdict(int)  # since the last phase boundary
+        self.by_phase: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
@@ -74,7 +74,7 @@ class CollectiveCounter(TorchDispatchMode, StepHook):
     def on_phase_end(self, phase: str) -> None:
         self.phase(phase)
 
-    def totals(self, n_steps: int = 1) -> Dict[str, float]:
+    def totals(self, n_steps: int = 1) -> dict[str, float]:
         """{"all_gather", "reduce_scatter", "all_reduce", "other", "bytes"} per step (pending included)."""
         out = {k: 0 for k in (*KINDS, "bytes")}
         for counts in [*self.by_phase.values(), self.pending]:
@@ -82,5 +82,5 @@ class CollectiveCounter(TorchDispatchMode, StepHook):
                 out[k] += v
         return {k: v / n_steps if n_steps != 1 else v for k, v in out.items()}
 
-    def per_phase(self, n_steps: int = 1) -> Dict[str, Dict[str, float]]:
+    def per_phase(self, n_steps: int = 1) -> dict[str, dict[str, float]]:
         return {p: {k: v / n_steps if n_steps != 1 else v for k, v in c.items()} for p, c in self.by_phase.items()}

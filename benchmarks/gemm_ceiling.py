@@ -6,6 +6,7 @@ against the spec alone hides how close a step is to what the GPU can do. One JSO
     python -m mugs.benchmarks.gemm_ceiling --out runs/gemm.jsonl           # 8192^3 bf16, 3 warm-up, 10 timed
     python -m mugs.benchmarks.gemm_ceiling --device cpu --size 256 --dtype fp32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,13 @@ import json
 import statistics
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from mugs.benchmarks import records
-from mugs.core import hardware
 from mugs.benchmarks.phases import device_sync
+from mugs.core import hardware
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -44,7 +45,7 @@ def measure(device: torch.device, size: int, dtype: torch.dtype, warmup: int, re
     return times
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mugs.benchmarks.gemm_ceiling", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--size", type=int, default=8192)
@@ -60,14 +61,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flops = 2 * a.size**3
     spec = hardware.peak_tflops(device, a.dtype)
     median = flops / statistics.median(times) / 1e12
-    rec = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "bench": "gemm_ceiling", "device": device.type, "device_name": hardware.device_name(device),
-           "torch": torch.__version__, "dtype": a.dtype, "size": a.size, "warmup": a.warmup, "reps": a.reps,
-           "tflops_median": median, "tflops_best": flops / min(times) / 1e12,
-           "spec_peak_tflops": spec, "fraction_of_spec": median / spec if spec else None,
-           "method": "torch.matmul n^3, each rep timed with time.perf_counter after a device synchronize"}
-    print(f"{a.dtype} GEMM {a.size}^3 on {rec['device_name']}: {median:.1f} TFLOP/s median of {a.reps} "
-          f"(best {rec['tflops_best']:.1f})" + (f", {100 * rec['fraction_of_spec']:.0f}% of the {spec:g} spec" if spec else ""))
+    rec = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bench": "gemm_ceiling",
+        "device": device.type,
+        "device_name": hardware.device_name(device),
+        "torch": torch.__version__,
+        "dtype": a.dtype,
+        "size": a.size,
+        "warmup": a.warmup,
+        "reps": a.reps,
+        "tflops_median": median,
+        "tflops_best": flops / min(times) / 1e12,
+        "spec_peak_tflops": spec,
+        "fraction_of_spec": median / spec if spec else None,
+        "method": "torch.matmul n^3, each rep timed with time.perf_counter after a device synchronize",
+    }
+    print(
+        f"{a.dtype} GEMM {a.size}^3 on {rec['device_name']}: {median:.1f} TFLOP/s median of {a.reps} "
+        f"(best {rec['tflops_best']:.1f})"
+        + (f", {100 * rec['fraction_of_spec']:.0f}% of the {spec:g} spec" if spec else "")
+    )
     records.append(a.out, rec)
     print(json.dumps(rec))
     return 0

@@ -19,6 +19,7 @@ world size) and the record holds every rank's figures.
 
     python -m mugs.benchmarks.host_cost --preset tiny --depth 24 --batch_size_per_gpu 2 --precision bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,17 +46,66 @@ DEFAULT_OUT = Path("runs") / "benchmarks" / "host_cost.jsonl"
 LR = 1e-5
 # aten ops that launch no device kernel: views and metadata changes, allocation without a fill,
 # autograd bookkeeping and the profiler's range markers. Everything else counts as kernel-launching.
-NO_KERNEL_OPS = frozenset((
-    "view", "_unsafe_view", "view_as", "reshape", "t", "transpose", "permute", "expand", "expand_as",
-    "as_strided", "detach", "alias", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes",
-    "unbind", "chunk", "narrow", "diagonal", "unflatten", "flatten", "_reshape_alias", "view_as_real",
-    "view_as_complex", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-    "_record_function_enter_new", "_record_function_exit", "record_function_enter", "record_function_exit",
-    "set_", "resize_", "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride",
-    "sym_numel", "sym_storage_offset", "size", "stride", "dim", "is_contiguous", "numel", "_version",
-    "requires_grad_", "retain_grad", "_nested_tensor_from_mask_left_aligned", "storage_offset",
-    "contiguous",
-))
+NO_KERNEL_OPS = frozenset(
+    (
+        "view",
+        "_unsafe_view",
+        "view_as",
+        "reshape",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "expand_as",
+        "as_strided",
+        "detach",
+        "alias",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+        "narrow",
+        "diagonal",
+        "unflatten",
+        "flatten",
+        "_reshape_alias",
+        "view_as_real",
+        "view_as_complex",
+        "lift_fresh",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "_record_function_enter_new",
+        "_record_function_exit",
+        "record_function_enter",
+        "record_function_exit",
+        "set_",
+        "resize_",
+        "is_same_size",
+        "_has_compatible_shallow_copy_type",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "sym_storage_offset",
+        "size",
+        "stride",
+        "dim",
+        "is_contiguous",
+        "numel",
+        "_version",
+        "requires_grad_",
+        "retain_grad",
+        "_nested_tensor_from_mask_left_aligned",
+        "storage_offset",
+        "contiguous",
+    )
+)
 COPY_OPS = ("_to_copy", "copy_")
 
 
@@ -78,16 +128,20 @@ class OpCounter(TorchDispatchMode):
         self.ops[op_name(func)] += 1
         return func(*args, **(kwargs or {}))
 
-    def summary(self) -> Dict[str, object]:
+    def summary(self) -> dict[str, object]:
         name = lambda n: n.split("::")[-1]  # noqa: E731
         kernel = {k: v for k, v in self.ops.items() if name(k) not in NO_KERNEL_OPS}
-        return {"aten_ops": sum(self.ops.values()), "kernel_ops": sum(kernel.values()),
-                "copies": sum(self.ops.get(k, 0) for k in COPY_OPS),
-                "to_copy": self.ops.get("_to_copy", 0), "copy_": self.ops.get("copy_", 0),
-                "top_kernel_ops": dict(Counter(kernel).most_common(25))}
+        return {
+            "aten_ops": sum(self.ops.values()),
+            "kernel_ops": sum(kernel.values()),
+            "copies": sum(self.ops.get(k, 0) for k in COPY_OPS),
+            "to_copy": self.ops.get("_to_copy", 0),
+            "copy_": self.ops.get("copy_", 0),
+            "top_kernel_ops": dict(Counter(kernel).most_common(25)),
+        }
 
 
-def build_step(cfg: MugsConfig, info, compile_backend: Optional[str] = None):
+def build_step(cfg: MugsConfig, info, compile_backend: str | None = None):
     """The trainer's models, optimiser and step (training/models.py, training/optim.py)."""
     from mugs.training.models import build_models
     from mugs.training.optim import build_adamw
@@ -95,11 +149,12 @@ def build_step(cfg: MugsConfig, info, compile_backend: Optional[str] = None):
 
     student, teacher, objective = build_models(cfg, info, compile_backend=compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    return MugsTrainStep(student, teacher, objective, optimizer, clip_grad=cfg.clip_view(),
-                         freeze_last_layer=cfg.freeze_last_layer)
+    return MugsTrainStep(
+        student, teacher, objective, optimizer, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer
+    )
 
 
-def measure(cfg: MugsConfig, info, steps: int, warmup: int) -> Dict[str, object]:
+def measure(cfg: MugsConfig, info, steps: int, warmup: int) -> dict[str, object]:
     from mugs.benchmarks.step_measure import synthetic_batch
     from mugs.training.parallelize import DTYPES
 
@@ -112,8 +167,16 @@ def measure(cfg: MugsConfig, info, steps: int, warmup: int) -> Dict[str, object]
         nonlocal n
         n += 1
         # lr, weight decay, momentum change every step, as in training
-        return step_fn(t_crops, s_crops, weak, epoch=epoch, momentum=cfg.momentum_teacher + 1e-4 * n,
-                       lr=LR * (1 + 0.01 * n), weight_decay=cfg.weight_decay + 1e-4 * n, step_index=n)
+        return step_fn(
+            t_crops,
+            s_crops,
+            weak,
+            epoch=epoch,
+            momentum=cfg.momentum_teacher + 1e-4 * n,
+            lr=LR * (1 + 0.01 * n),
+            weight_decay=cfg.weight_decay + 1e-4 * n,
+            step_index=n,
+        )
 
     for _ in range(warmup):
         run()
@@ -155,17 +218,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, argv: Sequence[str], depths: Sequence[int], steps: int, warmup: int,
-              timeout_s: float) -> List[dict]:
+def run_world(
+    world: int, argv: Sequence[str], depths: Sequence[int], steps: int, warmup: int, timeout_s: float
+) -> list[dict]:
     """`world` processes (gloo on loopback), each measuring every depth; their results in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
         port, procs = _free_port(), []
         for r in range(world):
-            env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1"}
-            cmd = [sys.executable, "-m", "mugs.benchmarks.host_cost", "--_rank_out", f"{tmp}/{r}.json",
-                   "--_depths", ",".join(map(str, depths)), "--steps", str(steps), "--warmup", str(warmup), *argv]
+            env = {
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(r),
+                "LOCAL_WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            cmd = [
+                sys.executable,
+                "-m",
+                "mugs.benchmarks.host_cost",
+                "--_rank_out",
+                f"{tmp}/{r}.json",
+                "--_depths",
+                ",".join(map(str, depths)),
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+                *argv,
+            ]
             procs.append(subprocess.Popen(cmd, env=env))
         try:
             codes = [p.wait(timeout=timeout_s) for p in procs]
@@ -178,15 +261,23 @@ def run_world(world: int, argv: Sequence[str], depths: Sequence[int], steps: int
         return [json.loads(Path(f"{tmp}/{r}.json").read_text()) for r in range(world)]
 
 
-def parse(argv: Optional[Sequence[str]] = None):
+def parse(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m mugs.benchmarks.host_cost", description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Every other flag is the trainer's (configs/options.py), --preset included.")
+    p = argparse.ArgumentParser(
+        prog="python -m mugs.benchmarks.host_cost",
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Every other flag is the trainer's (configs/options.py), --preset included.",
+    )
     p.add_argument("--world_sizes", default="1,2", help="comma-separated world sizes, each in its own processes")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median = host_ms)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--per_block", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
-                   help="also measure at depth-1: per-block counts (default true)")
+    p.add_argument(
+        "--per_block",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=True,
+        help="also measure at depth-1: per-block counts (default true)",
+    )
     p.add_argument("--out", action="append", default=None, help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
     p.add_argument("--tag", default="")
     p.add_argument("--timeout_s", type=float, default=1200)
@@ -197,53 +288,85 @@ def parse(argv: Optional[Sequence[str]] = None):
     return own, rest, cfg
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     own, rest, cfg = parse(argv)
     if own._rank_out:
         rank_main(rest, [int(d) for d in own._depths.split(",")], own.steps, own.warmup, own._rank_out)
         return 0
-    from mugs.training.models import build_models  # noqa: F401  (import errors surface before spawning)
     from mugs.configs.archs import backbone_shape
+    from mugs.training.models import build_models  # noqa: F401  (import errors surface before spawning)
 
     dim, depth, heads = backbone_shape(cfg.arch, cfg.embed_dim, cfg.depth, cfg.num_heads)
     depths = [depth] + ([depth - 1] if own.per_block and depth > 1 else [])
-    rec = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "bench": "mugs_host_cost", "arch": cfg.arch, "embed_dim": dim, "depth": depth, "num_heads": heads,
-           "batch_size_per_gpu": cfg.batch_size_per_gpu, "precision": cfg.compute_precision, "compile": cfg.compile,
-           "activation_checkpointing": cfg.activation_checkpointing, "drop_path_rate": cfg.drop_path_rate,
-           "img_size": cfg.img_size, "local_crops_number": cfg.local_crops_number, "device": "cpu",
-           "torch": torch.__version__, "threads_per_rank": 1, "loadavg_1m": os.getloadavg()[0],
-           "no_kernel_ops": sorted(NO_KERNEL_OPS), "copy_ops": list(COPY_OPS),
-           "method": "TorchDispatchMode over 1 step after warm-up, per rank; per_block = depth D minus depth D-1",
-           "git": _git_head(), "tag": own.tag, "cmd": " ".join(["python -m mugs.benchmarks.host_cost", *(argv or sys.argv[1:])]),
-           "world_sizes": {}}
+    rec = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bench": "mugs_host_cost",
+        "arch": cfg.arch,
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": heads,
+        "batch_size_per_gpu": cfg.batch_size_per_gpu,
+        "precision": cfg.compute_precision,
+        "compile": cfg.compile,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "drop_path_rate": cfg.drop_path_rate,
+        "img_size": cfg.img_size,
+        "local_crops_number": cfg.local_crops_number,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads_per_rank": 1,
+        "loadavg_1m": os.getloadavg()[0],
+        "no_kernel_ops": sorted(NO_KERNEL_OPS),
+        "copy_ops": list(COPY_OPS),
+        "method": "TorchDispatchMode over 1 step after warm-up, per rank; per_block = depth D minus depth D-1",
+        "git": _git_head(),
+        "tag": own.tag,
+        "cmd": " ".join(["python -m mugs.benchmarks.host_cost", *(argv or sys.argv[1:])]),
+        "world_sizes": {},
+    }
     for world in [int(w) for w in own.world_sizes.split(",")]:
         ranks = run_world(world, rest, depths, own.steps, own.warmup, own.timeout_s)
         per_rank = []
         for r in ranks:
             full = r["results"][str(depth)]
-            entry = {"rank": r["rank"], **{k: full[k] for k in ("aten_ops", "kernel_ops", "copies", "to_copy", "copy_",
-                                                                  "host_ms", "host_ms_min")},
-                     "top_kernel_ops": full["top_kernel_ops"]}
+            entry = {
+                "rank": r["rank"],
+                **{
+                    k: full[k]
+                    for k in ("aten_ops", "kernel_ops", "copies", "to_copy", "copy_", "host_ms", "host_ms_min")
+                },
+                "top_kernel_ops": full["top_kernel_ops"],
+            }
             if str(depth - 1) in r["results"]:
                 less = r["results"][str(depth - 1)]
                 entry["per_block"] = {k: full[k] - less[k] for k in ("aten_ops", "kernel_ops", "copies")}
             per_rank.append(entry)
         rec["world_sizes"][str(world)] = per_rank
         r0 = per_rank[0]
-        print(f"world size {world}, rank 0: {r0['aten_ops']} aten ops/step, {r0['kernel_ops']} kernel-launching, "
-              f"{r0['copies']} _to_copy+copy_ ({r0['to_copy']}+{r0['copy_']}), host {r0['host_ms']:.1f} ms/step"
-              + (f"; per block: {r0['per_block']}" if "per_block" in r0 else ""), flush=True)
+        print(
+            f"world size {world}, rank 0: {r0['aten_ops']} aten ops/step, {r0['kernel_ops']} kernel-launching, "
+            f"{r0['copies']} _to_copy+copy_ ({r0['to_copy']}+{r0['copy_']}), host {r0['host_ms']:.1f} ms/step"
+            + (f"; per block: {r0['per_block']}" if "per_block" in r0 else ""),
+            flush=True,
+        )
     print("not counted as kernel-launching: " + ", ".join(sorted(NO_KERNEL_OPS)))
     records.append(own.out or [str(DEFAULT_OUT)], rec)
     print(json.dumps(rec), flush=True)
     return 0
 
 
-def _git_head() -> Optional[str]:
+def _git_head() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -12,6 +12,7 @@ voting, smaller batches) as measured. The Table-1 figure is then c x the FLOP sh
 ImageNet (1,281,167 training images per epoch) with `per_class` x `classes` bank and query images each.
 It counts the points after the first; the first adds decoding (PIL, up to 16 threads per rank).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,16 @@ def measured(run_dir: Path) -> dict:
     mon_images = later[0]["bank"] + later[0]["queries"]
     flop_share = mon_images * fwd / (epoch_images * step_flops_per_image(shape)["total"])
     share = sum(r["seconds"] for r in later) / sum(r["epoch_seconds"] for r in later)
-    return {"points": len(later), "monitor_s": sum(r["seconds"] for r in later) / len(later),
-            "epoch_s": sum(r["epoch_seconds"] for r in later) / len(later), "measured_share": share,
-            "flop_share": flop_share, "calibration": share / flop_share, "monitor_images": mon_images,
-            "epoch_images": epoch_images}
+    return {
+        "points": len(later),
+        "monitor_s": sum(r["seconds"] for r in later) / len(later),
+        "epoch_s": sum(r["epoch_seconds"] for r in later) / len(later),
+        "measured_share": share,
+        "flop_share": flop_share,
+        "calibration": share / flop_share,
+        "monitor_images": mon_images,
+        "epoch_images": epoch_images,
+    }
 
 
 def table1(calibration: float, per_class: int, classes: int) -> dict:
@@ -55,8 +62,13 @@ def table1(calibration: float, per_class: int, classes: int) -> dict:
     for run, spec in RUNS.items():
         arch = spec.flags["arch"]
         shape = MugsShape.for_arch(arch)
-        flop_share = 2 * per_class * classes * backbone_forward_flops(shape, 224) / (
-            IMAGENET_TRAIN * step_flops_per_image(shape)["total"])
+        flop_share = (
+            2
+            * per_class
+            * classes
+            * backbone_forward_flops(shape, 224)
+            / (IMAGENET_TRAIN * step_flops_per_image(shape)["total"])
+        )
         out[run] = {"arch": arch, "flop_share": flop_share, "modelled_share": calibration * flop_share}
     return out
 
@@ -68,10 +80,12 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     args = ap.parse_args()
     m = measured(args.run_dir)
-    print(f"measured ({args.run_dir}, {m['points']} cached points): monitor {m['monitor_s']:.2f} s per point on "
-          f"{m['monitor_images']} images, epoch {m['epoch_s']:.1f} s on {m['epoch_images']}: "
-          f"{100 * m['measured_share']:.2f}% of the epoch; FLOP share {100 * m['flop_share']:.3f}%; "
-          f"calibration {m['calibration']:.1f}x")
+    print(
+        f"measured ({args.run_dir}, {m['points']} cached points): monitor {m['monitor_s']:.2f} s per point on "
+        f"{m['monitor_images']} images, epoch {m['epoch_s']:.1f} s on {m['epoch_images']}: "
+        f"{100 * m['measured_share']:.2f}% of the epoch; FLOP share {100 * m['flop_share']:.3f}%; "
+        f"calibration {m['calibration']:.1f}x"
+    )
     print(f"\n| run | FLOP share | modelled share of an epoch (x{m['calibration']:.1f}) |\n|---|---|---|")
     for run, r in table1(m["calibration"], args.per_class, args.classes).items():
         print(f"| {run} | {100 * r['flop_share']:.3f}% | {100 * r['modelled_share']:.2f}% |")

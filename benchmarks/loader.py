@@ -24,6 +24,7 @@ Without --data, JPEGs with an ImageNet-like mix of sizes are made once in the te
 Appends to --out, by default runs/benchmarks/loader.jsonl under the working directory.
 Compare numbers only from the same machine and load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,8 +125,11 @@ def graph_ops(pipe) -> dict:
     """Operators in a built DALI pipeline's graph: all, and the conditional split/merge ones."""
     ops = getattr(pipe, "_ops", None) or []
     names = [type(o._op).__name__ if getattr(o, "_op", None) is not None else o.name for o in ops]
-    cond = [n for n in names if n.lower().lstrip("_").startswith(("split", "merge", "conditional"))
-            or "_conditional" in n.lower()]
+    cond = [
+        n
+        for n in names
+        if n.lower().lstrip("_").startswith(("split", "merge", "conditional")) or "_conditional" in n.lower()
+    ]
     return {"ops": len(names), "conditional_ops": len(cond)}
 
 
@@ -140,9 +144,16 @@ def _build(args, data: str, device: str):
 
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     backend = "dali" if args.backend == "dali_v1" else args.backend
-    cfg = MugsConfig(loader=backend, data_path=data, batch_size_per_gpu=args.batch_size, seed=0,
-                     num_workers=workers, img_size=args.global_size, size_crops=[args.local_size],
-                     local_crops_number=args.local_crops)
+    cfg = MugsConfig(
+        loader=backend,
+        data_path=data,
+        batch_size_per_gpu=args.batch_size,
+        seed=0,
+        num_workers=workers,
+        img_size=args.global_size,
+        size_crops=[args.local_size],
+        local_crops_number=args.local_crops,
+    )
     if args.backend == "dali_v1":
         from mugs.benchmarks.legacy_dali import build_v1_loader
 
@@ -207,25 +218,32 @@ def run(args) -> dict:
     per_round = counter.pipes[:builds_after_first] if builds_after_first else []
     ops = [graph_ops(p) for p in per_round]
     result = _common(args, device, workers, data)
-    result.update({
-        "batches": timed, "epochs_crossed": epoch_of[-1] - epoch_of[0] if epoch_of else 0,
-        "seconds": round(seconds, 3), "img_per_s": round(timed * args.batch_size / seconds, 2),
-        "median_batch_s": round(statistics.median(waits), 4),
-        "turnover_s": round(waits[boundary], 4) if boundary is not None else None,
-        "next_ms_median": round(1000 * statistics.median(waits), 3), "step_ms": args.step_ms,
-        "pipeline_builds": counter.builds, "pipelines_per_build_round": builds_after_first,
-        "pipeline_builds_after_first_batch": counter.builds - (builds_after_first or 0),
-        "dali_ops_per_step": sum(o["ops"] for o in ops) if ops else None,
-        "dali_conditional_ops": sum(o["conditional_ops"] for o in ops) if ops else None,
-        "cpu_ms_per_img": cpu_ms,
-    })
+    result.update(
+        {
+            "batches": timed,
+            "epochs_crossed": epoch_of[-1] - epoch_of[0] if epoch_of else 0,
+            "seconds": round(seconds, 3),
+            "img_per_s": round(timed * args.batch_size / seconds, 2),
+            "median_batch_s": round(statistics.median(waits), 4),
+            "turnover_s": round(waits[boundary], 4) if boundary is not None else None,
+            "next_ms_median": round(1000 * statistics.median(waits), 3),
+            "step_ms": args.step_ms,
+            "pipeline_builds": counter.builds,
+            "pipelines_per_build_round": builds_after_first,
+            "pipeline_builds_after_first_batch": counter.builds - (builds_after_first or 0),
+            "dali_ops_per_step": sum(o["ops"] for o in ops) if ops else None,
+            "dali_conditional_ops": sum(o["conditional_ops"] for o in ops) if ops else None,
+            "cpu_ms_per_img": cpu_ms,
+        }
+    )
     return result
 
 
 def _decode_only(args, data, device, counter) -> dict:
     """Read + decode only (DALI), the same files and batch: the ceiling of any loader built on it."""
-    from mugs.pipeline.files import load_index
     from nvidia.dali import fn, pipeline_def, types
+
+    from mugs.pipeline.files import load_index
 
     index = load_index(data)
     B = args.batch_size
@@ -236,8 +254,7 @@ def _decode_only(args, data, device, counter) -> dict:
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
         return fn.decoders.image(enc, device="mixed" if device == "cuda" else "cpu", output_type=types.RGB)
 
-    pipe = decode(batch_size=B, num_threads=workers, device_id=0 if device == "cuda" else None,
-                  prefetch_queue_depth=1)
+    pipe = decode(batch_size=B, num_threads=workers, device_id=0 if device == "cuda" else None, prefetch_queue_depth=1)
     pipe.build()
 
     def batch(k):
@@ -256,22 +273,40 @@ def _decode_only(args, data, device, counter) -> dict:
         batch(args.warmup + k)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     result = _common(args, device, workers, data)
-    result.update({"backend": "dali_decode_only", "crops": "decode only", "batches": args.batches,
-                   "seconds": round(seconds, 3), "img_per_s": round(args.batches * B / seconds, 2),
-                   "cpu_ms_per_img": round(1000 * cpu / (args.batches * B), 1), "pipeline_builds": counter.builds})
+    result.update(
+        {
+            "backend": "dali_decode_only",
+            "crops": "decode only",
+            "batches": args.batches,
+            "seconds": round(seconds, 3),
+            "img_per_s": round(args.batches * B / seconds, 2),
+            "cpu_ms_per_img": round(1000 * cpu / (args.batches * B), 1),
+            "pipeline_builds": counter.builds,
+        }
+    )
     return result
 
 
 def _common(args, device, workers, data) -> dict:
     import torch
 
-    r = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "backend": args.backend,
-         "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-         "batch_size": args.batch_size, "workers": workers, "global_size": args.global_size,
-         "local_size": args.local_size, "local_crops": args.local_crops,
-         "crops": crops_label(args.global_size, args.local_size, args.local_crops),
-         "data": args.data or f"synthetic {args.images} JPEGs, ImageNet-like size mix", "torch": torch.__version__}
+    r = {
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "backend": args.backend,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "batch_size": args.batch_size,
+        "workers": workers,
+        "global_size": args.global_size,
+        "local_size": args.local_size,
+        "local_crops": args.local_crops,
+        "crops": crops_label(args.global_size, args.local_size, args.local_crops),
+        "data": args.data or f"synthetic {args.images} JPEGs, ImageNet-like size mix",
+        "torch": torch.__version__,
+    }
     if args.backend != "torchvision":
         import nvidia.dali
 
@@ -294,9 +329,13 @@ def parse_args(argv=None):
     ap.add_argument("--local-size", type=int, default=d.local_crop_size)
     ap.add_argument("--local-crops", type=int, default=d.local_crops_number)
     ap.add_argument("--decode-only", action="store_true", help="time reading + DALI decoding only (the ceiling)")
-    ap.add_argument("--step-ms", type=float, default=0.0,
-                    help="a fake step of this many ms after each batch: next() then shows the trainer thread's cost "
-                         "when the loader keeps up (img/s then includes the steps)")
+    ap.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="a fake step of this many ms after each batch: next() then shows the trainer thread's cost "
+        "when the loader keeps up (img/s then includes the steps)",
+    )
     ap.add_argument("--out", default=RESULTS, help=f"JSON-lines file to append to (default {RESULTS})")
     return ap.parse_args(argv)
 
@@ -306,14 +345,19 @@ def main(argv=None) -> int:
     r = run(args)
     extra = ""
     if "turnover_s" in r:
-        extra = (f"; median batch {r['median_batch_s']:.3f} s, turnover {r['turnover_s']} s, next() median "
-                 f"{r['next_ms_median']} ms; builds {r['pipeline_builds']} ({r['pipeline_builds_after_first_batch']} "
-                 f"after the first batch), DALI ops/step {r['dali_ops_per_step']} "
-                 f"({r['dali_conditional_ops']} conditional)")
-    print(f"{r['backend']} ({r['device']}, {r['workers']} workers, batch {args.batch_size}, crops {r['crops']}, "
-          f"{r['batches']} batches): {r['img_per_s']:.1f} img/s"
-          + (f", {r['cpu_ms_per_img']} CPU-ms/img" if r.get("cpu_ms_per_img") is not None else "")
-          + extra + f"  [load avg {r['load_avg_1m']}]")
+        extra = (
+            f"; median batch {r['median_batch_s']:.3f} s, turnover {r['turnover_s']} s, next() median "
+            f"{r['next_ms_median']} ms; builds {r['pipeline_builds']} ({r['pipeline_builds_after_first_batch']} "
+            f"after the first batch), DALI ops/step {r['dali_ops_per_step']} "
+            f"({r['dali_conditional_ops']} conditional)"
+        )
+    print(
+        f"{r['backend']} ({r['device']}, {r['workers']} workers, batch {args.batch_size}, crops {r['crops']}, "
+        f"{r['batches']} batches): {r['img_per_s']:.1f} img/s"
+        + (f", {r['cpu_ms_per_img']} CPU-ms/img" if r.get("cpu_ms_per_img") is not None else "")
+        + extra
+        + f"  [load avg {r['load_avg_1m']}]"
+    )
     records.append([args.out], r)
     return 0
 

@@ -13,9 +13,10 @@ Shared with the optimised step: the model and its heads, the memory/queue/centre
 (MugsObjective.update_state).
 The losses are the same numbers (tests/test_bench_paper_style.py checks it).
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -67,8 +68,9 @@ def per_resolution_forward(net: MugsNetwork, crops: Sequence[torch.Tensor], memo
     return net.heads(outs, memory_tokens)
 
 
-def pairwise_infonce(student: torch.Tensor, teacher: torch.Tensor, n_crops: int, queue: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
+def pairwise_infonce(
+    student: torch.Tensor, teacher: torch.Tensor, n_crops: int, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """InfoNCE per (teacher crop, student crop) pair, skipping equal indices; 0.5 * (large + small)."""
     preds, targets = student.chunk(n_crops), teacher.detach().chunk(2)
     large, small = [], []
@@ -83,8 +85,14 @@ def pairwise_infonce(student: torch.Tensor, teacher: torch.Tensor, n_crops: int,
     return _halves(large, small)
 
 
-def pairwise_group(student: torch.Tensor, teacher: torch.Tensor, n_crops: int, center: torch.Tensor,
-                   teacher_temp: float, student_temp: float) -> torch.Tensor:
+def pairwise_group(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    n_crops: int,
+    center: torch.Tensor,
+    teacher_temp: float,
+    student_temp: float,
+) -> torch.Tensor:
     """DINO-style cross-entropy per pair, same skipping and averaging."""
     s_out = (student / student_temp).chunk(n_crops)
     q_all = F.softmax((teacher.detach() - center) / teacher_temp, dim=-1).chunk(2)
@@ -97,7 +105,7 @@ def pairwise_group(student: torch.Tensor, teacher: torch.Tensor, n_crops: int, c
     return _halves(large, small)
 
 
-def _halves(large: List[torch.Tensor], small: List[torch.Tensor]) -> torch.Tensor:
+def _halves(large: list[torch.Tensor], small: list[torch.Tensor]) -> torch.Tensor:
     large_mean = sum(large) / len(large)
     return 0.5 * (large_mean + sum(small) / len(small)) if small else large_mean
 
@@ -106,10 +114,11 @@ class PaperStyleStep:
     """Same call signature and result as training.step.MugsTrainStep; of its hooks' points, calls
     `on_phase_end` (benchmarks/phases.py times phases with it)."""
 
-    hooks: Tuple[StepHook, ...] = ()
+    hooks: tuple[StepHook, ...] = ()
 
-    def __init__(self, student, teacher, objective: MugsObjective, optimizer, *, clip_grad: GradClip,
-                 freeze_last_layer: int):
+    def __init__(
+        self, student, teacher, objective: MugsObjective, optimizer, *, clip_grad: GradClip, freeze_last_layer: int
+    ):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         s = dict(student.named_parameters())
@@ -126,23 +135,34 @@ class PaperStyleStep:
         out = {"instance": None, "local_group": None, "group": None}
         if w.instance > 0:
             il = obj.instance_loss
-            out["instance"] = pairwise_infonce(s_out.instance, t_out.instance, n_crops, obj.instance_queue.rows.T.clone(),
-                                              il.temperature)
+            out["instance"] = pairwise_infonce(
+                s_out.instance, t_out.instance, n_crops, obj.instance_queue.rows.T.clone(), il.temperature
+            )
         if w.local_group > 0:
             ll = obj.local_group_loss
-            out["local_group"] = pairwise_infonce(s_out.local_group, t_out.local_group, n_crops,
-                                                  obj.local_group_queue.rows.T.clone(),
-                                                  ll.temperature)
+            out["local_group"] = pairwise_infonce(
+                s_out.local_group, t_out.local_group, n_crops, obj.local_group_queue.rows.T.clone(), ll.temperature
+            )
         if w.group > 0:
             gl = obj.group_loss
-            out["group"] = pairwise_group(s_out.group, t_out.group, n_crops, gl.center, gl.teacher_temp(epoch),
-                                          gl.student_temp)
+            out["group"] = pairwise_group(
+                s_out.group, t_out.group, n_crops, gl.center, gl.teacher_temp(epoch), gl.student_temp
+            )
         out["total"] = weighted_total(out, w)
         return out
 
-    def __call__(self, teacher_crops: Sequence[torch.Tensor], student_crops: Sequence[torch.Tensor],
-                 weak_flags: torch.Tensor, *, epoch: int, momentum: float, lr: Optional[float] = None,
-                 weight_decay: Optional[float] = None, step_index: int = 0) -> StepResult:
+    def __call__(
+        self,
+        teacher_crops: Sequence[torch.Tensor],
+        student_crops: Sequence[torch.Tensor],
+        weak_flags: torch.Tensor,
+        *,
+        epoch: int,
+        momentum: float,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        step_index: int = 0,
+    ) -> StepResult:
         apply_lr_wd(self.optimizer, lr, weight_decay)
         with torch.no_grad():
             t_out = per_resolution_forward(self.teacher, teacher_crops, self.objective.teacher_memory)

@@ -11,11 +11,12 @@ Phases: teacher_fwd, student_fwd, loss, backward, loss_check (the cross-rank los
 average and the finite check; the baseline checks inside `loss`), clip (incl. the
 last-layer freeze), optimizer, state_update (queues, centre, memories), ema, other.
 """
+
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -33,8 +34,8 @@ class PhaseTimer(StepHook):
 
     def __init__(self, sync: Callable[[], None]):
         self.sync = sync
-        self.totals: Dict[str, float] = defaultdict(float)
-        self.last: Optional[float] = None
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last: float | None = None
 
     def start(self) -> None:
         self.sync()
@@ -49,6 +50,5 @@ class PhaseTimer(StepHook):
     def on_phase_end(self, phase: str) -> None:
         self.mark(phase)
 
-    def mean(self, n_steps: int) -> Dict[str, float]:
+    def mean(self, n_steps: int) -> dict[str, float]:
         return {k: v / n_steps for k, v in self.totals.items()}
-

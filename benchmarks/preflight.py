@@ -9,6 +9,7 @@ Takes the step benchmark's flags (`python -m mugs.benchmarks.step --help`):
     python -m mugs.benchmarks.preflight --arch vit_large --drop_path_rate 0.3 --out runs/env.jsonl
 Exit 0 with one JSON record; exit 3 with ONE line saying what failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import platform
 import shutil
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from mugs.benchmarks import records
 
@@ -32,12 +33,20 @@ def environment() -> dict:
     import torch
 
     shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "cuda": torch.version.cuda,
-            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
-            "cpu_count": os.cpu_count(), "dev_shm_gb": shm.total / 2**30 if shm else None,
-            "dev_shm_free_gb": shm.free / 2**30 if shm else None}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30
+        if torch.cuda.is_available()
+        else None,
+        "cpu_count": os.cpu_count(),
+        "dev_shm_gb": shm.total / 2**30 if shm else None,
+        "dev_shm_free_gb": shm.free / 2**30 if shm else None,
+    }
 
 
 def one_step(argv: Sequence[str]) -> dict:
@@ -47,32 +56,54 @@ def one_step(argv: Sequence[str]) -> dict:
     from mugs.benchmarks.step import parse_args
     from mugs.benchmarks.step_measure import LR, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
+    from mugs.training.models import build_models
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
     from mugs.training.step import MugsTrainStep
-    from mugs.training.models import build_models
 
     cfg = parse_args(list(argv) + ["--out", os.devnull])[1].replace(batch_size_per_gpu=PREFLIGHT_BATCH)
     info = init_distributed(cfg.device)
     try:
         t0 = time.perf_counter()
         student, teacher, objective = build_models(cfg, info)
-        step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult), clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
+        step = MugsTrainStep(
+            student,
+            teacher,
+            objective,
+            build_adamw(student, cfg.patch_embed_lr_mult),
+            clip_grad=cfg.clip_view(),
+            freeze_last_layer=cfg.freeze_last_layer,
+        )
         built = time.perf_counter() - t0
         t_crops, s_crops, weak = synthetic_batch(cfg, info.device, DTYPES[cfg.compute_precision])
-        res = step(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=cfg.momentum_teacher, lr=LR,
-                   weight_decay=cfg.weight_decay, step_index=0)
+        res = step(
+            t_crops,
+            s_crops,
+            weak,
+            epoch=cfg.freeze_last_layer,
+            momentum=cfg.momentum_teacher,
+            lr=LR,
+            weight_decay=cfg.weight_decay,
+            step_index=0,
+        )
         if info.device.type == "cuda":
             torch.cuda.synchronize()
-        return {"arch": cfg.arch, "precision": cfg.compute_precision, "compile": cfg.compile,
-                "batch_size_per_gpu": cfg.batch_size_per_gpu, "device": info.device.type, "build_s": built,
-                "step_s": time.perf_counter() - t0 - built, "losses": res.losses,
-                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None}
+        return {
+            "arch": cfg.arch,
+            "precision": cfg.compute_precision,
+            "compile": cfg.compile,
+            "batch_size_per_gpu": cfg.batch_size_per_gpu,
+            "device": info.device.type,
+            "build_s": built,
+            "step_s": time.perf_counter() - t0 - built,
+            "losses": res.losses,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
+        }
     finally:
         shutdown()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)  # --out is ours; every other flag is the step benchmark's
     own.add_argument("--out", action="append", default=[])
     outs, argv = own.parse_known_args(argv)
@@ -81,8 +112,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rec = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "bench": "preflight"}
     try:
         rec.update(environment())
-        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                       if k not in ("time", "bench")), flush=True)
+        print(
+            " ".join(
+                f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in rec.items()
+                if k not in ("time", "bench")
+            ),
+            flush=True,
+        )
         rec["step"] = one_step(argv)
         rec["ok"] = True
     except Exception as e:  # any failure here would fail every later part: say it once, in one line

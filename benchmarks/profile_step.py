@@ -11,6 +11,7 @@ GPU figures are null and the host ones are measured.
 
     python -m mugs.benchmarks.profile_step --preset vit_large_250ep --batch_size_per_gpu 64 --label default
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,20 +22,20 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mugs.benchmarks import records
+from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
 from mugs.core import hardware
 from mugs.model.flops import MugsShape, step_flops_per_image
-from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "profile.jsonl"
 LR = 1e-5
-CATEGORIES: Tuple[Tuple[str, str], ...] = (  # kernel name pattern -> category, first match wins
+CATEGORIES: tuple[tuple[str, str], ...] = (  # kernel name pattern -> category, first match wins
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*mha"),
     ("multi_tensor", r"multi_tensor|foreach|fused_adam"),
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm\d+_.*_tn|splitk"),
@@ -52,7 +53,7 @@ def category(name: str) -> str:
     return "other"
 
 
-def _union_us(intervals: List[Tuple[float, float]]) -> Tuple[float, List[float]]:
+def _union_us(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
     """Busy time of the union of [start, end) intervals, and the gaps between them (us)."""
     busy, gaps, end = 0.0, [], None
     for s, e in sorted(intervals):
@@ -67,7 +68,7 @@ def _union_us(intervals: List[Tuple[float, float]]) -> Tuple[float, List[float]]
     return busy, gaps
 
 
-def analyse(prof, n_steps: int, wall_s: float) -> Dict[str, object]:
+def analyse(prof, n_steps: int, wall_s: float) -> dict[str, object]:
     """The profiler's events as the record's figures (per step)."""
     events = prof.events()
     kernels, phases = [], defaultdict(lambda: [0.0, 0.0])
@@ -76,16 +77,23 @@ def analyse(prof, n_steps: int, wall_s: float) -> Dict[str, object]:
         if "cuda" in dev and e.time_range is not None:
             kernels.append(e)
         elif e.name.startswith("mugs.") and "cuda" not in dev:
-            ph = phases[e.name[len("mugs."):]]
+            ph = phases[e.name[len("mugs.") :]]
             ph[0] += e.cpu_time_total / 1e3
             ph[1] += getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) / 1e3
-    out: Dict[str, object] = {
+    out: dict[str, object] = {
         "phases_host_gpu_ms": {k: {"host_ms": v[0] / n_steps, "gpu_ms": v[1] / n_steps} for k, v in phases.items()},
         "host_ms_per_step": sum(v[0] for v in phases.values()) / n_steps,
     }
     if not kernels:
-        out.update({"gpu_busy_pct": None, "kernels_per_step": None, "top_kernels": None, "idle_gaps": None,
-                    "note": "no device kernels recorded (CPU): GPU figures null"})
+        out.update(
+            {
+                "gpu_busy_pct": None,
+                "kernels_per_step": None,
+                "top_kernels": None,
+                "idle_gaps": None,
+                "note": "no device kernels recorded (CPU): GPU figures null",
+            }
+        )
         return out
     intervals = [(k.time_range.start, k.time_range.end) for k in kernels]
     busy, gaps = _union_us(intervals)
@@ -97,22 +105,31 @@ def analyse(prof, n_steps: int, wall_s: float) -> Dict[str, object]:
         by_name[k.name][0] += 1
         by_name[k.name][1] += d / 1e3 / n_steps
     big = sorted((g for g in gaps if g >= GAP_US), reverse=True)
-    out.update({
-        "gpu_busy_pct": 100.0 * busy / 1e6 / wall_s,
-        "gpu_busy_pct_of_kernel_span": 100.0 * busy / span if span else None,
-        "gpu_ms_per_step": busy / 1e3 / n_steps,
-        "kernels_per_step": len(kernels) / n_steps,
-        "gpu_ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
-        "top_kernels": [{"name": n[:120], "category": category(n), "calls_per_step": c / n_steps, "ms_per_step": ms}
-                        for n, (c, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]],
-        "idle_gaps": {"threshold_us": GAP_US, "count_per_step": len(big) / n_steps,
-                      "idle_ms_per_step": sum(big) / 1e3 / n_steps, "largest_us": big[:10]},
-    })
+    out.update(
+        {
+            "gpu_busy_pct": 100.0 * busy / 1e6 / wall_s,
+            "gpu_busy_pct_of_kernel_span": 100.0 * busy / span if span else None,
+            "gpu_ms_per_step": busy / 1e3 / n_steps,
+            "kernels_per_step": len(kernels) / n_steps,
+            "gpu_ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [
+                {"name": n[:120], "category": category(n), "calls_per_step": c / n_steps, "ms_per_step": ms}
+                for n, (c, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+            ],
+            "idle_gaps": {
+                "threshold_us": GAP_US,
+                "count_per_step": len(big) / n_steps,
+                "idle_ms_per_step": sum(big) / 1e3 / n_steps,
+                "largest_us": big[:10],
+            },
+        }
+    )
     return out
 
 
-def run(cfg: MugsConfig, steps: int, warmup: int, profile_steps: int, label: str,
-        compile_backend: Optional[str] = None) -> Dict[str, object]:
+def run(
+    cfg: MugsConfig, steps: int, warmup: int, profile_steps: int, label: str, compile_backend: str | None = None
+) -> dict[str, object]:
     from mugs.benchmarks.host_cost import build_step
     from mugs.benchmarks.phases import device_sync
     from mugs.benchmarks.step_measure import synthetic_batch
@@ -129,8 +146,16 @@ def run(cfg: MugsConfig, steps: int, warmup: int, profile_steps: int, label: str
         def one():
             nonlocal n
             n += 1
-            return step_fn(t_crops, s_crops, weak, epoch=cfg.freeze_last_layer, momentum=cfg.momentum_teacher,
-                           lr=LR, weight_decay=cfg.weight_decay, step_index=n)
+            return step_fn(
+                t_crops,
+                s_crops,
+                weak,
+                epoch=cfg.freeze_last_layer,
+                momentum=cfg.momentum_teacher,
+                lr=LR,
+                weight_decay=cfg.weight_decay,
+                step_index=n,
+            )
 
         for _ in range(warmup):
             one()
@@ -152,20 +177,30 @@ def run(cfg: MugsConfig, steps: int, warmup: int, profile_steps: int, label: str
         step_s = statistics.median(times)
         flops = step_flops_per_image(shape)["total"] * cfg.batch_size_per_gpu
         bf16 = hardware.bf16_peak_tflops(info.device)
-        rec = {"label": label, "step_ms_median": 1e3 * step_s, "images_per_s": cfg.batch_size_per_gpu / step_s,
-               "mfu_bf16_peak": flops / step_s / 1e12 / bf16 if bf16 else None,
-               "profiled_steps": profile_steps, "profiled_wall_ms_per_step": 1e3 * wall / profile_steps,
-               **analyse(prof, profile_steps, wall), "device_name": hardware.device_name(info.device),
-               **hardware.peak_memory(info.device)}
+        rec = {
+            "label": label,
+            "step_ms_median": 1e3 * step_s,
+            "images_per_s": cfg.batch_size_per_gpu / step_s,
+            "mfu_bf16_peak": flops / step_s / 1e12 / bf16 if bf16 else None,
+            "profiled_steps": profile_steps,
+            "profiled_wall_ms_per_step": 1e3 * wall / profile_steps,
+            **analyse(prof, profile_steps, wall),
+            "device_name": hardware.device_name(info.device),
+            **hardware.peak_memory(info.device),
+        }
     finally:
         shutdown()
     return rec
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m mugs.benchmarks.profile_step", description=__doc__.split("\n")[0],
-                                allow_abbrev=False, epilog="Every other flag is the trainer's (configs/options.py).")
+    p = argparse.ArgumentParser(
+        prog="python -m mugs.benchmarks.profile_step",
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Every other flag is the trainer's (configs/options.py).",
+    )
     p.add_argument("--label", default="default", help="the mode's name in the record (default, best, host_floor...)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (their median: step_ms_median)")
     p.add_argument("--warmup", type=int, default=3)
@@ -177,17 +212,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tp = build_parser(preset_defaults(rest, MugsConfig(device=device)))
     cfg = config_from_args(tp.parse_args(rest))
-    rec = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "bench": "mugs_profile", "arch": cfg.arch, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
-           "batch_size_per_gpu": cfg.batch_size_per_gpu, "precision": cfg.compute_precision, "compile": cfg.compile,
-           "cuda_graphs": getattr(cfg, "cuda_graphs", False), "torch": torch.__version__,
-           **run(cfg, own.steps, own.warmup, own.profile_steps, own.label, own.compile_backend), "tag": own.tag,
-           "cmd": " ".join(["python -m mugs.benchmarks.profile_step", *argv])}
+    rec = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bench": "mugs_profile",
+        "arch": cfg.arch,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "batch_size_per_gpu": cfg.batch_size_per_gpu,
+        "precision": cfg.compute_precision,
+        "compile": cfg.compile,
+        "cuda_graphs": getattr(cfg, "cuda_graphs", False),
+        "torch": torch.__version__,
+        **run(cfg, own.steps, own.warmup, own.profile_steps, own.label, own.compile_backend),
+        "tag": own.tag,
+        "cmd": " ".join(["python -m mugs.benchmarks.profile_step", *argv]),
+    }
     mfu = f", MFU {100 * rec['mfu_bf16_peak']:.1f}% of bf16 spec" if rec["mfu_bf16_peak"] else ""
-    busy = f", GPU busy {rec['gpu_busy_pct']:.0f}%, {rec['kernels_per_step']:.0f} kernels/step" \
-        if rec["gpu_busy_pct"] is not None else ""
-    print(f"[{own.label}] {cfg.arch} batch {cfg.batch_size_per_gpu}: step {rec['step_ms_median']:.1f} ms, "
-          f"host {rec['host_ms_per_step']:.1f} ms/step{busy}{mfu}", flush=True)
+    busy = (
+        f", GPU busy {rec['gpu_busy_pct']:.0f}%, {rec['kernels_per_step']:.0f} kernels/step"
+        if rec["gpu_busy_pct"] is not None
+        else ""
+    )
+    print(
+        f"[{own.label}] {cfg.arch} batch {cfg.batch_size_per_gpu}: step {rec['step_ms_median']:.1f} ms, "
+        f"host {rec['host_ms_per_step']:.1f} ms/step{busy}{mfu}",
+        flush=True,
+    )
     records.append(own.out or [str(DEFAULT_OUT)], rec)
     print(json.dumps(rec), flush=True)
     return 0

@@ -1,9 +1,10 @@
 """One way every benchmark writes its results: JSON lines appended to each file named by --out."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def append(paths: Iterable[str], record: dict) -> None:

@@ -25,19 +25,20 @@ the shorter of compute and communication is hidden:
 (overlap 1: the longer one alone; 0: serial). Latencies of the small collectives are never hidden.
 Not modelled: data loading (DALI on GPU is assumed to keep up), stragglers, checkpoints.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
 
-from mugs.model.flops import MugsShape, step_flops_per_image
-from mugs.core.hardware import GPU_PEAKS
 from mugs.configs.table1 import RUNS
+from mugs.core.hardware import GPU_PEAKS
+from mugs.model.flops import MugsShape, step_flops_per_image
 
 BF16_PEAK = {name: peaks["bf16"] for name, peaks in GPU_PEAKS}  # dense bf16 TFLOP/s (SXM)
 
@@ -55,8 +56,16 @@ class Run:
     batch_per_gpu: int
 
 
-TABLE1 = [Run(" ".join(name.rsplit("_", 1)), r.flags["arch"], r.flags["epochs"],
-              r.nodes * r.gpus_per_node, r.batch_size_per_gpu) for name, r in RUNS.items()]  # configs/table1.py
+TABLE1 = [
+    Run(
+        " ".join(name.rsplit("_", 1)),
+        r.flags["arch"],
+        r.flags["epochs"],
+        r.nodes * r.gpus_per_node,
+        r.batch_size_per_gpu,
+    )
+    for name, r in RUNS.items()
+]  # configs/table1.py
 
 
 @dataclass(frozen=True)
@@ -79,19 +88,43 @@ def param_counts(s: MugsShape) -> dict:
     block = 3 * d * d + 3 * d + d * d + d + d * h + h + h * d + d + 4 * d  # qkv, proj, fc1, fc2, 2 norms
     units = (s.depth + s.relation_blocks) * block
     tokens = (s.global_size // s.patch_size) ** 2 + 1
-    stem = 3 * s.patch_size ** 2 * d + d + d + tokens * d + 2 * d  # patch embed (+bias), cls, pos, final norm
+    stem = 3 * s.patch_size**2 * d + d + d + tokens * d + 2 * d  # patch embed (+bias), cls, pos, final norm
     proj = lambda out: d * hid + hid * hid + hid * out  # noqa: E731 (bias-free projector)
     pred = lambda out: out * s.pred_hidden + s.pred_hidden * out  # noqa: E731
-    group = d * hid + hid + hid * hid + hid + hid * s.group_bottleneck + s.group_bottleneck + s.group_bottleneck * s.group_out + s.group_out
+    group = (
+        d * hid
+        + hid
+        + hid * hid
+        + hid
+        + hid * s.group_bottleneck
+        + s.group_bottleneck
+        + s.group_bottleneck * s.group_out
+        + s.group_out
+    )
     teacher_root = stem + proj(s.instance_out) + proj(s.local_group_out) + group
     student_root = teacher_root + pred(s.instance_out) + pred(s.local_group_out)
-    return {"backbone_units": units, "n_units": s.depth + s.relation_blocks, "student_root": student_root,
-            "teacher_root": teacher_root, "student": units + student_root, "teacher": units + teacher_root}
+    return {
+        "backbone_units": units,
+        "n_units": s.depth + s.relation_blocks,
+        "student_root": student_root,
+        "teacher_root": teacher_root,
+        "student": units + student_root,
+        "teacher": units + teacher_root,
+    }
 
 
-def comm_time_s(s: MugsShape, nodes: int, gpu: Gpu, *, strategy: str = "hsdp", param_bytes: int = 2,
-                reduce_bytes: int = 4, student_passes: int = 1, latency_us: float = 20.0,
-                ib_latency_us: float = 40.0) -> dict:
+def comm_time_s(
+    s: MugsShape,
+    nodes: int,
+    gpu: Gpu,
+    *,
+    strategy: str = "hsdp",
+    param_bytes: int = 2,
+    reduce_bytes: int = 4,
+    student_passes: int = 1,
+    latency_us: float = 20.0,
+    ib_latency_us: float = 40.0,
+) -> dict:
     """Seconds of communication per step per GPU (before overlap) and the bytes behind it."""
     world = nodes * GPUS_PER_NODE
     p = param_counts(s)
@@ -117,7 +150,7 @@ def step_time_s(t_compute: float, t_comm: float, t_fixed: float, overlap: float)
     return t_compute + t_comm - overlap * min(t_compute, t_comm) + t_fixed
 
 
-def measured_images_per_s(path: Path, arch: str, gpu: Gpu) -> Optional[dict]:
+def measured_images_per_s(path: Path, arch: str, gpu: Gpu) -> dict | None:
     """The fastest optimised bf16 single-process record for `arch` on this GPU kind, if any."""
     best = None
     if not path.exists():
@@ -127,8 +160,14 @@ def measured_images_per_s(path: Path, arch: str, gpu: Gpu) -> Optional[dict]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if (r.get("error") or r.get("mode") != "optimised" or r.get("arch") != arch or r.get("world_size") != 1
-                or r.get("precision") != "bf16" or gpu.name not in str(r.get("device_name", ""))):
+        if (
+            r.get("error")
+            or r.get("mode") != "optimised"
+            or r.get("arch") != arch
+            or r.get("world_size") != 1
+            or r.get("precision") != "bf16"
+            or gpu.name not in str(r.get("device_name", ""))
+        ):
             continue
         if best is None or r["images_per_s"] > best["images_per_s"]:
             best = r
@@ -145,39 +184,74 @@ def project(run: Run, gpu: Gpu, nodes: int, args) -> dict:
     else:
         t_c = b * step_flops_per_image(s)["total"] / (args.assume_mfu * gpu.bf16_tflops * 1e12)
         source = f"MFU {args.assume_mfu:.0%} assumed"
-    c = comm_time_s(s, nodes, gpu, strategy=args.strategy, student_passes=args.student_passes,
-                    latency_us=args.latency_us, ib_latency_us=args.ib_latency_us)
+    c = comm_time_s(
+        s,
+        nodes,
+        gpu,
+        strategy=args.strategy,
+        student_passes=args.student_passes,
+        latency_us=args.latency_us,
+        ib_latency_us=args.ib_latency_us,
+    )
     t = step_time_s(t_c, c["t_comm_s"], c["t_latency_s"], args.overlap)
     world = nodes * GPUS_PER_NODE
     iters = IMAGENET_TRAIN // (world * b)
-    return {"run": run.name, "gpu": gpu.name, "nodes": nodes, "gpus": world, "global_batch": world * b,
-            "t_compute_ms": 1e3 * t_c, "t_comm_ms": 1e3 * c["t_comm_s"], "t_step_ms": 1e3 * t,
-            "efficiency": t_c / t, "images_per_s": world * b / t, "iters_per_epoch": iters,
-            "hours": run.epochs * iters * t / 3600, "source": source}
+    return {
+        "run": run.name,
+        "gpu": gpu.name,
+        "nodes": nodes,
+        "gpus": world,
+        "global_batch": world * b,
+        "t_compute_ms": 1e3 * t_c,
+        "t_comm_ms": 1e3 * c["t_comm_s"],
+        "t_step_ms": 1e3 * t,
+        "efficiency": t_c / t,
+        "images_per_s": world * b / t,
+        "iters_per_epoch": iters,
+        "hours": run.epochs * iters * t / 3600,
+        "source": source,
+    }
 
 
-def table(rows: List[dict]) -> str:
-    head = "| run | GPU | nodes x 8 | global batch | compute ms | comm ms | step ms | efficiency | img/s | time to train | compute from |"
+def table(rows: list[dict]) -> str:
+    head = (
+        "| run | GPU | nodes x 8 | global batch | compute ms | comm ms | step ms | efficiency | img/s "
+        "| time to train | compute from |"
+    )
     out = [head, "|" + "---|" * 11]
     for r in rows:
-        out.append(f"| {r['run']} | {r['gpu']} | {r['nodes']} | {r['global_batch']} | {r['t_compute_ms']:.1f} | "
-                   f"{r['t_comm_ms']:.1f} | {r['t_step_ms']:.1f} | {100 * r['efficiency']:.0f}% | "
-                   f"{r['images_per_s']:.0f} | {r['hours']:.1f} h ({r['hours'] / 24:.2f} d) | {r['source']} |")
+        out.append(
+            f"| {r['run']} | {r['gpu']} | {r['nodes']} | {r['global_batch']} | {r['t_compute_ms']:.1f} | "
+            f"{r['t_comm_ms']:.1f} | {r['t_step_ms']:.1f} | {100 * r['efficiency']:.0f}% | "
+            f"{r['images_per_s']:.0f} | {r['hours']:.1f} h ({r['hours'] / 24:.2f} d) | {r['source']} |"
+        )
     return "\n".join(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="step.jsonl with measured single-GPU records ('' = none)")
+    p.add_argument(
+        "--results", default=str(DEFAULT_RESULTS), help="step.jsonl with measured single-GPU records ('' = none)"
+    )
     p.add_argument("--gpu", nargs="+", default=["a100", "h100"], choices=sorted(GPUS))
-    p.add_argument("--nodes", type=int, nargs="+", default=None,
-                   help="node counts to project every run on (default: each run's Table-1 GPU count / 8)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="node counts to project every run on (default: each run's Table-1 GPU count / 8)",
+    )
     p.add_argument("--runs", nargs="+", default=None, help="subset of runs by arch, e.g. vit_large")
     p.add_argument("--assume_mfu", type=float, default=0.4, help="compute MFU where nothing was measured")
     p.add_argument("--overlap", type=float, default=0.85, help="fraction of min(compute, comm) hidden")
     p.add_argument("--strategy", choices=("hsdp", "fsdp"), default="hsdp")
-    p.add_argument("--student_passes", type=int, default=1, help="backbone passes per student step (1: the "
-                   "fused multi-resolution pass; 2: the original's 224-px then 96-px pass)")
+    p.add_argument(
+        "--student_passes",
+        type=int,
+        default=1,
+        help="backbone passes per student step (1: the "
+        "fused multi-resolution pass; 2: the original's 224-px then 96-px pass)",
+    )
     p.add_argument("--nvlink_gbs", type=float, default=None, help="override the intra-node bus bandwidth, GB/s per GPU")
     p.add_argument("--ib_gbs", type=float, default=None, help="override the inter-node bandwidth, GB/s per GPU")
     p.add_argument("--latency_us", type=float, default=20.0)
@@ -198,8 +272,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(r))
     else:
         print(table(rows))
-        print(f"\n{args.strategy.upper()}, overlap {args.overlap}, {args.student_passes} student backbone passes; "
-              f"ImageNet-1k {IMAGENET_TRAIN} images, drop_last iterations per epoch.")
+        print(
+            f"\n{args.strategy.upper()}, overlap {args.overlap}, {args.student_passes} student backbone passes; "
+            f"ImageNet-1k {IMAGENET_TRAIN} images, drop_last iterations per epoch."
+        )
     return 0
 
 

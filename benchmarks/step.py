@@ -32,6 +32,7 @@ after them in --help are this benchmark's.
 
 This file is the command line; what is measured is step_measure.py, the records step_records.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -55,31 +56,40 @@ from mugs.training.validate import validate
 BASELINE_PRECISIONS = ("fp32", "tf32")  # the paper-style step's matmul modes
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, MugsConfig]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, MugsConfig]:
     """(this benchmark's own options, the MugsConfig of the model and step): every MugsConfig flag and
     --preset as the trainer takes them; --device defaults to cuda only where there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = build_parser(preset_defaults(argv, MugsConfig(device=device)))
     p.prog, p.description = "python -m mugs.benchmarks.step", __doc__.split("\n")[0]
     own = p.add_argument_group("benchmark")
-    own.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; eager or "
-                     "aot_eager rehearse the graph count on CPU in seconds)")
+    own.add_argument(
+        "--compile_backend",
+        default=None,
+        help="torch.compile backend (default inductor; eager or aot_eager rehearse the graph count on CPU in seconds)",
+    )
     own.add_argument("--steps", type=int, default=10)
     own.add_argument("--warmup", type=int, default=3)
     own.add_argument("--phase_steps", type=int, default=2, help="steps of the instrumented per-phase pass (0: skip)")
     mode = own.add_mutually_exclusive_group()
     mode.add_argument("--baseline", action="store_true", help="only the paper-style step")
     mode.add_argument("--compare", action="store_true", help="optimised and paper-style; prints the speed-up")
-    own.add_argument("--baselines", default=None, type=_baselines,
-                     help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, "
-                     "torch < 1.12's default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 "
-                     "does not exist)")
+    own.add_argument(
+        "--baselines",
+        default=None,
+        type=_baselines,
+        help="paper-style precisions, comma-separated: fp32 (strict) and/or tf32 (TF32 matmuls, "
+        "torch < 1.12's default, the paper's era); default fp32,tf32 on cuda, fp32 on cpu (where TF32 "
+        "does not exist)",
+    )
     own.add_argument("--peak_tflops", type=float, default=None, help="override the MFU denominator")
-    own.add_argument("--ceiling_tflops", type=float, default=None,
-                     help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds "
-                     "mfu_measured_ceiling")
-    own.add_argument("--out", action="append", default=None,
-                     help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
+    own.add_argument(
+        "--ceiling_tflops",
+        type=float,
+        default=None,
+        help="bf16 GEMM TFLOP/s measured on this device (benchmarks/gemm_ceiling.py): adds mfu_measured_ceiling",
+    )
+    own.add_argument("--out", action="append", default=None, help=f"JSONL file(s) to append to (default {DEFAULT_OUT})")
     own.add_argument("--tag", default="", help="free text stored in the record")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
@@ -92,15 +102,17 @@ def _baselines(text: str) -> tuple:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
     bad = [x for x in names if x not in BASELINE_PRECISIONS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(BASELINE_PRECISIONS)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated subset of {','.join(BASELINE_PRECISIONS)}"
+        )
     return names
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _main(argv), "mugs.benchmarks.step")
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args, cfg = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg.replace(data_path=os.getcwd()), world)

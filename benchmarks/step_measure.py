@@ -1,6 +1,7 @@
 """What benchmarks/step.py measures: the step (optimised or paper-style) on synthetic on-device batches,
 timed, with its collectives, host syncs (CUDA) and per-phase split counted in separate untimed passes.
 The records and the command line are step_records.py and step.py."""
+
 from __future__ import annotations
 
 import functools
@@ -9,17 +10,16 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import torch
 
-from mugs.core import hardware
 from mugs.benchmarks.collectives import CollectiveCounter
-from mugs.model.flops import MugsShape
 from mugs.benchmarks.paper_style import PaperStyleStep, build_paper_style
 from mugs.benchmarks.phases import PhaseTimer, device_sync
 from mugs.configs.options import MugsConfig
+from mugs.core import hardware
 from mugs.core.dist import DistInfo, world_size
+from mugs.model.flops import MugsShape
 from mugs.training.models import build_models
 from mugs.training.monitor import gpu_memory_gb
 from mugs.training.optim import build_adamw
@@ -41,8 +41,9 @@ def synthetic_batch(cfg: MugsConfig, device: torch.device, dtype: torch.dtype, s
     return teacher, teacher + local, weak
 
 
-def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args,
-            compile_since: Optional[dict] = None) -> dict:
+def measure(
+    step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, args, compile_since: dict | None = None
+) -> dict:
     """Time the step; `compile_since` (a `compile_counts()` from before the models were compiled) adds
     `compile_graphs`: the graphs compiled up to the end of the timed steps and whether any block fell back."""
     t_crops, s_crops, weak = synthetic_batch(cfg, device, dtype)
@@ -52,8 +53,16 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
     def run(fn):
         nonlocal steps_done
         steps_done += 1
-        return fn(t_crops, s_crops, weak, epoch=epoch, momentum=cfg.momentum_teacher, lr=LR,
-                  weight_decay=cfg.weight_decay, step_index=steps_done - 1)
+        return fn(
+            t_crops,
+            s_crops,
+            weak,
+            epoch=epoch,
+            momentum=cfg.momentum_teacher,
+            lr=LR,
+            weight_decay=cfg.weight_decay,
+            step_index=steps_done - 1,
+        )
 
     sync = device_sync(device)
     for _ in range(args.warmup):
@@ -66,9 +75,14 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         res = run(step_fn)
         sync()
         times.append(time.perf_counter() - t0)
-    out = {"step_time_s": statistics.fmean(times), "step_time_median_s": statistics.median(times),
-           "step_time_min_s": min(times), "losses": res.losses, **hardware.peak_memory(device),
-           "compile_graphs": compile_report(compile_since is not None, since=compile_since)}
+    out = {
+        "step_time_s": statistics.fmean(times),
+        "step_time_median_s": statistics.median(times),
+        "step_time_min_s": min(times),
+        "losses": res.losses,
+        **hardware.peak_memory(device),
+        "compile_graphs": compile_report(compile_since is not None, since=compile_since),
+    }
     # one more step with every c10d call counted, split by the phase that issued it
     counter = CollectiveCounter()
     try:
@@ -82,7 +96,9 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         out["collectives_by_phase"] = by_phase
         if world_size() > 1:  # FSDP's parameter traffic: the forward and backward phases
             out["fsdp_collectives_per_step"] = {
-                k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES) for k in ("all_gather", "reduce_scatter", "bytes")}
+                k: sum(by_phase.get(p, {}).get(k, 0) for p in FSDP_PHASES)
+                for k in ("all_gather", "reduce_scatter", "bytes")
+            }
         else:  # FSDP2 issues no collectives on one rank: what was counted is not FSDP traffic
             out["fsdp_collectives_per_step"] = None
             out["collectives_note"] = "world size 1: FSDP2 skips its collectives; counts are not FSDP traffic"
@@ -91,8 +107,9 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
         out.update(host_sync_record("step", lambda: run(step_fn)))
         if isinstance(step_fn, MugsTrainStep):  # the whole loop iteration: trainer.loop_step (step + its
             # flags, agreed in the step's all-reduce) and the memory read of the per-step log line
-            iteration = functools.partial(loop_step, step_fn, stop=None, ckpt_every_minutes=cfg.ckpt_every_minutes,
-                                          last_save=time.monotonic())
+            iteration = functools.partial(
+                loop_step, step_fn, stop=None, ckpt_every_minutes=cfg.ckpt_every_minutes, last_save=time.monotonic()
+            )
             out.update(host_sync_record("iteration", lambda: (run(iteration), gpu_memory_gb())))
     if args.phase_steps > 0:
         timer = PhaseTimer(sync)
@@ -109,7 +126,7 @@ def measure(step_fn, cfg: MugsConfig, device: torch.device, dtype: torch.dtype, 
 SYNC_CALLS = 3  # calls counted one by one: a one-off sync (a lazy initialisation) shows as one call's excess
 
 
-def count_host_syncs(fn) -> Tuple[int, List[str]]:
+def count_host_syncs(fn) -> tuple[int, list[str]]:
     """Host-device synchronisations during `fn()` and where each came from (file:line of the Python call):
     torch.cuda.set_sync_debug_mode("warn") warns once per sync."""
     with warnings.catch_warnings(record=True) as seen:
@@ -132,8 +149,11 @@ def host_sync_record(what: str, fn) -> dict:
         counts.append(n)
         for site in where:
             sites[site] = sites.get(site, 0) + 1
-    return {f"host_syncs_per_{what}": max(counts), f"host_syncs_per_{what}_calls": counts,
-            f"host_sync_sites_{what}": sites}
+    return {
+        f"host_syncs_per_{what}": max(counts),
+        f"host_syncs_per_{what}_calls": counts,
+        f"host_sync_sites_{what}": sites,
+    }
 
 
 def fsdp_units(model: torch.nn.Module) -> int:
@@ -145,20 +165,32 @@ def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info, compile_backend=args.compile_backend)
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    step_fn = MugsTrainStep(student, teacher, objective, optimizer, clip_grad=cfg.clip_view(),
-                            freeze_last_layer=cfg.freeze_last_layer)
+    step_fn = MugsTrainStep(
+        student, teacher, objective, optimizer, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer
+    )
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
-    res = measure(step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args,
-                  compile_since=before if cfg.compile else None)
-    return {"mode": "optimised", "precision": cfg.compute_precision, "fsdp": True, "tf32": False,
-            "fsdp_units": fsdp_units(student), "fsdp_units_teacher": fsdp_units(teacher),
-            "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile, "shape": shape, **res}
+    res = measure(
+        step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args, compile_since=before if cfg.compile else None
+    )
+    return {
+        "mode": "optimised",
+        "precision": cfg.compute_precision,
+        "fsdp": True,
+        "tf32": False,
+        "fsdp_units": fsdp_units(student),
+        "fsdp_units_teacher": fsdp_units(teacher),
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "compile": cfg.compile,
+        "shape": shape,
+        **res,
+    }
 
 
 def bench_baseline(cfg: MugsConfig, info: DistInfo, args, tf32: bool = False) -> dict:
     student, teacher, objective, optimizer = build_paper_style(cfg, info.device)
-    step_fn = PaperStyleStep(student, teacher, objective, optimizer, clip_grad=cfg.clip_view(),
-                             freeze_last_layer=cfg.freeze_last_layer)
+    step_fn = PaperStyleStep(
+        student, teacher, objective, optimizer, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer
+    )
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     cuda = torch.backends.cuda.matmul
     saved = (cuda.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -167,9 +199,17 @@ def bench_baseline(cfg: MugsConfig, info: DistInfo, args, tf32: bool = False) ->
         res = measure(step_fn, cfg, info.device, torch.float32, args)
     finally:
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    return {"mode": "paper_style", "precision": "fp32", "fsdp": False, "tf32": tf32,
-            "baseline": "tf32" if tf32 else "fp32_strict",
-            "activation_checkpointing": False, "compile": False, "shape": shape, **res}
+    return {
+        "mode": "paper_style",
+        "precision": "fp32",
+        "fsdp": False,
+        "tf32": tf32,
+        "baseline": "tf32" if tf32 else "fp32_strict",
+        "activation_checkpointing": False,
+        "compile": False,
+        "shape": shape,
+        **res,
+    }
 
 
 def free_memory(device: torch.device) -> None:

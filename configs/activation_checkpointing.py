@@ -8,16 +8,16 @@ torchtitan calls op-level selective AC. training/parallelize.py applies the poli
 The flag used to be a boolean: the old spellings (true/false, 1/0, yes/no, on/off, and a JSON
 true/false in an old run's config.json) still parse, true as full and false as none.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Union
 
 POLICIES = ("none", "full", "selective")
 _OLD_TRUE, _OLD_FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def ac_policy(value: Union[str, bool]) -> str:
+def ac_policy(value: str | bool) -> str:
     """The policy named by `value`: a policy name, or an old boolean spelling (true -> full, false -> none)."""
     if isinstance(value, bool):
         return "full" if value else "none"

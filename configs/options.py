@@ -10,24 +10,26 @@ change: output, execution, paths) or IGNORED (accepted for the original's comman
 Each numeric field states its valid range (`range=`, configs/ranges.py), checked by `range_error`
 before any process starts (training/validate.py); rules between fields live in validate and the views.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
-from .activation_checkpointing import POLICIES as AC_POLICIES, ac_policy
+from .activation_checkpointing import POLICIES as AC_POLICIES
+from .activation_checkpointing import ac_policy
 from .archs import ARCHS
 from .ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, TEMPERATURE, Range, above, between, out_of_range
 from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig, ScheduleConfig
-
 
 SHAPES, SAFE, IGNORED = "shapes", "safe", "ignored"  # resume policies (module docstring)
 RESUME_POLICIES = (SHAPES, SAFE, IGNORED)
 
 
-def _opt(default: Any, help: str, *, resume: str, range: Optional[Range] = None, **extra: Any) -> Any:
+def _opt(default: Any, help: str, *, resume: str, range: Range | None = None, **extra: Any) -> Any:
     """A dataclass field carrying its CLI help text, its resume policy and (numbers) its valid range."""
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume policy {resume!r} is not one of {RESUME_POLICIES}")
@@ -42,8 +44,9 @@ class MugsConfig:
     # --- model (original flags)
     arch: str = _opt("vit_small", "backbone: " + ", ".join(ARCHS), resume=SHAPES)
     patch_size: int = _opt(16, "ViT patch size in pixels", range=POSITIVE, resume=SHAPES)
-    drop_path_rate: float = _opt(0.1, "stochastic depth rate of the student",
-                                 range=between(0, 1, hi_open=True), resume=SHAPES)
+    drop_path_rate: float = _opt(
+        0.1, "stochastic depth rate of the student", range=between(0, 1, hi_open=True), resume=SHAPES
+    )
     use_bn_in_head: bool = _opt(False, "BatchNorm in the heads (not supported: must stay false)", resume=SHAPES)
     norm_before_pred: bool = _opt(True, "L2-normalise before the student predictor", resume=SHAPES)
     instance_out_dim: int = _opt(256, "instance head output dimension", range=POSITIVE, resume=SHAPES)
@@ -51,56 +54,89 @@ class MugsConfig:
     instance_temp: float = _opt(0.2, "instance InfoNCE temperature", range=TEMPERATURE, resume=SHAPES)
     local_group_out_dim: int = _opt(256, "local-group head output dimension", range=POSITIVE, resume=SHAPES)
     local_group_knn_top_n: int = _opt(8, "neighbours taken from the memory (top-k)", range=POSITIVE, resume=SHAPES)
-    local_group_queue_size: int = _opt(65536, "local-group InfoNCE queue length (and memory size by default)",
-                                       range=POSITIVE, resume=SHAPES)
+    local_group_queue_size: int = _opt(
+        65536, "local-group InfoNCE queue length (and memory size by default)", range=POSITIVE, resume=SHAPES
+    )
     local_group_temp: float = _opt(0.2, "local-group InfoNCE temperature", range=TEMPERATURE, resume=SHAPES)
     group_out_dim: int = _opt(65536, "number of group prototypes", range=POSITIVE, resume=SHAPES)
     group_bottleneck_dim: int = _opt(256, "group head bottleneck dimension", range=POSITIVE, resume=SHAPES)
     norm_last_layer: bool = _opt(True, "fix the weight-norm gain of the group last layer to 1", resume=SHAPES)
     group_student_temp: float = _opt(0.1, "group loss student temperature", range=TEMPERATURE, resume=SHAPES)
-    group_warmup_teacher_temp: float = _opt(0.04, "group loss teacher temperature at epoch 0",
-                                            range=TEMPERATURE, resume=SHAPES)
-    group_teacher_temp: float = _opt(0.04, "group loss teacher temperature after warm-up",
-                                     range=TEMPERATURE, resume=SHAPES)
-    group_warmup_teacher_temp_epochs: int = _opt(0, "epochs of teacher-temperature warm-up",
-                                                 range=NON_NEGATIVE, resume=SHAPES)
-    loss_weights: list = _opt([1.0, 1.0, 1.0], "weights of the instance, local-group, group losses", nargs=3,
-                              range=NON_NEGATIVE, resume=SHAPES)
+    group_warmup_teacher_temp: float = _opt(
+        0.04, "group loss teacher temperature at epoch 0", range=TEMPERATURE, resume=SHAPES
+    )
+    group_teacher_temp: float = _opt(
+        0.04, "group loss teacher temperature after warm-up", range=TEMPERATURE, resume=SHAPES
+    )
+    group_warmup_teacher_temp_epochs: int = _opt(
+        0, "epochs of teacher-temperature warm-up", range=NON_NEGATIVE, resume=SHAPES
+    )
+    loss_weights: list = _opt(
+        [1.0, 1.0, 1.0],
+        "weights of the instance, local-group, group losses",
+        nargs=3,
+        range=NON_NEGATIVE,
+        resume=SHAPES,
+    )
     # --- optimisation (original flags)
-    momentum_teacher: float = _opt(0.996, "teacher EMA momentum at step 0 (cosine to 1)",
-                                   range=PROBABILITY, resume=SHAPES)
-    use_fp16: bool = _opt(False, "original flag, kept so the paper's commands run verbatim: true = train in "
-                                 "half precision (bf16 here, no loss scaling) when --precision is auto; "
-                                 "false = --precision decides", resume=SHAPES)
+    momentum_teacher: float = _opt(
+        0.996, "teacher EMA momentum at step 0 (cosine to 1)", range=PROBABILITY, resume=SHAPES
+    )
+    use_fp16: bool = _opt(
+        False,
+        "original flag, kept so the paper's commands run verbatim: true = train in "
+        "half precision (bf16 here, no loss scaling) when --precision is auto; "
+        "false = --precision decides",
+        resume=SHAPES,
+    )
     weight_decay: float = _opt(0.04, "weight decay at step 0", range=NON_NEGATIVE, resume=SHAPES)
     weight_decay_end: float = _opt(0.2, "weight decay at the end (cosine)", range=NON_NEGATIVE, resume=SHAPES)
     clip_grad: float = _opt(3.0, "per-parameter gradient norm clip (0 disables)", range=NON_NEGATIVE, resume=SHAPES)
     batch_size_per_gpu: int = _opt(64, "images per process", range=POSITIVE, resume=SHAPES)
     epochs: int = _opt(100, "training epochs", range=POSITIVE, resume=SHAPES)
     warmup_epochs: int = _opt(10, "linear lr warm-up epochs", range=NON_NEGATIVE, resume=SHAPES)
-    freeze_last_layer: int = _opt(1, "epochs during which the group last layer is frozen",
-                                  range=NON_NEGATIVE, resume=SHAPES)
+    freeze_last_layer: int = _opt(
+        1, "epochs during which the group last layer is frozen", range=NON_NEGATIVE, resume=SHAPES
+    )
     lr: float = _opt(0.0008, "base lr at global batch 256 (linear scaling)", range=above(0), resume=SHAPES)
     patch_embed_lr_mult: float = _opt(0.2, "lr multiplier of the patch embedding", range=NON_NEGATIVE, resume=SHAPES)
     min_lr: float = _opt(1e-6, "lr at the end of the cosine schedule", range=NON_NEGATIVE, resume=SHAPES)
     optimizer: str = _opt("adamw", "only adamw is supported", resume=SHAPES)
     # --- data (original flags)
-    global_crops_scale: tuple = _opt((0.25, 1.0), "RandomResizedCrop scale of the 224-px crops", nargs=2,
-                                     range=between(0, 1, lo_open=True), resume=SHAPES)
+    global_crops_scale: tuple = _opt(
+        (0.25, 1.0),
+        "RandomResizedCrop scale of the 224-px crops",
+        nargs=2,
+        range=between(0, 1, lo_open=True),
+        resume=SHAPES,
+    )
     local_crops_number: int = _opt(10, "local crops per image", range=POSITIVE, resume=SHAPES)
-    local_crops_scale: tuple = _opt((0.05, 0.25), "RandomResizedCrop scale of the local crops", nargs=2,
-                                    range=between(0, 1, lo_open=True), resume=SHAPES)
+    local_crops_scale: tuple = _opt(
+        (0.05, 0.25),
+        "RandomResizedCrop scale of the local crops",
+        nargs=2,
+        range=between(0, 1, lo_open=True),
+        resume=SHAPES,
+    )
     timm_auto_augment_par: str = _opt("rand-m9-mstd0.5-inc1", "RandAugment policy of the strong branch", resume=SHAPES)
     color_aug: bool = _opt(False, "ignored (unused by the original's pipeline too)", resume=IGNORED)
-    size_crops: list = _opt([96], "local crop size in pixels (one value: every local crop has this size)", nargs="+",
-                            range=POSITIVE, resume=SHAPES)
-    strong_ratio: float = _opt(0.45, "RandAugment translate as a fraction of the crop size",
-                               range=PROBABILITY, resume=SHAPES)
+    size_crops: list = _opt(
+        [96],
+        "local crop size in pixels (one value: every local crop has this size)",
+        nargs="+",
+        range=POSITIVE,
+        resume=SHAPES,
+    )
+    strong_ratio: float = _opt(
+        0.45, "RandAugment translate as a fraction of the crop size", range=PROBABILITY, resume=SHAPES
+    )
     re_prob: float = _opt(0.25, "random-erasing probability of the strong branch", range=PROBABILITY, resume=SHAPES)
-    vanilla_weak_augmentation: bool = _opt(False, "use the plain DINO weak augmentation for all student crops",
-                                           resume=SHAPES)
-    prob: float = _opt(0.5, "probability that an image's student global crops are weak",
-                       range=PROBABILITY, resume=SHAPES)
+    vanilla_weak_augmentation: bool = _opt(
+        False, "use the plain DINO weak augmentation for all student crops", resume=SHAPES
+    )
+    prob: float = _opt(
+        0.5, "probability that an image's student global crops are weak", range=PROBABILITY, resume=SHAPES
+    )
     data_path: str = _opt("", "ImageFolder root (root/class/img) or a file list made by mugs-scan-data", resume=SAFE)
     output_dir: str = _opt("./exp/", "checkpoints, logs and TensorBoard events go here", resume=SAFE)
     saveckp_freq: int = _opt(50, "keep an extra checkpoint every N epochs", range=NON_NEGATIVE, resume=SAFE)
@@ -116,60 +152,101 @@ class MugsConfig:
     ddpjob: bool = _opt(False, "ignored", resume=IGNORED)
     # --- mugs additions
     img_size: int = _opt(224, "global crop size in pixels (and the pos-embed grid)", range=POSITIVE, resume=SHAPES)
-    embed_dim: Optional[int] = _opt(None, "override the arch's embedding width (custom/tiny models)",
-                                    range=POSITIVE, resume=SHAPES)
-    depth: Optional[int] = _opt(None, "override the arch's number of blocks", range=POSITIVE, resume=SHAPES)
-    num_heads: Optional[int] = _opt(None, "override the arch's attention heads", range=POSITIVE, resume=SHAPES)
-    memory_size: Optional[int] = _opt(None, "local-group memory rows (default: local_group_queue_size)",
-                                      range=POSITIVE, resume=SHAPES)
+    embed_dim: int | None = _opt(
+        None, "override the arch's embedding width (custom/tiny models)", range=POSITIVE, resume=SHAPES
+    )
+    depth: int | None = _opt(None, "override the arch's number of blocks", range=POSITIVE, resume=SHAPES)
+    num_heads: int | None = _opt(None, "override the arch's attention heads", range=POSITIVE, resume=SHAPES)
+    memory_size: int | None = _opt(
+        None, "local-group memory rows (default: local_group_queue_size)", range=POSITIVE, resume=SHAPES
+    )
     head_hidden_dim: int = _opt(2048, "hidden width of the projector MLPs", range=POSITIVE, resume=SHAPES)
     pred_hidden_dim: int = _opt(4096, "hidden width of the student predictors", range=POSITIVE, resume=SHAPES)
     center_momentum: float = _opt(0.9, "EMA momentum of the group-loss centre", range=PROBABILITY, resume=SHAPES)
     device: str = _opt("cuda", "cuda, or cpu (gloo backend; how tests run)", choices=("cuda", "cpu"), resume=SHAPES)
-    precision: str = _opt("auto", "compute precision (auto: bf16 on cuda or with --use_fp16 true, else fp32)",
-                          choices=("auto", "bf16", "fp32"), resume=SHAPES)
-    activation_checkpointing: str = _opt("none", "what backward recomputes per student block: none, full (the whole "
-                                         "block) or selective (all but matmul and attention outputs); the old "
-                                         "true/false mean full/none", choices=AC_POLICIES, type=ac_policy,
-                                         resume=SAFE)
+    precision: str = _opt(
+        "auto",
+        "compute precision (auto: bf16 on cuda or with --use_fp16 true, else fp32)",
+        choices=("auto", "bf16", "fp32"),
+        resume=SHAPES,
+    )
+    activation_checkpointing: str = _opt(
+        "none",
+        "what backward recomputes per student block: none, full (the whole "
+        "block) or selective (all but matmul and attention outputs); the old "
+        "true/false mean full/none",
+        choices=AC_POLICIES,
+        type=ac_policy,
+        resume=SAFE,
+    )
     compile: bool = _opt(False, "torch.compile each block", resume=SAFE)
-    attention: str = _opt("per_size", "attention over the crops packed in one block pass: per_size (one SDPA per "
-                          "crop size), or one call for all sizes: varlen (torch.nn.attention.varlen) or flex "
-                          "(FlexAttention); both need --device cuda (issue 26: not yet measured on a GPU)",
-                          choices=("per_size", "varlen", "flex"), resume=SAFE)
+    attention: str = _opt(
+        "per_size",
+        "attention over the crops packed in one block pass: per_size (one SDPA per "
+        "crop size), or one call for all sizes: varlen (torch.nn.attention.varlen) or flex "
+        "(FlexAttention); both need --device cuda (issue 26: not yet measured on a GPU)",
+        choices=("per_size", "varlen", "flex"),
+        resume=SAFE,
+    )
     hsdp: bool = _opt(False, "shard within a node, replicate across nodes", resume=SAFE)
     loader: str = _opt("dali", "data loader backend", choices=("dali", "torchvision"), resume=SHAPES)
-    skip_unreadable: bool = _opt(False, "read the next readable image in place of one that cannot be read or decoded "
-                                 "(logged; the data order is kept); off: such an image stops the run", resume=SAFE)
+    skip_unreadable: bool = _opt(
+        False,
+        "read the next readable image in place of one that cannot be read or decoded "
+        "(logged; the data order is kept); off: such an image stops the run",
+        resume=SAFE,
+    )
     max_steps: int = _opt(0, "stop after this many steps in total (0: run all epochs)", range=NON_NEGATIVE, resume=SAFE)
-    ckpt_every_steps: int = _opt(0, "save every N steps (0: only at epoch ends and exit)",
-                                 range=NON_NEGATIVE, resume=SAFE)
-    ckpt_every_minutes: float = _opt(30.0, "save when this many minutes passed since the last save (0: off)",
-                                     range=NON_NEGATIVE, resume=SAFE)
-    ckpt_keep: int = _opt(2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)",
-                          range=POSITIVE, resume=SAFE)
-    clip_grad_drop_epoch: int = _opt(0, "after this epoch (strictly greater) the clip is --clip_grad / "
-                                        "--clip_grad_drop_factor (0: never; the original does it for ViT-L "
-                                        "after epoch 100: the vit_large_250ep run sets it)",
-                                     range=NON_NEGATIVE, resume=SHAPES)
-    clip_grad_drop_factor: float = _opt(10.0, "divisor of --clip_grad after --clip_grad_drop_epoch",
-                                        range=above(0), resume=SHAPES)
-    memory_pointer: str = _opt("fixed", "local-group memory write pointer: fixed (advances by the rows written) "
-                               "or original (the paper code's: twice that in its non-wrapping branch; "
-                               "for exact reproduction, used by the Table-1 runs)", choices=("fixed", "original"),
-                               resume=SHAPES)
+    ckpt_every_steps: int = _opt(
+        0, "save every N steps (0: only at epoch ends and exit)", range=NON_NEGATIVE, resume=SAFE
+    )
+    ckpt_every_minutes: float = _opt(
+        30.0, "save when this many minutes passed since the last save (0: off)", range=NON_NEGATIVE, resume=SAFE
+    )
+    ckpt_keep: int = _opt(
+        2, "rolling checkpoints kept (epoch snapshots by saveckp_freq are extra)", range=POSITIVE, resume=SAFE
+    )
+    clip_grad_drop_epoch: int = _opt(
+        0,
+        "after this epoch (strictly greater) the clip is --clip_grad / "
+        "--clip_grad_drop_factor (0: never; the original does it for ViT-L "
+        "after epoch 100: the vit_large_250ep run sets it)",
+        range=NON_NEGATIVE,
+        resume=SHAPES,
+    )
+    clip_grad_drop_factor: float = _opt(
+        10.0, "divisor of --clip_grad after --clip_grad_drop_epoch", range=above(0), resume=SHAPES
+    )
+    memory_pointer: str = _opt(
+        "fixed",
+        "local-group memory write pointer: fixed (advances by the rows written) "
+        "or original (the paper code's: twice that in its non-wrapping branch; "
+        "for exact reproduction, used by the Table-1 runs)",
+        choices=("fixed", "original"),
+        resume=SHAPES,
+    )
     # online k-NN monitor (training/knn_monitor.py): the teacher's weighted 20-NN top-1/top-5 during the run
-    knn_every_epochs: int = _opt(0, "online k-NN monitor: every N epochs (and before the first step); 0: off",
-                                 range=NON_NEGATIVE, resume=SAFE)
+    knn_every_epochs: int = _opt(
+        0, "online k-NN monitor: every N epochs (and before the first step); 0: off", range=NON_NEGATIVE, resume=SAFE
+    )
     knn_train_path: str = _opt("", "monitor's labelled bank: ImageFolder root or mugs-scan-data file list", resume=SAFE)
-    knn_val_path: str = _opt("", "monitor's labelled queries: ImageFolder root or file list (same class numbering)",
-                             resume=SAFE)
-    knn_subset_per_class: int = _opt(0, "monitor on a fixed subset of N images per class of each of the two "
-                                        "(the one mugs-eval-knn --subset_per_class N takes); 0: all images",
-                                        range=NON_NEGATIVE, resume=SAFE)
-    knn_resize: int = _opt(0, "monitor's view: short side resized to this, then the centre --img_size crop "
-                              "(0: --img_size x 256/224, the protocol's 256/224 at 224 px)",
-                           range=NON_NEGATIVE, resume=SAFE)
+    knn_val_path: str = _opt(
+        "", "monitor's labelled queries: ImageFolder root or file list (same class numbering)", resume=SAFE
+    )
+    knn_subset_per_class: int = _opt(
+        0,
+        "monitor on a fixed subset of N images per class of each of the two "
+        "(the one mugs-eval-knn --subset_per_class N takes); 0: all images",
+        range=NON_NEGATIVE,
+        resume=SAFE,
+    )
+    knn_resize: int = _opt(
+        0,
+        "monitor's view: short side resized to this, then the centre --img_size crop "
+        "(0: --img_size x 256/224, the protocol's 256/224 at 224 px)",
+        range=NON_NEGATIVE,
+        resume=SAFE,
+    )
 
     @property
     def local_crop_size(self) -> int:
@@ -203,26 +280,26 @@ class MugsConfig:
         return GradClip.from_config(self)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "MugsConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> MugsConfig:
         """The named preset (configs/presets.py) with `overrides` on top, as `--preset NAME` parses it."""
         return parse_config(["--preset", name]).replace(**overrides)
 
-    def replace(self, **changes: Any) -> "MugsConfig":
+    def replace(self, **changes: Any) -> MugsConfig:
         return dataclasses.replace(self, **changes)
 
 
-def field_range(name: str) -> Optional[Range]:
+def field_range(name: str) -> Range | None:
     """The valid range MugsConfig's field `name` states (None: not a number)."""
     return MugsConfig.__dataclass_fields__[name].metadata["range"]
 
 
-def range_error(name: str, value: Any) -> Optional[str]:
+def range_error(name: str, value: Any) -> str | None:
     """`--name value is out of range: ...` when `value` (None: unset, always fine) is outside the field's range."""
     rng = field_range(name)
     return None if value is None or rng is None else out_of_range(name, value, rng)
 
 
-def check_ranges(cfg: "MugsConfig") -> Optional[str]:
+def check_ranges(cfg: MugsConfig) -> str | None:
     """The first field of `cfg` outside its stated range, as one line naming the flag, the value and the range."""
     for f in dataclasses.fields(cfg):
         msg = range_error(f.name, getattr(cfg, f.name))
@@ -246,20 +323,25 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def build_parser(defaults: Optional[MugsConfig] = None) -> argparse.ArgumentParser:
+def build_parser(defaults: MugsConfig | None = None) -> argparse.ArgumentParser:
     """argparse parser generated from MugsConfig; `defaults` may carry a preset (`preset_defaults`)."""
     from .presets import PRESETS  # presets are MugsConfigs: imported once this module is
 
     defaults = defaults or MugsConfig()
     p = argparse.ArgumentParser("mugs", description="Mugs self-supervised ViT pretraining")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from these named settings "
-                   "(configs/presets.py); the other flags given override them")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from these named settings (configs/presets.py); the other flags given override them",
+    )
     for f in dataclasses.fields(MugsConfig):
         meta = dict(f.metadata)
         del meta["resume"]
         rng = meta.pop("range")
-        kw: dict = {"help": meta.pop("help", "") + (f"; range: {rng}" if rng is not None else ""),
-                    "default": getattr(defaults, f.name)}
+        kw: dict = {
+            "help": meta.pop("help", "") + (f"; range: {rng}" if rng is not None else ""),
+            "default": getattr(defaults, f.name),
+        }
         nargs = meta.pop("nargs", None)
         if f.type in ("bool", bool):
             kw["type"] = bool_flag
@@ -286,9 +368,10 @@ def config_from_args(ns: argparse.Namespace) -> MugsConfig:
     return MugsConfig(**values)
 
 
-def preset_defaults(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None):
+def preset_defaults(argv: Sequence[str] | None = None, defaults: MugsConfig | None = None):
     """The defaults to parse `argv` with: `defaults` with the preset `argv` names (--preset) on top."""
-    from .presets import PRESETS, argv as preset_argv
+    from .presets import PRESETS
+    from .presets import argv as preset_argv
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
@@ -298,6 +381,6 @@ def preset_defaults(argv: Optional[Sequence[str]] = None, defaults: Optional[Mug
     return config_from_args(build_parser(defaults).parse_args(preset_argv(name)))
 
 
-def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[MugsConfig] = None) -> MugsConfig:
+def parse_config(argv: Sequence[str] | None = None, defaults: MugsConfig | None = None) -> MugsConfig:
     """MugsConfig from command-line flags (None: sys.argv), a --preset's values as the defaults."""
     return config_from_args(build_parser(preset_defaults(argv, defaults)).parse_args(argv))

@@ -4,17 +4,19 @@ the start-up checks and the views read it from there.
 A range is an interval with closed or open ends (None: unbounded); a float must also be finite.
 `str(Range)` is the interval as a user reads it in the one-line error: `[0, 1)`, `>= 1`, `> 0`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Range:
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
 
@@ -58,7 +60,7 @@ PROBABILITY = between(0, 1)
 TEMPERATURE = above(0)
 
 
-def out_of_range(flag: str, value: Any, rng: Range) -> Optional[str]:
+def out_of_range(flag: str, value: Any, rng: Range) -> str | None:
     """The one-line complaint about `--flag value` (each element of a list or tuple), or None when it fits."""
     values: Iterable[Any] = value if isinstance(value, (list, tuple)) else (value,)
     if all(v in rng for v in values):

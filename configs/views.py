@@ -6,11 +6,12 @@ A view holds no defaults of its own: `X.from_config(cfg)` copies MugsConfig's fi
 the few that are not plain copies. The augmentation view is pipeline/augment_config.py's
 AugmentConfig (it validates itself).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 
 def _copy(cls, cfg, **derived: Any):
@@ -29,11 +30,11 @@ class LossWeights:
     group: float
 
     @classmethod
-    def from_config(cls, cfg) -> "LossWeights":
+    def from_config(cls, cfg) -> LossWeights:
         instance, local_group, group = (float(w) for w in cfg.loss_weights)
         return cls(instance, local_group, group)
 
-    def by_name(self) -> Dict[str, float]:
+    def by_name(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
@@ -45,9 +46,9 @@ class ModelConfig:
     patch_size: int
     img_size: int
     drop_path_rate: float
-    embed_dim: Optional[int]
-    depth: Optional[int]
-    num_heads: Optional[int]
+    embed_dim: int | None
+    depth: int | None
+    num_heads: int | None
     head_hidden_dim: int
     pred_hidden_dim: int
     norm_before_pred: bool
@@ -59,7 +60,7 @@ class ModelConfig:
     loss_weights: LossWeights
 
     @classmethod
-    def from_config(cls, cfg) -> "ModelConfig":
+    def from_config(cls, cfg) -> ModelConfig:
         return _copy(cls, cfg, loss_weights=LossWeights.from_config(cfg))
 
 
@@ -85,7 +86,7 @@ class ObjectiveConfig:
     memory_pointer: str
 
     @classmethod
-    def from_config(cls, cfg) -> "ObjectiveConfig":
+    def from_config(cls, cfg) -> ObjectiveConfig:
         return _copy(cls, cfg, loss_weights=LossWeights.from_config(cfg), memory_size=cfg.mem_size)
 
 
@@ -102,9 +103,15 @@ class LoaderConfig:
     skip_unreadable: bool = False  # replace an unreadable image by the next readable one (logged)
 
     @classmethod
-    def from_config(cls, cfg) -> "LoaderConfig":
-        return cls(backend=cfg.loader, data_path=cfg.data_path, batch_size=cfg.batch_size_per_gpu, seed=cfg.seed,
-                   num_threads=cfg.num_workers, skip_unreadable=cfg.skip_unreadable)
+    def from_config(cls, cfg) -> LoaderConfig:
+        return cls(
+            backend=cfg.loader,
+            data_path=cfg.data_path,
+            batch_size=cfg.batch_size_per_gpu,
+            seed=cfg.seed,
+            num_threads=cfg.num_workers,
+            skip_unreadable=cfg.skip_unreadable,
+        )
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class ScheduleConfig:
     momentum_teacher: float
 
     @classmethod
-    def from_config(cls, cfg) -> "ScheduleConfig":
+    def from_config(cls, cfg) -> ScheduleConfig:
         return _copy(cls, cfg)
 
 
@@ -136,11 +143,11 @@ class GradClip:
     drop_factor: float
 
     @classmethod
-    def from_config(cls, cfg) -> "GradClip":
+    def from_config(cls, cfg) -> GradClip:
         return cls(cfg.clip_grad, cfg.clip_grad_drop_epoch, cfg.clip_grad_drop_factor)
 
     @classmethod
-    def constant(cls, max_norm: float) -> "GradClip":
+    def constant(cls, max_norm: float) -> GradClip:
         return cls(max_norm, 0, 1.0)
 
     def __bool__(self) -> bool:

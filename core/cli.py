@@ -1,13 +1,14 @@
 """How every `mugs-*` command ends: the one place an error becomes a line and an exit code."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .errors import EXIT_INTERRUPTED, EXIT_OK, MugsError
 
 
-def run_cli(main: Callable[[], Optional[int]], prog: str) -> int:
+def run_cli(main: Callable[[], int | None], prog: str) -> int:
     """`main()`'s exit code (None: 0). A `MugsError` (core/errors.py) becomes `prog: error: <message>`,
     one line on stderr, and its `exit_code`; Ctrl-C exits 130 without a traceback; anything else is a
     bug and propagates (a traceback, exit 1)."""

@@ -5,6 +5,7 @@ evaluation code have one path whether launched by torchrun or plain `python`.
 Nothing here writes to `os.environ`: a run without torchrun gets a one-process
 group through an explicit TCP init on a free loopback port.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -12,7 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -70,11 +71,19 @@ def exit_worker(code: int) -> NoReturn:
 
 
 # what gloo and NCCL say when the other end of a collective is gone (its process exited or was killed)
-_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
-              "communicator was aborted", "remote process exited", "connection refused", "timed out")
+_PEER_GONE = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "socket closed",
+    "communicator was aborted",
+    "remote process exited",
+    "connection refused",
+    "timed out",
+)
 
 
-def peer_failure(e: BaseException) -> Optional[str]:
+def peer_failure(e: BaseException) -> str | None:
     """One line saying why a collective failed when `e` is another rank being gone (a rank torn down
     after a peer's failure says that instead of a backend traceback), else None."""
     text = str(e).strip()
@@ -86,7 +95,7 @@ def peer_failure(e: BaseException) -> Optional[str]:
     return last.split(". ")[0][:160]
 
 
-def agree(failure: Optional[str]) -> Optional[str]:
+def agree(failure: str | None) -> str | None:
     """The first rank's failure message on every rank if any rank failed, else None (one all-reduce
     of a flag; the messages are gathered only when something failed)."""
     if not initialized() or dist.get_world_size() == 1:
@@ -96,7 +105,7 @@ def agree(failure: Optional[str]) -> Optional[str]:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() == 0:
         return None
-    messages: List[Optional[str]] = [None] * dist.get_world_size()
+    messages: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(messages, failure)
     return next(m for m in messages if m is not None)
 
@@ -110,7 +119,7 @@ def broadcast_from_main(obj):
     return box[0]
 
 
-def gather_to_main(obj) -> Optional[list]:
+def gather_to_main(obj) -> list | None:
     """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
     if not initialized() or dist.get_world_size() == 1:
         return [obj]
@@ -127,7 +136,7 @@ class DistInfo:
     local_rank: int
     local_world_size: int
     device: torch.device
-    mesh: "torch.distributed.device_mesh.DeviceMesh"
+    mesh: torch.distributed.device_mesh.DeviceMesh
 
     @property
     def is_main(self) -> bool:
@@ -153,7 +162,7 @@ def _init_group(dev: torch.device, timeout_minutes: float) -> None:
     if initialized():
         return
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    kw: Dict[str, Any] = dict(timeout=datetime.timedelta(minutes=timeout_minutes))
+    kw: dict[str, Any] = dict(timeout=datetime.timedelta(minutes=timeout_minutes))
     if dev.type == "cuda":
         kw["device_id"] = dev
     if "RANK" in os.environ:
@@ -204,7 +213,7 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- collectives
-def shard(n: int) -> List[int]:
+def shard(n: int) -> list[int]:
     """This rank's indices of 0..n-1 (strided, no padding, nothing repeated)."""
     return list(range(rank(), n, world_size()))
 
@@ -237,7 +246,7 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def gather_indexed_rows(local: torch.Tensor, index: torch.Tensor, total: int, chunk: int = 8192) -> Optional[torch.Tensor]:
+def gather_indexed_rows(local: torch.Tensor, index: torch.Tensor, total: int, chunk: int = 8192) -> torch.Tensor | None:
     """Every rank's rows `local[i]` placed at `index[i]` of a [total, D] CPU tensor on rank 0 (None elsewhere).
 
     Ranks may hold different row counts (strided shards); rows are padded to the
@@ -247,7 +256,7 @@ def gather_indexed_rows(local: torch.Tensor, index: torch.Tensor, total: int, ch
         one = torch.zeros(total, *local.shape[1:], dtype=local.dtype)
         one[index.cpu()] = local.cpu()
         return one
-    out: Optional[torch.Tensor] = torch.zeros(total, *local.shape[1:], dtype=local.dtype) if is_main() else None
+    out: torch.Tensor | None = torch.zeros(total, *local.shape[1:], dtype=local.dtype) if is_main() else None
     dev = local.device
     counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world_size())]
     dist.all_gather(counts, torch.tensor([local.shape[0]], device=dev))
@@ -257,7 +266,7 @@ def gather_indexed_rows(local: torch.Tensor, index: torch.Tensor, total: int, ch
     idx = torch.full((most,), -1, dtype=torch.long, device=dev)
     idx[: local.shape[0]] = index.to(dev)
     for start in range(0, max(most, 1), chunk):
-        rows, ids = pad[start:start + chunk].contiguous(), idx[start:start + chunk].contiguous()
+        rows, ids = pad[start : start + chunk].contiguous(), idx[start : start + chunk].contiguous()
         got_rows = [torch.empty_like(rows) for _ in range(world_size())]
         got_ids = [torch.empty_like(ids) for _ in range(world_size())]
         dist.all_gather(got_rows, rows)

@@ -5,12 +5,12 @@ FP32 (torch's default: TF32 off for matmuls). The CPU peak is a nominal estimate
 threads x clock x FLOP/cycle (64 fp32 with AVX-512, 32 with AVX2+FMA, 2 FMA units);
 hyper-threads sharing a core make it an over-estimate. `--peak_tflops` overrides.
 """
+
 from __future__ import annotations
 
 import platform
 import resource
 import sys
-from typing import Optional
 
 import torch
 
@@ -44,7 +44,7 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def peak_tflops(device: torch.device, precision: str, tf32: bool = False) -> Optional[float]:
+def peak_tflops(device: torch.device, precision: str, tf32: bool = False) -> float | None:
     """Dense peak for `precision` on this device, or None when unknown."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -63,7 +63,7 @@ def peak_tflops(device: torch.device, precision: str, tf32: bool = False) -> Opt
     return torch.get_num_threads() * ghz * per_cycle / 1000.0 if ghz > 0 else None
 
 
-def bf16_peak_tflops(device: torch.device) -> Optional[float]:
+def bf16_peak_tflops(device: torch.device) -> float | None:
     """The GPU's bf16 dense peak (docs/performance.md's MFU reference); None on CPU."""
     return peak_tflops(device, "bf16") if device.type == "cuda" else None
 
@@ -77,9 +77,11 @@ def peak_memory(device: torch.device) -> dict:
     """CUDA: max allocated/reserved since the last reset. CPU: the process's RSS high-water mark
     (whole process lifetime: in a --compare run the second mode's figure includes the first's)."""
     if device.type == "cuda":
-        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
-                "peak_mem_kind": "cuda_max_allocated"}
+        return {
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+            "peak_mem_kind": "cuda_max_allocated",
+        }
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return {"peak_mem_gb": kb * scale / 2**30, "peak_mem_kind": "process_max_rss"}

@@ -20,6 +20,7 @@ note like a stale one.
 A run that finds its lease taken over stops publishing checkpoints (`check_owned`), so two runs
 never both write one output dir; whoever holds the lease removes it when the run ends.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, TypeGuard
+from typing import Any, TypeGuard
 
 from . import files
 from .errors import OwnerError
@@ -42,26 +44,30 @@ TOKEN_ENV = "MUGS_LEASE_TOKEN"  # the launcher's lease, adopted by its rank-0 wo
 STALE_AFTER_S = 300.0
 HEARTBEAT_S = 30.0
 
-_held: Dict[str, "Lease"] = {}  # output dir (resolved) -> the lease this process holds on it
+_held: dict[str, Lease] = {}  # output dir (resolved) -> the lease this process holds on it
 
 
 def stale_after_s() -> float:
     return float(os.environ.get("MUGS_LEASE_STALE_S", STALE_AFTER_S))
 
 
-def _key(output_dir: "str | Path") -> str:
+def _key(output_dir: str | Path) -> str:
     return str(Path(output_dir).resolve())
 
 
 def _valid(owner: Any) -> bool:
     """A lease as this code writes it: the fields that are read have their types."""
     number = (int, float)
-    return (isinstance(owner, dict) and isinstance(owner.get("heartbeat", 0), number)
-            and isinstance(owner.get("start", 0), number) and isinstance(owner.get("pids", []), list)
-            and all(isinstance(p, int) for p in owner.get("pids", [])))
+    return (
+        isinstance(owner, dict)
+        and isinstance(owner.get("heartbeat", 0), number)
+        and isinstance(owner.get("start", 0), number)
+        and isinstance(owner.get("pids", []), list)
+        and all(isinstance(p, int) for p in owner.get("pids", []))
+    )
 
 
-def read_owner(output_dir: "str | Path") -> Optional[Dict[str, Any]]:
+def read_owner(output_dir: str | Path) -> dict[str, Any] | None:
     """The lease's JSON, None if there is none; a lease that does not parse (a torn write, random bytes)
     counts as held by 'unknown' with its file's time as heartbeat. Something other than a regular file
     under the lease's name (a directory, a FIFO: never opened) is an OwnerError in one line."""
@@ -82,12 +88,12 @@ def read_owner(output_dir: "str | Path") -> Optional[Dict[str, Any]]:
     return owner
 
 
-def _beat_age(owner: Dict[str, Any], now: float) -> str:
+def _beat_age(owner: dict[str, Any], now: float) -> str:
     beat = now - float(owner.get("heartbeat", 0))
     return f"heartbeat {beat:.0f} s ago" if beat >= 0 else f"heartbeat {-beat:.0f} s in the future"
 
 
-def describe(owner: Dict[str, Any], now: Optional[float] = None) -> str:
+def describe(owner: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     if owner.get("unreadable"):
         return f"unknown: the lease does not read as one (written {now - float(owner['heartbeat']):.0f} s ago)"
@@ -107,15 +113,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def takeover_reason(owner: Dict[str, Any], now: Optional[float] = None) -> Optional[str]:
+def takeover_reason(owner: dict[str, Any], now: float | None = None) -> str | None:
     """Why a lease held by `owner` may be taken over, or None if its owner may still be running."""
     now = time.time() if now is None else now
     age = now - float(owner.get("heartbeat", 0))
     if age > stale_after_s():
         return f"its heartbeat is {age:.0f} s old (limit {stale_after_s():.0f} s)"
     if -age > stale_after_s():  # no live run's beat is ahead of this clock by more than the limit
-        return (f"its heartbeat is {-age:.0f} s in the future (limit {stale_after_s():.0f} s): the clocks of "
-                f"this host and {owner.get('host', '?')} disagree (clock skew; run NTP)")
+        return (
+            f"its heartbeat is {-age:.0f} s in the future (limit {stale_after_s():.0f} s): the clocks of "
+            f"this host and {owner.get('host', '?')} disagree (clock skew; run NTP)"
+        )
     job = os.environ.get("SLURM_JOB_ID")
     if job and str(owner.get("slurm_job_id")) == job:
         return f"it belongs to this SLURM job ({job}), requeued"
@@ -145,7 +153,7 @@ def _locked(output_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_new(path: Path, data: Dict[str, Any]) -> Path:
+def _write_new(path: Path, data: dict[str, Any]) -> Path:
     """`data` in a new temporary file beside `path`, named per process: the launcher and the worker
     that adopted its lease share the token and may both write (where flock is not supported)."""
     tmp = path.with_name(f"{path.name}.{data['token']}.{os.getpid()}")
@@ -159,18 +167,18 @@ def _write_new(path: Path, data: Dict[str, Any]) -> Path:
 class Lease:
     """A lease this process holds; `release()` removes it (only while it is still ours)."""
 
-    def __init__(self, output_dir: Path, data: Dict[str, Any]):
+    def __init__(self, output_dir: Path, data: dict[str, Any]):
         self.dir, self.data = output_dir, data
         self.path = output_dir / LEASE_FILE
-        self.lost: Optional[str] = None  # set by the heartbeat when another run took the lease over
+        self.lost: str | None = None  # set by the heartbeat when another run took the lease over
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @property
     def token(self) -> str:
         return self.data["token"]
 
-    def check(self, cur: Optional[Dict[str, Any]]) -> TypeGuard[Dict[str, Any]]:
+    def check(self, cur: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
         """Whether the lease read as `cur` is still ours; if not, record who holds it now (`lost`)."""
         if cur is not None and cur.get("token") == self.token:
             return True
@@ -183,11 +191,10 @@ class Lease:
             cur = read_owner(self.dir)
             if not self.check(cur):
                 return
-            self.data = dict(cur, heartbeat=time.time(),
-                             pids=sorted(set(cur.get("pids", [])) | {os.getpid()}))
+            self.data = dict(cur, heartbeat=time.time(), pids=sorted(set(cur.get("pids", [])) | {os.getpid()}))
             os.replace(_write_new(self.path, self.data), self.path)
 
-    def start_heartbeat(self) -> "Lease":
+    def start_heartbeat(self) -> Lease:
         def loop() -> None:
             while not self._stop.wait(min(HEARTBEAT_S, stale_after_s() / 4)):
                 try:
@@ -217,7 +224,7 @@ class Lease:
 NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK})
 
 
-def _publish(tmp: Path, path: Path, data: Dict[str, Any]) -> None:
+def _publish(tmp: Path, path: Path, data: dict[str, Any]) -> None:
     """Make `tmp` (holding `data`) the lease at `path` if no lease is there; FileExistsError otherwise.
     A hard link publishes the complete file at once; where the filesystem has none, the lease is created
     with O_EXCL (equally exclusive; a reader meeting it half-written sees an unreadable lease, held by
@@ -235,20 +242,28 @@ def _publish(tmp: Path, path: Path, data: Dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _new_data(token: Optional[str] = None) -> Dict[str, Any]:
+def _new_data(token: str | None = None) -> dict[str, Any]:
     now = time.time()
-    return {"host": socket.gethostname(), "pids": [os.getpid()], "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "start": now, "heartbeat": now, "token": token or uuid.uuid4().hex}
+    return {
+        "host": socket.gethostname(),
+        "pids": [os.getpid()],
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "start": now,
+        "heartbeat": now,
+        "token": token or uuid.uuid4().hex,
+    }
 
 
-def _in_use(out: Path, cur: Dict[str, Any]) -> OwnerError:
+def _in_use(out: Path, cur: dict[str, Any]) -> OwnerError:
     """The one-line refusal for a lease held by a live run (`takeover_reason(cur)` is None)."""
-    return OwnerError(f"{out} is in use by another run ({describe(cur)}; lease {out / LEASE_FILE}): wait for it "
-                      f"to end, stop it, or use another --output_dir (a lease whose heartbeat is older than "
-                      f"{stale_after_s():.0f} s is taken over)")
+    return OwnerError(
+        f"{out} is in use by another run ({describe(cur)}; lease {out / LEASE_FILE}): wait for it "
+        f"to end, stop it, or use another --output_dir (a lease whose heartbeat is older than "
+        f"{stale_after_s():.0f} s is taken over)"
+    )
 
 
-def acquire(output_dir: "str | Path", log=None) -> Lease:
+def acquire(output_dir: str | Path, log=None) -> Lease:
     """Take the lease of `output_dir` (created if needed) and start its heartbeat; OwnerError (one
     line naming the owner) if another live run holds it. `log` gets the one-line take-over note."""
     out = Path(output_dir)
@@ -270,14 +285,16 @@ def acquire(output_dir: "str | Path", log=None) -> Lease:
                     log(f"mugs: warning: took over the lease of {out} from {describe(cur)}: {why}")
             now = read_owner(out)
             if now is None or now.get("token") != data["token"]:
-                raise OwnerError(f"{out}: another run took the lease at the same moment "
-                                 f"({describe(now) if now else 'gone'}); use another --output_dir")
+                raise OwnerError(
+                    f"{out}: another run took the lease at the same moment "
+                    f"({describe(now) if now else 'gone'}); use another --output_dir"
+                )
     finally:
         tmp.unlink(missing_ok=True)
     return Lease(out, data).start_heartbeat()
 
 
-def adopt(output_dir: "str | Path", token: str) -> Optional[Lease]:
+def adopt(output_dir: str | Path, token: str) -> Lease | None:
     """The launcher's lease (token from its environment) taken on by this worker: our pid joins it and
     this process keeps it fresh too (so the lease outlives a killed launcher while the workers run).
     None if the lease does not hold that token."""
@@ -290,7 +307,7 @@ def adopt(output_dir: "str | Path", token: str) -> Optional[Lease]:
     return lease.start_heartbeat() if lease.lost is None else None
 
 
-def peek(output_dir: "str | Path") -> None:
+def peek(output_dir: str | Path) -> None:
     """OwnerError if a live run holds the lease of `output_dir` (a check that takes nothing)."""
     cur = read_owner(output_dir)
     ours = os.environ.get(TOKEN_ENV)
@@ -298,7 +315,7 @@ def peek(output_dir: "str | Path") -> None:
         raise _in_use(Path(output_dir), cur)
 
 
-def check_owned(output_dir: "str | Path") -> None:
+def check_owned(output_dir: str | Path) -> None:
     """OwnerError if this process held the lease of `output_dir` and another run has taken it since.
     Nothing when this process holds no lease there (a library call, a test)."""
     lease = _held.get(_key(output_dir))
@@ -308,7 +325,7 @@ def check_owned(output_dir: "str | Path") -> None:
         raise OwnerError(f"{output_dir}: this run no longer owns it (now {lease.lost}); not publishing checkpoints")
 
 
-def hold(output_dir: "str | Path", log=None) -> Optional[Lease]:
+def hold(output_dir: str | Path, log=None) -> Lease | None:
     """Collective (training): rank 0 adopts the launcher's lease (TOKEN_ENV) or takes one; every rank
     raises the same OwnerError if that fails. Rank 0 gets the Lease, the others None."""
     from .dist import agree, is_main

@@ -3,6 +3,7 @@ of evaluation fails first, in one line (ConfigError, exit 2) naming the flag, th
 
 A probe file is created and removed in the folder that will hold the result (creating the folder as the
 tool would): permissions, a read-only or full file system, a path under a file all show at once."""
+
 from __future__ import annotations
 
 import uuid
@@ -28,8 +29,10 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> Path:
     try:
         _probe(out)
     except OSError as e:
-        raise ConfigError(f"{flag} {out} is not writable ({e.strerror or e}): fix its permissions "
-                          f"(chmod / chattr -i) or choose another {flag}") from None
+        raise ConfigError(
+            f"{flag} {out} is not writable ({e.strerror or e}): fix its permissions "
+            f"(chmod / chattr -i) or choose another {flag}"
+        ) from None
     return out
 
 
@@ -44,6 +47,8 @@ def check_output_file(path: str, flag: str = "--out") -> Path:
     try:
         _probe(out.parent)
     except OSError as e:
-        raise ConfigError(f"{flag} {out}: its folder {out.parent} is not writable ({e.strerror or e}): fix "
-                          f"its permissions or choose another {flag}") from None
+        raise ConfigError(
+            f"{flag} {out}: its folder {out.parent} is not writable ({e.strerror or e}): fix "
+            f"its permissions or choose another {flag}"
+        ) from None
     return out

@@ -1,5 +1,6 @@
 """A free TCP port on this host, for a rendezvous or a test daemon (fixed ports collide with other jobs
 on a shared machine). Imports nothing heavy: the SLURM test cluster's command line uses it without torch."""
+
 from __future__ import annotations
 
 import socket

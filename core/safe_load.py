@@ -19,6 +19,7 @@ and before anything is allocated from the metadata): every file the metadata nam
 file name resolving inside the checkpoint dir (no `..`, no absolute path, no symlink leading out),
 and every declared tensor fits the bytes its shard records actually hold.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -53,8 +54,15 @@ METADATA_FILE = ".metadata"
 # the metadata dataclasses, torch.Size, dtypes, the layout and memory-format codecs, a Path.
 _DCP_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -68,23 +76,24 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = name in _DCP_GLOBALS.get(module, ()) or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
         if not allowed:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
         return super().find_class(module, name)
 
 
-def regular_file(path: "str | Path") -> os.stat_result:
+def regular_file(path: str | Path) -> os.stat_result:
     """`core/files.py`'s check, refusing with a CheckpointError."""
     return files.regular_file(path, CheckpointError)
 
 
-def read_regular(path: "str | Path") -> bytes:
+def read_regular(path: str | Path) -> bytes:
     """`core/files.py`'s read of a regular file only, refusing with a CheckpointError."""
     return files.read_regular(path, CheckpointError)
 
 
-def read_dcp_metadata(path: "str | Path") -> Metadata:
+def read_dcp_metadata(path: str | Path) -> Metadata:
     """The DCP metadata file `path` (a checkpoint dir's `.metadata`), read with the restricted unpickler."""
     path = Path(path)
     try:
@@ -93,8 +102,10 @@ def read_dcp_metadata(path: "str | Path") -> Metadata:
         raise
     except pickle.UnpicklingError as e:
         if str(e).startswith("refused global"):
-            raise CheckpointError(f"{path}: refused: it pickles a Python object that DCP metadata never holds "
-                                  f"({str(e)[len('refused '):]}); loading it could run code") from None
+            raise CheckpointError(
+                f"{path}: refused: it pickles a Python object that DCP metadata never holds "
+                f"({str(e)[len('refused ') :]}); loading it could run code"
+            ) from None
         raise CheckpointError(f"{path}: not readable DCP metadata ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - missing, empty or truncated files fail in many ways
         raise CheckpointError(f"{path}: not readable DCP metadata ({first_line(e)})") from None
@@ -103,7 +114,7 @@ def read_dcp_metadata(path: "str | Path") -> Metadata:
     return md
 
 
-def confined(directory: "str | os.PathLike[str]", name: Any) -> Path:
+def confined(directory: str | os.PathLike[str], name: Any) -> Path:
     """`directory/name` if `name` is a plain relative file name whose path resolves inside `directory`
     (symlinks followed); else CheckpointError naming it."""
     root = Path(directory)
@@ -115,8 +126,9 @@ def confined(directory: "str | os.PathLike[str]", name: Any) -> Path:
     f = root / rel
     real, real_root = f.resolve(), root.resolve()
     if real_root not in real.parents:
-        raise CheckpointError(f"{f}: refused: it resolves to {real}, outside the checkpoint directory "
-                              "(a symlink leading out)")
+        raise CheckpointError(
+            f"{f}: refused: it resolves to {real}, outside the checkpoint directory (a symlink leading out)"
+        )
     return f
 
 
@@ -133,7 +145,7 @@ def _shape(v: Any) -> bool:
     return isinstance(v, (tuple, list)) and all(_is_int(d) and d >= 0 for d in v)
 
 
-def check_types(directory: "str | Path", md: Metadata) -> None:
+def check_types(directory: str | Path, md: Metadata) -> None:
     """`md` is made of DCP's own classes (the restricted unpickler saw to that), but its fields could hold
     anything: every field that a reader uses must have the type DCP writes, every size and offset be a
     non-negative int. CheckpointError (one line naming the entry) otherwise."""
@@ -163,43 +175,57 @@ def check_types(directory: "str | Path", md: Metadata) -> None:
     if not isinstance(md.storage_data, dict):
         raise bad(f"storage_data is a {type(md.storage_data).__name__}")
     for key, info in md.storage_data.items():
-        if not isinstance(key, MetadataIndex) or not isinstance(key.fqn, str) or not (
-                key.offset is None or _shape(key.offset)) or not (key.index is None or _is_int(key.index)):
+        if (
+            not isinstance(key, MetadataIndex)
+            or not isinstance(key.fqn, str)
+            or not (key.offset is None or _shape(key.offset))
+            or not (key.index is None or _is_int(key.index))
+        ):
             raise bad(f"a record is keyed by {key!r}")
-        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str) \
-                or not _is_int(info.offset) or not _is_int(info.length):
+        if (
+            not isinstance(info, _StorageInfo)
+            or not isinstance(info.relative_path, str)
+            or not _is_int(info.offset)
+            or not _is_int(info.length)
+        ):
             raise bad(f"the record of {key.fqn} is {info!r}")
         if info.offset < 0 or info.length < 0:
-            raise CheckpointError(f"{Path(directory) / info.relative_path}: refused: a record at a negative "
-                                  "offset or length")
+            raise CheckpointError(
+                f"{Path(directory) / info.relative_path}: refused: a record at a negative offset or length"
+            )
         if getattr(info, "transform_descriptors", None):  # compression etc.: never written by this project
             raise bad(f"the record of {key.fqn} names transforms {info.transform_descriptors!r}")
-    if md.planner_data is not None and not (isinstance(md.planner_data, dict) and all(
+    if md.planner_data is not None and not (
+        isinstance(md.planner_data, dict)
+        and all(
             isinstance(v, (tuple, list)) and v and all(isinstance(k, str) or _is_int(k) for k in v)
-            for v in md.planner_data.values())):
+            for v in md.planner_data.values()
+        )
+    ):
         raise bad("planner_data is not a map of entry paths")
     if md.storage_meta is not None and not isinstance(md.storage_meta, StorageMeta):
         raise bad(f"storage_meta is a {type(md.storage_meta).__name__}")
 
 
-def check_records(directory: "str | Path", md: Metadata) -> Dict[str, int]:
+def check_records(directory: str | Path, md: Metadata) -> dict[str, int]:
     """Per shard file, its records' byte ranges are disjoint: overlapping records would let a small
     file declare (and a reader allocate) many times its size. Returns {file: bytes needed}."""
-    ranges: Dict[str, List[Tuple[int, int, str]]] = {}
+    ranges: dict[str, list[tuple[int, int, str]]] = {}
     for key, info in md.storage_data.items():
         ranges.setdefault(info.relative_path, []).append((info.offset, info.offset + info.length, key.fqn))
-    need: Dict[str, int] = {}
+    need: dict[str, int] = {}
     for rel, spans in ranges.items():
         spans.sort()
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
-                raise CheckpointError(f"{Path(directory) / rel}: refused: the records of {a} and {b} overlap "
-                                      f"(bytes {start}-{end})")
+                raise CheckpointError(
+                    f"{Path(directory) / rel}: refused: the records of {a} and {b} overlap (bytes {start}-{end})"
+                )
         need[rel] = max(end for _, end, _ in spans)
     return need
 
 
-def check_storage(directory: "str | os.PathLike[str]", md: Metadata) -> Dict[str, int]:
+def check_storage(directory: str | os.PathLike[str], md: Metadata) -> dict[str, int]:
     """Before anything is read or allocated from `md`: its fields have DCP's types (`check_types`), the
     records of each file are disjoint (`check_records`), every shard file it names is confined to
     `directory`, is a regular file and is as long as its records need, and every declared tensor fits
@@ -228,20 +254,28 @@ def check_storage(directory: "str | os.PathLike[str]", md: Metadata) -> Dict[str
             if info is None:
                 raise CheckpointError(f"{directory / METADATA_FILE}: entry {fqn} has a chunk without a record")
             nbytes = _numel(chunk.sizes) * item
-            if any(int(o) < 0 or int(o) + int(n) > int(d) for o, n, d in zip(chunk.offsets, chunk.sizes, m.size)) \
-                    or len(chunk.sizes) != len(m.size) or len(chunk.offsets) != len(m.size):
-                raise CheckpointError(f"{directory / METADATA_FILE}: entry {fqn} has a chunk outside its "
-                                      f"declared shape {tuple(m.size)}")
+            if (
+                any(int(o) < 0 or int(o) + int(n) > int(d) for o, n, d in zip(chunk.offsets, chunk.sizes, m.size))
+                or len(chunk.sizes) != len(m.size)
+                or len(chunk.offsets) != len(m.size)
+            ):
+                raise CheckpointError(
+                    f"{directory / METADATA_FILE}: entry {fqn} has a chunk outside its declared shape {tuple(m.size)}"
+                )
             if nbytes > int(info.length):
-                raise CheckpointError(f"{directory / str(info.relative_path)}: refused: entry {fqn} declares "
-                                      f"{nbytes} bytes in a record of {int(info.length)}")
+                raise CheckpointError(
+                    f"{directory / str(info.relative_path)}: refused: entry {fqn} declares "
+                    f"{nbytes} bytes in a record of {int(info.length)}"
+                )
             key = (info.relative_path, int(info.offset))
             if key not in seen:
                 seen.add(key)
                 have += nbytes
         if want > have:
-            raise CheckpointError(f"{directory / METADATA_FILE}: refused: entry {fqn} declares shape "
-                                  f"{tuple(m.size)} ({want} bytes) but its shard records hold {have} bytes")
+            raise CheckpointError(
+                f"{directory / METADATA_FILE}: refused: entry {fqn} declares shape "
+                f"{tuple(m.size)} ({want} bytes) but its shard records hold {have} bytes"
+            )
     return need
 
 
@@ -288,8 +322,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             md = getattr(self, "metadata", None)
             info = (md and md.storage_data or {}).get(read_item.storage_index)
             where = getattr(info, "relative_path", "a shard")
-            raise CheckpointError(f"{where}: entry {fqn} refused by the weights-only unpickler "
-                                  f"({_weights_only_reason(e)})") from None
+            raise CheckpointError(
+                f"{where}: entry {fqn} refused by the weights-only unpickler ({_weights_only_reason(e)})"
+            ) from None
         if self.flatten_state_dict:
             set_path(self.original_state_dict, self.mappings[fqn], obj)
         else:
@@ -314,14 +349,19 @@ def set_path(root: dict, path, value: Any) -> None:
 
 
 # ---------------------------------------------------------------- torch.load, weights only
-def released_checkpoint_globals() -> List[Any]:
+def released_checkpoint_globals() -> list[Any]:
     """The smallest allow-list for the released Mugs full checkpoints: their `args`
     Namespace and the numpy float64 scalars of the optimizer's param groups."""
     import numpy as np
 
     scalar = np.float64(0).__reduce__()[0]  # numpy's scalar reconstructor, wherever this numpy keeps it
-    return [argparse.Namespace, np.dtype, type(np.dtype(np.float64)),
-            (scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar")]
+    return [
+        argparse.Namespace,
+        np.dtype,
+        type(np.dtype(np.float64)),
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+    ]
 
 
 def _load(path: Path) -> Any:
@@ -333,7 +373,7 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
 
 
-def safe_torch_load(path: "str | Path", *, released: bool = True) -> Any:
+def safe_torch_load(path: str | Path, *, released: bool = True) -> Any:
     """`torch.load` on CPU of tensors, containers, plain numbers and (with `released`, for files
     that may be the original's) `released_checkpoint_globals()` only."""
     path = Path(path)
@@ -352,14 +392,17 @@ def safe_torch_load(path: "str | Path", *, released: bool = True) -> Any:
                 raise CheckpointError(f"{path}: not a readable torch checkpoint ({_weights_only_reason(e)})") from None
             raise CheckpointError(
                 f"{path}: refused: it pickles a Python object that is not a tensor, container, plain number, "
-                f"numpy float64 or argparse.Namespace ({what}); loading it could run code") from None
+                f"numpy float64 or argparse.Namespace ({what}); loading it could run code"
+            ) from None
         except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
 
 
-def _refused_global(e: Exception) -> "str | None":
+def _refused_global(e: Exception) -> str | None:
     """The global or class the weights-only unpickler refused, if that is why it failed."""
-    found = re.search(r"GLOBAL (\S+)|global (\S+)|allowlisted via `add_safe_globals`, but got <class '([^']+)'>", str(e))
+    found = re.search(
+        r"GLOBAL (\S+)|global (\S+)|allowlisted via `add_safe_globals`, but got <class '([^']+)'>", str(e)
+    )
     return next((g for g in found.groups() if g), None) if found else None
 
 

@@ -5,6 +5,7 @@ linear, softmax), so the model code stays untouched. The PNG is one row-major
 grid of square panels of --image_size px: the image, then one heat map per head
 (columns: --cols), i.e. cols*S x rows*S pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
+from ..core.errors import DataError
+from ..core.outputs import check_output_file
 from .cli import add_checkpoint_args, tool_main
 from .data import BICUBIC, MEAN, STD
-from ..core.errors import DataError
 from .load import load_backbone
-from ..core.outputs import check_output_file
 
 PROG = "mugs-attention"
 
@@ -45,8 +46,9 @@ def last_attention(backbone, images: torch.Tensor) -> torch.Tensor:
 
 def cls_maps(backbone, image: Image.Image, size: int, patch: int) -> np.ndarray:
     """[heads, size/patch, size/patch] CLS->patch attention of one image resized to size x size."""
-    x = transforms.Compose([transforms.Resize((size, size), interpolation=BICUBIC), transforms.ToTensor(),
-                            transforms.Normalize(MEAN, STD)])(image).unsqueeze(0)
+    x = transforms.Compose(
+        [transforms.Resize((size, size), interpolation=BICUBIC), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    )(image).unsqueeze(0)
     a = last_attention(backbone, x)[0, :, 0, 1:]
     side = size // patch
     return a.reshape(a.shape[0], side, side).numpy()
@@ -79,15 +81,18 @@ def attention(args: argparse.Namespace) -> int:
         raise DataError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
-    backbone, spec, ckpt = load_backbone(args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size,
-                                         num_heads=args.num_heads)
+    backbone, spec, ckpt = load_backbone(
+        args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size, num_heads=args.num_heads
+    )
     size = args.image_size - args.image_size % spec.patch_size
     if size <= 0:
         raise DataError(f"--image_size {args.image_size} is smaller than the patch size {spec.patch_size}")
     canvas = render(image, cls_maps(backbone, image, size, spec.patch_size), size, args.cols, args.cmap)
     canvas.save(out, format="PNG")
-    print(f"{PROG}: wrote {out} ({canvas.width}x{canvas.height}): image + {spec.num_heads} heads of "
-          f"{spec.describe()} from {ckpt.path}")
+    print(
+        f"{PROG}: wrote {out} ({canvas.width}x{canvas.height}): image + {spec.num_heads} heads of "
+        f"{spec.describe()} from {ckpt.path}"
+    )
     return 0
 
 

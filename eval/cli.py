@@ -1,11 +1,13 @@
 """Arguments and error handling shared by the `mugs-*` evaluation commands."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
-from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from ..configs.archs import ARCH_SHAPES
 from ..core import dist
@@ -13,18 +15,25 @@ from ..core.cli import run_cli
 
 
 def add_checkpoint_args(ap: argparse.ArgumentParser, positional: bool = True) -> None:
-    help_ = ("a run's output dir, a sharded checkpoint dir, a mugs-consolidate file, or a released Mugs "
-             "checkpoint (full or backbone-only)")
+    help_ = (
+        "a run's output dir, a sharded checkpoint dir, a mugs-consolidate file, or a released Mugs "
+        "checkpoint (full or backbone-only)"
+    )
     if positional:
         ap.add_argument("checkpoint", help=help_)
     else:
         ap.add_argument("--checkpoint", required=True, help=help_)
     ap.add_argument("--key", default="teacher", choices=("teacher", "student"), help="which network's backbone")
-    ap.add_argument("--arch", default=None, choices=sorted(ARCH_SHAPES),
-                    help="expected arch; refused if the weights differ (default: read from the checkpoint)")
+    ap.add_argument(
+        "--arch",
+        default=None,
+        choices=sorted(ARCH_SHAPES),
+        help="expected arch; refused if the weights differ (default: read from the checkpoint)",
+    )
     ap.add_argument("--patch_size", type=int, default=None, help="expected patch size (default: from the weights)")
-    ap.add_argument("--num_heads", type=int, default=None,
-                    help="attention heads, only needed for custom-size backbone-only files")
+    ap.add_argument(
+        "--num_heads", type=int, default=None, help="attention heads, only needed for custom-size backbone-only files"
+    )
 
 
 def add_split_args(ap: argparse.ArgumentParser) -> None:
@@ -34,18 +43,23 @@ def add_split_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--val", default=None, help="val ImageFolder dir")
 
 
-def add_runtime_args(ap: argparse.ArgumentParser, batch_size: Optional[int] = 128) -> None:
+def add_runtime_args(ap: argparse.ArgumentParser, batch_size: int | None = 128) -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--batch_size_per_gpu", type=int, default=batch_size, help="images per process and step")
-    ap.add_argument("--num_workers", type=int, default=default_workers(),
-                    help=f"data-loading workers per process (default: the cores this process may use, at most "
-                         f"{MAX_WORKERS}: {default_workers()} here)")
+    ap.add_argument(
+        "--num_workers",
+        type=int,
+        default=default_workers(),
+        help=f"data-loading workers per process (default: the cores this process may use, at most "
+        f"{MAX_WORKERS}: {default_workers()} here)",
+    )
     ap.add_argument("--resize", type=int, default=256, help="evaluation views: short side resized to this (bicubic)")
     ap.add_argument("--crop", type=int, default=224, help="evaluation views: centre crop of this size")
 
 
 def run(prog: str, body: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Run `body` through core/cli.py's `run_cli`: its exit status (0 when it returns results instead)."""
+
     def status() -> int:
         rc = body(args)
         return rc if isinstance(rc, int) else 0  # bodies that return their results succeeded
@@ -56,11 +70,14 @@ def run(prog: str, body: Callable[[argparse.Namespace], object], args: argparse.
         dist.shutdown()
 
 
-def tool_main(prog: str, make_parser: Callable[[], argparse.ArgumentParser],
-              body: Callable[[argparse.Namespace], object]) -> Callable[..., int]:
+def tool_main(
+    prog: str, make_parser: Callable[[], argparse.ArgumentParser], body: Callable[[argparse.Namespace], object]
+) -> Callable[..., int]:
     """An evaluation tool's console-script `main(argv=None)`: parse, then `run`."""
-    def main(argv: Optional[Sequence[str]] = None) -> int:
+
+    def main(argv: Sequence[str] | None = None) -> int:
         return run(prog, body, make_parser().parse_args(argv))
+
     return main
 
 

@@ -6,17 +6,18 @@ can use 32-px images). Linear-probe training views are Mugs' (`strong`): flip,
 RandAugment rand-m9-mstd0.5-inc1 on the image, RandomResizedCrop(0.08-1, bicubic),
 random erasing 0.25 (pixel noise); `simple` is DINO's RandomResizedCrop + flip.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
 
 from torchvision import datasets, transforms
 
+from ..core.errors import DataError
 from ..pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
 from ..pipeline.labelled import eval_transform  # noqa: F401 - shared with the training run's k-NN monitor
 from ..pipeline.tv_transforms import with_safe_posterize
-from ..core.errors import DataError
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 BICUBIC = transforms.InterpolationMode.BICUBIC
@@ -25,12 +26,14 @@ BICUBIC = transforms.InterpolationMode.BICUBIC
 def train_transform(crop: int = 224, kind: str = "strong") -> transforms.Compose:
     """Linear-probe training views: `strong` (Mugs' scripts) or `simple` (DINO's)."""
     if kind == "simple":
-        return transforms.Compose([
-            transforms.RandomResizedCrop(crop, interpolation=BICUBIC),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ])
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(crop, interpolation=BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        )
     if kind != "strong":
         raise ValueError(f"unknown training augmentation {kind!r} (strong or simple)")
     from timm.data.auto_augment import rand_augment_transform
@@ -38,14 +41,16 @@ def train_transform(crop: int = 224, kind: str = "strong") -> transforms.Compose
 
     hparams = dict(translate_const=int(crop * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in MEAN))
     randaug = with_safe_posterize(rand_augment_transform("rand-m9-mstd0.5-inc1", hparams))
-    return transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        randaug,
-        transforms.RandomResizedCrop(crop, scale=(0.08, 1.0), interpolation=BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-        RandomErasing(0.25, mode="pixel", max_count=1, device="cpu"),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            randaug,
+            transforms.RandomResizedCrop(crop, scale=(0.08, 1.0), interpolation=BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+            RandomErasing(0.25, mode="pixel", max_count=1, device="cpu"),
+        ]
+    )
 
 
 class _ClassSubset(datasets.ImageFolder):
@@ -59,11 +64,13 @@ class _ClassSubset(datasets.ImageFolder):
         found = {p.name for p in Path(directory).iterdir() if p.is_dir()}
         absent = [c for c in self._wanted if c not in found]
         if absent:
-            raise DataError(f"{directory}: no class folder {', '.join(absent)} (found: {', '.join(sorted(found)[:10])})")
+            raise DataError(
+                f"{directory}: no class folder {', '.join(absent)} (found: {', '.join(sorted(found)[:10])})"
+            )
         return self._wanted, {c: i for i, c in enumerate(self._wanted)}
 
 
-def image_folder(root: "str | Path", transform=None, classes: Optional[Sequence[str]] = None) -> datasets.ImageFolder:
+def image_folder(root: str | Path, transform=None, classes: Sequence[str] | None = None) -> datasets.ImageFolder:
     """ImageFolder(root/<class>/<image>) with one-line errors for missing folders and empty data."""
     root = Path(root)
     if not root.is_dir():
@@ -76,7 +83,7 @@ def image_folder(root: "str | Path", transform=None, classes: Optional[Sequence[
         raise DataError(f"{root}: no images ({str(e).splitlines()[0]}; expected {root}/<class>/<image>)") from None
 
 
-def train_val_dirs(train: Optional[str], val: Optional[str], data_path: Optional[str]) -> Tuple[Path, Path]:
+def train_val_dirs(train: str | None, val: str | None, data_path: str | None) -> tuple[Path, Path]:
     """--train/--val, or --data_path ROOT holding train/ and val/."""
     if train and val:
         return Path(train), Path(val)

@@ -9,33 +9,40 @@
   `group-sup.`, `epoch`, `args` as a plain dict), which the original main.py resumes
   from (without optimizer state, which it then starts afresh) and its eval scripts read.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional
 
 import torch
 
-from ..core.checkpoint import save_file_atomically
-from ..model.convert import objective_to_original
 from ..configs.archs import ARCH_SHAPES
-from .cli import add_checkpoint_args, tool_main
+from ..core.checkpoint import save_file_atomically
 from ..core.errors import CheckpointError
-from .arch import ArchSpec, shape_diff
-from .load import load_backbone, load_training_state
 from ..core.outputs import check_output_file
+from ..model.convert import objective_to_original
+from .arch import ArchSpec, shape_diff
+from .cli import add_checkpoint_args, tool_main
+from .load import load_backbone, load_training_state
 
 PROG = "mugs-export"
 
 
-def timm_kwargs(spec: ArchSpec, img_size: Optional[int] = None) -> dict:
+def timm_kwargs(spec: ArchSpec, img_size: int | None = None) -> dict:
     """Arguments of timm's VisionTransformer matching `spec` (classifier removed)."""
-    return dict(img_size=img_size or spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim,
-                depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=spec.qkv_bias,
-                num_classes=0)
+    return dict(
+        img_size=img_size or spec.img_size,
+        patch_size=spec.patch_size,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        qkv_bias=spec.qkv_bias,
+        num_classes=0,
+    )
 
 
-def timm_name(spec: ArchSpec, img_size: Optional[int] = None) -> Optional[str]:
+def timm_name(spec: ArchSpec, img_size: int | None = None) -> str | None:
     """`vit_small_patch16_224`-style name when timm registers one for this shape, else None."""
     import timm
 
@@ -45,10 +52,13 @@ def timm_name(spec: ArchSpec, img_size: Optional[int] = None) -> Optional[str]:
     return name if name in timm.list_models(name) else None
 
 
-def timm_state_dict(backbone, spec: ArchSpec, img_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+def timm_state_dict(backbone, spec: ArchSpec, img_size: int | None = None) -> dict[str, torch.Tensor]:
     """Backbone weights under timm's names for a `img_size` grid (default: the training grid)."""
-    sd = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()
-          if not k.startswith("relation_blocks.")}
+    sd = {
+        k: v.detach().clone().contiguous()
+        for k, v in backbone.state_dict().items()
+        if not k.startswith("relation_blocks.")
+    }
     size = img_size or spec.img_size
     if size % spec.patch_size:
         raise CheckpointError(f"--img_size {size} is not a multiple of the patch size {spec.patch_size}")
@@ -89,14 +99,20 @@ def export(args: argparse.Namespace) -> int:
         save_file_atomically(original_checkpoint(args.checkpoint), out)
         print(f"{PROG}: wrote {out} (original Mugs layout) from {args.checkpoint}")
         return 0
-    backbone, spec, ckpt = load_backbone(args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size,
-                                         num_heads=args.num_heads)
+    backbone, spec, ckpt = load_backbone(
+        args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size, num_heads=args.num_heads
+    )
     save_file_atomically(timm_state_dict(backbone, spec, args.img_size), out)
     name = timm_name(spec, args.img_size)
-    how = (f"timm.create_model({name!r}, num_classes=0)" if name
-           else f"timm.models.vision_transformer.VisionTransformer(**{timm_kwargs(spec, args.img_size)})")
-    print(f"{PROG}: wrote {out}: {args.key} backbone of {ckpt.path}, {spec.describe()}; "
-          f"load with {how}.load_state_dict(torch.load({str(out)!r}), strict=True)")
+    how = (
+        f"timm.create_model({name!r}, num_classes=0)"
+        if name
+        else f"timm.models.vision_transformer.VisionTransformer(**{timm_kwargs(spec, args.img_size)})"
+    )
+    print(
+        f"{PROG}: wrote {out}: {args.key} backbone of {ckpt.path}, {spec.describe()}; "
+        f"load with {how}.load_state_dict(torch.load({str(out)!r}), strict=True)"
+    )
     return 0
 
 
@@ -105,8 +121,12 @@ def parser() -> argparse.ArgumentParser:
     add_checkpoint_args(ap)
     ap.add_argument("--out", required=True, help="file to write")
     ap.add_argument("--format", default="timm", choices=("timm", "mugs"))
-    ap.add_argument("--img_size", type=int, default=None,
-                    help="timm: position-embedding grid for this image size (default: the training size)")
+    ap.add_argument(
+        "--img_size",
+        type=int,
+        default=None,
+        help="timm: position-embedding grid for this image size (default: the training size)",
+    )
     return ap
 
 

@@ -5,32 +5,35 @@ Two kinds, as in the paper's evaluation scripts:
 - linear: the final-normed CLS tokens of the `n` last blocks, optionally followed
   by the mean of the last block's final-normed patch tokens.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..model.knn import cls_features, extract_features  # noqa: F401 - cls_features: re-exported
-from ..model.vit import MugsViT
 from ..core import dist
 from ..core.safe_load import safe_torch_load
+from ..model.knn import cls_features, extract_features  # noqa: F401 - cls_features: re-exported
+from ..model.vit import MugsViT
 from .cli import progress
 
 FeatureFn = Callable[[MugsViT, torch.Tensor], torch.Tensor]
 
 
-def block_features(backbone: MugsViT, images: torch.Tensor, n_last_blocks: int = 1,
-                   avgpool: bool = False) -> torch.Tensor:
+def block_features(
+    backbone: MugsViT, images: torch.Tensor, n_last_blocks: int = 1, avgpool: bool = False
+) -> torch.Tensor:
     """[B, D * (n + avgpool)]: CLS of each of the n last blocks (each final-normed) [+ mean patch token]."""
     outputs = []
-    hooks = [blk.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-             for blk in backbone.blocks[-n_last_blocks:]]
+    hooks = [
+        blk.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for blk in backbone.blocks[-n_last_blocks:]
+    ]
     try:
         backbone.forward_tokens(images)
     finally:
@@ -44,17 +47,38 @@ def block_features(backbone: MugsViT, images: torch.Tensor, n_last_blocks: int =
 
 
 def loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, **kw) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False, **kw)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        **kw,
+    )
 
 
-def extract(backbone: MugsViT, dataset: Dataset, fn: FeatureFn, dim: int, *, batch_size: int, num_workers: int,
-            device: torch.device, desc: str) -> Optional[torch.Tensor]:
+def extract(
+    backbone: MugsViT,
+    dataset: Dataset,
+    fn: FeatureFn,
+    dim: int,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    desc: str,
+) -> torch.Tensor | None:
     """[len(dataset), dim] float32 CPU features in dataset order on rank 0; None on the other ranks
     (model/knn.py's extract_features, which the training run's k-NN monitor uses too)."""
-    return extract_features(lambda images: fn(backbone, images), dataset, dim, batch_size=batch_size,
-                            num_workers=num_workers, device=device,
-                            progress=lambda it: progress(it, desc))
+    return extract_features(
+        lambda images: fn(backbone, images),
+        dataset,
+        dim,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=lambda it: progress(it, desc),
+    )
 
 
 def fingerprint(**parts) -> str:
@@ -69,8 +93,9 @@ def checkpoint_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cached(cache_dir: Optional[str], name: str, key: str,
-           compute: Callable[[], Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], bool]:
+def cached(
+    cache_dir: str | None, name: str, key: str, compute: Callable[[], torch.Tensor | None]
+) -> tuple[torch.Tensor | None, bool]:
     """Features from `cache_dir/name-key.pt` when present (read by rank 0), else computed (and written
     by rank 0). The file name holds the key, so every rank takes the same branch."""
     if not cache_dir:

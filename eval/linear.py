@@ -15,6 +15,7 @@ The run resumes from OUTPUT_DIR/checkpoint.pth; top-1/top-5 (fractions) go to
 stdout, OUTPUT_DIR/log.txt (one JSON line per epoch) and OUTPUT_DIR/results.json.
 The reported top-1 is the best over validated epochs (and lrs), as the paper's scripts print.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -31,20 +31,20 @@ from torch.utils.data import DistributedSampler, Subset
 
 from ..configs.options import bool_flag
 from ..core import dist
-from .cli import add_checkpoint_args, add_split_args, add_runtime_args, log, progress, tool_main
-from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
 from ..core.errors import ConfigError
-from .features import block_features, loader
-from .arch import ArchSpec
-from .load import load_backbone
-from ..core.safe_load import safe_torch_load
 from ..core.outputs import check_output_dir
+from ..core.safe_load import safe_torch_load
+from .arch import ArchSpec
+from .cli import add_checkpoint_args, add_runtime_args, add_split_args, log, progress, tool_main
+from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
+from .features import block_features, loader
+from .load import load_backbone
 
 PROG = "mugs-eval-linear"
 SWEEP_LRS = [base * n for base in (1e-4, 1e-3, 1e-2, 1e-1) for n in range(1, 10)]
 
 
-def preset(arch: str, pretrain_epochs: Optional[int]) -> dict:
+def preset(arch: str, pretrain_epochs: int | None) -> dict:
     """The paper's per-arch settings (eval_linear.sh)."""
     if arch == "vit_base":
         return dict(n_last_blocks=1, avgpool=True, lr=[0.002], lr_min=1e-5, batch=128, sweep=False)
@@ -95,7 +95,7 @@ def train_one_epoch(heads, optimizer, batches, feat, device, desc: str) -> float
 
 
 @torch.no_grad()
-def validate(heads, batches, feat, device, n_heads: int, num_labels: int) -> List[Dict[str, float]]:
+def validate(heads, batches, feat, device, n_heads: int, num_labels: int) -> list[dict[str, float]]:
     """Per head: top-1/top-5 over the whole val set (counts summed over ranks)."""
     heads.eval()
     counts = torch.zeros(n_heads, 3, dtype=torch.float64, device=device)  # top1, top5, seen
@@ -117,16 +117,30 @@ def parser() -> argparse.ArgumentParser:
     add_split_args(ap)
     ap.add_argument("--output_dir", default="./linear_eval", help="checkpoint.pth, log.txt, results.json go here")
     ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--lr", type=float, nargs="+", default=None,
-                    help="base lr(s) at batch 256, one head each (default: the arch preset)")
-    ap.add_argument("--lr_sweep", type=bool_flag, default=None,
-                    help="train one head per lr in 1e-4..0.9 (36 heads; default: true for ViT-L only)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=None,
+        help="base lr(s) at batch 256, one head each (default: the arch preset)",
+    )
+    ap.add_argument(
+        "--lr_sweep",
+        type=bool_flag,
+        default=None,
+        help="train one head per lr in 1e-4..0.9 (36 heads; default: true for ViT-L only)",
+    )
     ap.add_argument("--lr_min", type=float, default=None, help="cosine floor (default: the arch preset)")
     ap.add_argument("--n_last_blocks", type=int, default=None, help="CLS tokens of this many last blocks")
-    ap.add_argument("--avgpool_patchtokens", type=bool_flag, default=None,
-                    help="append the mean patch token of the last block")
-    ap.add_argument("--train_aug", default="strong", choices=("strong", "simple"),
-                    help="strong: Mugs' RandAugment views; simple: DINO's RandomResizedCrop + flip")
+    ap.add_argument(
+        "--avgpool_patchtokens", type=bool_flag, default=None, help="append the mean patch token of the last block"
+    )
+    ap.add_argument(
+        "--train_aug",
+        default="strong",
+        choices=("strong", "simple"),
+        help="strong: Mugs' RandAugment views; simple: DINO's RandomResizedCrop + flip",
+    )
     ap.add_argument("--val_freq", type=int, default=1, help="validate every N epochs (and after the last)")
     ap.add_argument("--seed", type=int, default=0)
     add_runtime_args(ap, batch_size=None)
@@ -146,7 +160,7 @@ def _settings(args, spec: ArchSpec, pretrain_epochs) -> dict:
     )
 
 
-def _best_head(per_head: List[Dict[str, float]], lrs: List[float]) -> dict:
+def _best_head(per_head: list[dict[str, float]], lrs: list[float]) -> dict:
     i = max(range(len(per_head)), key=lambda j: per_head[j]["top1"])
     return {"top1": per_head[i]["top1"], "top5": per_head[i]["top5"], "lr": lrs[i]}
 
@@ -159,8 +173,9 @@ def _resume(out: Path, settings: dict, heads, optimizer, scheduler):
     saved = safe_torch_load(f)
     changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
     if changed:
-        raise ConfigError(f"{out} holds a linear run with other settings ({', '.join(changed)}); "
-                        "use another --output_dir")
+        raise ConfigError(
+            f"{out} holds a linear run with other settings ({', '.join(changed)}); use another --output_dir"
+        )
     heads.load_state_dict(saved["heads"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -177,7 +192,7 @@ def _save(out: Path, row: dict, state: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def evaluate(args: argparse.Namespace) -> Dict:
+def evaluate(args: argparse.Namespace) -> dict:
     """Train the linear head(s) (or resume), validate; returns the results dict."""
     check_output_dir(args.output_dir)  # before the work
     device = dist.pick_device(args.device)
@@ -186,8 +201,9 @@ def evaluate(args: argparse.Namespace) -> Dict:
     train_set = image_folder(train_dir, train_transform(args.crop, args.train_aug))
     val_set = image_folder(val_dir, eval_transform(args.resize, args.crop))
     check_same_classes(train_set, val_set)
-    backbone, spec, ckpt = load_backbone(args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size,
-                                         num_heads=args.num_heads)
+    backbone, spec, ckpt = load_backbone(
+        args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size, num_heads=args.num_heads
+    )
     backbone.to(device).requires_grad_(False)
     s = _settings(args, spec, ckpt.config.get("epochs"))
     num_labels = len(train_set.classes)
@@ -200,19 +216,33 @@ def evaluate(args: argparse.Namespace) -> Dict:
     heads = LinearHeads(dim, num_labels, len(s["lrs"])).to(device)
     model = nn.parallel.DistributedDataParallel(heads) if dist.world_size() > 1 else heads
     scale = s["batch"] * dist.world_size() / 256.0
-    optimizer = torch.optim.SGD([{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads.heads, s["lrs"])],
-                                momentum=0.9, weight_decay=0.0)
+    optimizer = torch.optim.SGD(
+        [{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads.heads, s["lrs"])],
+        momentum=0.9,
+        weight_decay=0.0,
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=s["lr_min"])
-    settings = dict(s, dim=dim, num_labels=num_labels, epochs=args.epochs, train_aug=args.train_aug,
-                    checkpoint=str(ckpt.path), key=args.key)
+    settings = dict(
+        s,
+        dim=dim,
+        num_labels=num_labels,
+        epochs=args.epochs,
+        train_aug=args.train_aug,
+        checkpoint=str(ckpt.path),
+        key=args.key,
+    )
 
     out = Path(args.output_dir)
     start, best, history = _resume(out, settings, heads, optimizer, scheduler)
-    log(f"{PROG}: {spec.describe()} from {ckpt.path}; features {dim} (CLS of {s['n_last_blocks']} last blocks"
+    log(
+        f"{PROG}: {spec.describe()} from {ckpt.path}; features {dim} (CLS of {s['n_last_blocks']} last blocks"
         f"{' + mean patch token' if s['avgpool'] else ''}); {len(s['lrs'])} head(s), lr {s['lrs'][:3]}"
-        f"{'...' if len(s['lrs']) > 3 else ''} x {scale:g}; {len(train_set)} train / {len(val_set)} val images")
+        f"{'...' if len(s['lrs']) > 3 else ''} x {scale:g}; {len(train_set)} train / {len(val_set)} val images"
+    )
 
-    sampler = DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(
+        train_set, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed
+    )
     train_batches = loader(train_set, s["batch"], args.num_workers, device, sampler=sampler, drop_last=False)
     val_batches = loader(Subset(val_set, dist.shard(len(val_set))), s["batch"], args.num_workers, device)
     for epoch in range(start, args.epochs):
@@ -225,25 +255,47 @@ def evaluate(args: argparse.Namespace) -> Dict:
             row.update(_best_head(validate(heads, val_batches, feat, device, len(s["lrs"]), num_labels), s["lrs"]))
             if best is None or row["top1"] > best["top1"]:
                 best = dict(row)
-            log(f"{PROG}: epoch {epoch}: top-1 {row['top1']:.4f} top-5 {row['top5']:.4f} (lr {row['lr']:g}); "
-                f"best top-1 {best['top1']:.4f}")
+            log(
+                f"{PROG}: epoch {epoch}: top-1 {row['top1']:.4f} top-5 {row['top5']:.4f} (lr {row['lr']:g}); "
+                f"best top-1 {best['top1']:.4f}"
+            )
         history.append(row)
         if dist.is_main():
-            _save(out, row, {"epoch": epoch + 1, "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "best": best, "history": history,
-                             "settings": settings})
+            _save(
+                out,
+                row,
+                {
+                    "epoch": epoch + 1,
+                    "heads": heads.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best": best,
+                    "history": history,
+                    "settings": settings,
+                },
+            )
         dist.barrier()
     if best is None:  # nothing trained or validated in this call (e.g. --epochs 0)
-        best = dict(epoch=start - 1, **_best_head(validate(heads, val_batches, feat, device, len(s["lrs"]),
-                                                           num_labels), s["lrs"]))
+        best = dict(
+            epoch=start - 1,
+            **_best_head(validate(heads, val_batches, feat, device, len(s["lrs"]), num_labels), s["lrs"]),
+        )
     final = [r for r in history if "top1" in r][-1] if any("top1" in r for r in history) else best
-    results = {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"], "lr": best["lr"],
-               "last": {k: final[k] for k in ("epoch", "top1", "top5", "lr")}, "settings": settings}
+    results = {
+        "top1": best["top1"],
+        "top5": best["top5"],
+        "best_epoch": best["epoch"],
+        "lr": best["lr"],
+        "last": {k: final[k] for k in ("epoch", "top1", "top5", "lr")},
+        "settings": settings,
+    }
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
-        log(f"{PROG}: linear top-1 {best['top1']:.4f} top-5 {best['top5']:.4f} (best of epochs, epoch "
-            f"{best['epoch']}, lr {best['lr']:g}); last validated: top-1 {final['top1']:.4f}")
+        log(
+            f"{PROG}: linear top-1 {best['top1']:.4f} top-5 {best['top5']:.4f} (best of epochs, epoch "
+            f"{best['epoch']}, lr {best['lr']:g}); last validated: top-1 {final['top1']:.4f}"
+        )
     return results
 
 

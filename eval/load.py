@@ -14,23 +14,24 @@ read with restricted unpicklers too); `arch.py` works out and checks the archite
 Continued training gets student/teacher/objective state dicts in our naming
 (`load_training_state`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..configs.archs import ARCH_SHAPES
 from ..core.checkpoint import list_complete, read_complete, read_parts, resolve, step_of
+from ..core.errors import CheckpointError
 from ..core.safe_load import plain, safe_torch_load
 from ..model.convert import network_from_original, objective_from_original
-from ..configs.archs import ARCH_SHAPES
 from ..model.vit import MugsViT
 from .arch import ArchSpec, build_from_state, check_requested, shape_diff, spec_from_weights
-from ..core.errors import CheckpointError
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 _ORIGINAL_STATE = ("student_mem", "teacher_mem", "instance-sup.", "local-group-sup.", "group-sup.")
 _CLASSIFIER_PREFIXES = ("head.", "fc.", "head_drop.")
 
@@ -42,11 +43,11 @@ class Checkpoint:
     path: Path
     kind: str  # "sharded", "consolidated", "original" or "backbone"
     config: dict = field(default_factory=dict)  # MugsConfig fields (ours) or the original flags (`args`)
-    epoch: Optional[int] = None
-    step: Optional[int] = None
-    networks: Dict[str, StateDict] = field(default_factory=dict)  # "student"/"teacher": MugsNetwork state dicts
-    objective: Optional[StateDict] = None  # MugsObjective state dict
-    backbone_only: Optional[StateDict] = None  # plain ViT state dict (backbone-only files)
+    epoch: int | None = None
+    step: int | None = None
+    networks: dict[str, StateDict] = field(default_factory=dict)  # "student"/"teacher": MugsNetwork state dicts
+    objective: StateDict | None = None  # MugsObjective state dict
+    backbone_only: StateDict | None = None  # plain ViT state dict (backbone-only files)
 
     def backbone(self, key: str = "teacher") -> StateDict:
         """The ViT state dict (timm names, relation blocks included) of `key`'s backbone."""
@@ -55,7 +56,7 @@ class Checkpoint:
         if key not in self.networks:
             raise CheckpointError(f"{self.path}: has no `{key}` weights (found: {', '.join(self.networks) or 'none'})")
         net = self.networks[key]
-        sd = {k[len("backbone."):]: v for k, v in net.items() if k.startswith("backbone.")}
+        sd = {k[len("backbone.") :]: v for k, v in net.items() if k.startswith("backbone.")}
         if not sd and "cls_token" in net:  # `{"teacher": <bare ViT state dict>}`
             sd = {k: v for k, v in net.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
         if not sd:
@@ -66,7 +67,7 @@ class Checkpoint:
 # ---------------------------------------------------------------- reading
 def _clean_key(k: str) -> str:
     while k.startswith("module."):
-        k = k[len("module."):]
+        k = k[len("module.") :]
     return k.replace("_orig_mod.", "")
 
 
@@ -74,7 +75,7 @@ def _clean(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return {_clean_key(k): v for k, v in sd.items()}
 
 
-def read_checkpoint(path: "str | Path", parts: Sequence[str] = ("teacher",)) -> Checkpoint:
+def read_checkpoint(path: str | Path, parts: Sequence[str] = ("teacher",)) -> Checkpoint:
     """Read CHECKPOINT. For sharded checkpoints only `parts` ("student", "teacher",
     "objective") are loaded; files are read whole (memory-mapped)."""
     p = Path(path)
@@ -90,12 +91,19 @@ def _read_sharded(d: Path, parts: Sequence[str]) -> Checkpoint:
     try:
         state = read_parts(d, parts)
     except CheckpointError as e:  # name an older complete checkpoint of the same run, if there is one
-        older = [c for c in list_complete(d.parent.parent) if step_of(c) < step_of(d)] \
-            if d.parent.name == "checkpoints" else []
+        older = (
+            [c for c in list_complete(d.parent.parent) if step_of(c) < step_of(d)]
+            if d.parent.name == "checkpoints"
+            else []
+        )
         hint = f"; the previous complete checkpoint {older[-1]} can be passed instead" if older else ""
         raise CheckpointError(f"{e}{hint}") from None
     return Checkpoint(
-        path=d, kind="sharded", config=meta.get("config") or {}, epoch=meta.get("epoch"), step=meta.get("step"),
+        path=d,
+        kind="sharded",
+        config=meta.get("config") or {},
+        epoch=meta.get("epoch"),
+        step=meta.get("step"),
         networks={k: _clean(state[k]) for k in ("student", "teacher") if k in state},
         objective=state.get("objective"),
     )
@@ -112,15 +120,23 @@ def _from_blob(p: Path, blob) -> Checkpoint:
     if has_nets and isinstance(blob.get("meta"), dict):  # ours, from mugs-consolidate
         meta = blob["meta"]
         return Checkpoint(
-            path=p, kind="consolidated", config=meta.get("config") or {}, epoch=meta.get("epoch"),
+            path=p,
+            kind="consolidated",
+            config=meta.get("config") or {},
+            epoch=meta.get("epoch"),
             step=meta.get("step"),
             networks={k: _clean(blob[k]) for k in ("student", "teacher") if isinstance(blob.get(k), dict)},
             objective=blob.get("objective"),
         )
     if has_nets:  # the original layout
         return Checkpoint(
-            path=p, kind="original", config=plain(blob.get("args")), epoch=blob.get("epoch"),
-            networks={k: network_from_original(blob[k]) for k in ("student", "teacher") if isinstance(blob.get(k), dict)},
+            path=p,
+            kind="original",
+            config=plain(blob.get("args")),
+            epoch=blob.get("epoch"),
+            networks={
+                k: network_from_original(blob[k]) for k in ("student", "teacher") if isinstance(blob.get(k), dict)
+            },
             objective=objective_from_original(blob) if any(k in blob for k in _ORIGINAL_STATE) else None,
         )
     for k in ("state_dict", "model"):  # common wrappers of backbone-only files
@@ -128,19 +144,27 @@ def _from_blob(p: Path, blob) -> Checkpoint:
             blob = blob[k]
             break
     if not _is_state_dict(blob):
-        raise CheckpointError(f"{p}: not a recognised checkpoint (top-level keys: {', '.join(map(str, list(blob)[:8]))})")
+        raise CheckpointError(
+            f"{p}: not a recognised checkpoint (top-level keys: {', '.join(map(str, list(blob)[:8]))})"
+        )
     sd = {}
     for k, v in blob.items():
         k = _clean_key(k)
-        k = k[len("backbone."):] if k.startswith("backbone.") else k
+        k = k[len("backbone.") :] if k.startswith("backbone.") else k
         if not k.startswith(_CLASSIFIER_PREFIXES):
             sd[k] = v
     return Checkpoint(path=p, kind="backbone", backbone_only=sd)
 
 
-def load_backbone(path: "str | Path", *, key: str = "teacher", arch: Optional[str] = None,
-                  patch_size: Optional[int] = None, num_heads: Optional[int] = None,
-                  ckpt: Optional[Checkpoint] = None) -> Tuple[MugsViT, ArchSpec, Checkpoint]:
+def load_backbone(
+    path: str | Path,
+    *,
+    key: str = "teacher",
+    arch: str | None = None,
+    patch_size: int | None = None,
+    num_heads: int | None = None,
+    ckpt: Checkpoint | None = None,
+) -> tuple[MugsViT, ArchSpec, Checkpoint]:
     """The `key` backbone of CHECKPOINT as a `MugsViT` in eval mode, its ArchSpec and the Checkpoint.
 
     `arch`/`patch_size`, when given, must agree with the weights; `num_heads` is only
@@ -162,13 +186,13 @@ class TrainingState:
     student: StateDict
     teacher: StateDict
     objective: StateDict
-    epoch: Optional[int]
-    step: Optional[int]
+    epoch: int | None
+    step: int | None
     config: dict
     kind: str
 
 
-def load_training_state(path: "str | Path", cfg=None) -> TrainingState:
+def load_training_state(path: str | Path, cfg=None) -> TrainingState:
     """Everything needed to continue training from CHECKPOINT (any full format).
 
     With `cfg` (a MugsConfig) the state is also checked against freshly built
@@ -177,10 +201,19 @@ def load_training_state(path: "str | Path", cfg=None) -> TrainingState:
     absent = [k for k in ("student", "teacher") if k not in ckpt.networks]
     if ckpt.kind == "backbone" or absent or ckpt.objective is None:
         what = "only a backbone" if ckpt.kind == "backbone" else "no " + ", ".join(absent or ["loss/memory state"])
-        raise CheckpointError(f"{ckpt.path}: holds {what}; continued training needs a full checkpoint "
-                              "(student, teacher, queues, memories, centre)")
-    state = TrainingState(ckpt.networks["student"], ckpt.networks["teacher"], dict(ckpt.objective), ckpt.epoch,
-                          ckpt.step, ckpt.config, ckpt.kind)
+        raise CheckpointError(
+            f"{ckpt.path}: holds {what}; continued training needs a full checkpoint "
+            "(student, teacher, queues, memories, centre)"
+        )
+    state = TrainingState(
+        ckpt.networks["student"],
+        ckpt.networks["teacher"],
+        dict(ckpt.objective),
+        ckpt.epoch,
+        ckpt.step,
+        ckpt.config,
+        ckpt.kind,
+    )
     if cfg is not None:
         check_training_state(state, cfg, str(ckpt.path))
     return state
@@ -194,9 +227,11 @@ def check_training_state(state: TrainingState, cfg, where: str = "checkpoint") -
     with torch.device("meta"):
         student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
         objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
-    for name, module, sd in (("student", student, state.student), ("teacher", teacher, state.teacher),
-                             ("objective", objective, state.objective)):
+    for name, module, sd in (
+        ("student", student, state.student),
+        ("teacher", teacher, state.teacher),
+        ("objective", objective, state.objective),
+    ):
         diff = shape_diff({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in sd.items()})
         if diff:
             raise CheckpointError(f"{where}: {name} does not fit the config (arch {cfg.arch}): {diff}")
-

@@ -4,23 +4,24 @@ Teacher CLS features (resize/centre-crop views, L2-normalised) of up to
 --per_class images of each chosen class, embedded in 2-D by scikit-learn's
 TSNE and drawn with matplotlib (Agg) into a PNG of exactly --width x --height px.
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from ..core import dist
+from ..core.errors import DataError
+from ..core.outputs import check_output_file
 from .cli import add_checkpoint_args, add_runtime_args, log, tool_main
 from .data import eval_transform, image_folder
-from ..core.errors import DataError
 from .features import cls_features, extract
 from .load import load_backbone
-from ..core.outputs import check_output_file
 
 PROG = "mugs-tsne"
 
@@ -41,8 +42,9 @@ def embed_2d(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
 
     n = features.shape[0]
     perplexity = min(perplexity, max(1.0, (n - 1) / 3.0))  # sklearn needs perplexity < n
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                random_state=seed).fit_transform(features)
+    return TSNE(
+        n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed
+    ).fit_transform(features)
 
 
 def plot(points: np.ndarray, labels: np.ndarray, names: Sequence[str], out: Path, width: int, height: int) -> None:
@@ -74,17 +76,28 @@ def tsne(args: argparse.Namespace) -> int:
     chosen = pick(data.targets, args.per_class, args.seed)
     if len(chosen) < 3:
         raise DataError(f"{args.data}: t-SNE needs at least 3 images, found {len(chosen)}")
-    backbone, spec, ckpt = load_backbone(args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size,
-                                         num_heads=args.num_heads)
+    backbone, spec, ckpt = load_backbone(
+        args.checkpoint, key=args.key, arch=args.arch, patch_size=args.patch_size, num_heads=args.num_heads
+    )
     backbone.to(device)
-    feats = extract(backbone, Subset(data, chosen), cls_features, spec.embed_dim, batch_size=args.batch_size_per_gpu,
-                    num_workers=args.num_workers, device=device, desc="features")
+    feats = extract(
+        backbone,
+        Subset(data, chosen),
+        cls_features,
+        spec.embed_dim,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        device=device,
+        desc="features",
+    )
     if dist.is_main():
         points = embed_2d(F.normalize(feats, dim=1).numpy(), args.perplexity, args.seed)
         labels = np.asarray(data.targets)[chosen]
         plot(points, labels, data.classes, Path(args.out), args.width, args.height)
-        log(f"{PROG}: wrote {args.out} ({args.width}x{args.height}): {len(chosen)} images of "
-            f"{len(data.classes)} classes, {spec.describe()} from {ckpt.path}")
+        log(
+            f"{PROG}: wrote {args.out} ({args.width}x{args.height}): {len(chosen)} images of "
+            f"{len(data.classes)} classes, {spec.describe()} from {ckpt.path}"
+        )
     dist.barrier()
     return 0
 

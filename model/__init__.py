@@ -1,1 +1,2 @@
-"""mugs.model: the ViT backbone with the relation block, the heads, the losses, the ring buffers (queues, memories), the student/teacher network, converters."""
+"""mugs.model: the ViT backbone with the relation block, the heads, the losses, the ring buffers (queues,
+memories), the student/teacher network, the FLOP model, converters."""

@@ -6,36 +6,37 @@ Network parameter names are the same on both sides (timm naming); what differs:
 (`instance-sup.`, `local-group-sup.`, `group-sup.` entries there, one
 `MugsObjective` state dict here).
 """
+
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from collections.abc import Mapping
 
 import torch
 
 _DROP_PREFIXES = ("backbone.head.", "backbone.fc.")
 
 
-def network_from_original(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def network_from_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Student/teacher state dict of the original (optionally `module.`-prefixed) -> MugsNetwork's."""
     out = {}
     for k, v in state.items():
-        k = k[len("module."):] if k.startswith("module.") else k
+        k = k[len("module.") :] if k.startswith("module.") else k
         if k.startswith(_DROP_PREFIXES):
             continue
         out[k] = v
     return out
 
 
-def memory_from_original(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def memory_from_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`block.queue_q|k|v` + `block.queue_ptr` -> `rows` + `ptr` (neighbours come from queue_k)."""
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     rows = state["block.queue_k"]
     return {"rows": rows.clone(), "ptr": (state["block.queue_ptr"].reshape(()) % rows.shape[0]).clone()}
 
 
-def objective_from_original(ckpt: Mapping) -> Dict[str, torch.Tensor]:
+def objective_from_original(ckpt: Mapping) -> dict[str, torch.Tensor]:
     """Loss and memory state of an original full checkpoint -> MugsObjective's state dict."""
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for ours, theirs in (("instance_queue", "instance-sup."), ("local_group_queue", "local-group-sup.")):
         if theirs in ckpt:  # the original's queue is [dim, size], one key per column
             out[f"{ours}.rows"] = ckpt[theirs]["queue"].T.contiguous()
@@ -49,7 +50,7 @@ def objective_from_original(ckpt: Mapping) -> Dict[str, torch.Tensor]:
     return out
 
 
-def memory_to_original(rows: torch.Tensor, ptr: torch.Tensor) -> Dict[str, torch.Tensor]:
+def memory_to_original(rows: torch.Tensor, ptr: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "block.queue_q": rows.clone(),
         "block.queue_k": rows.clone(),
@@ -58,11 +59,13 @@ def memory_to_original(rows: torch.Tensor, ptr: torch.Tensor) -> Dict[str, torch
     }
 
 
-def objective_to_original(state: Mapping[str, torch.Tensor]) -> Dict[str, dict]:
+def objective_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     """MugsObjective state dict -> the original's `*-sup.` and `*_mem` checkpoint entries."""
     return {
-        "instance-sup.": {"queue": state["instance_queue.rows"].T.contiguous(),
-                          "queue_ptr": state["instance_queue.ptr"].reshape(1)},
+        "instance-sup.": {
+            "queue": state["instance_queue.rows"].T.contiguous(),
+            "queue_ptr": state["instance_queue.ptr"].reshape(1),
+        },
         "local-group-sup.": {
             "queue": state["local_group_queue.rows"].T.contiguous(),
             "queue_ptr": state["local_group_queue.ptr"].reshape(1),

@@ -18,10 +18,10 @@ the patch embedding (the pixels need no gradient) and the loss matmuls against t
 queue / teacher targets (constants). Teacher: forward only.
 ViT-L/16: 123.1 GFLOP per 224-px forward, 22.5 per 96-px (docs/performance.md), ~1.66 TFLOP per image per step.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Dict
 
 from ..configs.archs import ARCH_SHAPES
 from ..configs.options import MugsConfig
@@ -52,21 +52,32 @@ class MugsShape:
     relation_blocks: int = 1
 
     @classmethod
-    def for_arch(cls, arch: str, **overrides) -> "MugsShape":
+    def for_arch(cls, arch: str, **overrides) -> MugsShape:
         """A named arch with MugsConfig's defaults (the paper's), `overrides` replacing shape fields."""
         d, n, _ = ARCH_SHAPES[arch]
         return replace(cls.from_config(MugsConfig(arch=arch), d, n), **overrides)
 
     @classmethod
-    def from_config(cls, cfg, embed_dim: int, depth: int) -> "MugsShape":
+    def from_config(cls, cfg, embed_dim: int, depth: int) -> MugsShape:
         """From a MugsConfig (and the built backbone's width and depth)."""
-        return cls(embed_dim=embed_dim, depth=depth, patch_size=cfg.patch_size, global_size=cfg.img_size,
-                   local_size=cfg.local_crop_size, n_local=cfg.local_crops_number, head_hidden=cfg.head_hidden_dim,
-                   pred_hidden=cfg.pred_hidden_dim, instance_out=cfg.instance_out_dim,
-                   local_group_out=cfg.local_group_out_dim, group_bottleneck=cfg.group_bottleneck_dim,
-                   group_out=cfg.group_out_dim, instance_queue=cfg.instance_queue_size,
-                   local_group_queue=cfg.local_group_queue_size, memory_size=cfg.mem_size,
-                   top_k=cfg.local_group_knn_top_n)
+        return cls(
+            embed_dim=embed_dim,
+            depth=depth,
+            patch_size=cfg.patch_size,
+            global_size=cfg.img_size,
+            local_size=cfg.local_crop_size,
+            n_local=cfg.local_crops_number,
+            head_hidden=cfg.head_hidden_dim,
+            pred_hidden=cfg.pred_hidden_dim,
+            instance_out=cfg.instance_out_dim,
+            local_group_out=cfg.local_group_out_dim,
+            group_bottleneck=cfg.group_bottleneck_dim,
+            group_out=cfg.group_out_dim,
+            instance_queue=cfg.instance_queue_size,
+            local_group_queue=cfg.local_group_queue_size,
+            memory_size=cfg.mem_size,
+            top_k=cfg.local_group_knn_top_n,
+        )
 
 
 def block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
@@ -76,7 +87,7 @@ def block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
 
 
 def patch_embed_flops(s: MugsShape, size: int) -> float:
-    return 2 * (size // s.patch_size) ** 2 * 3 * s.patch_size ** 2 * s.embed_dim
+    return 2 * (size // s.patch_size) ** 2 * 3 * s.patch_size**2 * s.embed_dim
 
 
 def backbone_blocks_flops(s: MugsShape, size: int) -> float:
@@ -125,15 +136,18 @@ def loss_flops(s: MugsShape) -> float:
     return info + 2 * s.n_global * n_s * s.group_out
 
 
-def step_flops_per_image(s: MugsShape) -> Dict[str, float]:
+def step_flops_per_image(s: MugsShape) -> dict[str, float]:
     """Per image: teacher forward, student forward, student backward and their total (model FLOPs)."""
     g, l = s.global_size, s.local_size
     n_s = s.n_global + s.n_local
     per_crop_t = relation_flops(s) + memory_search_flops(s) + heads_flops(s, student=False)
     teacher = s.n_global * (backbone_forward_flops(s, g) + per_crop_t)
     # student forward, split by how its backward is counted
-    twice = (s.n_global * backbone_blocks_flops(s, g) + s.n_local * backbone_blocks_flops(s, l)
-             + n_s * (relation_flops(s) + heads_flops(s, student=True)))
+    twice = (
+        s.n_global * backbone_blocks_flops(s, g)
+        + s.n_local * backbone_blocks_flops(s, l)
+        + n_s * (relation_flops(s) + heads_flops(s, student=True))
+    )
     once = s.n_global * patch_embed_flops(s, g) + s.n_local * patch_embed_flops(s, l) + loss_flops(s)
     no_grad = n_s * memory_search_flops(s)
     student_fwd = twice + once + no_grad
@@ -148,14 +162,19 @@ def step_flops_per_image(s: MugsShape) -> Dict[str, float]:
 
 def describe(s: MugsShape) -> dict:
     """Shape and per-image FLOP breakdown, for the JSON record."""
-    return {"shape": asdict(s), "per_image": step_flops_per_image(s),
-            "fwd_global": backbone_forward_flops(s, s.global_size),
-            "fwd_local": backbone_forward_flops(s, s.local_size)}
+    return {
+        "shape": asdict(s),
+        "per_image": step_flops_per_image(s),
+        "fwd_global": backbone_forward_flops(s, s.global_size),
+        "fwd_local": backbone_forward_flops(s, s.local_size),
+    }
 
 
 if __name__ == "__main__":
     for arch in ARCH_SHAPES:
         sh = MugsShape.for_arch(arch)
         f = step_flops_per_image(sh)
-        print(f"{arch:10s} fwd224 {backbone_forward_flops(sh, 224) / 1e9:7.1f} GFLOP  fwd96 "
-              f"{backbone_forward_flops(sh, 96) / 1e9:6.2f}  step/img {f['total'] / 1e12:.3f} TFLOP")
+        print(
+            f"{arch:10s} fwd224 {backbone_forward_flops(sh, 224) / 1e9:7.1f} GFLOP  fwd96 "
+            f"{backbone_forward_flops(sh, 96) / 1e9:6.2f}  step/img {f['total'] / 1e12:.3f} TFLOP"
+        )

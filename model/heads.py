@@ -1,7 +1,6 @@
 """The three Mugs heads. Student and teacher use the same classes; the teacher has no predictor."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
@@ -41,7 +40,7 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.norm_before_pred = norm_before_pred
         self.projector = mlp(in_dim, hidden_dim, out_dim, nlayers, bias=False)
-        self.predictor: Optional[nn.Sequential] = (
+        self.predictor: nn.Sequential | None = (
             mlp(out_dim, pred_hidden_dim, out_dim, nlayers - 1, bias=False) if with_predictor else None
         )
         self.apply(init_linear)

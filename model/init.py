@@ -1,5 +1,6 @@
 """The weight initialisation the original applies to every Linear it adds (heads, relation block):
 truncated normal, std 0.02, zero bias (DINO's `_init_weights`)."""
+
 from __future__ import annotations
 
 from torch import nn

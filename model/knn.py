@@ -10,10 +10,12 @@ It lives in model/ (the bottom layer) so that eval/ and training/, which may not
 call the same code: extraction (`extract_features`, sharded over ranks, gathered on rank 0) and
 classification (`knn_classify`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Sized, Tuple, cast
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -36,9 +38,16 @@ def cls_features(backbone, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, k: int = K, temperature: float = 0.05,
-                 num_classes: Optional[int] = None, chunk: int = 256) -> Tuple[float, float]:
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = K,
+    temperature: float = 0.05,
+    num_classes: int | None = None,
+    chunk: int = 256,
+) -> tuple[float, float]:
     """(top-1, top-5) of temperature-weighted k-NN voting; features must be L2-normalised.
 
     Top-5 counts the 5 best-voted classes (fewer when k or the class count is below 5)."""
@@ -48,8 +57,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     train_t = train_features.t()
     top1 = top5 = 0
     for start in range(0, test_features.shape[0], chunk):
-        feats = test_features[start:start + chunk]
-        targets = test_labels[start:start + chunk]
+        feats = test_features[start : start + chunk]
+        targets = test_labels[start : start + chunk]
         sim, idx = (feats @ train_t).topk(k, dim=1)
         votes = torch.zeros(feats.shape[0], num_classes, device=feats.device, dtype=sim.dtype)
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
@@ -64,16 +73,25 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 def _thread_batches(dataset: Dataset, index: Sequence[int], batch_size: int, threads: int) -> Iterator:
     """(images, None) batches of dataset[i] for i in index, decoded by `threads` threads (no worker
     processes, no random number drawn). A batch that fails to load raises when it is reached."""
-    chunks = [index[s:s + batch_size] for s in range(0, len(index), batch_size)]
+    chunks = [index[s : s + batch_size] for s in range(0, len(index), batch_size)]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for chunk in chunks:
             yield torch.stack([item[0] for item in pool.map(dataset.__getitem__, chunk)]), None
 
 
 @torch.no_grad()
-def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size: int, device: torch.device,
-                     num_workers: int = 0, threads: int = 0, lockstep: bool = False,
-                     progress: Optional[Callable[[Iterable], Iterable]] = None) -> Optional[torch.Tensor]:
+def extract_features(
+    encode: Encoder,
+    dataset: Dataset,
+    dim: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    threads: int = 0,
+    lockstep: bool = False,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> torch.Tensor | None:
     """[len(dataset), dim] float32 CPU features in dataset order on rank 0; None on the other ranks.
 
     Each rank encodes its strided shard (core.dist.shard); rows are gathered once to rank 0.
@@ -92,12 +110,17 @@ def extract_features(encode: Encoder, dataset: Dataset, dim: int, *, batch_size:
     if threads > 0:
         batches = _thread_batches(dataset, index, batch_size, threads)
     else:  # a dedicated generator: iterating a DataLoader draws its base seed from one
-        batches = DataLoader(Subset(dataset, index), batch_size=batch_size, num_workers=num_workers,
-                             pin_memory=device.type == "cuda", persistent_workers=False,
-                             generator=torch.Generator())
+        batches = DataLoader(
+            Subset(dataset, index),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            generator=torch.Generator(),
+        )
     if progress is not None:
         batches = progress(batches)
-    rows: List[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     it = iter(batches)
     for _ in range(-(-len(index) // batch_size)):
         images, failure = None, None

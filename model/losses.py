@@ -6,8 +6,8 @@ separately, and return 0.5 * (large + small). The work is vectorised over all
 pairs (one matmul against the queue for all student crops, instead of one per
 pair as in the original).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
@@ -53,8 +53,9 @@ class InfoNCELoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int,
-                queue: RingBuffer) -> torch.Tensor:
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int, queue: RingBuffer
+    ) -> torch.Tensor:
         """Args:
             student: (n_student_crops * B, D) the student's predictions, crop-major (rows c*B .. c*B+B-1
                 are crop c; crops 0 and 1 are the global ones), unit rows from the head.

@@ -2,6 +2,7 @@
 
 The original keeps three identical [K, D] buffers (q/k/v); one is enough.
 """
+
 from __future__ import annotations
 
 import torch

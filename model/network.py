@@ -1,8 +1,10 @@
 """Student and teacher: one class, built twice (the teacher without predictors or drop path)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -18,9 +20,9 @@ from .vit import BackboneOutput, MugsViT, build_backbone
 class MugsOutputs:
     """Per-crop outputs stacked crop-major: rows [crop0 batch, crop1 batch, ...]."""
 
-    instance: Optional[torch.Tensor]
-    local_group: Optional[torch.Tensor]
-    group: Optional[torch.Tensor]
+    instance: torch.Tensor | None
+    local_group: torch.Tensor | None
+    group: torch.Tensor | None
     memory_tokens: torch.Tensor  # patch-token means of the global (first-size) crops
 
 
@@ -30,9 +32,9 @@ class MugsNetwork(nn.Module):
     def __init__(
         self,
         backbone: MugsViT,
-        instance_head: Optional[ContrastiveHead],
-        local_group_head: Optional[ContrastiveHead],
-        group_head: Optional[GroupHead],
+        instance_head: ContrastiveHead | None,
+        local_group_head: ContrastiveHead | None,
+        group_head: GroupHead | None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -40,8 +42,9 @@ class MugsNetwork(nn.Module):
         self.local_group_head = local_group_head
         self.group_head = group_head
 
-    def forward(self, crops: Sequence[torch.Tensor], memory: Optional[LocalGroupMemory], *,
-                cls_only: bool = False) -> Union[MugsOutputs, torch.Tensor]:
+    def forward(
+        self, crops: Sequence[torch.Tensor], memory: LocalGroupMemory | None, *, cls_only: bool = False
+    ) -> MugsOutputs | torch.Tensor:
         """All crops in ONE backbone pass: each run of same-size crops is one batch of the block's
         list forward, so every block (one FSDP unit) is entered once per forward for all crops.
 
@@ -73,9 +76,9 @@ class MugsNetwork(nn.Module):
         )
 
 
-def same_size_runs(crops: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
+def same_size_runs(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """[(start, end)] of the maximal runs of consecutive crops with equal spatial size."""
-    runs: List[Tuple[int, int]] = []
+    runs: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(crops) + 1):
         if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:

@@ -4,9 +4,10 @@ Kept apart from the networks so FSDP shards only parameters; the queues, the
 centre and the memories are replicated buffers kept identical on all ranks by
 all-gathered updates.
 """
+
 from __future__ import annotations
 
-from typing import Dict, Optional, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -15,8 +16,8 @@ from ..configs.views import ObjectiveConfig
 from ..core.dist import gather_rows
 from .losses import GroupLoss, InfoNCELoss, weighted_total
 from .memory import LocalGroupMemory
-from .ring_buffer import RingBuffer
 from .network import MugsOutputs
+from .ring_buffer import RingBuffer
 
 
 class MugsObjective(nn.Module):
@@ -39,7 +40,9 @@ class MugsObjective(nn.Module):
         self.student_memory = LocalGroupMemory(*memory)
         self.teacher_memory = LocalGroupMemory(*memory)
 
-    def forward(self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int) -> Dict[str, Optional[torch.Tensor]]:
+    def forward(
+        self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int
+    ) -> dict[str, torch.Tensor | None]:
         """The three losses (absent ones are None) and `total`, all from the pre-step state.
 
         Args:
@@ -53,12 +56,13 @@ class MugsObjective(nn.Module):
             {"instance", "local_group", "group": scalar or None (weight 0), "total": scalar}.
         """
         w = self.loss_weights
-        losses: Dict[str, Optional[torch.Tensor]] = {
+        losses: dict[str, torch.Tensor | None] = {
             "instance": self.instance_loss(student.instance, teacher.instance, n_student_crops, self.instance_queue)
             if w.instance > 0
             else None,
-            "local_group": self.local_group_loss(student.local_group, teacher.local_group, n_student_crops,
-                                                 self.local_group_queue)
+            "local_group": self.local_group_loss(
+                student.local_group, teacher.local_group, n_student_crops, self.local_group_queue
+            )
             if w.local_group > 0
             else None,
             "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch) if w.group > 0 else None,

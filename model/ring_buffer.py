@@ -11,6 +11,7 @@ advances by 2n, leaving every other block of slots unwritten; in the wrapping
 branch it advances by n. The golden traces pin the non-wrapping branch (one
 row written -> pointer 2, two rows -> 4); see `docs/method.md`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,9 @@ class RingBuffer(nn.Module):
         source.scatter_(0, torch.where(valid, order, window), torch.arange(m, device=rows.device))
         source = source[:window]
         slots = (self.ptr + torch.arange(window, device=rows.device)) % self.size
-        written = torch.where((source >= 0).unsqueeze(1), rows[source.clamp(min=0)].to(self.rows.dtype),
-                              self.rows[slots])
+        written = torch.where(
+            (source >= 0).unsqueeze(1), rows[source.clamp(min=0)].to(self.rows.dtype), self.rows[slots]
+        )
         self.rows.index_copy_(0, slots, written)
         self._advance(count.clamp(max=self.size))
         return count
@@ -78,7 +80,7 @@ class RingBuffer(nn.Module):
         n = rows.shape[0]
         if n == 0:
             return 0
-        rows = rows[-self.size:].to(self.rows.dtype)
+        rows = rows[-self.size :].to(self.rows.dtype)
         written = rows.shape[0]
         index = (self.ptr + torch.arange(written, device=rows.device)) % self.size
         self.rows.index_copy_(0, index, rows)

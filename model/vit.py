@@ -16,12 +16,14 @@
 Parameter names equal the original's (`blocks.N.attn.qkv`, `relation_blocks.0`...),
 so timm `vit_*_patch16_224` checkpoints and the released files map 1:1.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
@@ -36,14 +38,14 @@ if TYPE_CHECKING:
     from timm.models.vision_transformer import Attention
 
 
-Sizes = Tuple[Tuple[int, int], ...]  # (batch, tokens) of each packed batch
+Sizes = tuple[tuple[int, int], ...]  # (batch, tokens) of each packed batch
 
 
 @dataclass
 class BackboneOutput:
     cls: torch.Tensor  # [B, D] final-normed CLS token (instance and group features)
     patch_mean: torch.Tensor  # [B, D] mean of the final-normed patch tokens (what the memory stores)
-    relation: Optional[torch.Tensor]  # [B, D] final-normed relation-block query token (local-group feature)
+    relation: torch.Tensor | None  # [B, D] final-normed relation-block query token (local-group feature)
 
 
 class MultiResBlock(Block):
@@ -69,7 +71,7 @@ class MultiResBlock(Block):
         rate = getattr(self.drop_path1, "drop_prob", 0.0)
         self.register_buffer("drop_path_rate", torch.tensor(float(rate)), persistent=False)
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False, sizes: Optional[Sizes] = None):
+    def forward(self, x, attn_mask=None, is_causal: bool = False, sizes: Sizes | None = None):
         if isinstance(x, (list, tuple)):
             sizes = tuple((t.shape[0], t.shape[1]) for t in x)
             return unpack(self.forward_packed(pack(x), sizes), sizes)
@@ -113,7 +115,7 @@ class MultiResBlock(Block):
             out = attn.norm(out)
         return attn.proj_drop(attn.proj(out))
 
-    def _drop_path(self, drop: Union[DropPath, nn.Identity], branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+    def _drop_path(self, drop: DropPath | nn.Identity, branch: torch.Tensor, sizes: Sizes) -> torch.Tensor:
         """Stochastic depth per SAMPLE: one mask value per sample, drawn per batch as timm draws it.
 
         Eager: `packed_drop_path`, timm's `drop_path` draws on the packed rows (bitwise timm's). Under
@@ -172,8 +174,9 @@ def _cu_seqlens(sizes: Sizes, device: torch.device) -> torch.Tensor:
     key = (sizes, device)
     if key not in _CU_SEQLENS:
         lengths = torch.cat([torch.full((b,), n, dtype=torch.int32, device=device) for b, n in sizes])
-        _CU_SEQLENS[key] = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
-                                      lengths.cumsum(0, dtype=torch.int32)])
+        _CU_SEQLENS[key] = torch.cat(
+            [torch.zeros(1, dtype=torch.int32, device=device), lengths.cumsum(0, dtype=torch.int32)]
+        )
     return _CU_SEQLENS[key]
 
 
@@ -185,8 +188,9 @@ def _sample_mask(sizes: Sizes, device: torch.device):
 
         sample = _row_samples(sizes, device)
         total = sample.shape[0]
-        _SAMPLE_MASKS[key] = create_block_mask(lambda b, h, q, k: sample[q] == sample[k], None, None, total, total,
-                                               device=device)
+        _SAMPLE_MASKS[key] = create_block_mask(
+            lambda b, h, q, k: sample[q] == sample[k], None, None, total, total, device=device
+        )
     return _SAMPLE_MASKS[key]
 
 
@@ -198,8 +202,9 @@ def _compiled_flex():
     return _FLEX[0]
 
 
-def packed_drop_path(flat: torch.Tensor, sizes: Sizes, drop_prob: float, training: bool,
-                     scale_by_keep: bool = True) -> torch.Tensor:
+def packed_drop_path(
+    flat: torch.Tensor, sizes: Sizes, drop_prob: float, training: bool, scale_by_keep: bool = True
+) -> torch.Tensor:
     """timm's `drop_path` of each batch of the packed rows `flat`, without unpacking them (issue 26).
 
     The RNG draws are timm's, in its order: one `bernoulli_(keep)` of B_i values per batch, in `flat`'s
@@ -224,8 +229,9 @@ def _row_samples(sizes: Sizes, device: torch.device) -> torch.Tensor:
     if key not in _ROW_SAMPLES:
         starts = [sum(b for b, _ in sizes[:i]) for i in range(len(sizes))]
         # device factories and integer repeats only: no host tensor, no host sync (tests/test_host_sync.py)
-        _ROW_SAMPLES[key] = torch.cat([torch.arange(s, s + b, device=device).repeat_interleave(n)
-                                       for s, (b, n) in zip(starts, sizes)])
+        _ROW_SAMPLES[key] = torch.cat(
+            [torch.arange(s, s + b, device=device).repeat_interleave(n) for s, (b, n) in zip(starts, sizes)]
+        )
     return _ROW_SAMPLES[key]
 
 
@@ -234,7 +240,7 @@ def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
 
 
-def unpack(flat: torch.Tensor, sizes: Sizes) -> List[torch.Tensor]:
+def unpack(flat: torch.Tensor, sizes: Sizes) -> list[torch.Tensor]:
     """Inverse of `pack`: views [B_i, N_i, D] of `flat`."""
     return [t.view(b, n, -1) for t, (b, n) in zip(flat.split([b * n for b, n in sizes]), sizes)]
 
@@ -285,7 +291,7 @@ class MugsViT(VisionTransformer):
         """All tokens after the last block, BEFORE the final norm: [B, 1 + N, D]."""
         return self.blocks(self.norm_pre(self._pos_embed(self.patch_embed(x))))
 
-    def forward_tokens_list(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def forward_tokens_list(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """`forward_tokens` for batches of different crop sizes, each block entered ONCE for all."""
         tokens = [self.norm_pre(self._pos_embed(self.patch_embed(x))) for x in xs]
         sizes = tuple((t.shape[0], t.shape[1]) for t in tokens)
@@ -305,11 +311,11 @@ class MugsViT(VisionTransformer):
         """Features for the three Mugs heads; `memory` None skips the relation block."""
         return self.forward_mugs_list([x], memory)[0]
 
-    def forward_mugs_list(self, xs: Sequence[torch.Tensor], memory=None) -> List[BackboneOutput]:
+    def forward_mugs_list(self, xs: Sequence[torch.Tensor], memory=None) -> list[BackboneOutput]:
         """`forward_mugs` for each batch of `xs` (crop sizes may differ) in one pass per block; the
         relation block, too, runs once on the concatenated queries of all batches."""
         tokens = self.forward_tokens_list(xs)
-        relation: List[Optional[torch.Tensor]] = [None] * len(tokens)
+        relation: list[torch.Tensor | None] = [None] * len(tokens)
         if memory is not None and len(self.relation_blocks) > 0:
             queries = [t.mean(dim=1) for t in tokens]
             relation = list(self.relation(torch.cat(queries), memory).split([q.shape[0] for q in queries]))
@@ -326,9 +332,9 @@ def build_backbone(
     patch_size: int = 16,
     img_size: int = 224,
     drop_path_rate: float = 0.0,
-    embed_dim: Optional[int] = None,
-    depth: Optional[int] = None,
-    num_heads: Optional[int] = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
     mlp_ratio: float = 4.0,
     qkv_bias: bool = True,
     num_relation_blocks: int = 1,

@@ -8,10 +8,12 @@
 
 Names are imported lazily, so `mugs-scan-data` (pipeline.scan) starts without torch or DALI.
 """
+
 from importlib import import_module
 
 _EXPORTS = {
-    "build_loader": "build", "build_loader_from_config": "build",
+    "build_loader": "build",
+    "build_loader_from_config": "build",
     "MultiCropBatch": "batch",
 }
 __all__ = list(_EXPORTS)

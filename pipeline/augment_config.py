@@ -10,12 +10,12 @@ does with them (src/multicropdataset.py), which both loaders follow:
   * each local crop independently weak with probability `prob`, else strong (the original
     uses `prob` here too, 0.5 by default; `vanilla_weak_augmentation` does not change this).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Tuple
 
 from ..configs.options import range_error
 
@@ -34,7 +34,7 @@ class RandAugmentPolicy:
     increasing: bool = False
 
     @classmethod
-    def parse(cls, spec: str) -> "RandAugmentPolicy":
+    def parse(cls, spec: str) -> RandAugmentPolicy:
         parts = spec.split("-")
         if parts[0] != "rand":
             raise ValueError(f"only RandAugment policies ('rand-...') are supported, got {spec!r}")
@@ -62,8 +62,8 @@ class AugmentConfig:
     global_size: int  # --img_size
     local_size: int  # --size_crops
     local_crops_number: int
-    global_crops_scale: Tuple[float, float]
-    local_crops_scale: Tuple[float, float]
+    global_crops_scale: tuple[float, float]
+    local_crops_scale: tuple[float, float]
     prob: float
     vanilla_weak_augmentation: bool
     re_prob: float
@@ -71,12 +71,18 @@ class AugmentConfig:
     strong_ratio: float
 
     # this view's fields -> the MugsConfig flags whose ranges they take
-    FLAGS = {"global_size": "img_size", "local_size": "size_crops", "global_crops_scale": "global_crops_scale",
-             "local_crops_scale": "local_crops_scale", "prob": "prob", "re_prob": "re_prob",
-             "strong_ratio": "strong_ratio"}
+    FLAGS = {
+        "global_size": "img_size",
+        "local_size": "size_crops",
+        "global_crops_scale": "global_crops_scale",
+        "local_crops_scale": "local_crops_scale",
+        "prob": "prob",
+        "re_prob": "re_prob",
+        "strong_ratio": "strong_ratio",
+    }
 
     @classmethod
-    def from_config(cls, cfg) -> "AugmentConfig":
+    def from_config(cls, cfg) -> AugmentConfig:
         """The view of a MugsConfig (configs/options.py)."""
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("global_size", "local_size")]
         return cls(global_size=cfg.img_size, local_size=cfg.local_crop_size, **{n: getattr(cfg, n) for n in names})
@@ -94,7 +100,7 @@ class AugmentConfig:
             if not lo <= hi:
                 raise ValueError(f"--{name} {lo} {hi}: min must not exceed max")
             object.__setattr__(self, name, (float(lo), float(hi)))
-        self.policy  # validate the RandAugment string early
+        _ = self.policy  # validate the RandAugment string early
 
     @property
     def policy(self) -> RandAugmentPolicy:

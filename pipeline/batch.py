@@ -1,8 +1,8 @@
 """What one loader step yields: the trainer's only view of the data pipeline."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
@@ -21,18 +21,18 @@ class MultiCropBatch:
         relative to the image, crops in teacher + student order; "local_weak" [B, n] bool.
     """
 
-    teacher: List[torch.Tensor]
-    student: List[torch.Tensor]
+    teacher: list[torch.Tensor]
+    student: list[torch.Tensor]
     weak_flags: torch.Tensor
-    paths: Optional[List[str]] = None
-    labels: Optional[torch.Tensor] = None
-    debug: Optional[Dict[str, torch.Tensor]] = None
+    paths: list[str] | None = None
+    labels: torch.Tensor | None = None
+    debug: dict[str, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
         return int(self.weak_flags.shape[0])
 
     @property
-    def crops(self) -> List[torch.Tensor]:
+    def crops(self) -> list[torch.Tensor]:
         """The original's order: teacher globals, student globals, student locals."""
         return self.teacher + self.student

@@ -1,7 +1,8 @@
 """The trainer's entry points: `build_loader(aug, data, ...)` and `build_loader_from_config(cfg, ...)`."""
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -11,8 +12,17 @@ from .files import load_index
 from .loader_base import MultiCropLoader
 
 
-def build_loader(aug: AugmentConfig, data: LoaderConfig, *, rank: int, world_size: int, device: Any,
-                 dtype: torch.dtype, debug: bool = False, device_id: Optional[int] = None) -> MultiCropLoader:
+def build_loader(
+    aug: AugmentConfig,
+    data: LoaderConfig,
+    *,
+    rank: int,
+    world_size: int,
+    device: Any,
+    dtype: torch.dtype,
+    debug: bool = False,
+    device_id: int | None = None,
+) -> MultiCropLoader:
     """A multi-crop loader over an ImageFolder root or a mugs-scan-data file list.
 
     backend "dali": DALI pipelines (GPU decode when device is cuda; CPU graph otherwise),
@@ -20,8 +30,15 @@ def build_loader(aug: AugmentConfig, data: LoaderConfig, *, rank: int, world_siz
     worker processes. `debug` (DALI) adds crop windows to each batch.
     """
     index = load_index(data.data_path)
-    common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=data.seed, device=device,
-                  dtype=dtype, skip_unreadable=data.skip_unreadable)
+    common = dict(
+        batch_size=data.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=data.seed,
+        device=device,
+        dtype=dtype,
+        skip_unreadable=data.skip_unreadable,
+    )
     if data.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is an optional dependency
 
@@ -35,5 +52,6 @@ def build_loader(aug: AugmentConfig, data: LoaderConfig, *, rank: int, world_siz
 
 def build_loader_from_config(cfg, rank: int, world_size: int, device: Any, dtype: torch.dtype) -> MultiCropLoader:
     """The loader a MugsConfig (configs/options.py) describes."""
-    return build_loader(AugmentConfig.from_config(cfg), cfg.loader_view(), rank=rank, world_size=world_size,
-                        device=device, dtype=dtype)
+    return build_loader(
+        AugmentConfig.from_config(cfg), cfg.loader_view(), rank=rank, world_size=world_size, device=device, dtype=dtype
+    )

@@ -13,6 +13,7 @@ on the CPU the graph is decode only (2 operators) and the loader cuts the same w
 default 4 + 10 crops: 44 operators on the GPU (decode, and per crop 2 inputs + 1 resize), no conditionals,
 no random generators.
 """
+
 from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
@@ -31,6 +32,15 @@ def multicrop_graph(sides, decode_device: str):
     for c, side in enumerate(sides):
         start = fn.external_source(name=f"roi_start{c}", dtype=types.FLOAT, ndim=1)
         end = fn.external_source(name=f"roi_end{c}", dtype=types.FLOAT, ndim=1)
-        outputs.append(fn.resize(image, roi_start=start, roi_end=end, roi_relative=False, size=[side, side],
-                                 interp_type=types.INTERP_CUBIC, antialias=True))
+        outputs.append(
+            fn.resize(
+                image,
+                roi_start=start,
+                roi_end=end,
+                roi_relative=False,
+                size=[side, side],
+                interp_type=types.INTERP_CUBIC,
+                antialias=True,
+            )
+        )
     return tuple(outputs)

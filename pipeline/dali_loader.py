@@ -12,6 +12,7 @@ crops depend only on (seed, epoch, position), not on the rank layout. With `skip
 that cannot be read or decoded is replaced by the next readable one of the index (logged); every other
 sample, and the order, stay as they were.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -23,7 +24,8 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from .recipes import apply_recipes
 _UNDECODABLE = frozenset({"non_image", "unreadable", "corrupt", "truncated"})
 
 
-def read_image_bytes(path: str) -> Tuple[np.ndarray, int, int]:
+def read_image_bytes(path: str) -> tuple[np.ndarray, int, int]:
     """(bytes, height, width) of an image file, checked before DALI sees it: readable, a format PIL can
     identify from its header, at most MAX_IMAGE_PIXELS pixels, and a JPEG with its end-of-image marker."""
     from PIL import Image
@@ -81,32 +83,47 @@ def _stop_all() -> None:
 class DaliLoader(MultiCropLoader):
     backend = "dali"
 
-    def __init__(self, index: FileIndex, aug: AugmentConfig, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, device: Any = "cpu", num_threads: int = 4,
-                 dtype: torch.dtype = torch.float32, device_id: Optional[int] = None,
-                 prefetch: int = 2, debug: bool = False, skip_unreadable: bool = False,
-                 log: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        index: FileIndex,
+        aug: AugmentConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: Any = "cpu",
+        num_threads: int = 4,
+        dtype: torch.dtype = torch.float32,
+        device_id: int | None = None,
+        prefetch: int = 2,
+        debug: bool = False,
+        skip_unreadable: bool = False,
+        log: Callable[[str], None] | None = None,
+    ):
         super().__init__(index, aug, batch_size, rank, world_size, seed, device, dtype)
         self.num_threads, self.prefetch, self.debug = max(1, num_threads), max(1, prefetch), debug
         self.skip_unreadable = skip_unreadable
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         if self.device.type == "cuda":
-            self.device_id = device_id if device_id is not None else (
-                self.device.index if self.device.index is not None else torch.cuda.current_device())
+            self.device_id = (
+                device_id
+                if device_id is not None
+                else (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            )
             self.device = torch.device("cuda", self.device_id)
         else:
             self.device_id = None
         self.num_global = 2 if aug.vanilla_weak_augmentation else 4
         self.builds = 0  # DALI pipeline builds (1 per run; another only after a decode failure when skipping)
-        self.replaced: Dict[int, int] = {}  # unreadable dataset index -> the one read in its place
-        self._bad: Dict[int, str] = {}
+        self.replaced: dict[int, int] = {}  # unreadable dataset index -> the one read in its place
+        self._bad: dict[int, str] = {}
         self._pipe = None
         self._stream = None
-        self._orders: Dict[int, np.ndarray] = {}
-        self._producer: Optional[threading.Thread] = None
+        self._orders: dict[int, np.ndarray] = {}
+        self._producer: threading.Thread | None = None
         self._stop = threading.Event()
-        self._queue: Optional[queue.Queue] = None
-        self._head: Tuple[int, int] = (-1, -1)  # (epoch, step) of the next batch in the queue
+        self._queue: queue.Queue | None = None
+        self._head: tuple[int, int] = (-1, -1)  # (epoch, step) of the next batch in the queue
         self._spent: collections.deque = collections.deque()  # batches handed out (CPU), freed by the producer
         self._build()
         _LIVE.add(self)
@@ -121,9 +138,15 @@ class DaliLoader(MultiCropLoader):
             warnings.simplefilter("ignore", DeprecationWarning)
             sides = [aug.global_size] * self.num_global + [aug.local_size] * aug.local_crops_number
             sides = sides if gpu else []  # CPU: decode only, crops cut in torch (_cut)
-            pipe = multicrop_graph(sides, "mixed" if gpu else "cpu", batch_size=self.batch_size,
-                                   num_threads=self.num_threads, device_id=self.device_id, prefetch_queue_depth=1,
-                                   seed=0)  # the graph draws nothing: every random choice is an input
+            pipe = multicrop_graph(
+                sides,
+                "mixed" if gpu else "cpu",
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=self.device_id,
+                prefetch_queue_depth=1,
+                seed=0,
+            )  # the graph draws nothing: every random choice is an input
             pipe.build()
         self._pipe = pipe
         self.builds += 1
@@ -155,7 +178,7 @@ class DaliLoader(MultiCropLoader):
             del batch
 
     def _start_producer(self, epoch: int, start: int) -> None:
-        q: "queue.Queue" = queue.Queue(maxsize=self.prefetch)
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def put(item) -> bool:
@@ -205,7 +228,7 @@ class DaliLoader(MultiCropLoader):
             self._orders = {epoch: self.rank_order(epoch)}
         return self._orders[epoch]
 
-    def _read(self, idx: int, epoch: int, pos: int) -> Tuple[np.ndarray, int, int, int]:
+    def _read(self, idx: int, epoch: int, pos: int) -> tuple[np.ndarray, int, int, int]:
         """Bytes and size of dataset image `idx`, or with skip_unreadable of the one read in its place."""
         n = len(self.index)
         for k in range(n):
@@ -226,13 +249,17 @@ class DaliLoader(MultiCropLoader):
     def _note_replacement(self, idx: int, j: int, epoch: int, pos: int) -> None:
         if self.replaced.get(idx) != j:
             self.replaced[idx] = j
-            self.log(f"mugs: rank {self.rank}: skipped unreadable {self.index.paths[idx]} ({self._bad[idx]}); "
-                     f"read {self.index.paths[j]} in its place (epoch {epoch}, sample {pos}; --skip_unreadable)")
+            self.log(
+                f"mugs: rank {self.rank}: skipped unreadable {self.index.paths[idx]} ({self._bad[idx]}); "
+                f"read {self.index.paths[j]} in its place (epoch {epoch}, sample {pos}; --skip_unreadable)"
+            )
 
-    def _unreadable_message(self, idxs: List[int], epoch: int, pos: int) -> str:
+    def _unreadable_message(self, idxs: list[int], epoch: int, pos: int) -> str:
         what = "; ".join(f"{self.index.paths[i]} ({self._bad[i]})" for i in idxs)
-        return (f"DALI could not decode an image at sample {pos} of epoch {epoch} (rank {self.rank}): {what}. "
-                + unreadable_advice(self.index.source))
+        return (
+            f"DALI could not decode an image at sample {pos} of epoch {epoch} (rank {self.rank}): {what}. "
+            + unreadable_advice(self.index.source)
+        )
 
     def _produce(self, epoch: int, step: int):
         while len(self._spent) > 2:  # batches the trainer has moved past: their memory is freed here
@@ -251,12 +278,13 @@ class DaliLoader(MultiCropLoader):
                     raise DataError(
                         f"DALI could not decode an image at step {step} of epoch {epoch} (rank {self.rank}): one of "
                         f"{self.index.paths[samples[0][3]]} ... ({B} files; the scan check finds nothing wrong with "
-                        f"them). DALI said: {e}") from None
+                        f"them). DALI said: {e}"
+                    ) from None
                 if not self.skip_unreadable:
                     raise DataError(self._unreadable_message(bad, epoch, int(positions[0]))) from None
                 self._build()  # DALI's pipeline is not usable after a failed run: the next try needs a new one
 
-    def _find_undecodable(self, idxs: List[int]) -> List[int]:
+    def _find_undecodable(self, idxs: list[int]) -> list[int]:
         from .scan import check_image
 
         bad = []
@@ -279,7 +307,7 @@ class DaliLoader(MultiCropLoader):
         pipe.feed_input("encoded", [s[0] for s in samples])
         sizes = {"global": aug.global_size, "local": aug.local_size}
         c = 0
-        for name, g in d.groups.items():
+        for g in d.groups.values():
             if not gpu:
                 break
             for start, end in zip(*_rois(g.window, g.flip)):
@@ -301,8 +329,9 @@ class DaliLoader(MultiCropLoader):
                     del outs[:n]
                 else:
                     u8, layout = _cut(outs[0], g.window, g.flip, sizes[name]), "CHW"  # n x [B, 3, S, S]
-                crops[name] = apply_recipes(u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype,
-                                            layout=layout).unbind(0)
+                crops[name] = apply_recipes(
+                    u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype, layout=layout
+                ).unbind(0)
             weak = torch.as_tensor(d.weak).to(self.device, non_blocking=True)
             event = None
             if gpu:
@@ -321,10 +350,14 @@ class DaliLoader(MultiCropLoader):
                 w = torch.cat([w[:, :2], w[:, :2], w[:, 2:]], dim=1)
             lw = d.groups["local"].kind.T != 3 if "local" in d.groups else np.zeros((len(idx), 0), bool)
             debug = {"windows": w, "local_weak": torch.as_tensor(lw)}
-        batch = MultiCropBatch(teacher=teacher, student=student, weak_flags=weak,
-                               paths=[self.index.paths[i] for i in idx],
-                               labels=torch.as_tensor([self.index.labels[i] for i in idx], dtype=torch.long),
-                               debug=debug)
+        batch = MultiCropBatch(
+            teacher=teacher,
+            student=student,
+            weak_flags=weak,
+            paths=[self.index.paths[i] for i in idx],
+            labels=torch.as_tensor([self.index.labels[i] for i in idx], dtype=torch.long),
+            debug=debug,
+        )
         return batch, event
 
 
@@ -334,7 +367,7 @@ def _dali_said(err: Exception) -> str:
     return after[0] if after else (lines[-1] if lines else type(err).__name__)
 
 
-def _rois(window: np.ndarray, flip: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _rois(window: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """DALI resize ROIs, (start, end) [n, B, 2] (y, x) in pixels, for windows [n, B, 4] (i, j, h, w) and flips
     [n, B]: a flipped window runs from its right edge to its left."""
     i, j, h, w = (window[..., k].astype(np.float32) for k in range(4))
@@ -342,7 +375,7 @@ def _rois(window: np.ndarray, flip: np.ndarray) -> Tuple[np.ndarray, np.ndarray]
     return np.stack([i, x0], -1), np.stack([i + h, x1], -1)
 
 
-def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> List[torch.Tensor]:
+def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> list[torch.Tensor]:
     """The CPU cutter: per crop, each image's window resized to side x side (bicubic, antialiased: the
     RandomResizedCrop of torchvision on tensors; on uint8 torch saturates the overshoot to 0..255), flipped
     where drawn. images: DALI's decoded HWC batch."""
@@ -354,8 +387,9 @@ def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> List[torch.
         crops = torch.empty((len(imgs), 3, side, side), dtype=torch.uint8)
         for b, img in enumerate(imgs):
             i, j, h, w = (int(v) for v in window[c, b])
-            r = F.interpolate(img[i:i + h, j:j + w].permute(2, 0, 1)[None], size=(side, side), mode="bicubic",
-                              antialias=True)[0]
+            r = F.interpolate(
+                img[i : i + h, j : j + w].permute(2, 0, 1)[None], size=(side, side), mode="bicubic", antialias=True
+            )[0]
             crops[b] = r.flip(-1) if flip[c, b] else r
         out.append(crops)
     return out

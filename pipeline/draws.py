@@ -13,11 +13,11 @@ of uniforms per crop (`_COLS`) is read by vectorised rules:
   each applied with p=0.5, magnitude N(m, mstd) clipped to [0, 10], sign +-1), random erasing (re_prob,
   timm's rectangle rule) with a per-crop noise key.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -125,8 +125,15 @@ def erase_boxes(u: np.ndarray, on: np.ndarray, size: int) -> np.ndarray:
     return box.astype(np.int64)
 
 
-def draw_batch(aug: AugmentConfig, seed: int, epoch: int, positions: np.ndarray, heights: np.ndarray,
-               widths: np.ndarray, uniforms: Optional[tuple] = None) -> BatchDraws:
+def draw_batch(
+    aug: AugmentConfig,
+    seed: int,
+    epoch: int,
+    positions: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    uniforms: tuple | None = None,
+) -> BatchDraws:
     """The draws of the samples at global `positions` of `epoch` (images of heights x widths pixels)."""
     B = len(positions)
     ng = 2 if aug.vanilla_weak_augmentation else 4
@@ -142,11 +149,37 @@ def draw_batch(aug: AugmentConfig, seed: int, epoch: int, positions: np.ndarray,
         gk[:, 2] = np.where(weak, WEAK_GLOBAL_1, STRONG)
         gk[:, 3] = np.where(weak, WEAK_GLOBAL_2, STRONG)
     lk = np.where(u[:, ng:, _LOCAL_WEAK] < aug.local_weak_prob, WEAK_LOCAL, STRONG)
-    groups = {"global": _group(aug, u[:, :ng], z[:, :ng], gk, heights, widths, aug.global_crops_scale, aug.global_size,
-                               seed, epoch, positions, 0)}
+    groups = {
+        "global": _group(
+            aug,
+            u[:, :ng],
+            z[:, :ng],
+            gk,
+            heights,
+            widths,
+            aug.global_crops_scale,
+            aug.global_size,
+            seed,
+            epoch,
+            positions,
+            0,
+        )
+    }
     if nl:
-        groups["local"] = _group(aug, u[:, ng:], z[:, ng:], lk, heights, widths, aug.local_crops_scale, aug.local_size,
-                                 seed, epoch, positions, ng)
+        groups["local"] = _group(
+            aug,
+            u[:, ng:],
+            z[:, ng:],
+            lk,
+            heights,
+            widths,
+            aug.local_crops_scale,
+            aug.local_size,
+            seed,
+            epoch,
+            positions,
+            ng,
+        )
     return BatchDraws(weak=weak, groups=groups)
 
 
@@ -158,8 +191,15 @@ def _group(aug, u, z, kind, heights, widths, scale, size, seed, epoch, positions
     window = rrc_windows(u, heights, widths, scale)
     flip = u[..., _FLIP] < 0.5
     on = weak & (u[..., _JITTER] < 0.8)
-    jitter = np.stack([np.where(on, 0.6 + 0.8 * u[..., _BRIGHT], 1.0), np.where(on, 0.6 + 0.8 * u[..., _CONTRAST], 1.0),
-                       np.where(on, 0.8 + 0.4 * u[..., _SAT], 1.0), np.where(on, -0.1 + 0.2 * u[..., _HUE], 0.0)], -1)
+    jitter = np.stack(
+        [
+            np.where(on, 0.6 + 0.8 * u[..., _BRIGHT], 1.0),
+            np.where(on, 0.6 + 0.8 * u[..., _CONTRAST], 1.0),
+            np.where(on, 0.8 + 0.4 * u[..., _SAT], 1.0),
+            np.where(on, -0.1 + 0.2 * u[..., _HUE], 0.0),
+        ],
+        -1,
+    )
     gray = weak & (u[..., _GRAY] < 0.2)
     blur = u[..., _BLUR] < BLUR_P[kind]
     sigma = np.where(blur, 0.1 + 1.9 * u[..., _SIGMA], 0.0)
@@ -179,6 +219,17 @@ def _group(aug, u, z, kind, heights, widths, scale, size, seed, epoch, positions
     key = (np.asarray(positions, dtype=np.int64)[:, None] * 64 + first_crop + np.arange(n)[None, :]) * 1_000_003
     key = (key + (int(seed) % 1_000_033) * 7919 + int(epoch) * 104_729) & 0x7FFFFFFF
     T = lambda a: np.ascontiguousarray(np.swapaxes(a, 0, 1))  # noqa: E731  [B, n, ...] -> [n, B, ...]
-    return CropDraws(kind=T(kind), window=T(window), flip=T(flip), jitter=T(jitter), gray=T(gray), blur_sigma=T(sigma),
-                  solarize=T(solarize), ra_op=T(op), ra_level=T(level), ra_sign=T(sign),
-                  erase=T(erase), noise_key=T(key))
+    return CropDraws(
+        kind=T(kind),
+        window=T(window),
+        flip=T(flip),
+        jitter=T(jitter),
+        gray=T(gray),
+        blur_sigma=T(sigma),
+        solarize=T(solarize),
+        ra_op=T(op),
+        ra_level=T(level),
+        ra_sign=T(sign),
+        erase=T(erase),
+        noise_key=T(key),
+    )

@@ -5,10 +5,10 @@ beside it) holds 5,000 training and 2,000 held-out 28x28 images. `materialize(ro
 writes them once as 56-px RGB PNGs in `root/train/<class>/` and `root/val/<class>/`, the
 ImageFolder layout every loader of this project reads.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 
@@ -19,7 +19,7 @@ SIZE = 56
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 
 
-def materialize(root: "str | Path", subset: int = 0) -> Tuple[Path, Path]:
+def materialize(root: str | Path, subset: int = 0) -> tuple[Path, Path]:
     """Write the split under `root` (skipped when already complete); returns (train_dir, val_dir).
     `subset` N > 0 keeps the first N training and N/2 held-out images (quick tests)."""
     from PIL import Image

@@ -12,11 +12,12 @@ are used as they are. The number after the TAB is the class index (sorted class
 folder names, as torchvision's ImageFolder numbers them). Lines without a TAB are
 taken as a path with class index 0.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
 
 # what the loaders read from a folder tree (DALI and PIL decode all of these)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -30,8 +31,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 class FileIndex:
     """Absolute paths and class indices, in a fixed (sorted) order: shuffles index into it."""
 
-    paths: Tuple[str, ...]
-    labels: Tuple[int, ...]
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
     source: str
 
     def __len__(self) -> int:
@@ -42,12 +43,12 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def class_folders(root: str) -> List[str]:
+def class_folders(root: str) -> list[str]:
     """Sorted class folder names (ImageFolder numbering); hidden folders are skipped."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def walk_class(root: str, cls: str) -> List[str]:
+def walk_class(root: str, cls: str) -> list[str]:
     """All files under root/cls (recursive, sorted), as paths relative to root."""
     out = []
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
@@ -100,7 +101,7 @@ def read_file_list(list_path: str) -> FileIndex:
     return FileIndex(tuple(paths), tuple(labels), list_path)
 
 
-def write_file_list(list_path: str, root: str, entries: Sequence[Tuple[str, int]]) -> None:
+def write_file_list(list_path: str, root: str, entries: Sequence[tuple[str, int]]) -> None:
     """Write (relative path, class index) entries; atomically (temp file + rename)."""
     tmp = list_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -3,11 +3,12 @@ FileIndex (ImageFolder tree or mugs-scan-data file list, as the training loaders
 fixed per-class subset that `mugs-eval-knn --subset_per_class` and the training run's k-NN monitor
 (`--knn_subset_per_class`) both take, so that the two pick the same images.
 """
+
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,12 +35,12 @@ def eval_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
     return transforms.Compose(_geometry(resize, crop) + _to_input())
 
 
-def eval_view(img_size: int) -> Tuple[int, int]:
+def eval_view(img_size: int) -> tuple[int, int]:
     """(resize, crop) of the evaluation view at a training resolution: 256/224 at 224 px, scaled alike."""
     return round(img_size * 256 / 224), img_size
 
 
-def subset_per_class(paths: Sequence[str], labels: Sequence[int], per_class: int) -> List[int]:
+def subset_per_class(paths: Sequence[str], labels: Sequence[int], per_class: int) -> list[int]:
     """Indices of `per_class` images of each class (all of a smaller class; `per_class` <= 0: all images),
     in ascending index order. Chosen by a fixed seed among each class's paths in sorted order, so the
     choice depends only on the set of (path, label) pairs, not on how they were listed."""
@@ -64,7 +65,7 @@ class LabelledImages(Dataset):
     after its first read, so that a set read again and again (the k-NN monitor's, every N epochs) is
     decoded once; ToTensor and Normalize run on the kept array, giving the very same tensor."""
 
-    def __init__(self, index: FileIndex, view: Tuple[int, int], keep: Sequence[int] = (), cache: bool = False):
+    def __init__(self, index: FileIndex, view: tuple[int, int], keep: Sequence[int] = (), cache: bool = False):
         keep = list(keep) if keep else list(range(len(index)))
         self.paths = [index.paths[i] for i in keep]
         self.targets = [int(index.labels[i]) for i in keep]

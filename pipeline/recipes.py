@@ -16,10 +16,10 @@ Weak: ColorJitter + grayscale as one colour matrix + offset (brightness, contras
 in this fixed order), Gaussian blur (13-tap separable), solarize. Known differences from PIL are those of
 the previous DALI graph: RandAugment on the cut crop, jitter order fixed, OpenCV-like rounding.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,8 +30,21 @@ from .draws import CropDraws
 
 FILL = float(round(255 * sum(IMAGENET_MEAN) / 3))  # grey near timm's img_mean fill
 OP_NAMES = (  # timm's _RAND_INCREASING_TRANSFORMS order (inc1); inc0 uses the plain names of the same ops
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 LUT_OPS = (0, 1, 2, 4, 5, 6)
 MATRIX_OPS = (7, 8, 9)
@@ -70,7 +83,7 @@ def _luts(x: torch.Tensor, op: np.ndarray, level: np.ndarray, increasing: bool) 
     bits = torch.floor(lv * 0.4)
     bits = 4 - bits if increasing else bits
     shift = (8 - bits).clamp(0, 8)
-    post = torch.floor(v / 2 ** shift) * 2 ** shift
+    post = torch.floor(v / 2**shift) * 2**shift
     lut = torch.where(opt == 4, post, lut)
     # Solarize at threshold 256 level/10 (inc1: 256 - that)
     th = torch.floor(lv * 25.6)
@@ -240,7 +253,7 @@ def _blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
         y = xs.reshape(1, m * c, h, w)
         for dim, size in ((2, h), (3, w)):
             p = min(int(r), size - 1)
-            kk = k[:, r - p: r + p + 1]
+            kk = k[:, r - p : r + p + 1]
             kk = kk / kk.sum(1, keepdim=True)
             if dim == 2:
                 y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), kk[:, None, :, None], groups=m * c)
@@ -287,7 +300,7 @@ def _hash_normal(counter: torch.Tensor) -> torch.Tensor:
         for mul in (0x7FEB352D, 0x046CA68B, 0x2C1B3C6D):
             v = (v ^ (v >> 16)) * mul & m
         v = v ^ (v >> 15)
-        out.append((v.to(torch.float64) + 0.5) / 2 ** 31)
+        out.append((v.to(torch.float64) + 0.5) / 2**31)
     u1, u2 = out
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
 
@@ -314,8 +327,14 @@ def normalise_and_erase(x: torch.Tensor, d: CropDraws) -> torch.Tensor:
     return x
 
 
-def apply_recipes(crops_u8, d: CropDraws, increasing: bool, translate_frac: float,
-                  out_dtype: Optional[torch.dtype] = None, layout: str = "HWC") -> torch.Tensor:
+def apply_recipes(
+    crops_u8,
+    d: CropDraws,
+    increasing: bool,
+    translate_frac: float,
+    out_dtype: torch.dtype | None = None,
+    layout: str = "HWC",
+) -> torch.Tensor:
     """n uint8 crops [B, S, S, 3] each (layout HWC, DALI's; or [B, 3, S, S], CHW) -> normalised
     [n, B, 3, S, S] in `out_dtype`."""
     if isinstance(crops_u8, torch.Tensor):

@@ -22,6 +22,7 @@ The workers need only this module, so they are started without importing the cal
 every non-fork start method does by default): a script calling it works with or without the
 `if __name__ == "__main__":` guard.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,9 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageFile
 
@@ -47,8 +48,15 @@ from .files import class_folders, is_image_name, walk_class, write_file_list
 
 # what each extension must contain (PIL format names)
 _EXPECTED = {
-    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP",
-    ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
 }
 _GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
 
@@ -56,7 +64,7 @@ _GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
 MIN_SIZE = 16  # pixels: an image with a shorter side is left out (--min-size)
 
 
-def check_image(path: str, min_size: int = MIN_SIZE, keep_grayscale: bool = False) -> Tuple[Optional[str], str]:
+def check_image(path: str, min_size: int = MIN_SIZE, keep_grayscale: bool = False) -> tuple[str | None, str]:
     """(reason, detail) for a file the loaders should not read, or (None, "WxH") for a good one."""
     ext = os.path.splitext(path)[1].lower()
     if not is_image_name(path):
@@ -109,8 +117,9 @@ def _check_chunk(tasks):
 def _progress(done: int, total: int, bad: int, t0: float, out) -> None:
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else 0.0
-    print(f"mugs-scan-data: {done}/{total} files ({rate:.0f}/s, ~{eta:.0f}s left), {bad} left out",
-          file=out, flush=True)
+    print(
+        f"mugs-scan-data: {done}/{total} files ({rate:.0f}/s, ~{eta:.0f}s left), {bad} left out", file=out, flush=True
+    )
 
 
 _CHUNK = 32  # files per task sent to a worker
@@ -151,25 +160,32 @@ def _check_all(tasks: list, workers: int):
         return
     with ProcessPoolExecutor(max(1, min(workers, len(tasks))), mp_context=_pool_context()) as ex:
         with _without_main_script():  # the processes start during the submits
-            futures = [ex.submit(_check_chunk, tasks[i:i + _CHUNK]) for i in range(0, len(tasks), _CHUNK)]
+            futures = [ex.submit(_check_chunk, tasks[i : i + _CHUNK]) for i in range(0, len(tasks), _CHUNK)]
         try:
             for fut in as_completed(futures):
                 yield from fut.result()
         except BrokenProcessPool as e:
-            raise DataError(f"a decoding process died ({e}): killed (out of memory?); scan again with "
-                            "fewer --workers") from None
+            raise DataError(
+                f"a decoding process died ({e}): killed (out of memory?); scan again with fewer --workers"
+            ) from None
         finally:
             for fut in futures:
                 fut.cancel()
 
 
-def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_grayscale: bool = False, quiet: bool = False,
-                 progress_every: float = 10.0) -> dict:
+def scan_dataset(
+    root: str,
+    workers: int,
+    min_size: int = MIN_SIZE,
+    keep_grayscale: bool = False,
+    quiet: bool = False,
+    progress_every: float = 10.0,
+) -> dict:
     """Scan ROOT; returns the report dict with the kept entries under "kept_entries"."""
     root = os.path.abspath(root)
     t0 = time.time()
     classes = class_folders(root)
-    left_out: List[dict] = []
+    left_out: list[dict] = []
     for e in sorted(os.scandir(root), key=lambda e: e.name):
         if e.is_file() and not e.name.startswith("."):  # hidden files in ROOT (markers) are ignored
             left_out.append({"path": e.name, "reason": "outside_class", "detail": "not in a class folder"})
@@ -177,14 +193,19 @@ def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_graysca
     for label, cls in enumerate(classes):
         for rel in walk_class(root, cls):
             if any(c in rel for c in UNLISTABLE):  # before decoding: the list could not name it
-                left_out.append({"path": rel, "reason": "unlistable_name",
-                                 "detail": "a TAB, newline or carriage return in the name: rename the file"})
+                left_out.append(
+                    {
+                        "path": rel,
+                        "reason": "unlistable_name",
+                        "detail": "a TAB, newline or carriage return in the name: rename the file",
+                    }
+                )
             else:
                 tasks.append((len(tasks), root, rel, label, min_size, keep_grayscale))
     out = sys.stderr
     if not quiet:
         print(f"mugs-scan-data: {len(tasks)} files in {len(classes)} class folders under {root}", file=out)
-    results: List[Optional[tuple]] = [None] * len(tasks)
+    results: list[tuple | None] = [None] * len(tasks)
     bad, last = 0, time.time()
     for n, (i, rel, label, reason, detail) in enumerate(_check_all(tasks, workers), 1):
         results[i] = (rel, label, reason, detail)
@@ -193,28 +214,41 @@ def scan_dataset(root: str, workers: int, min_size: int = MIN_SIZE, keep_graysca
             _progress(n, len(tasks), bad, t0, out)
             last = time.time()
     kept = [(rel, label) for rel, label, reason, _ in results if reason is None]
-    left_out += [{"path": rel, "reason": reason, "detail": detail}
-                 for rel, _, reason, detail in results if reason is not None]
+    left_out += [
+        {"path": rel, "reason": reason, "detail": detail} for rel, _, reason, detail in results if reason is not None
+    ]
     used = {label for _, label in kept}
     counts = dict(Counter(item["reason"] for item in left_out))
     if not quiet:
         _progress(len(tasks), len(tasks), len(left_out), t0, out)
     return {
-        "root": root, "scanned": len(tasks) + counts.get("unlistable_name", 0), "kept": len(kept), "left_out_counts": counts,
+        "root": root,
+        "scanned": len(tasks) + counts.get("unlistable_name", 0),
+        "kept": len(kept),
+        "left_out_counts": counts,
         "empty_classes": [c for i, c in enumerate(classes) if i not in used],
-        "num_classes": len(classes), "min_size": min_size, "keep_grayscale": keep_grayscale,
-        "seconds": round(time.time() - t0, 2), "left_out": left_out, "kept_entries": kept,
+        "num_classes": len(classes),
+        "min_size": min_size,
+        "keep_grayscale": keep_grayscale,
+        "seconds": round(time.time() - t0, 2),
+        "left_out": left_out,
+        "kept_entries": kept,
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mugs-scan-data", description=__doc__.split("\n")[0])
     ap.add_argument("root", help="ImageFolder root: ROOT/class/image")
     ap.add_argument("--out", required=True, help="file list to write (the loaders' --data_path)")
     ap.add_argument("--report", help="JSON report (default: OUT.report.json)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    ap.add_argument("--min-size", type=int, default=MIN_SIZE,
-                    help=f"leave out images with a side shorter than this (default {MIN_SIZE}; use your local crop size to be strict)")
+    ap.add_argument(
+        "--min-size",
+        type=int,
+        default=MIN_SIZE,
+        help=f"leave out images with a side shorter than this (default {MIN_SIZE}; "
+        "use your local crop size to be strict)",
+    )
     ap.add_argument("--keep-grayscale", action="store_true", help="keep single-channel images (decoded to RGB)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
@@ -236,8 +270,10 @@ def _scan(args: argparse.Namespace) -> int:
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(report["left_out_counts"].items())) or "nothing"
-    print(f"mugs-scan-data: kept {report['kept']} of {report['scanned']} files; left out: {summary}; "
-          f"empty classes: {len(report['empty_classes'])}. List: {args.out}  Report: {report_path}")
+    print(
+        f"mugs-scan-data: kept {report['kept']} of {report['scanned']} files; left out: {summary}; "
+        f"empty classes: {len(report['empty_classes'])}. List: {args.out}  Report: {report_path}"
+    )
     return 0 if report["kept"] else 1
 
 

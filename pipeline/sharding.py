@@ -9,6 +9,7 @@ Rank r takes every world_size-th entry of the cut permutation starting at r
 (DistributedSampler's layout), so ranks are disjoint and together cover the cut epoch.
 Everything depends only on (seed, epoch, rank, N, world_size, batch_size): reproducible.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,12 +5,14 @@ without DALI and for the benchmark. Every sample's random draws are seeded from
 (seed, epoch, dataset index), so a batch does not depend on workers or on where iteration
 started: resuming at batch k gives exactly the batches an uninterrupted epoch would have.
 """
+
 from __future__ import annotations
 
 import contextlib
 import random
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +47,16 @@ def _seeded(seed: int):
 class _EpochShard(Dataset):
     """Item i = the i-th image this rank reads in the epoch, from position `start` on."""
 
-    def __init__(self, index: FileIndex, order: np.ndarray, transform: MultiCropTransform, seed: int, epoch: int,
-                 rank: int = 0, skip_unreadable: bool = False):
+    def __init__(
+        self,
+        index: FileIndex,
+        order: np.ndarray,
+        transform: MultiCropTransform,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        skip_unreadable: bool = False,
+    ):
         self.index, self.order, self.transform = index, order, transform
         self.seed, self.epoch, self.rank, self.skip_unreadable = seed, epoch, rank, skip_unreadable
 
@@ -74,9 +84,12 @@ class _EpochShard(Dataset):
             advice = unreadable_advice(self.index.source)
             raise DataError(f"cannot decode {path} ({first}) (rank {self.rank}). {advice}")
         if k:
-            print(f"mugs: rank {self.rank}: skipped unreadable {path} ({first}); read "
-                  f"{self.index.paths[(idx + k) % n]} in its place (epoch {self.epoch}; --skip_unreadable)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"mugs: rank {self.rank}: skipped unreadable {path} ({first}); read "
+                f"{self.index.paths[(idx + k) % n]} in its place (epoch {self.epoch}; --skip_unreadable)",
+                file=sys.stderr,
+                flush=True,
+            )
         with _seeded(derive_seed(self.seed, self.epoch, idx, 1)):  # the position's draws, whatever was read
             crops, weak = self.transform(img)
         return crops, weak, (idx + k) % n
@@ -85,20 +98,36 @@ class _EpochShard(Dataset):
 class TorchvisionLoader(MultiCropLoader):
     backend = "torchvision"
 
-    def __init__(self, index: FileIndex, aug: AugmentConfig, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, device: Any = "cpu", num_workers: int = 4,
-                 dtype: torch.dtype = torch.float32, prefetch_factor: int = 2, skip_unreadable: bool = False):
+    def __init__(
+        self,
+        index: FileIndex,
+        aug: AugmentConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: Any = "cpu",
+        num_workers: int = 4,
+        dtype: torch.dtype = torch.float32,
+        prefetch_factor: int = 2,
+        skip_unreadable: bool = False,
+    ):
         super().__init__(index, aug, batch_size, rank, world_size, seed, device, dtype)
         self.skip_unreadable = skip_unreadable
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.transform = MultiCropTransform(aug)
 
     def _iterate(self, epoch: int, start: int, extra: Any) -> Iterator[MultiCropBatch]:
-        order = self.rank_order(epoch)[start * self.batch_size:]
+        order = self.rank_order(epoch)[start * self.batch_size :]
         ds = _EpochShard(self.index, order, self.transform, self.seed, epoch, self.rank, self.skip_unreadable)
-        kw = dict(num_workers=self.num_workers, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                  pin_memory=self.device.type == "cuda",
-                  generator=torch.Generator().manual_seed(self.seed))  # not the trainer's global RNG
+        kw = dict(
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed),
+        )  # not the trainer's global RNG
         if self.num_workers > 0:
             kw["prefetch_factor"] = self.prefetch_factor
         n_global = 2 if self.aug.vanilla_weak_augmentation else 4

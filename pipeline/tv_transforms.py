@@ -7,10 +7,10 @@ strong branch is the original's order: flip, timm RandAugment on the full image,
 RandomResizedCrop (bicubic), normalise, random erasing (on normalised data, timm's intent).
 RandAugment's translate is `strong_ratio` of the image it is applied to (timm translate_pct).
 """
+
 from __future__ import annotations
 
 import random
-from typing import List, Tuple
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -102,7 +102,7 @@ class MultiCropTransform:
         self.local_weak = _weak(L, aug.local_crops_scale, 0.5)
         self.local_strong = _strong(L, aug.local_crops_scale, aug)
 
-    def __call__(self, img: Image.Image) -> Tuple[List[torch.Tensor], bool]:
+    def __call__(self, img: Image.Image) -> tuple[list[torch.Tensor], bool]:
         aug = self.aug
         crops = [self.global1(img), self.global2(img)]
         weak = True

@@ -1,5 +1,6 @@
 """Fixtures shared across test files: a small JPEG tree, the package installed from its wheel, and a
 real trainer Run built in this process."""
+
 import _posixsubprocess
 import os
 import shutil
@@ -35,8 +36,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("timeout") is not None:
             continue
-        limits = [float(config.getini(f"timeout_{t}")) for t in TIME_LIMIT_TIERS
-                  if item.get_closest_marker(t) is not None and config.getini(f"timeout_{t}")]
+        limits = [
+            float(config.getini(f"timeout_{t}"))
+            for t in TIME_LIMIT_TIERS
+            if item.get_closest_marker(t) is not None and config.getini(f"timeout_{t}")
+        ]
         if limits:
             item.add_marker(pytest.mark.timeout(max(limits)))
 
@@ -56,16 +60,26 @@ def no_process_in_unit_tier(request, monkeypatch):
             if not (argv and os.path.basename(os.fsdecode(argv[0])) in LIBRARY_PROBES):
                 started.append(name)
             return real(*args, **kwargs)
+
         return record
 
-    for module, name in ((subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"),
-                         (os, "posix_spawn"), (os, "posix_spawnp"), (os, "system")):
+    for module, name in (
+        (subprocess, "_fork_exec"),
+        (_posixsubprocess, "fork_exec"),
+        (os, "fork"),
+        (os, "posix_spawn"),
+        (os, "posix_spawnp"),
+        (os, "system"),
+    ):
         if getattr(module, name, None) is not None:
             monkeypatch.setattr(module, name, recorder(f"{module.__name__}.{name}", getattr(module, name)))
     yield
     if started:
-        pytest.fail(f"a unit-tier test started {len(started)} process(es) ({', '.join(sorted(set(started)))}): "
-                    "mark it @pytest.mark.process", pytrace=False)
+        pytest.fail(
+            f"a unit-tier test started {len(started)} process(es) ({', '.join(sorted(set(started)))}): "
+            "mark it @pytest.mark.process",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -102,29 +116,62 @@ def installed_wheel(tmp_path_factory):
     the work tree; the fixture checks that `mugs` is imported from the venv. Returns (venv bin dir, env)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
     for rel in filter(None, files):
         if (ROOT / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, src / rel)
     env = _clean_env()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp / "dist"), str(src)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     wheel = next((tmp / "dist").glob("mugs-*.whl"))
     venv = tmp / "venv"
     # not --system-site-packages: from inside a venv that would link the BASE interpreter's packages
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     bindir = venv / "bin"
-    subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, env=env, timeout=300)
+    subprocess.run(
+        [str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     # only now the running interpreter's packages (after the install: its editable mugs must not count as
     # installed); plain folder lines, so its .pth files (the editable mugs finder) do not run in the venv
-    site_dir = Path(subprocess.run([str(bindir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True, env=env).stdout.strip())
+    site_dir = Path(
+        subprocess.run(
+            [str(bindir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout.strip()
+    )
     (site_dir / "_mugs_test_parent_packages.pth").write_text("\n".join(_package_dirs()) + "\n")
-    where = subprocess.run([str(bindir / "python"), "-c", "import mugs.model, mugs.apps, torch; print(mugs.model.__file__)"],
-                           cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    where = subprocess.run(
+        [str(bindir / "python"), "-c", "import mugs.model, mugs.apps, torch; print(mugs.model.__file__)"],
+        cwd=tmp,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert where.startswith(str(venv)), f"mugs imported from {where}, not from the wheel in {venv}"
     return bindir, env
 
@@ -143,8 +190,20 @@ def make_run(data, tmp_path):
     made = []
 
     def make(*extra):
-        cfg = parse_config(["--data_path", str(data), "--output_dir", str(tmp_path / "run"), *TINY_FLAGS,
-                            "--batch_size_per_gpu", "2", "--epochs", "2", *extra])
+        cfg = parse_config(
+            [
+                "--data_path",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "run"),
+                *TINY_FLAGS,
+                "--batch_size_per_gpu",
+                "2",
+                "--epochs",
+                "2",
+                *extra,
+            ]
+        )
         (tmp_path / "run").mkdir(exist_ok=True)
         run = Run(cfg, init_distributed("cpu"), StopRequest(cfg.output_dir), [])
         made.append(run)

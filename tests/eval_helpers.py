@@ -1,4 +1,5 @@
 """Small data and checkpoints for the evaluation tests: colour-coded image classes and a tiny Mugs model."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,8 @@ import dataclasses
 import pickle
 import types
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200), 
 PARITY = Path(__file__).parent / "data" / "parity"
 
 
-def make_images(root: Path, per_class: int, size: int = 32, seed: int = 0,
-                classes: Sequence[str] = tuple(COLOURS)) -> Path:
+def make_images(
+    root: Path, per_class: int, size: int = 32, seed: int = 0, classes: Sequence[str] = tuple(COLOURS)
+) -> Path:
     """root/<class>/<i>.png: a noisy background of the class colour with a random grey square."""
     rng = np.random.default_rng(seed)
     for name in classes:
@@ -29,7 +31,7 @@ def make_images(root: Path, per_class: int, size: int = 32, seed: int = 0,
             img = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (size, size, 3)), 0, 255)
             s = int(rng.integers(size // 6, size // 3))
             y, x = rng.integers(0, size - s, 2)
-            img[y:y + s, x:x + s] = rng.integers(60, 200)
+            img[y : y + s, x : x + s] = rng.integers(60, 200)
             Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
     return root
 
@@ -68,9 +70,14 @@ def save_run(output_dir: Path, cfg: MugsConfig, step: int = 6, epoch: int = 3, s
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
     with warnings.catch_warnings():  # "no process group: saving in a single process" is the intent
         warnings.simplefilter("ignore", UserWarning)
-        parts = {"student": ckpt.ModelState(student), "teacher": ckpt.ModelState(teacher),
-                 "optimizer": ckpt.OptimizerState(student, optimizer), "objective": objective,
-                 "rng": ckpt.PerRank(ckpt.RngState()), "loader": ckpt.PerRank(ckpt.Kept(None))}
+        parts = {
+            "student": ckpt.ModelState(student),
+            "teacher": ckpt.ModelState(teacher),
+            "optimizer": ckpt.OptimizerState(student, optimizer),
+            "objective": objective,
+            "rng": ckpt.PerRank(ckpt.RngState()),
+            "loader": ckpt.PerRank(ckpt.Kept(None)),
+        }
         path = ckpt.save(str(output_dir), step, epoch, parts, keep=2, extra={"config": dataclasses.asdict(cfg)})
     return path, student, teacher, objective
 
@@ -92,7 +99,7 @@ def trace(name: str = "mugs_step_seed0_epoch0.pt") -> dict:
     return torch.load(PARITY / name, weights_only=True)
 
 
-def original_from_trace(tr: dict, epoch: int = 5) -> Dict:
+def original_from_trace(tr: dict, epoch: int = 5) -> dict:
     """A full checkpoint in the original main.py layout built from a golden trace's `state0`."""
     s0, tc = tr["state0"], tr["config"]
     return {
@@ -101,14 +108,23 @@ def original_from_trace(tr: dict, epoch: int = 5) -> Dict:
         "student_mem": dict(s0["student_mem"]),
         "teacher_mem": dict(s0["teacher_mem"]),
         "instance-sup.": {"queue": s0["instance_queue"], "queue_ptr": torch.tensor([int(s0["instance_queue_ptr"])])},
-        "local-group-sup.": {"queue": s0["local_group_queue"],
-                             "queue_ptr": torch.tensor([int(s0["local_group_queue_ptr"])])},
+        "local-group-sup.": {
+            "queue": s0["local_group_queue"],
+            "queue_ptr": torch.tensor([int(s0["local_group_queue_ptr"])]),
+        },
         "group-sup.": {"center": s0["center"]},
         "optimizer": {"state": {}, "param_groups": []},
         "epoch": epoch,
-        "args": argparse.Namespace(arch="vit_custom", patch_size=tc["patch_size"], embed_dim=tc["embed_dim"],
-                                   depth=tc["depth"], num_heads=tc["num_heads"], epochs=tc["epochs"],
-                                   data_path="/data/imagenet", lr=tc["lr"]),
+        "args": argparse.Namespace(
+            arch="vit_custom",
+            patch_size=tc["patch_size"],
+            embed_dim=tc["embed_dim"],
+            depth=tc["depth"],
+            num_heads=tc["num_heads"],
+            epochs=tc["epochs"],
+            data_path="/data/imagenet",
+            lr=tc["lr"],
+        ),
     }
 
 
@@ -119,7 +135,7 @@ def _cosine_schedule(base: float, final: float, epochs: int, niter: int, warmup_
     return np.concatenate((warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
 
 
-def original_full_checkpoint(tr: dict, epoch: int = 5) -> Dict:
+def original_full_checkpoint(tr: dict, epoch: int = 5) -> dict:
     """The dict the original main.py writes to checkpoint.pth: `original_from_trace`'s networks, memories,
     queues and centre, plus a real AdamW state over the (DDP-prefixed) student parameters in the original's
     param groups, stepped once, whose groups' `lr` and (first group) `weight_decay` were then set from
@@ -134,9 +150,12 @@ def original_full_checkpoint(tr: dict, epoch: int = 5) -> Dict:
             groups["patch_embed_not_regularized" if no_wd else "patch_embed"].append(p)
         else:
             groups["not_regularized" if no_wd else "regularized"].append(p)
-    param_groups = [{"params": groups["regularized"]}, {"params": groups["patch_embed"], "patch_embed": True},
-                    {"params": groups["not_regularized"], "weight_decay": 0.0},
-                    {"params": groups["patch_embed_not_regularized"], "weight_decay": 0.0, "patch_embed": True}]
+    param_groups = [
+        {"params": groups["regularized"]},
+        {"params": groups["patch_embed"], "patch_embed": True},
+        {"params": groups["not_regularized"], "weight_decay": 0.0},
+        {"params": groups["patch_embed_not_regularized"], "weight_decay": 0.0, "patch_embed": True},
+    ]
     optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
     gen = torch.Generator().manual_seed(0)
     for p in params.values():

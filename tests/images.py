@@ -1,8 +1,8 @@
 """Small image files for the pipeline and scan tests, good and deliberately bad."""
+
 from __future__ import annotations
 
 import os
-from typing import Dict, List
 
 import numpy as np
 from PIL import Image
@@ -24,7 +24,7 @@ def write_jpeg(path: str, rng: np.random.Generator, h: int = 48, w: int = 64, mo
     return path
 
 
-def make_tree(root: str, classes: int = 2, per_class: int = 8, seed: int = 0, h: int = 48, w: int = 64) -> List[str]:
+def make_tree(root: str, classes: int = 2, per_class: int = 8, seed: int = 0, h: int = 48, w: int = 64) -> list[str]:
     """root/class_k/img_i.JPEG, all valid RGB JPEGs; returns the paths in sorted order."""
     rng = np.random.default_rng(seed)
     paths = []
@@ -34,7 +34,7 @@ def make_tree(root: str, classes: int = 2, per_class: int = 8, seed: int = 0, h:
     return sorted(paths)
 
 
-def plant_bad_files(root: str, seed: int = 1) -> Dict[str, str]:
+def plant_bad_files(root: str, seed: int = 1) -> dict[str, str]:
     """Bad files of every kind the scan tool must find, in class folders of `root`.
 
     Returns {path relative to root: expected reason}.
@@ -77,4 +77,3 @@ def plant_bad_files(root: str, seed: int = 1) -> Dict[str, str]:
 
     os.makedirs(os.path.join(root, "class_9_empty"), exist_ok=True)
     return bad
-

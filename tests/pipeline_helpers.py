@@ -1,4 +1,5 @@
 """Helpers shared by the pipeline tests (their image-tree fixture is in conftest.py)."""
+
 import numpy as np
 import torch
 
@@ -8,7 +9,12 @@ from mugs.pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD, AugmentCon
 
 SMALL = dict(global_size=32, local_size=16, local_crops_number=2)
 # the loader's own names for MugsConfig fields
-FLAG = {"global_size": "img_size", "batch_size": "batch_size_per_gpu", "num_threads": "num_workers", "backend": "loader"}
+FLAG = {
+    "global_size": "img_size",
+    "batch_size": "batch_size_per_gpu",
+    "num_threads": "num_workers",
+    "backend": "loader",
+}
 RUNTIME = ("rank", "world_size", "device", "dtype", "debug", "device_id")  # build_loader's per-process arguments
 # normalised values a [0, 255] pixel can take, per channel
 LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
@@ -43,8 +49,11 @@ def first_batches(ld, epoch=0, n=None):
 
 
 def same_batch(a, b) -> bool:
-    return (a.paths == b.paths and torch.equal(a.weak_flags, b.weak_flags)
-            and all(torch.equal(x, y) for x, y in zip(a.crops, b.crops)))
+    return (
+        a.paths == b.paths
+        and torch.equal(a.weak_flags, b.weak_flags)
+        and all(torch.equal(x, y) for x, y in zip(a.crops, b.crops))
+    )
 
 
 __all__ = ["loader", "in_pixel_range", "first_batches", "same_batch", "SMALL", "np"]

@@ -6,6 +6,7 @@ Recipe and gotchas: ../shared/notes/slurm-local.md. Also a CLI for .ci/slurm-up.
     python tests/slurm_cluster.py up DIR    # prints `export SLURM_CONF=...`
     python tests/slurm_cluster.py down DIR
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from mugs.core.ports import free_port
 
@@ -25,7 +25,7 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "s
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order
 
 
-def missing() -> Optional[str]:
+def missing() -> str | None:
     """Why a cluster cannot start here (None if it can)."""
     absent = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
     if absent:
@@ -52,7 +52,7 @@ class LocalSlurm:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.conf = self.root / "slurm.conf"
-        self.env: Dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env: dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     # --- configuration
     def _node(self) -> str:
@@ -117,12 +117,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, check=check, timeout=timeout)
 
-    def start(self, timeout: float = 30) -> "LocalSlurm":
+    def start(self, timeout: float = 30) -> LocalSlurm:
         self.write_config()
         m = self.root / "munge"
-        subprocess.run([_exe("munged"), f"--key-file={m / 'munge.key'}", f"--socket={m / 'munge.socket'}",
-                        f"--pid-file={m / 'munged.pid'}", f"--log-file={m / 'munged.log'}",
-                        f"--seed-file={m / 'munged.seed'}"], check=True, env=self.env)
+        subprocess.run(
+            [
+                _exe("munged"),
+                f"--key-file={m / 'munge.key'}",
+                f"--socket={m / 'munge.socket'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--log-file={m / 'munged.log'}",
+                f"--seed-file={m / 'munged.seed'}",
+            ],
+            check=True,
+            env=self.env,
+        )
         self._wait(lambda: (m / "munge.socket").exists(), timeout, "munged socket")
         subprocess.run([_exe("slurmctld"), "-f", str(self.conf)], check=True, env=self.env)
         subprocess.run([_exe("slurmd"), "-f", str(self.conf), "-N", self._node()], check=True, env=self.env)
@@ -143,18 +152,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         except subprocess.TimeoutExpired:
             return False
 
-    def _pids(self) -> List[int]:
+    def _pids(self) -> list[int]:
         files = [self.root / "slurmd.pid", self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"]
         return [int(f.read_text().strip()) for f in files if f.exists() and f.read_text().strip()]
 
-    def _stepds(self) -> List[int]:
+    def _stepds(self) -> list[int]:
         """slurmstepd processes of this cluster (their cwd is our folder): one whose job was cut short
         can outlive slurmd, waiting for it forever."""
         pids = []
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and (proc / "comm").read_text().strip() == "slurmstepd" and \
-                        os.readlink(proc / "cwd").removesuffix(" (deleted)") == str(self.root):
+                if (
+                    proc.name.isdigit()
+                    and (proc / "comm").read_text().strip() == "slurmstepd"
+                    and os.readlink(proc / "cwd").removesuffix(" (deleted)") == str(self.root)
+                ):
                     pids.append(int(proc.name))
             except OSError:
                 continue
@@ -170,7 +182,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-            if not self._wait(lambda: not _alive(pid), timeout, None):
+            if not self._wait(lambda pid=pid: not _alive(pid), timeout, None):
                 os.kill(pid, signal.SIGKILL)
         for pid in self._stepds():  # they ignore SIGTERM
             try:
@@ -179,7 +191,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 pass
 
     @staticmethod
-    def _wait(cond, timeout: float, what: Optional[str]) -> bool:
+    def _wait(cond, timeout: float, what: str | None) -> bool:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if cond():
@@ -197,7 +209,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return "\n".join(parts)
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("up", "down"):
         print(__doc__, file=sys.stderr)
         return 2

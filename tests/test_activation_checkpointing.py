@@ -1,5 +1,6 @@
 """`--activation_checkpointing none|full|selective` (training/parallelize.py): what each policy keeps and
 recomputes, that AC under torch.compile trains exactly like no AC, and the old boolean spellings."""
+
 import dataclasses
 
 import pytest
@@ -8,24 +9,29 @@ import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
+from fsdp_worker import tiny_cfg
 from mugs.configs.options import parse_config
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.vit import MultiResBlock
+from mugs.training.models import build_models
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import checkpoint_forward_, compile_counts, compile_report, selective_policy
 from mugs.training.resume_guard import SAFE_TO_CHANGE
 from mugs.training.step import MugsTrainStep
-from mugs.training.models import build_models
-from fsdp_worker import tiny_cfg
 
 aten = torch.ops.aten
 
 
 def test_selective_policy_saves_matmuls_and_attention_and_recomputes_the_rest():
-    saved = [aten.mm.default, aten.addmm.default, aten.bmm.default,
-             aten._scaled_dot_product_flash_attention_for_cpu.default,
-             aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default]
+    saved = [
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+    ]
     for op in saved:
         assert selective_policy(None, op) == CheckpointPolicy.MUST_SAVE, op
     for op in (aten.gelu.default, aten.native_layer_norm.default, aten.add.Tensor, aten.mul.Tensor, aten.view.default):
@@ -96,21 +102,28 @@ def _train(info, policy, steps=2):
     """`steps` steps of the tiny pair with Inductor-compiled blocks (needs a C++ compiler), drop path on;
     the losses, the compile report and the student's parameters after them."""
     torch._dynamo.reset()
-    cfg = dataclasses.replace(tiny_cfg(2), depth=2, embed_dim=16, drop_path_rate=0.3,
-                              activation_checkpointing=policy, compile=True)
+    cfg = dataclasses.replace(
+        tiny_cfg(2), depth=2, embed_dim=16, drop_path_rate=0.3, activation_checkpointing=policy, compile=True
+    )
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info)
-    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
+    step = MugsTrainStep(
+        student,
+        teacher,
+        objective,
+        build_adamw(student, cfg.patch_embed_lr_mult, fused=False),
+        clip_grad=GradClip.constant(0.5),
+        freeze_last_layer=0,
+    )
     losses = []
     for i in range(steps):
         g = torch.Generator().manual_seed(i)
         t = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
         s = t + [torch.randn(2, 3, 16, 16, generator=g) for _ in range(2)]
         torch.manual_seed(100 + i)  # the same drop-path masks in every run
-        res = step(t, s, torch.tensor([True, False]), epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04,
-                   step_index=i)
+        res = step(t, s, torch.tensor([True, False]), epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04, step_index=i)
         losses.append(res.losses)
-    params = {n: getattr(p, "full_tensor", lambda: p)().detach().clone() for n, p in student.named_parameters()}
+    params = {n: getattr(p, "full_tensor", lambda p=p: p)().detach().clone() for n, p in student.named_parameters()}
     return losses, compile_report(True, since=before), params
 
 
@@ -158,6 +171,9 @@ def test_resuming_an_old_boolean_run_with_a_policy_is_allowed(tmp_path, monkeypa
     # the same setting in old and new spellings is no change: no note on every resume of an old run
     same = [("false", "none"), (False, "none"), (True, "full")]
     for was, now in same:
-        monkeypatch.setattr(resume_guard, "saved_run", lambda _, w=was: (tmp_path / "step_00000001",
-                                                                         {**old, "activation_checkpointing": w}, 1))
+        monkeypatch.setattr(
+            resume_guard,
+            "saved_run",
+            lambda _, w=was: (tmp_path / "step_00000001", {**old, "activation_checkpointing": w}, 1),
+        )
         assert resume_guard.check_resume(cfg.replace(activation_checkpointing=now), 1) == []

@@ -1,5 +1,6 @@
 """Measured collectives of the optimised step on 2 CPU ranks (FSDP2 over gloo): the fused pass enters
 each FSDP unit once per forward, so per step all-gathers <= 3U and reduce-scatters <= U."""
+
 import json
 import os
 import subprocess
@@ -22,11 +23,27 @@ def record(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coll")
     out = tmp / "step.jsonl"
     flags = [*TINY, "--depth", str(DEPTH)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "mugs.benchmarks.step", *flags, "--steps", "1", "--warmup", "1", "--phase_steps", "0",
-           "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "mugs.benchmarks.step",
+        *flags,
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--phase_steps",
+        "0",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (rec,) = [json.loads(l) for l in out.read_text().splitlines()]
     return rec
@@ -49,8 +66,9 @@ def test_fsdp_collectives_per_step_meet_the_floor(record):
     assert fsdp["bytes"] > 0
     total = record["collectives_per_step"]
     assert total["reduce_scatter"] <= u
-    assert total["all_gather"] == fsdp["all_gather"] + sum(p.get("all_gather", 0) for k, p in phases.items()
-                                                          if k not in ("teacher_fwd", "student_fwd", "backward"))
+    assert total["all_gather"] == fsdp["all_gather"] + sum(
+        p.get("all_gather", 0) for k, p in phases.items() if k not in ("teacher_fwd", "student_fwd", "backward")
+    )
 
 
 def test_no_collective_between_forward_and_backward(record):
@@ -75,9 +93,10 @@ def test_counter_counts_kinds_and_bytes_and_splits_by_phase():
             out = torch.empty(5)
             # the _single names arrived in torch 2.13; 2.11 and 2.12 (supported) have only the old ones
             (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x)
-            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(torch.empty(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
+            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
+                torch.empty(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+            )
         assert c.per_phase() == {"a": {"all_reduce": 1, "bytes": 20}}
-        assert c.totals() == {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 1, "other": 0,
-                              "bytes": 20 + 20 + 40}
+        assert c.totals() == {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 1, "other": 0, "bytes": 20 + 20 + 40}
     finally:
         shutdown()

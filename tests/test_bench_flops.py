@@ -5,17 +5,28 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
 from mugs.configs.options import MugsConfig
+from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
 
 
 def tiny_cfg(**kw) -> MugsConfig:
     """The tiny preset with wider heads, longer queues and more local crops."""
-    base = dict(embed_dim=48, head_hidden_dim=64, pred_hidden_dim=96, instance_out_dim=32, local_group_out_dim=32,
-                instance_queue_size=128, local_group_queue_size=128, memory_size=64, local_group_knn_top_n=4,
-                group_out_dim=80, group_bottleneck_dim=24, local_crops_number=3)
+    base = dict(
+        embed_dim=48,
+        head_hidden_dim=64,
+        pred_hidden_dim=96,
+        instance_out_dim=32,
+        local_group_out_dim=32,
+        instance_queue_size=128,
+        local_group_queue_size=128,
+        memory_size=64,
+        local_group_knn_top_n=4,
+        group_out_dim=80,
+        group_bottleneck_dim=24,
+        local_crops_number=3,
+    )
     return MugsConfig.from_preset("tiny", **{**base, **kw})
 
 
@@ -36,7 +47,9 @@ def test_matches_flop_counter_on_tiny_vit(cfg):
     objective = MugsObjective(cfg.objective_view(), cfg.embed_dim)
     b, g, l = 3, cfg.img_size, cfg.local_crop_size
     t_crops = [torch.randn(b, 3, g, g) for _ in range(2)]
-    s_crops = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(cfg.local_crops_number)]
+    s_crops = [torch.randn(b, 3, g, g) for _ in range(2)] + [
+        torch.randn(b, 3, l, l) for _ in range(cfg.local_crops_number)
+    ]
     out = {}
 
     def teacher_fwd():
@@ -47,8 +60,11 @@ def test_matches_flop_counter_on_tiny_vit(cfg):
         s = student(s_crops, objective.student_memory)
         out["loss"] = objective(s, out["t"], len(s_crops), epoch=0)["total"]
 
-    measured = {"teacher_fwd": _count(teacher_fwd), "student_fwd": _count(student_fwd),
-                "student_bwd": _count(lambda: out["loss"].backward())}
+    measured = {
+        "teacher_fwd": _count(teacher_fwd),
+        "student_fwd": _count(student_fwd),
+        "student_bwd": _count(lambda: out["loss"].backward()),
+    }
     shape = MugsShape.from_config(cfg, embed_dim=cfg.embed_dim, depth=cfg.depth)
     expect = {k: b * v for k, v in step_flops_per_image(shape).items()}
     for k, v in measured.items():

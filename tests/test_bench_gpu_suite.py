@@ -1,4 +1,5 @@
 """benchmarks/gpu_suite.sh where there is no GPU (CI): one clear line, at once; its summary helpers on CPU records."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,13 @@ def test_suite_without_gpu_exits_at_once_with_one_line():
         pytest.skip("a GPU is visible: the suite would run")
     before = set((ROOT / "benchmarks" / "results").rglob("*"))
     t0 = time.perf_counter()
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    r = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert time.perf_counter() - t0 < 30
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -34,8 +40,9 @@ def test_suite_without_gpu_exits_at_once_with_one_line():
 
 @pytest.mark.process
 def test_step_module_runs_as_installed_package():
-    r = subprocess.run([sys.executable, "-m", "mugs.benchmarks.step", "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "mugs.benchmarks.step", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "--compare" in r.stdout and "--batch_size_per_gpu" in r.stdout
 
 
@@ -45,8 +52,9 @@ CONFIG = dict(loader="dali", arch="vit_small", batch_size_per_gpu=32, max_steps=
 def _args(out, steps=30, loader="dali", **kw):
     """The suite's train-record arguments; the run's settings go where the trainer writes them (config.json)."""
     (Path(out) / "config.json").write_text(json.dumps({**CONFIG, "max_steps": steps, "loader": loader}))
-    base = dict(output_dir=str(out), gpu="G", killed="after_step_10", resumed_at=10, exit_code=0, first_s=1.0,
-                total_s=2.0)
+    base = dict(
+        output_dir=str(out), gpu="G", killed="after_step_10", resumed_at=10, exit_code=0, first_s=1.0, total_s=2.0
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -1,5 +1,6 @@
 """benchmarks/host_cost.py at tiny size, world sizes 1 and 2 (gloo): its record's fields are sane
 (counts consistent with each other, per-block figures from the depth difference), not timing bounds."""
+
 import json
 import math
 import os
@@ -14,11 +15,32 @@ from mugs.benchmarks.host_cost import NO_KERNEL_OPS
 @pytest.mark.distributed
 def test_host_cost_record(tmp_path):
     out = tmp_path / "hc.jsonl"
-    cmd = [sys.executable, "-m", "mugs.benchmarks.host_cost", "--preset", "tiny", "--depth", "3",
-           "--batch_size_per_gpu", "2", "--drop_path_rate", "0.2", "--world_sizes", "1,2", "--steps", "1",
-           "--warmup", "1", "--out", str(out), "--tag", "pytest"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "mugs.benchmarks.host_cost",
+        "--preset",
+        "tiny",
+        "--depth",
+        "3",
+        "--batch_size_per_gpu",
+        "2",
+        "--drop_path_rate",
+        "0.2",
+        "--world_sizes",
+        "1,2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        "--tag",
+        "pytest",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert rec["bench"] == "mugs_host_cost" and rec["depth"] == 3 and rec["tag"] == "pytest"

@@ -1,4 +1,5 @@
 """A benchmark run by a user writes where --out says, by default under runs/ (ignored): never a tracked file."""
+
 import subprocess
 from pathlib import Path
 
@@ -16,5 +17,6 @@ def test_default_outputs_are_ignored_paths_under_runs():
         assert not path.is_absolute() and path.parts[:2] == ("runs", "benchmarks"), path
         r = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)  # 0: ignored
         assert r.returncode == 0, f"{path} is not ignored by git"
-        assert not subprocess.run(["git", "ls-files", str(path)], cwd=ROOT, capture_output=True,
-                                  text=True).stdout.strip(), f"{path} is tracked"
+        assert not subprocess.run(
+            ["git", "ls-files", str(path)], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(), f"{path} is tracked"

@@ -1,4 +1,5 @@
 """benchmarks/scaling.py: parameter counts match the built networks, the projection behaves sanely."""
+
 import json
 from types import SimpleNamespace
 
@@ -6,18 +7,31 @@ import pytest
 import torch
 
 from mugs.benchmarks import scaling
-from mugs.model.flops import MugsShape
 from mugs.configs.options import MugsConfig
+from mugs.model.flops import MugsShape
 from mugs.model.network import build_network
 
-ARGS = dict(results="", assume_mfu=0.5, overlap=0.85, strategy="hsdp", student_passes=2, latency_us=20.0,
-            ib_latency_us=40.0)
+ARGS = dict(
+    results="", assume_mfu=0.5, overlap=0.85, strategy="hsdp", student_passes=2, latency_us=20.0, ib_latency_us=40.0
+)
 
 
 def test_param_counts_match_networks():
-    cfg = MugsConfig(arch="custom", embed_dim=48, depth=3, num_heads=3, img_size=64, patch_size=16, head_hidden_dim=96,
-                     pred_hidden_dim=128, instance_out_dim=32, local_group_out_dim=24, group_out_dim=300,
-                     group_bottleneck_dim=20, norm_last_layer=False)
+    cfg = MugsConfig(
+        arch="custom",
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+        img_size=64,
+        patch_size=16,
+        head_hidden_dim=96,
+        pred_hidden_dim=128,
+        instance_out_dim=32,
+        local_group_out_dim=24,
+        group_out_dim=300,
+        group_bottleneck_dim=20,
+        norm_last_layer=False,
+    )
     shape = MugsShape.from_config(cfg, 48, 3)
     counts = scaling.param_counts(shape)
     with torch.device("meta"):
@@ -51,8 +65,18 @@ def test_communication_model():
 
 def test_uses_measured_record(tmp_path):
     res = tmp_path / "step.jsonl"
-    recs = [{"mode": "optimised", "arch": "vit_large", "world_size": 1, "precision": "bf16", "batch_size_per_gpu": 16,
-             "device_name": "NVIDIA H100 80GB HBM3", "images_per_s": ips} for ips in (100.0, 250.0)]
+    recs = [
+        {
+            "mode": "optimised",
+            "arch": "vit_large",
+            "world_size": 1,
+            "precision": "bf16",
+            "batch_size_per_gpu": 16,
+            "device_name": "NVIDIA H100 80GB HBM3",
+            "images_per_s": ips,
+        }
+        for ips in (100.0, 250.0)
+    ]
     recs.append({**recs[0], "images_per_s": 900.0, "mode": "paper_style"})  # not the optimised step: ignored
     recs.append({**recs[0], "images_per_s": 900.0, "device_name": "NVIDIA A100-SXM4-80GB"})  # other GPU
     res.write_text("\n".join(json.dumps(r) for r in recs) + "\n")

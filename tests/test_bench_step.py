@@ -1,5 +1,6 @@
 """benchmarks/step.py end to end on CPU: a tiny Mugs pair, optimised (FSDP2, world 1) and paper-style,
 one JSON line per mode with sane numbers."""
+
 import json
 import math
 import os
@@ -21,8 +22,9 @@ def _run(args, tmp_path):
     cmd = [sys.executable, "-m", "mugs.benchmarks.step", *TINY, "--out", str(out), *args]
     # the guard is generous for a shared CI host; the run itself takes seconds
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
     return r, out, time.perf_counter() - t0
 
 
@@ -32,8 +34,24 @@ def _finite_positive(x):
 
 @pytest.mark.process
 def test_compare_runs_and_writes_records(tmp_path):
-    r, out, wall = _run(["--steps", "2", "--warmup", "1", "--phase_steps", "1", "--compare", "--tag", "pytest",
-                   "--activation_checkpointing", "true", "--ceiling_tflops", "0.5"], tmp_path)
+    r, out, wall = _run(
+        [
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--phase_steps",
+            "1",
+            "--compare",
+            "--tag",
+            "pytest",
+            "--activation_checkpointing",
+            "true",
+            "--ceiling_tflops",
+            "0.5",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     printed = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
@@ -44,8 +62,16 @@ def test_compare_runs_and_writes_records(tmp_path):
     for rec in lines:
         assert rec["device"] == "cpu" and rec["device_name"] and rec["torch"]
         assert rec["batch_size_per_gpu"] == 8 and rec["world_size"] == 1 and rec["steps"] == 2
-        for k in ("images_per_s", "step_time_s", "step_time_median_s", "flops_per_image", "achieved_tflops",
-                  "peak_mem_gb", "peak_tflops", "mfu"):
+        for k in (
+            "images_per_s",
+            "step_time_s",
+            "step_time_median_s",
+            "flops_per_image",
+            "achieved_tflops",
+            "peak_mem_gb",
+            "peak_tflops",
+            "mfu",
+        ):
             assert _finite_positive(rec[k]), (k, rec[k])
         # the timed steps happened inside this process's lifetime, and the phase split adds up to a step
         # in the same unit (a consistency check, not a timing claim: the phases are timed in 2 other

@@ -3,18 +3,19 @@
 bf16 on this CPU is emulated and torch.compile's first step dominates (a few minutes on a
 2-core host), so the model is the trainer tests' tiny one and the run 3 steps long.
 """
+
 import json
 
 import pytest
 import torch
 
+from fsdp_worker import tiny_cfg
 from mugs.model.losses import InfoNCELoss
-from mugs.model.ring_buffer import RingBuffer
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
+from mugs.model.ring_buffer import RingBuffer
 from mugs.training.optim import build_adamw
 from train_helpers import make_image_folder, run, train_cmd
-from fsdp_worker import tiny_cfg
 
 # per step and per loss, |bf16 - fp32| / fp32 after 3 steps of this tiny model (measured ~0.2%)
 LOSS_RTOL = 0.01
@@ -38,8 +39,7 @@ def test_two_ranks_bf16_compile_fused_adamw_track_fp32(data, tmp_path):
     flags = ("--batch_size_per_gpu", "4", "--max_steps", "3")
     r32 = run(train_cmd(2, 0, data, tmp_path / "fp32", *flags))
     assert r32.returncode == 0, r32.stderr[-6000:]
-    r16 = run(train_cmd(2, 0, data, tmp_path / "bf16", *flags, "--precision", "bf16", "--compile", "true"),
-              timeout=900)
+    r16 = run(train_cmd(2, 0, data, tmp_path / "bf16", *flags, "--precision", "bf16", "--compile", "true"), timeout=900)
     assert r16.returncode == 0, r16.stderr[-6000:]
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert cfg["precision"] == "bf16" and cfg["compile"] is True

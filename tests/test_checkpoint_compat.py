@@ -3,6 +3,7 @@ ca0b25f, before the checkpoint package split. Its resume is compared with number
 machine: resumed to step 6 in one go and resumed to step 4, stopped and resumed again to step 6 must log
 the same losses bit for bit. The losses recorded on the machine that wrote it (an Intel CPU) are
 matched within a stated tolerance only: another CPU's float kernels round differently."""
+
 import json
 import math
 import shutil
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 from mugs.core.safe_load import read_dcp_metadata
-
 from train_helpers import ROOT, free_port, logged_losses, run
 
 pytestmark = pytest.mark.distributed  # torchrun runs: pytest.ini's timeout_distributed
@@ -27,9 +27,21 @@ RTOL_OTHER_CPU = 1e-4
 
 
 def _resume_v1(out: Path, to: int, expected: dict):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
-           str(ROOT / "train_fsdp.py"), "--data_path", str(V1 / "images"), "--output_dir", str(out),
-           *expected["flags"], "--max_steps", str(to)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        f"--master_port={free_port()}",
+        str(ROOT / "train_fsdp.py"),
+        "--data_path",
+        str(V1 / "images"),
+        "--output_dir",
+        str(out),
+        *expected["flags"],
+        "--max_steps",
+        str(to),
+    ]
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -55,7 +67,10 @@ def test_v1_checkpoint_resumes_like_an_uninterrupted_run_on_this_machine(tmp_pat
     # and what today's code writes has the same keys: every DCP entry and every rank-file entry
     old, new = V1 / "run" / "checkpoints" / "step_00000002", whole / "checkpoints" / f"step_{end:08d}"
     assert set(read_dcp_metadata(new / ".metadata").state_dict_metadata) == set(
-        read_dcp_metadata(old / ".metadata").state_dict_metadata)
-    assert list(torch.load(new / "rank_0.pt", weights_only=True)) == list(torch.load(old / "rank_0.pt", weights_only=True))
+        read_dcp_metadata(old / ".metadata").state_dict_metadata
+    )
+    assert list(torch.load(new / "rank_0.pt", weights_only=True)) == list(
+        torch.load(old / "rank_0.pt", weights_only=True)
+    )
     exits = [r for r in map(json.loads, (whole / "log.txt").read_text().splitlines()) if r.get("event") == "exit"]
     assert exits == [{"event": "exit", "reason": "max_steps", "step": end}]  # StopReason's value

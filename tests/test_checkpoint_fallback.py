@@ -1,12 +1,13 @@
 """2-rank trainer on CPU: a broken newest checkpoint is set aside and the previous one resumes (both ranks
 agree); when none loads the run stops with one line and leaves every checkpoint as it was."""
+
 from pathlib import Path
 
 import pytest
 import torch
 
-from mugs.core import checkpoint as ckpt
 from eval_helpers import reseal
+from mugs.core import checkpoint as ckpt
 from train_helpers import make_image_folder, run, train_cmd
 
 pytestmark = pytest.mark.distributed  # torchrun runs: pyproject.toml's timeout_distributed

@@ -3,6 +3,7 @@ broken checkpoint (set aside, the previous one resumes bit for bit), checkpoints
 load with one line, `mugs-verify-checkpoint` checks offline; a `.metadata` naming a file outside its
 directory, an absolute path or a symlinked shard is refused by resume and every tool; a declared size
 larger than the shard's bytes is refused before anything is allocated."""
+
 import dataclasses
 import json
 import os
@@ -42,8 +43,12 @@ def saved(tmp_path):
 
 def resume(saved, log):
     student, teacher, objective = H.build_models(saved["cfg"], 5)
-    models = dict(student=student, teacher=teacher, objective=objective,
-                  optimizer=build_adamw(student, saved["cfg"].patch_embed_lr_mult, fused=False))
+    models = dict(
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        optimizer=build_adamw(student, saved["cfg"].patch_embed_lr_mult, fused=False),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         meta = ckpt.resume_latest(str(saved["dir"]), **models, log=log)
@@ -63,7 +68,7 @@ def flip_inside_a_tensor(ckpt_dir: Path, tensor: torch.Tensor, n: int = 32) -> P
         at = blob.find(raw)
         if at >= 0:
             mid = at + len(raw) // 2 - n // 2
-            blob[mid:mid + n] = bytes(b ^ 0xFF for b in blob[mid:mid + n])
+            blob[mid : mid + n] = bytes(b ^ 0xFF for b in blob[mid : mid + n])
             shard.write_bytes(bytes(blob))
             return shard
     raise AssertionError("tensor bytes not found in any shard")
@@ -79,7 +84,9 @@ def test_a_flipped_byte_inside_a_tensor_is_set_aside_and_the_previous_resumes_ex
     meta, models = resume(saved, lines.append)
     assert meta["step"] == 6 and meta["path"] == str(saved["old"][0])
     _, student, teacher, objective = saved["old"]
-    assert same(models["student"], student) and same(models["teacher"], teacher) and same(models["objective"], objective)
+    assert (
+        same(models["student"], student) and same(models["teacher"], teacher) and same(models["objective"], objective)
+    )
     assert len(lines) == 2 and f"{shard}: checksum mismatch" in lines[0] and "\n" not in "".join(lines)
     assert "set aside step_00000007 as broken-step_00000007" in lines[1]
     broken = saved["dir"] / "checkpoints" / "broken-step_00000007"
@@ -100,8 +107,9 @@ def test_checkpoints_without_checksums_load_with_one_line(saved, capsys):
     lines = []
     got, models = resume(saved, lines.append)
     assert got["step"] == 7 and same(models["teacher"], saved["new"][2])
-    assert lines == [f"mugs: warning: checkpoint {newest} was written before checkpoints carried checksums: "
-                     "loaded unverified"]
+    assert lines == [
+        f"mugs: warning: checkpoint {newest} was written before checkpoints carried checksums: loaded unverified"
+    ]
     ckpt.read_parts(newest, ["teacher"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loaded unverified" in err[0]
@@ -210,7 +218,8 @@ def _declare(ckpt_dir: Path, numel: int, record: str = None) -> str:
             info = dataclasses.replace(info, relative_path=record, offset=0, length=(ckpt_dir / record).stat().st_size)
         md.storage_data[MetadataIndex(fqn, torch.Size([0]))] = info
         md.state_dict_metadata[fqn] = TensorStorageMetadata(
-            m.properties, torch.Size([numel]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([numel]))])
+            m.properties, torch.Size([numel]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([numel]))]
+        )
 
     _rewrite_metadata(ckpt_dir, grow)
     return fqn
@@ -222,11 +231,11 @@ def _declare(ckpt_dir: Path, numel: int, record: str = None) -> str:
 def test_a_declared_size_beyond_the_shard_is_refused_before_allocating(saved, how):
     newest = saved["new"][0]
     if how == "huge":
-        fqn = _declare(newest, 2 ** 44)  # 64 TiB of fp32
+        fqn = _declare(newest, 2**44)  # 64 TiB of fp32
     else:  # a 1.5 KB record holding a stride-0 view of one element, declared as 1 GiB of fp32
-        torch.save(torch.zeros(1).expand(2 ** 28), newest / "__9_0.distcp")
+        torch.save(torch.zeros(1).expand(2**28), newest / "__9_0.distcp")
         assert (newest / "__9_0.distcp").stat().st_size < 4096
-        fqn = _declare(newest, 2 ** 28, record="__9_0.distcp")
+        fqn = _declare(newest, 2**28, record="__9_0.distcp")
     H.reseal(newest)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", _PEAK, str(newest)], capture_output=True, text=True, env=env, timeout=100)
@@ -260,7 +269,7 @@ def test_two_ranks_set_aside_a_flipped_byte_and_resume_bitwise_from_the_previous
     shard = newest / "__1_0.distcp"
     blob = bytearray(shard.read_bytes())
     mid = len(blob) // 2
-    blob[mid:mid + 32] = bytes(b ^ 0xFF for b in blob[mid:mid + 32])
+    blob[mid : mid + 32] = bytes(b ^ 0xFF for b in blob[mid : mid + 32])
     shard.write_bytes(bytes(blob))
     r = run(train_cmd(2, free_port(), images, out, *flags, "--max_steps", "4"))
     assert r.returncode == 0, r.stderr[-8000:]

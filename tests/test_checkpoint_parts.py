@@ -1,6 +1,7 @@
 """Checkpoint parts are one dict of named Stateful objects: a new part is saved and restored under its
 name with no other change, sharded through DCP or per rank in rank_N.pt; a loader position of another
 format version is refused in one line."""
+
 import warnings
 
 import pytest
@@ -42,8 +43,13 @@ def test_a_new_part_is_one_entry_of_the_dict(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    parts = {"net": ckpt.ModelState(model), "optimizer": ckpt.OptimizerState(model, opt), "count": Counter(7),
-             "rng": ckpt.PerRank(ckpt.RngState()), "mine": ckpt.PerRank(Counter(11))}
+    parts = {
+        "net": ckpt.ModelState(model),
+        "optimizer": ckpt.OptimizerState(model, opt),
+        "count": Counter(7),
+        "rng": ckpt.PerRank(ckpt.RngState()),
+        "mine": ckpt.PerRank(Counter(11)),
+    }
     path = _save(tmp_path, parts)
     want = torch.rand(3)  # the RNG saved with the checkpoint draws this next
     keys = {k.split(".")[0] for k in read_dcp_metadata(path / ".metadata").state_dict_metadata}
@@ -54,8 +60,16 @@ def test_a_new_part_is_one_entry_of_the_dict(tmp_path):
     opt2 = torch.optim.AdamW(model2.parameters())
     torch.manual_seed(123)
     count, mine = Counter(0), Counter(0)
-    meta = _load(path, {"net": ckpt.ModelState(model2), "optimizer": ckpt.OptimizerState(model2, opt2),
-                        "count": count, "rng": ckpt.PerRank(ckpt.RngState()), "mine": ckpt.PerRank(mine)})
+    meta = _load(
+        path,
+        {
+            "net": ckpt.ModelState(model2),
+            "optimizer": ckpt.OptimizerState(model2, opt2),
+            "count": count,
+            "rng": ckpt.PerRank(ckpt.RngState()),
+            "mine": ckpt.PerRank(mine),
+        },
+    )
     assert meta["step"] == 3 and meta["mine"] == {"n": torch.tensor(11)}
     assert torch.equal(model2.weight, model.weight) and (count.n.item(), mine.n.item()) == (7, 11)
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -5,6 +5,7 @@ own classes whose fields have other types or negative shapes, a FIFO named like 
 fails. `mugs-verify-checkpoint` says BROKEN for each, the resume falls back to the previous checkpoint
 (a torn, empty or `[]` COMPLETE included) and a broken checkpoint is never reworded as a --data_path
 error. A file that COMPLETE does not list (a `.DS_Store`) is ignored with a note."""
+
 import dataclasses
 import os
 import pickle
@@ -40,15 +41,23 @@ def saved(pristine, tmp_path):
     """A fresh copy of the run dir with two checkpoints (steps 6 and 7)."""
     shutil.copytree(pristine["dir"], tmp_path / "run")
     root = tmp_path / "run" / "checkpoints"
-    return dict(dir=tmp_path / "run", cfg=pristine["cfg"], old=root / pristine["old"][0].name,
-                new=root / pristine["new"][0].name)
+    return dict(
+        dir=tmp_path / "run",
+        cfg=pristine["cfg"],
+        old=root / pristine["old"][0].name,
+        new=root / pristine["new"][0].name,
+    )
 
 
 def resume(saved):
     """The trainer's collective read (one process): the newest checkpoint that loads, and the log lines."""
     student, teacher, objective = H.build_models(saved["cfg"], 5)
-    models = dict(student=student, teacher=teacher, objective=objective,
-                  optimizer=build_adamw(student, saved["cfg"].patch_embed_lr_mult, fused=False))
+    models = dict(
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        optimizer=build_adamw(student, saved["cfg"].patch_embed_lr_mult, fused=False),
+    )
     lines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -123,14 +132,28 @@ def test_a_small_shard_declaring_64_gib_through_overlapping_records_is_refused_b
         m = md.state_dict_metadata[FQN]
         for k in [k for k in md.storage_data if k.fqn == FQN]:
             info = md.storage_data.pop(k)
-        md.storage_data.update({MetadataIndex(FQN, torch.Size([i * per])): dataclasses.replace(
-            info, relative_path="__9_0.distcp", offset=i, length=size - n) for i in range(n)})
-        md.state_dict_metadata[FQN] = TensorStorageMetadata(m.properties, torch.Size([n * per]), [
-            ChunkStorageMetadata(torch.Size([i * per]), torch.Size([per])) for i in range(n)])
+        md.storage_data.update(
+            {
+                MetadataIndex(FQN, torch.Size([i * per])): dataclasses.replace(
+                    info, relative_path="__9_0.distcp", offset=i, length=size - n
+                )
+                for i in range(n)
+            }
+        )
+        md.state_dict_metadata[FQN] = TensorStorageMetadata(
+            m.properties,
+            torch.Size([n * per]),
+            [ChunkStorageMetadata(torch.Size([i * per]), torch.Size([per])) for i in range(n)],
+        )
 
     rewrite_metadata(new, grow)
-    r = subprocess.run([sys.executable, "-c", _PEAK, str(new)], capture_output=True, text=True, timeout=100,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(new)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert "REFUSED" in r.stdout and "overlap" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "Traceback" not in r.stderr and float(r.stdout.split("PEAK_MB")[1]) < 256
     assert verify_checkpoint.main([str(new)]) == 2
@@ -167,7 +190,8 @@ def _negative_shape(md):
         info = md.storage_data.pop(k)
     md.storage_data[MetadataIndex(FQN, torch.Size([0]))] = info
     md.state_dict_metadata[FQN] = TensorStorageMetadata(
-        m.properties, torch.Size([-1]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([-1]))])
+        m.properties, torch.Size([-1]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([-1]))]
+    )
 
 
 WRONG_TYPES = {
@@ -197,8 +221,12 @@ def test_a_fifo_named_metadata_is_refused_without_opening_it(saved, capsys):
     md = saved["new"] / ".metadata"
     md.unlink()
     os.mkfifo(md)
-    r = subprocess.run([sys.executable, "-m", "mugs.training.verify_checkpoint", str(saved["new"])],
-                       capture_output=True, text=True, timeout=40)
+    r = subprocess.run(
+        [sys.executable, "-m", "mugs.training.verify_checkpoint", str(saved["new"])],
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
     assert r.returncode == 2 and "a FIFO, not a regular file" in r.stdout, r.stdout + r.stderr
     assert_broken_everywhere(saved, capsys, "a FIFO, not a regular file")
 
@@ -292,12 +320,14 @@ def test_mugs_train_falls_back_over_a_torn_complete_a_fifo_and_metadata_of_the_w
     assert r.returncode == 0, r.stderr[-4000:]
     warnings = [line for line in r.stderr.splitlines() if line.startswith("mugs: warning:")]
     assert [w.split(" does not load")[0] for w in warnings[:3]] == [
-        f"mugs: warning: checkpoint step_0000000{i}" for i in (4, 3, 2)], warnings
+        f"mugs: warning: checkpoint step_0000000{i}" for i in (4, 3, 2)
+    ], warnings
     assert "COMPLETE" in warnings[0] and "a FIFO" in warnings[1] and "not what DCP writes" in warnings[2]
     assert "step_00000001 at step 1" in r.stderr and "--data_path" not in r.stderr
     assert "Traceback" not in r.stderr, r.stderr[-4000:]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("broken-")) == [
-        f"broken-step_0000000{i}" for i in (2, 3, 4)]
+        f"broken-step_0000000{i}" for i in (2, 3, 4)
+    ]
 
 
 @pytest.fixture(scope="module")

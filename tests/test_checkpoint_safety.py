@@ -1,5 +1,6 @@
 """No file in a run dir or handed to a tool runs code; released full checkpoints load; broken checkpoints
 are set aside (single-process parts; the 2-rank trainer fallback is in test_checkpoint_fallback.py)."""
+
 import json
 import pathlib
 import pickle
@@ -45,8 +46,12 @@ def run(tmp_path):
 
 def fresh_models(cfg, seed=5):
     student, teacher, objective = H.build_models(cfg, seed)
-    return dict(student=student, teacher=teacher, optimizer=build_adamw(student, cfg.patch_embed_lr_mult, fused=False),
-                objective=objective)
+    return dict(
+        student=student,
+        teacher=teacher,
+        optimizer=build_adamw(student, cfg.patch_embed_lr_mult, fused=False),
+        objective=objective,
+    )
 
 
 def resume(run, log=None):
@@ -88,8 +93,10 @@ def test_planted_metadata_payload_is_refused_by_every_tool_and_on_resume(run, da
         (export.main, [str(run["dir"]), "--out", str(tmp_path / "e.pth")]),
         (export.main, [str(newest), "--out", str(tmp_path / "e.pth"), "--format", "mugs"]),
         (knn.main, [str(run["dir"]), "--data_path", str(data)] + SMALL),
-        (linear.main, [str(run["dir"]), "--data_path", str(data), "--output_dir", str(tmp_path / "lin"),
-                       "--epochs", "1"] + SMALL),
+        (
+            linear.main,
+            [str(run["dir"]), "--data_path", str(data), "--output_dir", str(tmp_path / "lin"), "--epochs", "1"] + SMALL,
+        ),
         (attention.main, [str(image), "--checkpoint", str(run["dir"]), "--out", str(tmp_path / "a.png")]),
         (tsne.main, ["--checkpoint", str(run["dir"]), "--data", str(data / "train"), "--out", str(tmp_path / "t.png")]),
         (consolidate.main, [str(run["dir"]), "--out", str(tmp_path / "c.pt")]),
@@ -127,7 +134,8 @@ def _sharded_state(student, teacher, optimizer, objective) -> dict:
     """The DCP state dict of the sharded parts as the trainer saves them (payloads are planted in it)."""
     parts = ckpt.adapt(dict(student=student, teacher=teacher, optimizer=optimizer))
     return {name: parts[name].state_dict() for name in ("student", "teacher", "optimizer")} | {
-        "objective": objective.state_dict()}
+        "objective": objective.state_dict()
+    }
 
 
 def test_planted_payload_in_a_shard_entry_is_refused(run, tmp_path, capsys):
@@ -197,7 +205,10 @@ def test_released_full_checkpoint_loads_weights_only(released, tmp_path, numpy_n
     scalar = "numpy.core.multiarray.scalar" if numpy_names == "numpy1" else "numpy._core.multiarray.scalar"
     assert set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) == {scalar, "numpy.dtype", "argparse.Namespace"}
     lrs = [g["lr"] for g in blob["optimizer"]["param_groups"]]
-    assert all(type(x) is np.float64 for x in lrs) and type(blob["optimizer"]["param_groups"][0]["weight_decay"]) is np.float64
+    assert (
+        all(type(x) is np.float64 for x in lrs)
+        and type(blob["optimizer"]["param_groups"][0]["weight_decay"]) is np.float64
+    )
     assert blob["optimizer"]["state"]  # a stepped optimizer: exp_avg, exp_avg_sq, step
     cfg = config_from_trace(tr["config"])
     student, teacher, objective = build_from_state0(cfg, tr["state0"])

@@ -6,20 +6,21 @@ a new graph, and past the limit the rest of the student, and the whole teacher, 
 The backend is `eager` (Dynamo's tracing and guards, which decide the graph count, without
 Inductor's code generation), so this runs in seconds on CPU.
 """
+
 import dataclasses
 
 import pytest
 import torch
 import torch._dynamo
 
+from fsdp_worker import tiny_cfg
+from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
-from mugs.configs.views import GradClip
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import compile_counts, compile_report, parallelize
 from mugs.training.step import MugsTrainStep
-from fsdp_worker import tiny_cfg
 
 # One graph per (model, kind of block): the teacher's blocks, the teacher's relation block, the
 # student's first block (drop-path rate 0: no drop path), the student's other blocks, the student's
@@ -47,7 +48,8 @@ class RecordingBackend:
 
     def __call__(self, gm, example_inputs):
         sym = any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
-            isinstance(d, torch.SymInt) for x in example_inputs if isinstance(x, torch.Tensor) for d in x.shape)
+            isinstance(d, torch.SymInt) for x in example_inputs if isinstance(x, torch.Tensor) for d in x.shape
+        )
         self.symbolic.append(sym)
         return gm.forward
 
@@ -57,8 +59,9 @@ def test_depth_24_student_and_teacher_compile_to_a_constant_number_of_graphs(dis
     """...and every graph has static sizes: with Dynamo's automatic dynamic shapes (the teacher and the
     student call one code object with different token counts) Inductor compiled generic kernels that
     made the compiled ViT-L step slower than eager on an H200 (57 vs 72 img/s; static: 90)."""
-    cfg = dataclasses.replace(tiny_cfg(2), depth=DEPTH, embed_dim=16, drop_path_rate=0.3,
-                              activation_checkpointing=checkpointing, compile=True)
+    cfg = dataclasses.replace(
+        tiny_cfg(2), depth=DEPTH, embed_dim=16, drop_path_rate=0.3, activation_checkpointing=checkpointing, compile=True
+    )
     torch.manual_seed(0)
     student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     teacher.load_state_dict(student.state_dict(), strict=False)
@@ -67,17 +70,29 @@ def test_depth_24_student_and_teacher_compile_to_a_constant_number_of_graphs(dis
     assert len(set(rates)) == DEPTH and rates[-1] == pytest.approx(0.3)  # a distinct rate per block
     before = compile_counts()
     backend = RecordingBackend()
-    parallelize(student, dist_cpu.mesh, precision="fp32", activation_checkpointing=checkpointing, compile=True,
-                compile_backend=backend)
+    parallelize(
+        student,
+        dist_cpu.mesh,
+        precision="fp32",
+        activation_checkpointing=checkpointing,
+        compile=True,
+        compile_backend=backend,
+    )
     parallelize(teacher, dist_cpu.mesh, precision="fp32", compile=True, compile_backend=backend, is_teacher=True)
-    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
+    step = MugsTrainStep(
+        student,
+        teacher,
+        objective,
+        build_adamw(student, cfg.patch_embed_lr_mult, fused=False),
+        clip_grad=GradClip.constant(0.5),
+        freeze_last_layer=0,
+    )
     after = []
     for i in range(2):
         g = torch.Generator().manual_seed(i)
         t = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
         s = t + [torch.randn(2, 3, 16, 16, generator=g) for _ in range(2)]
-        res = step(t, s, torch.tensor([True, False]), epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04,
-                   step_index=i)
+        res = step(t, s, torch.tensor([True, False]), epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04, step_index=i)
         assert all(v == v for v in res.losses.values())
         after.append(compile_report(True, since=before))
     report = after[-1]

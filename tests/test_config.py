@@ -1,13 +1,13 @@
 """configs/: every flag states its resume policy (the resume guard reads it), presets are defaults the
 flags override, and the builders' views copy the config."""
+
 import dataclasses
 from pathlib import Path
 
 import pytest
 
 from mugs.configs import presets
-from mugs.configs.options import (IGNORED, RESUME_POLICIES, SAFE, SHAPES, MugsConfig, fields_with_policy,
-                                  parse_config)
+from mugs.configs.options import IGNORED, RESUME_POLICIES, SAFE, SHAPES, MugsConfig, fields_with_policy, parse_config
 from mugs.configs.table1 import RUNS, run_argv
 from mugs.configs.views import GradClip, LossWeights
 from mugs.pipeline.augment_config import AugmentConfig
@@ -41,10 +41,13 @@ def test_the_guard_allows_safe_and_ignored_changes_with_a_note(monkeypatch, tmp_
     assert [n for n in notes if n.startswith(f"--{name} was")]
 
 
-@pytest.mark.parametrize("arch,drop_epoch,refused", [("vit_large", 0, True), ("vit_large", 100, False),
-                                                     ("vit_small", 0, False), ("vit_small", 100, True)])
+@pytest.mark.parametrize(
+    "arch,drop_epoch,refused",
+    [("vit_large", 0, True), ("vit_large", 100, False), ("vit_small", 0, False), ("vit_small", 100, True)],
+)
 def test_a_run_from_before_the_clip_drop_flags_resumes_only_with_the_drop_its_code_applied(
-        monkeypatch, tmp_path, arch, drop_epoch, refused):
+    monkeypatch, tmp_path, arch, drop_epoch, refused
+):
     """Older code hard-coded the drop (vit_large: / 10 after epoch 100): its checkpoints' configs lack
     the two fields, and resuming them with another drop would change the run silently."""
     old = MugsConfig(output_dir=str(tmp_path), arch=arch)

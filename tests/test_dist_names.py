@@ -1,4 +1,5 @@
 """core/dist.py's all-gather works under the name each supported torch has (setup.py: 2.11 .. 2.14)."""
+
 import warnings
 
 import pytest

@@ -1,4 +1,5 @@
 """FSDP2 over 2 gloo processes matches one process with the same global batch."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,17 @@ HERE = Path(__file__).parent
 
 
 def _torchrun(nproc: int, out: Path, steps: int, global_batch: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(HERE / "fsdp_worker.py"), str(out), str(steps), str(global_batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(HERE / "fsdp_worker.py"),
+        str(out),
+        str(steps),
+        str(global_batch),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -42,4 +52,6 @@ def test_two_rank_fsdp_matches_single_process(tmp_path):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), k  # fp32 noise on losses of ~1-7
     # and the run really trained: the student moved away from the teacher's start
-    assert (one["student.backbone.blocks.0.attn.qkv.weight"] - one["teacher.backbone.blocks.0.attn.qkv.weight"]).abs().max() > 1e-4
+    assert (
+        one["student.backbone.blocks.0.attn.qkv.weight"] - one["teacher.backbone.blocks.0.attn.qkv.weight"]
+    ).abs().max() > 1e-4

@@ -1,4 +1,5 @@
 """One error tree (core/errors.py), one way every command ends (core/cli.py), one table of exit codes (README)."""
+
 import ast
 import builtins
 import re
@@ -47,13 +48,19 @@ def test_each_error_carries_its_exit_code():
 def _raise(e):
     def main():
         raise e
+
     return main
 
 
-@pytest.mark.parametrize("error,code", [(errors.ConfigError("--lr nan must be a finite number >= 0"), 2),
-                                        (errors.DataError("x.JPEG: cannot decode"), 2),
-                                        (errors.NonFiniteLossError("loss nan at step 3"), 3),
-                                        (errors.CheckpointWriteError("cannot write step 2"), 4)])
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        (errors.ConfigError("--lr nan must be a finite number >= 0"), 2),
+        (errors.DataError("x.JPEG: cannot decode"), 2),
+        (errors.NonFiniteLossError("loss nan at step 3"), 3),
+        (errors.CheckpointWriteError("cannot write step 2"), 4),
+    ],
+)
 def test_run_cli_says_an_error_in_one_line_with_its_code(capsys, error, code):
     assert run_cli(_raise(error), "mugs-x") == code
     assert capsys.readouterr().err == f"mugs-x: error: {error}\n"
@@ -77,8 +84,9 @@ def test_run_cli_lets_a_bug_show_its_traceback():
 
 
 def _calls(tree, name):
-    return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name
-               for n in ast.walk(tree))
+    return any(
+        isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name for n in ast.walk(tree)
+    )
 
 
 def _console_scripts():
@@ -88,7 +96,8 @@ def _console_scripts():
     return [(name, ROOT / package / f"{module}.py") for name, package, module in found] + [
         ("python -m mugs.configs.table1", ROOT / "configs" / "table1.py"),
         ("python -m mugs.training.trainer", ROOT / "training" / "trainer.py"),
-        ("python -m mugs.benchmarks.step", ROOT / "benchmarks" / "step.py")]
+        ("python -m mugs.benchmarks.step", ROOT / "benchmarks" / "step.py"),
+    ]
 
 
 @pytest.mark.parametrize("name,path", _console_scripts(), ids=lambda x: getattr(x, "name", x))
@@ -99,8 +108,9 @@ def test_every_command_ends_through_run_cli(name, path):
     if path.parent.name == "eval":
         main = next(n for n in body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "main")
         assert _calls(main, "tool_main"), f"{name}: {path.relative_to(ROOT)} main is not tool_main(...)"
-        cli = {n.name: n for n in ast.parse((ROOT / "eval" / "cli.py").read_text()).body
-               if isinstance(n, ast.FunctionDef)}
+        cli = {
+            n.name: n for n in ast.parse((ROOT / "eval" / "cli.py").read_text()).body if isinstance(n, ast.FunctionDef)
+        }
         assert _calls(cli["tool_main"], "run") and _calls(cli["run"], "run_cli")
         return
     main = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == "main")
@@ -113,7 +123,16 @@ def test_the_readme_states_every_exit_code_once():
     codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
     assert codes == {int(c) for c in rows}, rows.keys()
     table = "\n".join(rows.values())
-    for cls in (errors.InputError, errors.ConfigError, errors.DataError, errors.CheckpointError, errors.OwnerError,
-                errors.NoDeviceError, errors.NonFiniteLossError, errors.CheckpointWriteError, errors.OutputWriteError):
+    for cls in (
+        errors.InputError,
+        errors.ConfigError,
+        errors.DataError,
+        errors.CheckpointError,
+        errors.OwnerError,
+        errors.NoDeviceError,
+        errors.NonFiniteLossError,
+        errors.CheckpointWriteError,
+        errors.OutputWriteError,
+    ):
         assert f"`{cls.__name__}`" in table, cls.__name__
     assert len(re.findall(r"\*Exit codes\*|^## Exit codes", readme, re.M)) == 1

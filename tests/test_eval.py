@@ -1,4 +1,5 @@
 """Evaluation and checkpoint interop: k-NN, linear probe, import/export, pictures, unsafe files, bad inputs."""
+
 import json
 import os
 import pathlib
@@ -10,8 +11,8 @@ import torch
 from PIL import Image
 
 import eval_helpers as H
-from mugs.eval import attention, export, knn, linear, tsne
 from mugs.core.errors import CheckpointError
+from mugs.eval import attention, export, knn, linear, tsne
 from mugs.eval.load import load_backbone, load_training_state, read_checkpoint
 from mugs.model.vit import build_backbone
 
@@ -110,8 +111,19 @@ def torchrun(module, *args):
 @pytest.mark.distributed
 def test_knn_under_torchrun_gathers_the_same_features(run, odd_data, tmp_path):
     """2 gloo ranks write exactly the single-process features and results."""
-    args = [str(run["dir"]), "--data_path", str(odd_data), "--resize", "32", "--crop", "32", "--num_workers", "0",
-            "--batch_size_per_gpu", "3"]
+    args = [
+        str(run["dir"]),
+        "--data_path",
+        str(odd_data),
+        "--resize",
+        "32",
+        "--crop",
+        "32",
+        "--num_workers",
+        "0",
+        "--batch_size_per_gpu",
+        "3",
+    ]
     torchrun("mugs.eval.knn", *args, "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "r2.json"))
     assert knn.main(args + ["--cache", str(tmp_path / "c1"), "--out", str(tmp_path / "r1.json")]) == 0
     for split in ("train", "val"):
@@ -130,8 +142,21 @@ def test_linear_under_torchrun_trains_one_ddp_head_and_counts_every_val_image(ru
     from mugs.eval.features import block_features, loader
 
     out = tmp_path / "lin2"
-    torchrun("mugs.eval.linear", str(run["dir"]), "--data_path", str(odd_data), "--output_dir", str(out),
-             "--epochs", "2", "--lr", "1.0", "--train_aug", "simple", *SMALL)
+    torchrun(
+        "mugs.eval.linear",
+        str(run["dir"]),
+        "--data_path",
+        str(odd_data),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "2",
+        "--lr",
+        "1.0",
+        "--train_aug",
+        "simple",
+        *SMALL,
+    )
     rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]  # rank 0 alone writes
     res = json.loads((out / "results.json").read_text())
@@ -141,18 +166,26 @@ def test_linear_under_torchrun_trains_one_ddp_head_and_counts_every_val_image(ru
     heads.load_state_dict(torch.load(out / "checkpoint.pth", weights_only=True)["heads"])
     backbone, _, _ = load_backbone(run["dir"])
     val = image_folder(odd_data / "val", eval_transform(32, 32))
-    (got,) = linear.validate(heads, loader(val, 4, 0, torch.device("cpu")),
-                             lambda x: block_features(backbone, x, 2, False), torch.device("cpu"), 1, 3)
+    (got,) = linear.validate(
+        heads,
+        loader(val, 4, 0, torch.device("cpu")),
+        lambda x: block_features(backbone, x, 2, False),
+        torch.device("cpu"),
+        1,
+        3,
+    )
     assert got["top1"] == pytest.approx(rows[-1]["top1"]) and got["top5"] == pytest.approx(rows[-1]["top5"])
 
 
 # ---------------------------------------------------------------- linear probe
 def test_linear_presets_follow_the_paper():
-    assert linear.preset("vit_small", 100) == dict(n_last_blocks=4, avgpool=False, lr=[0.015], lr_min=1e-5,
-                                                   batch=256, sweep=False)
+    assert linear.preset("vit_small", 100) == dict(
+        n_last_blocks=4, avgpool=False, lr=[0.015], lr_min=1e-5, batch=256, sweep=False
+    )
     assert linear.preset("vit_small", 300)["lr"] == [0.02] and linear.preset("vit_small", 800)["lr"] == [0.01]
-    assert linear.preset("vit_base", 400) == dict(n_last_blocks=1, avgpool=True, lr=[0.002], lr_min=1e-5,
-                                                  batch=128, sweep=False)
+    assert linear.preset("vit_base", 400) == dict(
+        n_last_blocks=1, avgpool=True, lr=[0.002], lr_min=1e-5, batch=128, sweep=False
+    )
     assert linear.preset("vit_large", 250)["sweep"] and len(linear.SWEEP_LRS) == 36
     assert min(linear.SWEEP_LRS) == pytest.approx(1e-4) and max(linear.SWEEP_LRS) == pytest.approx(0.9)
 
@@ -170,8 +203,20 @@ def test_block_features_are_normed_cls_of_last_blocks_and_mean_patch(run):
 
 
 def _linear_argv(run, data, out, epochs=3):
-    return [str(run["dir"]), "--data_path", str(data), "--output_dir", str(out), "--epochs", str(epochs),
-            "--lr", "0.5", "2.0", "--seed", "1"] + SMALL
+    return [
+        str(run["dir"]),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "0.5",
+        "2.0",
+        "--seed",
+        "1",
+    ] + SMALL
 
 
 def test_linear_beats_chance_and_writes_results(run, data, tmp_path):
@@ -238,8 +283,11 @@ def test_original_checkpoint_from_trace_imports_identically(original_trace):
     assert torch.equal(cls(backbone, x), cls(teacher.backbone, x))
     state = load_training_state(f, cfg=cfg)  # the Namespace `args` is allowed, nothing else
     assert state.epoch == 5 and state.config["arch"] == "vit_custom"
-    for name, module, sd in (("student", student, state.student), ("teacher", teacher, state.teacher),
-                             ("objective", objective, state.objective)):
+    for name, module, sd in (
+        ("student", student, state.student),
+        ("teacher", teacher, state.teacher),
+        ("objective", objective, state.objective),
+    ):
         ref = module.state_dict()
         assert set(ref) == set(sd), name
         for k in ref:
@@ -334,8 +382,17 @@ def test_export_mugs_layout_round_trips(run, original_trace, tmp_path):
     out = tmp_path / "checkpoint.pth"
     assert export.main([str(run["dir"]), "--out", str(out), "--format", "mugs"]) == 0
     blob = torch.load(out, weights_only=True)  # a plain-dict `args`: no allow-listing needed
-    assert {"student", "teacher", "student_mem", "teacher_mem", "instance-sup.", "local-group-sup.", "group-sup.",
-            "epoch", "args"} <= set(blob)
+    assert {
+        "student",
+        "teacher",
+        "student_mem",
+        "teacher_mem",
+        "instance-sup.",
+        "local-group-sup.",
+        "group-sup.",
+        "epoch",
+        "args",
+    } <= set(blob)
     assert all(k.startswith("module.") for k in blob["student"]) and blob["epoch"] == 3
     assert blob["args"]["arch"] == "custom" and blob["args"]["embed_dim"] == 32
     a, b = load_training_state(run["dir"]), load_training_state(out, cfg=run["cfg"])
@@ -375,8 +432,12 @@ def test_attention_weights_match_timm_and_png_has_the_stated_size(run, consolida
     assert attention.main([str(img), "--checkpoint", str(consolidated), "--out", str(out), "--image_size", "64"]) == 0
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (3 * 64, 64)  # the image + 2 heads
-    assert attention.main([str(img), "--checkpoint", str(consolidated), "--out", str(out), "--image_size", "70",
-                           "--cols", "2"]) == 0
+    assert (
+        attention.main(
+            [str(img), "--checkpoint", str(consolidated), "--out", str(out), "--image_size", "70", "--cols", "2"]
+        )
+        == 0
+    )
     with Image.open(out) as im:
         assert im.size == (2 * 64, 2 * 64)  # 70 rounds down to a multiple of the patch (8); 3 panels in 2 columns
 
@@ -384,8 +445,24 @@ def test_attention_weights_match_timm_and_png_has_the_stated_size(run, consolida
 @pytest.mark.process
 def test_tsne_png_has_the_stated_size(run, data, tmp_path):
     out = tmp_path / "tsne.png"
-    argv = ["--checkpoint", str(run["dir"]), "--data", str(data / "train"), "--classes", "red", "blue", "yellow",
-            "--out", str(out), "--width", "400", "--height", "300", "--per_class", "6"] + SMALL
+    argv = [
+        "--checkpoint",
+        str(run["dir"]),
+        "--data",
+        str(data / "train"),
+        "--classes",
+        "red",
+        "blue",
+        "yellow",
+        "--out",
+        str(out),
+        "--width",
+        "400",
+        "--height",
+        "300",
+        "--per_class",
+        "6",
+    ] + SMALL
     assert tsne.main(argv) == 0
     with Image.open(out) as im:
         im.verify()
@@ -406,10 +483,25 @@ def test_bad_inputs_give_one_line_errors(run, data, tmp_path, capsys):
         (knn.main, [str(run["dir"]), "--data_path", str(empty)], "no images"),
         (knn.main, [str(run["dir"]), "--data_path", str(tmp_path / "nodata")], "no such directory"),
         (linear.main, [str(run["dir"]), "--output_dir", str(tmp_path / "o")], "give --data_path"),
-        (attention.main, [str(not_image), "--checkpoint", str(run["dir"]), "--out", str(tmp_path / "a.png")],
-         "not a readable image"),
-        (tsne.main, ["--checkpoint", str(run["dir"]), "--data", str(data / "train"), "--classes", "purple",
-                     "--out", str(tmp_path / "t.png")], "no class folder purple"),
+        (
+            attention.main,
+            [str(not_image), "--checkpoint", str(run["dir"]), "--out", str(tmp_path / "a.png")],
+            "not a readable image",
+        ),
+        (
+            tsne.main,
+            [
+                "--checkpoint",
+                str(run["dir"]),
+                "--data",
+                str(data / "train"),
+                "--classes",
+                "purple",
+                "--out",
+                str(tmp_path / "t.png"),
+            ],
+            "no class folder purple",
+        ),
         (export.main, [str(not_image), "--out", str(tmp_path / "e.pth")], "not a readable torch checkpoint"),
     ]
     for fn, argv, text in cases:

@@ -1,5 +1,6 @@
 """The trainer's exit reasons (training/exit_reason.py StopReason) and slurm/launch.sh's requeue decision
 agree: the launcher names every value and classifies it; a value added without that is caught here."""
+
 import re
 import subprocess
 from enum import Enum
@@ -14,9 +15,16 @@ LAUNCH = Path(__file__).resolve().parents[1] / "slurm" / "launch.sh"
 # The test's own statement of the policy: complete runs never requeue, a USR1 that reached the workers
 # always does, every other stop only when the batch shell itself got USR1 (the time-limit warning).
 NEVER, ALWAYS, AFTER_SHELL_USR1 = "never", "always", "after the batch shell's USR1"
-POLICY = {"finished": NEVER, "max_steps": NEVER, "sigusr1": ALWAYS, "sigterm": AFTER_SHELL_USR1,
-          "sigint": AFTER_SHELL_USR1, "stop_file": AFTER_SHELL_USR1, "launcher_exit": AFTER_SHELL_USR1,
-          "other_rank": AFTER_SHELL_USR1}
+POLICY = {
+    "finished": NEVER,
+    "max_steps": NEVER,
+    "sigusr1": ALWAYS,
+    "sigterm": AFTER_SHELL_USR1,
+    "sigint": AFTER_SHELL_USR1,
+    "stop_file": AFTER_SHELL_USR1,
+    "launcher_exit": AFTER_SHELL_USR1,
+    "other_rank": AFTER_SHELL_USR1,
+}
 
 
 def decision_function(script: str) -> str:
@@ -54,8 +62,9 @@ def test_the_policy_states_every_reason():
 
 
 def _requeues(reason: str, shell_signal: str) -> bool:
-    script = (f'log() {{ :; }}\n{decision_function(LAUNCH.read_text())}\nMUGS_SIGNAL={shell_signal}\n'
-              f'wants_requeue "{reason}"')
+    script = (
+        f'log() {{ :; }}\n{decision_function(LAUNCH.read_text())}\nMUGS_SIGNAL={shell_signal}\nwants_requeue "{reason}"'
+    )
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
     assert r.returncode in (0, 1), r.stderr
     return r.returncode == 0

@@ -2,6 +2,7 @@
 checkpoint) is one line naming the folder and its free space, exit 4; mugs-train names the rank that failed
 first by its own exit, never one torchrun terminated; ranks torn down after a peer's failure print no
 backend traceback; a stop signal during a worker's start-up stops the run like one during training."""
+
 import errno
 import json
 import os
@@ -44,8 +45,11 @@ def test_a_full_disk_under_tensorboard_is_one_line_exit_4(tmp_path, monkeypatch)
 
     mon = Monitor(str(tmp_path), 10, 0, enabled=True, bar=False)
     monkeypatch.setattr(writer.FileWriter, "add_event", _full_disk)
-    with pytest.raises(OutputWriteError, match=rf"^cannot write the TensorBoard events to {tmp_path / 'tb'} "
-                                               r"\(No space left on device; [\d.]+ [MG]B free\)"):
+    with pytest.raises(
+        OutputWriteError,
+        match=rf"^cannot write the TensorBoard events to {tmp_path / 'tb'} "
+        r"\(No space left on device; [\d.]+ [MG]B free\)",
+    ):
         mon.step(1, {"loss/total": 1.0})
     monkeypatch.undo()
     mon.close()
@@ -76,8 +80,13 @@ def test_blame_names_the_rank_that_exited_not_the_one_torchrun_terminated():
 
 
 def test_blame_prefers_a_ranks_own_failure_over_one_that_saw_its_peer_fail():
-    peer = {"message": "stopped because another rank failed (Connection closed by peer)", "exit_code": 1,
-            "time": 10.0, "rank": 0, "peer": True}
+    peer = {
+        "message": "stopped because another rank failed (Connection closed by peer)",
+        "exit_code": 1,
+        "time": 10.0,
+        "rank": 0,
+        "peer": True,
+    }
     own = {"message": "cannot write log.txt", "exit_code": 4, "time": 10.5, "rank": 1, "peer": False}
     assert failure.blame({0: _failed(1, peer), 1: _failed(4, own)})[:2] == (1, 4)
     # a rank killed by SIGKILL (out of memory) caused its peer's failure
@@ -87,8 +96,10 @@ def test_blame_prefers_a_ranks_own_failure_over_one_that_saw_its_peer_fail():
 
 
 def test_a_peers_death_is_recognised_in_the_backends_words():
-    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
-                        "[127.0.0.1]:927. This is typically caused by a remote worker crashing.")
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+        "[127.0.0.1]:927. This is typically caused by a remote worker crashing."
+    )
     assert peer_failure(gloo) == "Connection closed by peer [127.0.0.1]:927"
     assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert peer_failure(ValueError("Connection closed by peer")) is None
@@ -110,9 +121,13 @@ def test_tensorboard_full_disk_mid_run_names_rank_0_exit_4_and_no_traceback(data
     assert r.returncode == 4, r.stderr[-6000:]
     assert "Traceback" not in r.stderr, r.stderr[-6000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"mugs-train: error: worker rank 0 failed first (exit 4): cannot write the TensorBoard "
-                           f"events to {out / 'tb'} (No space left on device; "), last
-    assert len([ln for ln in r.stderr.splitlines() if "error:" in ln]) == 2, r.stderr[-3000:]  # rank 0's, the launcher's
+    assert last.startswith(
+        f"mugs-train: error: worker rank 0 failed first (exit 4): cannot write the TensorBoard "
+        f"events to {out / 'tb'} (No space left on device; "
+    ), last
+    assert len([ln for ln in r.stderr.splitlines() if "error:" in ln]) == 2, r.stderr[
+        -3000:
+    ]  # rank 0's, the launcher's
     assert len(r.stderr.strip().splitlines()) <= 5, r.stderr[-3000:]
 
 
@@ -140,8 +155,12 @@ def test_a_stop_signal_during_worker_start_up_stops_with_a_checkpoint(data, tmp_
     """f9e9db5: SIGTERM while the workers imported torch killed them (exit 1, no checkpoint); SIGINT gave
     KeyboardInterrupt tracebacks."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_cmd(2, 0, data, out, "--batch_size_per_gpu", "4", "--max_steps", "50"),
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        launch_cmd(2, 0, data, out, "--batch_size_per_gpu", "4", "--max_steps", "50"),
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     t0 = time.time()
     while not _workers(proc.pid):
         assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()[1][-3000:]
@@ -158,7 +177,9 @@ def test_a_stop_signal_during_worker_start_up_stops_with_a_checkpoint(data, tmp_
 
 @pytest.mark.process
 def test_the_early_handlers_stay_out_of_a_process_that_only_imports_the_trainer():
-    code = ("import signal; from mugs.training import trainer, early_signals; "
-            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, early_signals.caught)")
+    code = (
+        "import signal; from mugs.training import trainer, early_signals; "
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, early_signals.caught)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["True", "[]"], r.stderr[-2000:]

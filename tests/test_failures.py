@@ -2,6 +2,7 @@
 naming the folder and its free space, exit 4, the partial checkpoint removed, the previous one
 resumes), a truncated JPEG mid-run (the file and the rank that read it, exit 2), a worker killed by
 a signal (named as such, not the rank merely torn down with it)."""
+
 import os
 import re
 import signal
@@ -69,9 +70,11 @@ def test_full_disk_is_one_line_exit_4_and_the_previous_checkpoint_resumes(data, 
     last = _last(r)
     assert r.returncode == 4, r.stderr[-6000:]
     assert "Traceback" not in r.stderr and "CheckpointException" not in r.stderr, r.stderr[-6000:]
-    assert re.search(r"^mugs-train: error: worker rank \d failed first \(exit 4\): cannot write checkpoint step 2 "
-                     rf"to {re.escape(str(out / 'checkpoints'))} \(.*No space left on device.*; [\d.]+ [MG]B free\)",
-                     last), last
+    assert re.search(
+        r"^mugs-train: error: worker rank \d failed first \(exit 4\): cannot write checkpoint step 2 "
+        rf"to {re.escape(str(out / 'checkpoints'))} \(.*No space left on device.*; [\d.]+ [MG]B free\)",
+        last,
+    ), last
     assert f"the last complete one ({out / 'checkpoints' / 'step_00000001'}) is intact" in last
     errors = [line for line in r.stderr.splitlines() if line.startswith("mugs: error:")]
     assert len(errors) == 1, errors  # the ranks agreed: rank 0 says it once, the launcher repeats it last
@@ -94,11 +97,15 @@ def test_truncated_jpeg_mid_run_names_the_file_and_the_rank_in_the_last_line(tmp
     r = run(launch_cmd(2, 0, data, tmp_path / "run", "--batch_size_per_gpu", "4", "--max_steps", "6"))
     last = _last(r)
     assert r.returncode == 2, r.stderr[-6000:]
-    m = re.match(rf"mugs-train: error: worker rank (\d) failed first \(exit 2\): cannot decode {re.escape(str(victim))}",
-                 last)
+    m = re.match(
+        rf"mugs-train: error: worker rank (\d) failed first \(exit 2\): cannot decode {re.escape(str(victim))}", last
+    )
     assert m, last
-    said = [line for line in r.stderr.splitlines() if line.startswith(f"[rank{m.group(1)}]:mugs: error:")
-            or line.startswith("mugs: error:")]
+    said = [
+        line
+        for line in r.stderr.splitlines()
+        if line.startswith(f"[rank{m.group(1)}]:mugs: error:") or line.startswith("mugs: error:")
+    ]
     assert any(str(victim) in line for line in said), r.stderr[-4000:]  # the failing worker said it too
 
 
@@ -107,9 +114,13 @@ def test_truncated_jpeg_mid_run_names_the_file_and_the_rank_in_the_last_line(tmp
 def test_a_worker_killed_by_a_signal_is_named_not_the_rank_torn_down_with_it(data, tmp_path):
     out = tmp_path / "run"
     e = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(launch_cmd(2, 0, data, out, "--batch_size_per_gpu", "4", "--epochs", "100",
-                                       "--ckpt_every_steps", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e)
+    proc = subprocess.Popen(
+        launch_cmd(2, 0, data, out, "--batch_size_per_gpu", "4", "--epochs", "100", "--ckpt_every_steps", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=e,
+    )
     t0 = time.time()
     while not (out / "checkpoints" / "step_00000002" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()[1][-4000:]
@@ -137,7 +148,9 @@ def test_a_failed_write_on_an_almost_empty_disk_is_named_a_full_disk(monkeypatch
     from mugs.core import checkpoint as ckpt
 
     usage = collections.namedtuple("usage", "total used free")
-    zip_error = "writing the shards: RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+    zip_error = (
+        "writing the shards: RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+    )
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 1000, 1000))
     assert ckpt._write_failure(zip_error, tmp_path) == f"No space left on device ({zip_error}); 0.0 MB free"
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**39, 2**39))

@@ -1,22 +1,24 @@
 """The fused multi-resolution pass (model/vit.py list forward) and parallelize's activation checkpointing."""
+
 import copy
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from fsdp_worker import tiny_cfg
 from mugs.benchmarks.paper_style import per_resolution_forward
 from mugs.model.network import build_network, same_size_runs
 from mugs.model.objective import MugsObjective
 from mugs.model.vit import MultiResBlock, build_backbone
 from mugs.training.parallelize import checkpoint_forward_
-from fsdp_worker import tiny_cfg
 
 
 def _crops(b=3, n_local=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, 3, 32, 32, generator=g) for _ in range(2)] + [
-        torch.randn(b, 3, 16, 16, generator=g) for _ in range(n_local)]
+        torch.randn(b, 3, 16, 16, generator=g) for _ in range(n_local)
+    ]
 
 
 def _net_pair():
@@ -52,8 +54,9 @@ def test_each_block_and_the_relation_block_run_once_per_forward_for_all_crops():
 
 def test_parameter_names_stay_timm_names():
     vit = build_backbone("custom", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32)
-    timm_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                                 dynamic_img_size=True)
+    timm_vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     own = {k for k in vit.state_dict() if not k.startswith("relation_blocks.")}
     assert own == set(timm_vit.state_dict())
     assert all(isinstance(b, MultiResBlock) for b in [*vit.blocks, *vit.relation_blocks])
@@ -86,6 +89,7 @@ def test_packed_drop_path_is_timm_drop_path_bitwise(dtype):
     """The eager packed drop path (one index and one multiply over the packed rows) draws timm's random
     numbers in timm's order and gives timm's `drop_path` of each batch bit for bit, gradient included."""
     from timm.layers import drop_path
+
     from mugs.model.vit import pack, packed_drop_path, unpack
 
     sizes = ((6, 5), (20, 3), (4, 7))
@@ -98,8 +102,8 @@ def test_packed_drop_path_is_timm_drop_path_bitwise(dtype):
         got = packed_drop_path(flat, sizes, prob, True)
         assert torch.equal(torch.rand(1), after_ref)  # the same number of draws from the generator
         assert torch.equal(got, ref), prob
-        g_ref, = torch.autograd.grad(ref.sum(), flat)
-        g_got, = torch.autograd.grad(got.sum(), flat)
+        (g_ref,) = torch.autograd.grad(ref.sum(), flat)
+        (g_got,) = torch.autograd.grad(got.sum(), flat)
         assert torch.equal(g_got, g_ref)
     assert packed_drop_path(flat, sizes, 0.3, False) is flat  # eval: nothing drawn
 

@@ -1,4 +1,5 @@
 """GroupLoss against the formula written out pair by pair: centre, both temperatures, skipped same-index pairs."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,14 @@ def _direct(student, teacher, center, n_crops, t_student, t_teacher):
 def test_group_loss_matches_the_direct_formula(epoch, t_teacher):
     torch.manual_seed(0)
     n_crops, b, g = 5, 3, 11
-    loss = GroupLoss(g, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, student_temp=0.1,
-                     center_momentum=0.9)
+    loss = GroupLoss(
+        g,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=3,
+        student_temp=0.1,
+        center_momentum=0.9,
+    )
     loss.center.copy_(torch.randn(1, g))
     student, teacher = torch.randn(n_crops * b, g), torch.randn(2 * b, g)
     assert loss.teacher_temp(epoch) == pytest.approx(t_teacher)

@@ -21,6 +21,7 @@ logging and the after-step stop/checkpoint decision): the loader is replaced by 
 real batches and holds the check active from each batch's hand-over until the next one is asked
 for. Expected: no violation and exactly one sync per iteration (the step's loss check).
 """
+
 import traceback
 from pathlib import Path
 
@@ -33,20 +34,46 @@ from train_helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.eye, torch.linspace,
-             torch.logspace, torch.rand, torch.randn, torch.randint, torch.randperm, torch.empty_strided,
-             torch.scalar_tensor, torch.tril_indices, torch.triu_indices}
+FACTORIES = {
+    torch.arange,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.eye,
+    torch.linspace,
+    torch.logspace,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.empty_strided,
+    torch.scalar_tensor,
+    torch.tril_indices,
+    torch.triu_indices,
+}
 FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray, torch.from_numpy}
-READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-         torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}
+READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+}
 TO_DEVICE = {torch.Tensor.to, torch.Tensor.cuda}
 
 
 def _where() -> str:
     """The innermost project frame (not a test) that made the call, else the innermost frame."""
     frames = traceback.extract_stack()[:-2]  # less _where and __torch_function__
-    own = [f for f in frames if f.filename.startswith(str(ROOT)) and "/tests/" not in f.filename
-           and "/.venv/" not in f.filename]
+    own = [
+        f
+        for f in frames
+        if f.filename.startswith(str(ROOT)) and "/tests/" not in f.filename and "/.venv/" not in f.filename
+    ]
     f = (own or frames)[-1]
     return f"{Path(f.filename).relative_to(ROOT) if f.filename.startswith(str(ROOT)) else f.filename}:{f.lineno}"
 
@@ -60,7 +87,8 @@ def _moves_to_device(func, args, kwargs) -> bool:
         return True
     rest = list(args[1:]) + list(kwargs.values())
     return any(isinstance(a, (str, torch.device)) or torch.is_tensor(a) for a in rest) and not all(
-        isinstance(a, torch.dtype) or a is None or isinstance(a, bool) for a in rest)
+        isinstance(a, torch.dtype) or a is None or isinstance(a, bool) for a in rest
+    )
 
 
 class HostTensorCheck(TorchFunctionMode):
@@ -163,7 +191,6 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
 
 
-
 def test_loop_body_builds_no_host_tensor_and_syncs_once_per_iteration(make_run):
     run = make_run("--ckpt_every_steps", "0", "--drop_path_rate", "0.1")
     run.start()
@@ -175,7 +202,8 @@ def test_loop_body_builds_no_host_tensor_and_syncs_once_per_iteration(make_run):
     assert len(loader.checks) == 3
     for i, check in enumerate(loader.checks):
         assert not check.violations and len(check.syncs) == 1, (
-            f"iteration {i}: {check.violations or 'no host tensor'}; {len(check.syncs)} host syncs {check.syncs}")
+            f"iteration {i}: {check.violations or 'no host tensor'}; {len(check.syncs)} host syncs {check.syncs}"
+        )
         assert "training/step.py" in check.syncs[0], check.syncs  # the step's loss check
 
 

@@ -1,5 +1,6 @@
 """The online k-NN monitor (--knn_every_epochs): bitwise-neutral for training, resume-safe, the same
 figures as mugs-eval-knn, a warning (never a lost run) when it fails, one line when its paths are bad."""
+
 import json
 import random
 import shutil
@@ -33,8 +34,16 @@ def sets(tmp_path_factory):
 
 def _knn_flags(sets, every=1, per_class=6):
     train, val = sets
-    return ["--knn_every_epochs", str(every), "--knn_train_path", str(train), "--knn_val_path", str(val),
-            "--knn_subset_per_class", str(per_class)]
+    return [
+        "--knn_every_epochs",
+        str(every),
+        "--knn_train_path",
+        str(train),
+        "--knn_val_path",
+        str(val),
+        "--knn_subset_per_class",
+        str(per_class),
+    ]
 
 
 def _records(out: Path, event: str) -> list:
@@ -51,6 +60,7 @@ def _weights(out: Path) -> dict:
                 walk(v, f"{prefix}{k}.")
             elif torch.is_tensor(v):
                 flat[prefix + k] = v
+
     walk(parts, "")
     return flat
 
@@ -92,8 +102,9 @@ def test_measure_draws_no_random_number_restores_modes_and_a_bad_image_raises(se
     victim.write_bytes(b"not an image")
     ds = LabelledImages(index_folder(str(bad)), (36, 32))
     with pytest.raises(DataError):
-        extract_features(lambda x: x.flatten(1), ds, 3 * 32 * 32, batch_size=4, device=torch.device("cpu"),
-                         threads=2, lockstep=True)
+        extract_features(
+            lambda x: x.flatten(1), ds, 3 * 32 * 32, batch_size=4, device=torch.device("cpu"), threads=2, lockstep=True
+        )
 
 
 @pytest.mark.timeout(60)
@@ -111,23 +122,43 @@ def test_cached_images_are_the_eval_transform_tensors_bit_for_bit(sets):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("extra,needle", [
-    (["--knn_every_epochs", "1"], "needs --knn_train_path"),
-    (["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "/nonexistent/val"],
-     "--knn_val_path /nonexistent/val does not exist"),
-    (["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "{empty}"],
-     "--knn_val_path {empty}: no class folders"),
-    (["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "{fewer}"],
-     "class folders differ (only in train: ['class_2'], only in val: [])"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--knn_every_epochs", "1"], "needs --knn_train_path"),
+        (
+            ["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "/nonexistent/val"],
+            "--knn_val_path /nonexistent/val does not exist",
+        ),
+        (
+            ["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "{empty}"],
+            "--knn_val_path {empty}: no class folders",
+        ),
+        (
+            ["--knn_every_epochs", "1", "--knn_train_path", "{train}", "--knn_val_path", "{fewer}"],
+            "class folders differ (only in train: ['class_2'], only in val: [])",
+        ),
+    ],
+)
 def test_bad_monitor_paths_fail_before_training_in_one_line(sets, tmp_path, capsys, extra, needle):
     (tmp_path / "empty").mkdir()
     shutil.copytree(sets[1], tmp_path / "fewer")
     shutil.rmtree(tmp_path / "fewer" / "class_2")  # ImageFolder would number the classes it has 0, 1
     fill = {"train": str(sets[0]), "empty": str(tmp_path / "empty"), "fewer": str(tmp_path / "fewer")}
     extra = [e.format(**fill) for e in extra]
-    code = launch_main(["--check_only", "--data_path", str(sets[0]), "--output_dir", str(tmp_path / "run"),
-                        *TINY_FLAGS, "--batch_size_per_gpu", "2", *extra])
+    code = launch_main(
+        [
+            "--check_only",
+            "--data_path",
+            str(sets[0]),
+            "--output_dir",
+            str(tmp_path / "run"),
+            *TINY_FLAGS,
+            "--batch_size_per_gpu",
+            "2",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert needle.format(**fill) in err[-1] and err[-1].startswith("mugs-train: error:")
@@ -174,10 +205,34 @@ def test_two_rank_monitor_figures_equal_mugs_eval_knn_on_the_same_checkpoint(set
     final = _records(on, "knn")[-1]
     assert ckpt.latest(str(on)).name == f"step_{final['step']:08d}"  # measured on the weights saved there
     img = parse_config(TINY_FLAGS).img_size  # the monitor's view: resize img*256/224, crop img
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "mugs.eval.knn", str(on), "--train", str(sets[0]), "--val", str(sets[1]),
-           "--subset_per_class", "6", "--resize", str(round(img * 256 / 224)), "--crop", str(img),
-           "--device", "cpu", "--num_workers", "0", "--batch_size_per_gpu", "5", "--out", str(tmp_path / "knn.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "mugs.eval.knn",
+        str(on),
+        "--train",
+        str(sets[0]),
+        "--val",
+        str(sets[1]),
+        "--subset_per_class",
+        "6",
+        "--resize",
+        str(round(img * 256 / 224)),
+        "--crop",
+        str(img),
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--batch_size_per_gpu",
+        "5",
+        "--out",
+        str(tmp_path / "knn.json"),
+    ]
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-4000:]
     got = json.loads((tmp_path / "knn.json").read_text())["knn"]["20"]
@@ -190,8 +245,11 @@ def test_resume_neither_repeats_nor_skips_a_monitor_point(sets, tmp_path):
     whose checkpoint has no record of a due point (the monitor turned on at resume) measures it first."""
     out = tmp_path / "a"
     for steps in (ITERS, 2 * ITERS):
-        r = run(train_cmd(2, free_port(), sets[0], out, *DALI, "--epochs", "2", "--max_steps", str(steps),
-                          *_knn_flags(sets)))
+        r = run(
+            train_cmd(
+                2, free_port(), sets[0], out, *DALI, "--epochs", "2", "--max_steps", str(steps), *_knn_flags(sets)
+            )
+        )
         assert r.returncode == 0, r.stderr[-6000:]
     assert [p["step"] for p in _records(out, "knn")] == [0, ITERS, 2 * ITERS]
     out = tmp_path / "b"
@@ -211,8 +269,23 @@ def test_an_unreadable_image_is_a_warning_at_each_point_not_a_lost_run(sets, tmp
     shutil.copytree(sets[1], val)
     sorted(val.rglob("*.JPEG"))[5].write_bytes(b"not an image")  # on one rank's shard only
     out = tmp_path / "run"
-    r = run(train_cmd(2, free_port(), sets[0], out, *DALI, "--epochs", "2", "--max_steps", str(ITERS + 1),
-                      *_knn_flags(sets, per_class=0)[:4], "--knn_val_path", str(val)), timeout=240)
+    r = run(
+        train_cmd(
+            2,
+            free_port(),
+            sets[0],
+            out,
+            *DALI,
+            "--epochs",
+            "2",
+            "--max_steps",
+            str(ITERS + 1),
+            *_knn_flags(sets, per_class=0)[:4],
+            "--knn_val_path",
+            str(val),
+        ),
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-6000:]
     warnings = [l for l in r.stderr.splitlines() if "k-NN monitor" in l]
     assert len(warnings) == 2 and "at epoch 0 (step 0) failed" in warnings[0] and "training goes on" in warnings[0]
@@ -226,13 +299,15 @@ def test_cost_model_calibrates_the_flop_share_by_the_measured_share(tmp_path):
     """benchmarks/knn_monitor_cost.py: measured share / FLOP share of a run, applied to the Table-1 FLOP shares."""
     import dataclasses
 
-    from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
     from mugs.benchmarks.knn_monitor_cost import IMAGENET_TRAIN, measured, table1
+    from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
 
     cfg = parse_config(["--data_path", "x", *TINY_FLAGS, "--batch_size_per_gpu", "4"])
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    recs = [{"event": "knn", "epoch": e, "step": 5 * e, "bank": 30, "queries": 10, "seconds": s,
-             "epoch_seconds": es} for e, s, es in ((0, 9.0, None), (1, 1.0, 10.0), (2, 2.0, 30.0))]
+    recs = [
+        {"event": "knn", "epoch": e, "step": 5 * e, "bank": 30, "queries": 10, "seconds": s, "epoch_seconds": es}
+        for e, s, es in ((0, 9.0, None), (1, 1.0, 10.0), (2, 2.0, 30.0))
+    ]
     (tmp_path / "log.txt").write_text("\n".join(map(json.dumps, recs)) + "\n")
     m = measured(tmp_path)
     shape = MugsShape.from_config(cfg, 32, 2)
@@ -241,7 +316,9 @@ def test_cost_model_calibrates_the_flop_share_by_the_measured_share(tmp_path):
     large = table1(m["calibration"], 10, 1000)["vit_large_250ep"]
     vit_l = MugsShape.for_arch("vit_large")
     want = 20_000 * backbone_forward_flops(vit_l, 224) / (IMAGENET_TRAIN * step_flops_per_image(vit_l)["total"])
-    assert large["flop_share"] == pytest.approx(want) and large["modelled_share"] == pytest.approx(m["calibration"] * want)
+    assert large["flop_share"] == pytest.approx(want) and large["modelled_share"] == pytest.approx(
+        m["calibration"] * want
+    )
 
 
 @pytest.mark.timeout(60)
@@ -249,8 +326,8 @@ def test_cost_model_reads_a_named_archs_shape(tmp_path):
     """A run of a named arch has no --embed_dim/--depth in its config.json: the shape is the arch's."""
     import dataclasses
 
-    from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
     from mugs.benchmarks.knn_monitor_cost import measured
+    from mugs.model.flops import MugsShape, backbone_forward_flops, step_flops_per_image
 
     cfg = parse_config(["--data_path", "x", "--arch", "vit_tiny", "--batch_size_per_gpu", "4"])
     assert cfg.embed_dim is None and cfg.depth is None

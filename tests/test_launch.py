@@ -1,5 +1,6 @@
 """mugs-train checks everything in one process before any worker starts: every user error is one
 line (the last on the screen), exit 2, no traceback; the trainer reports data errors the same way."""
+
 import os
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 @pytest.mark.process
 def test_bad_arch_with_two_processes_is_the_last_line(data, tmp_path):
-    r = _launch("--nproc_per_node", "2", "--data_path", str(data), "--output_dir", str(tmp_path / "o"),
-                "--arch", "vit_huge")
+    r = _launch(
+        "--nproc_per_node", "2", "--data_path", str(data), "--output_dir", str(tmp_path / "o"), "--arch", "vit_huge"
+    )
     _one_line_error(r, "mugs-train: error: --arch 'vit_huge' is unknown")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()  # no worker ran
 
@@ -83,8 +85,23 @@ def test_decode_error_is_one_line_naming_only_what_dali_cannot_decode(tmp_path, 
     from PIL import Image
 
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "class_0" / "png.JPEG", "PNG")
-    code = train_main(["--data_path", str(root), "--output_dir", str(tmp_path / "o"), *TINY_FLAGS, "--loader",
-                       "dali", "--num_workers", "1", "--batch_size_per_gpu", "8", "--max_steps", "2"])
+    code = train_main(
+        [
+            "--data_path",
+            str(root),
+            "--output_dir",
+            str(tmp_path / "o"),
+            *TINY_FLAGS,
+            "--loader",
+            "dali",
+            "--num_workers",
+            "1",
+            "--batch_size_per_gpu",
+            "8",
+            "--max_steps",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert "DALI could not decode" in err[-1] and "corrupt.JPEG" in err[-1]

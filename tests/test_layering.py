@@ -1,5 +1,6 @@
 """Imports run one way: configs/core/model/pipeline at the bottom, training and eval above them
 (neither imports the other), apps and benchmarks on top; nothing below imports what is above."""
+
 import ast
 from pathlib import Path
 
@@ -7,8 +8,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {"configs": 0, "core": 0, "model": 0, "pipeline": 0, "training": 1, "eval": 1, "apps": 2, "benchmarks": 2}
-ALLOWED_SIDEWAYS = {("configs", "core"), ("model", "configs"), ("model", "core"), ("pipeline", "configs"),
-                    ("pipeline", "core")}  # the bottom layer's own order: core -> configs -> model/pipeline
+ALLOWED_SIDEWAYS = {
+    ("configs", "core"),
+    ("model", "configs"),
+    ("model", "core"),
+    ("pipeline", "configs"),
+    ("pipeline", "core"),
+}  # the bottom layer's own order: core -> configs -> model/pipeline
 
 
 def _imported_packages(path: Path, package: str):

@@ -10,21 +10,28 @@ import torch.nn as nn
 from mugs.configs.options import MugsConfig, parse_config
 from mugs.configs.table1 import run_argv
 from mugs.configs.views import GradClip, LossWeights
+from mugs.model.convert import network_from_original, objective_from_original, objective_to_original
 from mugs.model.losses import InfoNCELoss, teacher_temperature, weighted_total
 from mugs.model.memory import LocalGroupMemory
 from mugs.model.network import MugsOutputs, build_network
 from mugs.model.objective import MugsObjective
 from mugs.model.ring_buffer import RingBuffer
-from mugs.model.convert import network_from_original, objective_from_original, objective_to_original
 from mugs.training.ema import ema_pairs, ema_update_
-from mugs.training.optim import (build_adamw, cancel_last_layer_grads, clip_per_parameter_, clip_value,
-                                 param_groups, set_lr_wd)
+from mugs.training.optim import (
+    build_adamw,
+    cancel_last_layer_grads,
+    clip_per_parameter_,
+    clip_value,
+    param_groups,
+    set_lr_wd,
+)
 from mugs.training.schedules import CosineSchedule, build_schedules
 
 
 def tiny_cfg(**kw):
-    return MugsConfig.from_preset("tiny", **{**dict(instance_queue_size=24, local_group_queue_size=24, memory_size=20),
-                                             **kw})
+    return MugsConfig.from_preset(
+        "tiny", **{**dict(instance_queue_size=24, local_group_queue_size=24, memory_size=20), **kw}
+    )
 
 
 # ---- queue and memory ring buffers
@@ -45,13 +52,19 @@ def test_queue_wraps_around_and_keeps_crop_order():
 def _write_memories(obj, rows, weak):
     """The training's write path (MugsObjective.update_state) with `rows` as crop 0's memory tokens."""
     b = rows.shape[0]
-    out = MugsOutputs(instance=torch.zeros(2 * b, obj.instance_queue.rows.shape[1]), local_group=None, group=None,
-                      memory_tokens=torch.cat([rows, torch.full_like(rows, -7.0)]))  # crop 1's tokens: never written
+    out = MugsOutputs(
+        instance=torch.zeros(2 * b, obj.instance_queue.rows.shape[1]),
+        local_group=None,
+        group=None,
+        memory_tokens=torch.cat([rows, torch.full_like(rows, -7.0)]),
+    )  # crop 1's tokens: never written
     return obj.update_state(out, out, weak)
 
 
 def _memory_objective(size, dim, top_k=2):
-    return MugsObjective(tiny_cfg(memory_size=size, local_group_knn_top_n=top_k, loss_weights=[1.0, 0.0, 0.0]).objective_view(), dim)
+    return MugsObjective(
+        tiny_cfg(memory_size=size, local_group_knn_top_n=top_k, loss_weights=[1.0, 0.0, 0.0]).objective_view(), dim
+    )
 
 
 def test_memory_wraps_filters_weak_and_advances_by_rows_written():
@@ -159,7 +172,6 @@ def test_infonce_matches_per_pair_reference():
     assert loss(s, t, 4, queue).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-
 def infonce_from_definition(student, teacher, n_crops, keys, temperature):
     """Each student crop s of image b is a query; each teacher crop t != s of the same image is its
     positive, every queue key a negative: -log softmax over [positive, negatives] / temperature.
@@ -174,7 +186,9 @@ def infonce_from_definition(student, teacher, n_crops, keys, temperature):
             per_image = []
             for i in range(b):
                 query = student[s * b + i]
-                logits = [float(query @ teacher[t * b + i]) / temperature] + [float(query @ k) / temperature for k in keys]
+                logits = [float(query @ teacher[t * b + i]) / temperature] + [
+                    float(query @ k) / temperature for k in keys
+                ]
                 per_image.append(-(logits[0] - math.log(sum(math.exp(l) for l in logits))))
             (large if s < 2 else small).append(sum(per_image) / b)
     return 0.5 * (sum(large) / len(large) + sum(small) / len(small))
@@ -227,8 +241,12 @@ def test_param_groups_and_lr_wd_assignment():
     opt = build_adamw(student, 0.2, fused=False)
     set_lr_wd(opt, 0.01, 0.05)
     got = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
-    assert got == {"normal_params": (0.01, 0.05), "patch_embed": (pytest.approx(0.002), 0.05),
-                   "no_wd": (0.01, 0.0), "patch_embed_no_wd": (pytest.approx(0.002), 0.0)}
+    assert got == {
+        "normal_params": (0.01, 0.05),
+        "patch_embed": (pytest.approx(0.002), 0.05),
+        "no_wd": (0.01, 0.0),
+        "patch_embed_no_wd": (pytest.approx(0.002), 0.0),
+    }
 
 
 def test_last_layer_frozen_only_in_first_epochs():
@@ -282,7 +300,8 @@ def test_backbone_loads_into_timm_and_gives_the_same_features():
     cfg = tiny_cfg()
     backbone = build_network(cfg.model_view(), teacher=True).backbone.eval()
     ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, qkv_bias=True).eval()
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, qkv_bias=True
+    ).eval()
     sd = {k: v for k, v in backbone.state_dict().items() if not k.startswith("relation_blocks.")}
     ref.load_state_dict(sd, strict=True)
     x = torch.randn(2, 3, 32, 32)

@@ -1,4 +1,5 @@
 """training/monitor.py: a progress bar on a terminal, plain progress lines anywhere else (SLURM logs)."""
+
 import io
 import re
 
@@ -7,8 +8,16 @@ from mugs.training.monitor import Monitor, ProgressLines
 
 
 def _scalars(step):
-    return {"loss/total": 5.0 - step / 1000, "loss/instance": 4.9, "loss/local_group": 4.8, "loss/group": 5.2,
-            "perf/images_per_s": 32.0, "perf/step_time_s": 0.5, "perf/data_wait_s": 0.0, "epoch": step // 100}
+    return {
+        "loss/total": 5.0 - step / 1000,
+        "loss/instance": 4.9,
+        "loss/local_group": 4.8,
+        "loss/group": 5.2,
+        "perf/images_per_s": 32.0,
+        "perf/step_time_s": 0.5,
+        "perf/data_wait_s": 0.0,
+        "epoch": step // 100,
+    }
 
 
 def test_lines_every_n_steps_plus_first_and_last():
@@ -21,9 +30,17 @@ def test_lines_every_n_steps_plus_first_and_last():
     got = [int(m) for m in re.findall(r"^mugs: step (\d+)/250 ", text, re.M)]
     assert got == [1, 100, 200, 250] and len(text.splitlines()) == 4
     last = text.splitlines()[-1]
-    for part in ("epoch 2 |", "loss 4.7500 group 5.2000 instance 4.9000 local_group 4.8000 |", "img/s", "s/step",
-                 "data wait 0% |",
-                 "elapsed 0:00:00", "ETA 0:00:00", "mem ", "GB (peak RSS)"):
+    for part in (
+        "epoch 2 |",
+        "loss 4.7500 group 5.2000 instance 4.9000 local_group 4.8000 |",
+        "img/s",
+        "s/step",
+        "data wait 0% |",
+        "elapsed 0:00:00",
+        "ETA 0:00:00",
+        "mem ",
+        "GB (peak RSS)",
+    ):
         assert part in last, (part, last)
 
 
@@ -36,7 +53,9 @@ def test_lines_every_m_seconds_and_resumed_start(monkeypatch):
         lines.step(step, {**_scalars(step), "perf/gpu_mem_gb": 12.3})
     got = [int(m) for m in re.findall(r"^mugs: step (\d+)/1000 ", out.getvalue(), re.M)]
     assert got == [501, 504, 507, 510]  # the first step after the resume, then every >= 20 s
-    assert "mem 12.3 GB (peak GPU)" in out.getvalue() and "ETA 0:58:13" in out.getvalue().splitlines()[0]  # 499 steps x 7 s
+    assert (
+        "mem 12.3 GB (peak GPU)" in out.getvalue() and "ETA 0:58:13" in out.getvalue().splitlines()[0]
+    )  # 499 steps x 7 s
 
 
 def test_monitor_picks_lines_off_a_terminal_and_bar_on_one(tmp_path, capsys, monkeypatch):

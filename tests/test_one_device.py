@@ -1,16 +1,17 @@
 """World size 1 without FSDP2 (training/one_device.py, issue 26 item 2): the same training as FSDP2 on
 one rank, in bf16 and fp32, without FSDP2's per-parameter casts; between steps the modules hold their
 fp32 parameters (what the optimiser, the EMA and checkpoints see)."""
+
 import pytest
 import torch
 
+from fsdp_worker import tiny_cfg
 from mugs.benchmarks.host_cost import OpCounter
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.training.models import build_models
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
-from fsdp_worker import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,14 @@ def _batch(i, dtype):
 def _train(info, precision, one_device, steps=3, count=False):
     cfg = tiny_cfg(2).replace(precision=precision, depth=3, drop_path_rate=0.2)
     student, teacher, objective = build_models(cfg, info, one_device=one_device)
-    step = MugsTrainStep(student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult, fused=False),
-                         clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
+    step = MugsTrainStep(
+        student,
+        teacher,
+        objective,
+        build_adamw(student, cfg.patch_embed_lr_mult, fused=False),
+        clip_grad=GradClip.constant(0.5),
+        freeze_last_layer=0,
+    )
     losses, counter = [], OpCounter()
     for i in range(steps):
         t, s, w = _batch(i, torch.float32)

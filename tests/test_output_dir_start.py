@@ -3,6 +3,7 @@
 directory or a FIFO under its name: never opened) are one line; a filesystem without hard links still
 takes the lease (an O_EXCL create); `checkpoints` or a `step_N` that is not a directory is refused
 before any worker starts (one line, exit 2) instead of failing the first save."""
+
 import errno
 import json
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mugs.core import checkpoint as ckpt, lease
+from mugs.core import checkpoint as ckpt
+from mugs.core import lease
 from mugs.core.errors import CheckpointError, OwnerError
 from mugs.training import launch
 from train_helpers import TINY_FLAGS, make_image_folder
@@ -21,8 +23,15 @@ from train_helpers import TINY_FLAGS, make_image_folder
 
 def _plant(out: Path, **fields) -> dict:
     now = time.time()
-    owner = {"host": "node-17", "pids": [4242], "slurm_job_id": None, "start": now - 3600, "heartbeat": now,
-             "token": "0" * 32, **fields}
+    owner = {
+        "host": "node-17",
+        "pids": [4242],
+        "slurm_job_id": None,
+        "start": now - 3600,
+        "heartbeat": now,
+        "token": "0" * 32,
+        **fields,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / lease.LEASE_FILE).write_text(json.dumps(owner))
     return owner
@@ -114,7 +123,16 @@ def test_checkpoints_or_a_step_that_is_not_a_directory_is_refused_at_start(data,
         bad.write_text("")
     with pytest.raises(CheckpointError, match="not a directory"):
         ckpt.check_root(out)
-    flags = ["--check_only", "--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, "--batch_size_per_gpu", "4"]
+    flags = [
+        "--check_only",
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *TINY_FLAGS,
+        "--batch_size_per_gpu",
+        "4",
+    ]
     assert launch.main(flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}: not a directory" in err[0], err
@@ -126,6 +144,22 @@ def test_a_fifo_lease_does_not_hang_the_launchers_check(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     os.mkfifo(out / lease.LEASE_FILE)
-    r = subprocess.run([sys.executable, "-m", "mugs.training.launch", "--check_only", "--data_path", str(data),
-                        "--output_dir", str(out), *TINY_FLAGS, "--batch_size_per_gpu", "4"], capture_output=True, text=True, timeout=50)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mugs.training.launch",
+            "--check_only",
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            *TINY_FLAGS,
+            "--batch_size_per_gpu",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert r.returncode == 2 and "a FIFO" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,6 +1,7 @@
 """One owner per output dir: a second launch is refused in one line naming the owner and the first run
 goes on untouched; a stale lease, or one of this very SLURM job (requeued), is taken over; a run that
 lost its lease publishes no checkpoint; temporary checkpoint names are unique per writer."""
+
 import json
 import os
 import socket
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import eval_helpers as H
-from mugs.core import checkpoint as ckpt, lease
+from mugs.core import checkpoint as ckpt
+from mugs.core import lease
 from mugs.core.errors import OwnerError
 from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, run, train_cmd
 
@@ -25,8 +27,15 @@ def data(tmp_path_factory):
 def _plant(out: Path, **fields) -> dict:
     """A lease as another run would have left it."""
     now = time.time()
-    owner = {"host": "node-17", "pids": [4242], "slurm_job_id": None, "start": now - 3600, "heartbeat": now,
-             "token": "0" * 32, **fields}
+    owner = {
+        "host": "node-17",
+        "pids": [4242],
+        "slurm_job_id": None,
+        "start": now - 3600,
+        "heartbeat": now,
+        "token": "0" * 32,
+        **fields,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / lease.LEASE_FILE).write_text(json.dumps(owner))
     return owner
@@ -148,8 +157,9 @@ def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path)
     out = tmp_path / "run"
     flags = ("--batch_size_per_gpu", "4", "--epochs", "100", "--ckpt_every_steps", "5")  # runs until STOP
     e = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(launch_cmd(2, 0, data, out, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=e)
+    first = subprocess.Popen(
+        launch_cmd(2, 0, data, out, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e
+    )
     try:
         t0 = time.time()
         while not (out / "checkpoints" / "step_00000005" / "COMPLETE").exists():

@@ -1,4 +1,5 @@
 """One training step against the original implementation's golden traces (tests/data/parity)."""
+
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,18 @@ def test_replay_covers_every_trace_quantity(replayed):
     names = " ".join(c.name for c in checks)
     for key in trace["outputs"]:
         assert key in names, f"outputs.{key} is not compared"
-    for key in ("grads_raw", "grads_clipped", "state1.student", "state1.teacher", "state1.center",
-                "student_mem", "teacher_mem", "instance_queue", "local_group_queue", "optimizer in isolation"):
+    for key in (
+        "grads_raw",
+        "grads_clipped",
+        "state1.student",
+        "state1.teacher",
+        "state1.center",
+        "student_mem",
+        "teacher_mem",
+        "instance_queue",
+        "local_group_queue",
+        "optimizer in isolation",
+    ):
         assert key in names
 
 
@@ -60,11 +71,23 @@ def _raw_grads(trace, dtype):
         student, teacher, objective = R.build_from_state0(cfg, trace["state0"])
         opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
         rec = R.TraceRecorder()
-        step = MugsTrainStep(student, teacher, objective, opt, clip_grad=cfg.clip_view(),
-                             freeze_last_layer=cfg.freeze_last_layer, hooks=[rec])
+        step = MugsTrainStep(
+            student,
+            teacher,
+            objective,
+            opt,
+            clip_grad=cfg.clip_view(),
+            freeze_last_layer=cfg.freeze_last_layer,
+            hooks=[rec],
+        )
         inp = trace["inputs"]
-        step([c.to(dtype) for c in inp["teacher_crops"]], [c.to(dtype) for c in inp["student_crops"]],
-             inp["weak_flags"], epoch=trace["config"]["epoch"], momentum=0.996)
+        step(
+            [c.to(dtype) for c in inp["teacher_crops"]],
+            [c.to(dtype) for c in inp["student_crops"]],
+            inp["weak_flags"],
+            epoch=trace["config"]["epoch"],
+            momentum=0.996,
+        )
         return rec.grads_raw
     finally:
         torch.set_default_dtype(old)

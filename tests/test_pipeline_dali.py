@@ -1,4 +1,5 @@
 """The DALI loader on the CPU: contract, augmentation statistics, determinism, resume, errors."""
+
 import os
 import shutil
 
@@ -8,10 +9,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 from images import make_tree
 from mugs.core.errors import DataError
 from mugs.pipeline import MultiCropBatch
+from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 
 
 def test_contract_shapes_dtypes_ranges(tree16):
@@ -60,7 +61,7 @@ def test_weak_and_strong_branches(tree16):
     strong = first_batches(loader("dali", root, batch_size=8, prob=0.0, re_prob=1.0, global_size=64))
     assert all(not b.weak_flags.any() for b in strong)
     assert all(in_pixel_range(t) for b in strong for t in b.teacher)
-    outside = [not in_pixel_range(s[i:i + 1]) for b in strong for s in b.student[:2] for i in range(8)]
+    outside = [not in_pixel_range(s[i : i + 1]) for b in strong for s in b.student[:2] for i in range(8)]
     assert np.mean(outside) > 0.8
     # prob=1: all weak; vanilla: the student's globals ARE the teacher's crops
     weak = first_batches(loader("dali", root, batch_size=8, prob=1.0, re_prob=1.0), n=1)[0]
@@ -87,8 +88,15 @@ def test_weak_flag_frequency(tmp_path):
 
 
 def test_crop_windows_within_scale(tree16):
-    ld = loader("dali", tree16[0], batch_size=8, debug=True, local_crops_number=4,
-                global_crops_scale=(0.4, 0.9), local_crops_scale=(0.05, 0.2))
+    ld = loader(
+        "dali",
+        tree16[0],
+        batch_size=8,
+        debug=True,
+        local_crops_number=4,
+        global_crops_scale=(0.4, 0.9),
+        local_crops_scale=(0.05, 0.2),
+    )
     w = torch.cat([b.debug["windows"] for b in first_batches(ld)])  # [16, 8 crops, (y0, x0, h, w)]
     assert w.shape == (16, 8, 4)
     y0, x0, h, wd = w.unbind(-1)
@@ -168,7 +176,8 @@ def test_quickstart_sizes_on_png(tmp_path):
         for i in range(4):
             x = rng.integers(0, 256, (28, 28), dtype=np.uint8)
             Image.fromarray(np.repeat(x[..., None], 3, axis=2)).save(tmp_path / f"{c}_cls" / f"{i}.png")
-    b = first_batches(loader("dali", str(tmp_path), batch_size=8, global_size=28, local_size=12,
-                             local_crops_number=3, re_prob=0.0), n=1)[0]
+    b = first_batches(
+        loader("dali", str(tmp_path), batch_size=8, global_size=28, local_size=12, local_crops_number=3, re_prob=0.0),
+        n=1,
+    )[0]
     assert [t.shape[-1] for t in b.student] == [28, 28, 12, 12, 12] and all(in_pixel_range(t) for t in b.crops)
-

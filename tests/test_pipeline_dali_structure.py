@@ -1,6 +1,7 @@
 """The DALI loader's structure (issue 27): built once per run, a small graph without conditionals, crops by
 torchvision's RandomResizedCrop rule, draws by (seed, epoch, sample position), a producer overlapped with
 the step; and its data faults (issue 25 item 6): pixel limit, files truncated mid-run, --skip_unreadable."""
+
 import os
 import shutil
 import time
@@ -12,12 +13,12 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from images import make_tree  # noqa: E402
-from pipeline_helpers import first_batches, loader, same_batch  # noqa: E402
 from mugs.benchmarks.loader import graph_ops  # noqa: E402
 from mugs.core.errors import DataError  # noqa: E402
 from mugs.pipeline.augment_config import RRC_RATIO  # noqa: E402
 from mugs.pipeline.draws import rrc_windows, sample_uniforms  # noqa: E402
 from mugs.pipeline.files import MAX_IMAGE_PIXELS  # noqa: E402
+from pipeline_helpers import first_batches, loader, same_batch  # noqa: E402
 
 
 def test_one_build_per_run_none_per_epoch_or_resume(tree16):
@@ -103,7 +104,9 @@ def _ks(a, b):
     """Two-sample Kolmogorov-Smirnov statistic."""
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
+    return np.abs(
+        np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)
+    ).max()
 
 
 @pytest.mark.parametrize("hw,scale", [((375, 500), (0.25, 1.0)), ((500, 333), (0.05, 0.25)), ((60, 400), (0.25, 1.0))])
@@ -119,8 +122,13 @@ def test_crop_windows_follow_torchvision_random_resized_crop(hw, scale):
     img = torch.empty(3, H, W)
     theirs = np.array([RandomResizedCrop.get_params(img, list(scale), list(RRC_RATIO)) for _ in range(n)], float)
     crit = 1.95 * np.sqrt(2 / n)  # KS at alpha ~0.001
-    for name, f in (("area", lambda w: w[:, 2] * w[:, 3]), ("aspect", lambda w: w[:, 3] / w[:, 2]),
-                    ("top", lambda w: w[:, 0]), ("left", lambda w: w[:, 1]), ("h", lambda w: w[:, 2])):
+    for name, f in (
+        ("area", lambda w: w[:, 2] * w[:, 3]),
+        ("aspect", lambda w: w[:, 3] / w[:, 2]),
+        ("top", lambda w: w[:, 0]),
+        ("left", lambda w: w[:, 1]),
+        ("h", lambda w: w[:, 2]),
+    ):
         assert _ks(f(ours), f(theirs)) < crit, name
     assert (ours[:, 0] >= 0).all() and (ours[:, 0] + ours[:, 2] <= H).all() and (ours[:, 1] + ours[:, 3] <= W).all()
 
@@ -217,8 +225,12 @@ def _huge_png(path):
 
     raw = zlib.compress(b"\0" * (20000 * 3 + 1) * 64)  # 64 rows of zeros; the rest is missing
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", raw)
+            + chunk(b"IEND", b"")
+        )
 
 
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
@@ -260,8 +272,13 @@ def test_skip_unreadable_replaces_deterministically_and_keeps_the_order(tree16, 
     victim = clean[1].paths[2]
     data = open(victim, "rb").read()
     with open(victim, "wb") as f:
-        f.write({"truncated": data[: len(data) // 2], "corrupt": b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9",
-                 "empty": b""}[fault])
+        f.write(
+            {
+                "truncated": data[: len(data) // 2],
+                "corrupt": b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9",
+                "empty": b"",
+            }[fault]
+        )
     runs = [first_batches(loader("dali", root, batch_size=4, seed=2, skip_unreadable=True), epoch=0) for _ in range(2)]
     assert all(same_batch(a, b) for a, b in zip(*runs))  # deterministic
     got = runs[0]
@@ -273,8 +290,9 @@ def test_skip_unreadable_replaces_deterministically_and_keeps_the_order(tree16, 
     idx = sorted(p for b in clean for p in b.paths)
     assert got[1].paths[:2] == paths[:2] and got[1].paths[3:] == paths[3:]
     assert got[1].paths[2] == idx[(idx.index(victim) + 1) % len(idx)]
-    assert all(torch.equal(a, b) for a, b in zip([t[[0, 1, 3]] for t in clean[1].crops],
-                                                 [t[[0, 1, 3]] for t in got[1].crops]))
+    assert all(
+        torch.equal(a, b) for a, b in zip([t[[0, 1, 3]] for t in clean[1].crops], [t[[0, 1, 3]] for t in got[1].crops])
+    )
     err = capfd.readouterr().err
     assert f"skipped unreadable {victim}" in err and "rank 0" in err
 
@@ -301,7 +319,6 @@ def test_grayscale_and_png_images_still_decode(tmp_path):
     assert b.batch_size == 8
 
 
-
 def test_recipe_frequencies_of_the_original():
     """Per crop kind: blur 1.0 / 0.1 / 0.5 / 0 and solarize 0 / 0.2 / 0 / 0 (weak 1, weak 2, weak local,
     strong), jitter 0.8 and grayscale 0.2 of weak crops, RandAugment and erasing only on strong crops."""
@@ -318,7 +335,12 @@ def test_recipe_frequencies_of_the_original():
     jit = get(lambda g: np.abs(g.jitter - [1, 1, 1, 0]).sum(-1) > 0)
     ra = get(lambda g: (g.ra_op >= 0).any(-1))
     erase = get(lambda g: g.erase[..., 2] > 0)
-    for k, p_blur, p_sol in ((WEAK_GLOBAL_1, 1.0, 0.0), (WEAK_GLOBAL_2, 0.1, 0.2), (WEAK_LOCAL, 0.5, 0.0), (STRONG, 0, 0)):
+    for k, p_blur, p_sol in (
+        (WEAK_GLOBAL_1, 1.0, 0.0),
+        (WEAK_GLOBAL_2, 0.1, 0.2),
+        (WEAK_LOCAL, 0.5, 0.0),
+        (STRONG, 0, 0),
+    ):
         m = kind == k
         assert abs(blur[m].mean() - p_blur) < 0.03 and abs(sol[m].mean() - p_sol) < 0.03, k
     weak = kind != STRONG

@@ -1,4 +1,5 @@
 """Each batched torch RandAugment op (pipeline/recipes.py) against timm's PIL op at the same level."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,13 +11,21 @@ from mugs.pipeline.recipes import FILL, OP_NAMES, rand_augment
 LEVEL = 6.0
 # our op -> (timm op name, worst allowed mean |ours - PIL| in grey levels)
 CASES = {
-    "AutoContrast": ("AutoContrast", 1.0), "Equalize": ("Equalize", 1.0), "Invert": ("Invert", 0.0),
-    "Rotate": ("Rotate", 3.0), "Posterize": ("PosterizeIncreasing", 0.0),
-    "Solarize": ("SolarizeIncreasing", 0.0), "SolarizeAdd": ("SolarizeAdd", 0.0),
-    "Color": ("ColorIncreasing", 1.0), "Contrast": ("ContrastIncreasing", 1.0),
-    "Brightness": ("BrightnessIncreasing", 1.0), "Sharpness": ("SharpnessIncreasing", 1.0),
-    "ShearX": ("ShearX", 3.0), "ShearY": ("ShearY", 3.0),
-    "TranslateXRel": ("TranslateXRel", 3.0), "TranslateYRel": ("TranslateYRel", 3.0),
+    "AutoContrast": ("AutoContrast", 1.0),
+    "Equalize": ("Equalize", 1.0),
+    "Invert": ("Invert", 0.0),
+    "Rotate": ("Rotate", 3.0),
+    "Posterize": ("PosterizeIncreasing", 0.0),
+    "Solarize": ("SolarizeIncreasing", 0.0),
+    "SolarizeAdd": ("SolarizeAdd", 0.0),
+    "Color": ("ColorIncreasing", 1.0),
+    "Contrast": ("ContrastIncreasing", 1.0),
+    "Brightness": ("BrightnessIncreasing", 1.0),
+    "Sharpness": ("SharpnessIncreasing", 1.0),
+    "ShearX": ("ShearX", 3.0),
+    "ShearY": ("ShearY", 3.0),
+    "TranslateXRel": ("TranslateXRel", 3.0),
+    "TranslateYRel": ("TranslateYRel", 3.0),
 }
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
@@ -50,8 +59,11 @@ def test_ops_match_timm_in_one_batched_call():
     for sign in (1.0, -1.0):
         # every op on its own copy of the image, all in ONE batch (one layer), plus one identity crop
         x = torch.from_numpy(img).permute(2, 0, 1).float()[None].repeat(n + 1, 1, 1, 1)
-        d = SimpleNamespace(ra_op=np.array([[i] for i in range(n)] + [[-1]]),
-                            ra_level=np.full((n + 1, 1), LEVEL), ra_sign=np.full((n + 1, 1), sign))
+        d = SimpleNamespace(
+            ra_op=np.array([[i] for i in range(n)] + [[-1]]),
+            ra_level=np.full((n + 1, 1), LEVEL),
+            ra_sign=np.full((n + 1, 1), sign),
+        )
         out = rand_augment(x, d, increasing=True, translate_px=0.45 * 64).permute(0, 2, 3, 1).numpy()
         assert np.array_equal(out[n], img.astype(np.float32))  # a crop without an op is untouched
         for i, name in enumerate(OP_NAMES):

@@ -1,4 +1,5 @@
 """Epoch order and sharding (shared by both backends), file lists, config mapping."""
+
 import numpy as np
 import pytest
 
@@ -45,21 +46,47 @@ def test_file_list_roundtrip_and_relative_root(tmp_path):
 
 
 def test_build_loader_from_config_maps_fields(tmp_path, monkeypatch):
+    import mugs.pipeline.build as build
     from mugs.configs.options import MugsConfig
     from mugs.configs.views import LoaderConfig
     from mugs.pipeline.augment_config import AugmentConfig
-    import mugs.pipeline.build as build
 
     seen = {}
     monkeypatch.setattr(build, "build_loader", lambda aug, data, **kw: seen.update(kw, aug=aug, data=data) or "loader")
-    cfg = MugsConfig(loader="torchvision", data_path="/d", batch_size_per_gpu=7, seed=3, num_workers=5,
-                     img_size=28, size_crops=[12], local_crops_number=4, global_crops_scale=(0.3, 1.0),
-                     local_crops_scale=(0.1, 0.3), prob=0.4, vanilla_weak_augmentation=True, re_prob=0.1,
-                     timm_auto_augment_par="rand-m5", strong_ratio=0.3)
+    cfg = MugsConfig(
+        loader="torchvision",
+        data_path="/d",
+        batch_size_per_gpu=7,
+        seed=3,
+        num_workers=5,
+        img_size=28,
+        size_crops=[12],
+        local_crops_number=4,
+        global_crops_scale=(0.3, 1.0),
+        local_crops_scale=(0.1, 0.3),
+        prob=0.4,
+        vanilla_weak_augmentation=True,
+        re_prob=0.1,
+        timm_auto_augment_par="rand-m5",
+        strong_ratio=0.3,
+    )
     assert build.build_loader_from_config(cfg, 1, 2, "cpu", None) == "loader"
-    assert seen == dict(rank=1, world_size=2, device="cpu", dtype=None,
-                        data=LoaderConfig(backend="torchvision", data_path="/d", batch_size=7, seed=3, num_threads=5),
-                        aug=AugmentConfig(global_size=28, local_size=12, local_crops_number=4,
-                                          global_crops_scale=(0.3, 1.0), local_crops_scale=(0.1, 0.3), prob=0.4,
-                                          vanilla_weak_augmentation=True, re_prob=0.1,
-                                          timm_auto_augment_par="rand-m5", strong_ratio=0.3))
+    assert seen == dict(
+        rank=1,
+        world_size=2,
+        device="cpu",
+        dtype=None,
+        data=LoaderConfig(backend="torchvision", data_path="/d", batch_size=7, seed=3, num_threads=5),
+        aug=AugmentConfig(
+            global_size=28,
+            local_size=12,
+            local_crops_number=4,
+            global_crops_scale=(0.3, 1.0),
+            local_crops_scale=(0.1, 0.3),
+            prob=0.4,
+            vanilla_weak_augmentation=True,
+            re_prob=0.1,
+            timm_auto_augment_par="rand-m5",
+            strong_ratio=0.3,
+        ),
+    )

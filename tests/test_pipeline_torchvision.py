@@ -1,12 +1,13 @@
 """The torchvision comparison loader: same contract, per-sample seeding, resume, errors."""
+
 import os
 import shutil
 
 import pytest
 import torch
 
-from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 from mugs.core.errors import DataError
+from pipeline_helpers import first_batches, in_pixel_range, loader, same_batch
 
 
 @pytest.mark.process
@@ -25,8 +26,10 @@ def test_contract_and_workers(tree16):
 
 def test_vanilla_bf16_and_prob(tree16):
     root, _ = tree16
-    b = first_batches(loader("torchvision", root, batch_size=8, vanilla_weak_augmentation=True,
-                             dtype=torch.bfloat16, num_threads=0), n=1)[0]
+    b = first_batches(
+        loader("torchvision", root, batch_size=8, vanilla_weak_augmentation=True, dtype=torch.bfloat16, num_threads=0),
+        n=1,
+    )[0]
     assert b.weak_flags.all() and b.student[0] is b.teacher[0] and b.teacher[0].dtype == torch.bfloat16
     s = first_batches(loader("torchvision", root, batch_size=8, prob=0.0, num_threads=0), n=1)[0]
     assert not s.weak_flags.any()

@@ -1,4 +1,5 @@
 """The README's first command, run from a NON-editable install for a few steps on a subset of the embedded data."""
+
 import json
 import subprocess
 
@@ -16,9 +17,24 @@ pytestmark = pytest.mark.quickstart  # the wheel built and installed first: pypr
 def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path, installed_wheel):
     bindir, env = installed_wheel
     work = tmp_path / "qs"
-    r = subprocess.run([str(bindir / "mugs-quickstart"), "--workdir", str(work), "--subset", "256",
-                        "--epochs", "2", "--max_steps", "3"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(bindir / "mugs-quickstart"),
+            "--workdir",
+            str(work),
+            "--subset",
+            "256",
+            "--epochs",
+            "2",
+            "--max_steps",
+            "3",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads((work / "results.json").read_text())
     for key in ("knn_top1_raw_pixels", "knn_top1_random_init", "knn_top1_pretrained", "knn_top1_pretrained_teacher"):
@@ -50,8 +66,14 @@ def test_quickstart_runs_the_real_path_and_writes_results_and_pictures(tmp_path,
 
 def test_installed_benchmark_module_runs(installed_wheel, tmp_path):
     bindir, env = installed_wheel
-    r = subprocess.run([str(bindir / "python"), "-m", "mugs.benchmarks.step", "--help"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(bindir / "python"), "-m", "mugs.benchmarks.step", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-3000:]
 
 

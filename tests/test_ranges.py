@@ -2,6 +2,7 @@
 bound is enforced before any process starts: one line naming the flag, the value and the range, exit 2.
 The probe's cases (issue 25) run through each entry point: mugs-train, `python -m mugs.training.trainer`
 and train_fsdp.py."""
+
 import math
 import subprocess
 import sys
@@ -31,8 +32,9 @@ def test_every_numeric_flag_states_a_range_its_default_fits():
     missing = sorted(n for n in NUMERIC if field_range(n) is None)
     assert not missing, f"numeric flags without range= in configs/options.py: {missing}"
     defaults = MugsConfig()
-    outside = [n for n in NUMERIC if getattr(defaults, n) is not None
-               and out_of_range(n, getattr(defaults, n), field_range(n))]
+    outside = [
+        n for n in NUMERIC if getattr(defaults, n) is not None and out_of_range(n, getattr(defaults, n), field_range(n))
+    ]
     assert not outside
 
 
@@ -107,8 +109,9 @@ def _flags(data: Path, out: Path, extra):
     return flags + list(extra)
 
 
-@pytest.mark.parametrize("extra,expected", PROBE + LAUNCHER_PROBE, ids=lambda x: " ".join(x) if isinstance(x, list)
-                         else None)
+@pytest.mark.parametrize(
+    "extra,expected", PROBE + LAUNCHER_PROBE, ids=lambda x: " ".join(x) if isinstance(x, list) else None
+)
 def test_probe_case_is_refused_by_mugs_train_before_any_worker(extra, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launch, "_launch", lambda *a: pytest.fail("a worker was started"))
     monkeypatch.chdir(tmp_path)
@@ -137,15 +140,26 @@ def test_probe_case_is_refused_by_the_trainer_before_anything_starts(extra, expe
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("entry", [[sys.executable, "-m", "mugs.training.launch", "--nproc_per_node", "2"],
-                                   [sys.executable, str(ROOT / "train_fsdp.py")]], ids=["mugs-train", "train_fsdp"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        [sys.executable, "-m", "mugs.training.launch", "--nproc_per_node", "2"],
+        [sys.executable, str(ROOT / "train_fsdp.py")],
+    ],
+    ids=["mugs-train", "train_fsdp"],
+)
 @pytest.mark.process
 def test_clip_grad_minus_one_is_one_line_exit_2(entry, tmp_path):
     """The critical case: --clip_grad -1 trained by gradient ascent and exited 0 on f9e9db5."""
     data = tmp_path / "data"
     data.mkdir()
-    r = subprocess.run([*entry, *_flags(data, tmp_path / "out", ["--clip_grad", "-1"])], capture_output=True,
-                       text=True, timeout=110, cwd=tmp_path)
+    r = subprocess.run(
+        [*entry, *_flags(data, tmp_path / "out", ["--clip_grad", "-1"])],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--clip_grad -1.0 is out of range" in r.stderr
 

@@ -1,5 +1,6 @@
 """Every way a run ends resumes exactly: --max_steps, SIGUSR1 to mugs-train, Ctrl-C; onto another
 process count with the same global batch; and a resume with other settings is refused in one line."""
+
 import json
 import os
 import signal
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugs.pipeline.sharding import epoch_permutation
 from mugs.core import checkpoint as ckpt
+from mugs.pipeline.sharding import epoch_permutation
 from pipeline_helpers import loader as pipeline_loader
 from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, run, train_cmd
 
@@ -109,8 +110,12 @@ def test_sigusr1_to_mugs_train_saves_exits_cleanly_and_resumes_bitwise(data, tmp
 
 def test_sigterm_to_one_worker_stops_every_rank_with_a_checkpoint(data, tmp_path):
     out = tmp_path / "run"
-    r = _interrupt(launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"), out,
-                   signal.SIGTERM, to_last_worker=True)
+    r = _interrupt(
+        launch_cmd(2, 0, data, out, *DALI, "--max_steps", "8", "--ckpt_every_steps", "2"),
+        out,
+        signal.SIGTERM,
+        to_last_worker=True,
+    )
     assert r.returncode == 0, r.stderr[-6000:]
     stopped = _exit_step(out)
     assert 2 < stopped < 8 and ckpt.latest(str(out)).name == f"step_{stopped:08d}"
@@ -166,8 +171,11 @@ def test_resume_onto_other_process_counts_continues_the_global_order(data, tmp_p
     assert "2 -> 1 processes" in r.stderr and "at step 3" in r.stderr
 
     one_two = tmp_path / "one_two"  # stopped by Ctrl-C (SIGINT to mugs-train) this time
-    r = _interrupt(launch_cmd(1, 0, data, one_two, "--batch_size_per_gpu", "4", "--max_steps", "6",
-                              "--ckpt_every_steps", "2"), one_two, signal.SIGINT)
+    r = _interrupt(
+        launch_cmd(1, 0, data, one_two, "--batch_size_per_gpu", "4", "--max_steps", "6", "--ckpt_every_steps", "2"),
+        one_two,
+        signal.SIGINT,
+    )
     assert r.returncode == 0 and "stopped by SIGINT" in r.stderr, r.stderr[-6000:]
     assert _exit_step(one_two) < 6
     r = run(launch_cmd(2, 0, data, one_two, "--batch_size_per_gpu", "2", "--max_steps", "6"))

@@ -1,10 +1,10 @@
 """The one ring buffer behind the queues and the memories: writes, wrap-around, overflow, pointer rules."""
+
 import pytest
 import torch
 
 from mugs.model.ring_buffer import RingBuffer
 from mugs.training import replay_trace as R
-
 from test_parity import TRACES
 
 

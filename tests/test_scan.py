@@ -1,4 +1,5 @@
 """mugs-scan-data finds every planted bad file, writes a list the loaders accept, reports why."""
+
 import json
 import os
 import subprocess
@@ -34,8 +35,9 @@ def test_scan_finds_each_planted_file(dirty_tree, tmp_path, capsys):
 
     index = read_file_list(out)
     assert sorted(index.paths) == good
-    assert all(label == int(os.path.basename(os.path.dirname(p)).split("_")[1])
-               for p, label in zip(index.paths, index.labels))
+    assert all(
+        label == int(os.path.basename(os.path.dirname(p)).split("_")[1]) for p, label in zip(index.paths, index.labels)
+    )
 
 
 def test_scan_keep_grayscale_and_min_size(dirty_tree, tmp_path):
@@ -94,8 +96,7 @@ def test_scan_dataset_from_a_threaded_process_with_torch_and_dali(dirty_tree, tm
     root, good, bad = dirty_tree
     script = tmp_path / "threaded_parent.py"
     script.write_text(_THREADED_PARENT)
-    r = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=180,
-                       cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "FORKED-THREADED-PARENT" not in r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -109,10 +110,12 @@ def test_scan_dataset_from_a_script_without_main_guard_works(dirty_tree, tmp_pat
     97-line traceback. The workers now start without importing the script: it runs once and scans."""
     root, good, bad = dirty_tree
     script = tmp_path / "no_guard.py"
-    script.write_text(_THREADED_PARENT.replace('if __name__ == "__main__":', "if True:")
-                      .replace("def run(root):", "print('SCRIPT-RAN', file=sys.stderr, flush=True)\n\n\ndef run(root):"))
-    r = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=180,
-                       cwd=tmp_path)
+    script.write_text(
+        _THREADED_PARENT.replace('if __name__ == "__main__":', "if True:").replace(
+            "def run(root):", "print('SCRIPT-RAN', file=sys.stderr, flush=True)\n\n\ndef run(root):"
+        )
+    )
+    r = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stderr.count("SCRIPT-RAN") == 1 and "Traceback" not in r.stderr, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -130,8 +133,13 @@ def test_a_name_a_file_list_cannot_hold_is_left_out_with_its_reason(tmp_path, ch
     assert main([str(root), "--out", out, "--workers", "1", "--min-size", "8", "--quiet"]) == 0
     assert sorted(read_file_list(out).paths) == sorted(good)
     report = json.load(open(out + ".report.json"))
-    assert report["left_out"] == [{"path": os.path.join("class_0", odd.name), "reason": "unlistable_name",
-                                   "detail": "a TAB, newline or carriage return in the name: rename the file"}]
+    assert report["left_out"] == [
+        {
+            "path": os.path.join("class_0", odd.name),
+            "reason": "unlistable_name",
+            "detail": "a TAB, newline or carriage return in the name: rename the file",
+        }
+    ]
     assert report["scanned"] == len(good) + 1 and report["kept"] == len(good)
 
 

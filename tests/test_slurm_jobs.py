@@ -1,6 +1,7 @@
 """`sbatch slurm/vit_large_250ep.sh`, unchanged, on a real single-host SLURM: overrides only (sbatch
 options and environment), a tiny CPU model over 2 gloo processes. Checks that a job trains and
 checkpoints, and that USR1 makes it save, requeue itself and resume from the saved step."""
+
 import json
 import os
 import re
@@ -52,10 +53,17 @@ def data(tmp_path_factory):
 
 def sbatch(slurm, logs: Path, out: Path, data: Path, extra: list, *opts: str) -> subprocess.CompletedProcess:
     """Submit the template as a user would: from the repo root, settings in the environment."""
-    env = {**slurm.env, "DATA_PATH": str(data), "OUTPUT_DIR": str(out), "GPUS_PER_NODE": "2",
-           "EXTRA_ARGS": " ".join(TINY_FLAGS + ["--batch_size_per_gpu", "4", *extra]),
-           "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "NCCL_IB_HCA": "mlx5_test"}
+    env = {
+        **slurm.env,
+        "DATA_PATH": str(data),
+        "OUTPUT_DIR": str(out),
+        "GPUS_PER_NODE": "2",
+        "EXTRA_ARGS": " ".join(TINY_FLAGS + ["--batch_size_per_gpu", "4", *extra]),
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "NCCL_IB_HCA": "mlx5_test",
+    }
     cmd = ["sbatch", *opts, *SBATCH_OVERRIDES, f"--output={logs}/slurm-%x-%j.out", TEMPLATE]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -95,8 +103,15 @@ def test_template_job_trains_and_checkpoints(slurm, data, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     # the template's Table-1 flags reached the trainer; EXTRA_ARGS (last) overrode model size and batch
     want = TABLE1["vit_large_250ep"][4]  # the test suite's own statement of Table 1
-    for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "group_teacher_temp",
-                "group_warmup_teacher_temp_epochs", "norm_last_layer"):
+    for key in (
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "weight_decay_end",
+        "group_teacher_temp",
+        "group_warmup_teacher_temp_epochs",
+        "norm_last_layer",
+    ):
         assert cfg[key] == want[key], key
     assert (cfg["arch"], cfg["batch_size_per_gpu"], cfg["device"]) == ("custom", 4, "cpu")
     assert not (out / "STOP").exists()
@@ -104,8 +119,14 @@ def test_template_job_trains_and_checkpoints(slurm, data, tmp_path):
 
 def test_usr1_saves_requeues_and_resumes(slurm, data, tmp_path):
     out, total = tmp_path / "run", 12
-    r = sbatch(slurm, tmp_path, out, data, ["--epochs", "20", "--max_steps", str(total), "--ckpt_every_steps", "2"],
-               "--parsable")
+    r = sbatch(
+        slurm,
+        tmp_path,
+        out,
+        data,
+        ["--epochs", "20", "--max_steps", str(total), "--ckpt_every_steps", "2"],
+        "--parsable",
+    )
     assert r.returncode == 0, r.stderr
     job = int(r.stdout.strip().split(";")[0])
     try:

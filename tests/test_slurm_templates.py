@@ -1,5 +1,6 @@
 """The five sbatch templates without a cluster: syntax, signal set-up, and the flags they launch
 (parsed as train_fsdp.py parses them) against the test's own copy of the paper's Table 1."""
+
 import os
 import re
 import shlex
@@ -16,34 +17,120 @@ ROOT = Path(__file__).resolve().parents[1]
 # Independent statement of Table 1 (docs/method.md / the paper's README), not read from configs/table1.py.
 # Defaults every run shares (docs/method.md "Defaults" + the paper's pretraining.sh):
 PAPER_DEFAULTS = dict(
-    patch_size=16, lr=0.0008, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, momentum_teacher=0.996,
-    clip_grad=3.0, drop_path_rate=0.1, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
-    local_crops_number=10, size_crops=[96], img_size=224, instance_queue_size=65536, local_group_queue_size=65536,
-    local_group_knn_top_n=8, group_out_dim=65536, group_bottleneck_dim=256, group_student_temp=0.1,
-    group_warmup_teacher_temp=0.04, instance_temp=0.2, local_group_temp=0.2, instance_out_dim=256,
-    local_group_out_dim=256, freeze_last_layer=1, patch_embed_lr_mult=0.2, use_bn_in_head=False,
-    norm_before_pred=True, prob=0.5, timm_auto_augment_par="rand-m9-mstd0.5-inc1", use_fp16=False,
+    patch_size=16,
+    lr=0.0008,
+    min_lr=1e-6,
+    warmup_epochs=10,
+    weight_decay=0.04,
+    momentum_teacher=0.996,
+    clip_grad=3.0,
+    drop_path_rate=0.1,
+    global_crops_scale=(0.25, 1.0),
+    local_crops_scale=(0.05, 0.25),
+    local_crops_number=10,
+    size_crops=[96],
+    img_size=224,
+    instance_queue_size=65536,
+    local_group_queue_size=65536,
+    local_group_knn_top_n=8,
+    group_out_dim=65536,
+    group_bottleneck_dim=256,
+    group_student_temp=0.1,
+    group_warmup_teacher_temp=0.04,
+    instance_temp=0.2,
+    local_group_temp=0.2,
+    instance_out_dim=256,
+    local_group_out_dim=256,
+    freeze_last_layer=1,
+    patch_embed_lr_mult=0.2,
+    use_bn_in_head=False,
+    norm_before_pred=True,
+    prob=0.5,
+    timm_auto_augment_par="rand-m9-mstd0.5-inc1",
+    use_fp16=False,
 )
 # run: (nodes, GPUs per node, per-GPU batch, global batch, flags beyond the defaults)
 TABLE1 = {
-    "vit_small_100ep": (1, 8, 64, 512, dict(arch="vit_small", epochs=100, group_teacher_temp=0.04,
-                                             group_warmup_teacher_temp_epochs=0, weight_decay_end=0.2,
-                                             norm_last_layer=False)),
-    "vit_small_300ep": (2, 8, 64, 1024, dict(arch="vit_small", epochs=300, group_teacher_temp=0.07,
-                                              group_warmup_teacher_temp_epochs=30, weight_decay_end=0.1,
-                                              norm_last_layer=False)),
-    "vit_small_800ep": (2, 8, 64, 1024, dict(arch="vit_small", epochs=800, group_teacher_temp=0.07,
-                                              group_warmup_teacher_temp_epochs=30, weight_decay_end=0.1,
-                                              norm_last_layer=False)),
-    "vit_base_400ep": (3, 8, 42, 1008, dict(arch="vit_base", epochs=400, group_teacher_temp=0.07,
-                                             group_warmup_teacher_temp_epochs=50, min_lr=2e-6, weight_decay_end=0.1,
-                                             freeze_last_layer=3, norm_last_layer=False)),
-    "vit_large_250ep": (5, 8, 16, 640, dict(arch="vit_large", epochs=250, lr=0.0015, min_lr=1.5e-4,
-                                             group_teacher_temp=0.07, group_warmup_teacher_temp_epochs=50,
-                                             weight_decay=0.025, weight_decay_end=0.08, norm_last_layer=True,
-                                             drop_path_rate=0.3, freeze_last_layer=3,
-                                             # the original's code: clip / 10 after epoch 100 for ViT-L
-                                             clip_grad_drop_epoch=100, clip_grad_drop_factor=10.0)),
+    "vit_small_100ep": (
+        1,
+        8,
+        64,
+        512,
+        dict(
+            arch="vit_small",
+            epochs=100,
+            group_teacher_temp=0.04,
+            group_warmup_teacher_temp_epochs=0,
+            weight_decay_end=0.2,
+            norm_last_layer=False,
+        ),
+    ),
+    "vit_small_300ep": (
+        2,
+        8,
+        64,
+        1024,
+        dict(
+            arch="vit_small",
+            epochs=300,
+            group_teacher_temp=0.07,
+            group_warmup_teacher_temp_epochs=30,
+            weight_decay_end=0.1,
+            norm_last_layer=False,
+        ),
+    ),
+    "vit_small_800ep": (
+        2,
+        8,
+        64,
+        1024,
+        dict(
+            arch="vit_small",
+            epochs=800,
+            group_teacher_temp=0.07,
+            group_warmup_teacher_temp_epochs=30,
+            weight_decay_end=0.1,
+            norm_last_layer=False,
+        ),
+    ),
+    "vit_base_400ep": (
+        3,
+        8,
+        42,
+        1008,
+        dict(
+            arch="vit_base",
+            epochs=400,
+            group_teacher_temp=0.07,
+            group_warmup_teacher_temp_epochs=50,
+            min_lr=2e-6,
+            weight_decay_end=0.1,
+            freeze_last_layer=3,
+            norm_last_layer=False,
+        ),
+    ),
+    "vit_large_250ep": (
+        5,
+        8,
+        16,
+        640,
+        dict(
+            arch="vit_large",
+            epochs=250,
+            lr=0.0015,
+            min_lr=1.5e-4,
+            group_teacher_temp=0.07,
+            group_warmup_teacher_temp_epochs=50,
+            weight_decay=0.025,
+            weight_decay_end=0.08,
+            norm_last_layer=True,
+            drop_path_rate=0.3,
+            freeze_last_layer=3,
+            # the original's code: clip / 10 after epoch 100 for ViT-L
+            clip_grad_drop_epoch=100,
+            clip_grad_drop_factor=10.0,
+        ),
+    ),
 }
 TEMPLATES = {name: ROOT / "slurm" / f"{name}.sh" for name in TABLE1}
 
@@ -55,8 +142,14 @@ def sbatch_options(path: Path) -> dict:
 def dry_run(name: str, nodes: int, gpus: int, *args: str, **env: str) -> subprocess.CompletedProcess:
     """What the template would launch inside an allocation of `nodes` nodes x `gpus` GPUs."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GPUS_PER_NODE", "EXTRA_ARGS"))}
-    e.update(MUGS_DRY_RUN="1", SLURM_JOB_NUM_NODES=str(nodes), SLURM_GPUS_ON_NODE=str(gpus),
-             SLURM_JOB_ID="77", PYTHON=sys.executable, **env)
+    e.update(
+        MUGS_DRY_RUN="1",
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_GPUS_ON_NODE=str(gpus),
+        SLURM_JOB_ID="77",
+        PYTHON=sys.executable,
+        **env,
+    )
     return subprocess.run(["bash", str(TEMPLATES[name]), *args], cwd=ROOT, env=e, capture_output=True, text=True)
 
 
@@ -66,7 +159,7 @@ def launched(r: subprocess.CompletedProcess):
     tokens = shlex.split(r.stdout.strip().splitlines()[-1])
     assert "mugs.training.launch" in tokens  # the launcher that checks first
     i = tokens.index("--")
-    return tokens[:i], tokens[i + 1:]
+    return tokens[:i], tokens[i + 1 :]
 
 
 def opt(tokens, name):
@@ -121,9 +214,21 @@ def test_other_shapes_keep_the_global_batch_or_fail_clearly():
 
 @pytest.mark.process
 def test_environment_overrides_and_extra_args_come_last():
-    runner, argv = launched(dry_run("vit_large_250ep", 1, 8, "--seed", "5", DATA_PATH="/d/train",
-                                    OUTPUT_DIR="/o/run", GPUS_PER_NODE="2", EXTRA_ARGS="--lr 0.1 --arch vit_base",
-                                    MASTER_ADDR="head", MASTER_PORT="1234"))
+    runner, argv = launched(
+        dry_run(
+            "vit_large_250ep",
+            1,
+            8,
+            "--seed",
+            "5",
+            DATA_PATH="/d/train",
+            OUTPUT_DIR="/o/run",
+            GPUS_PER_NODE="2",
+            EXTRA_ARGS="--lr 0.1 --arch vit_base",
+            MASTER_ADDR="head",
+            MASTER_PORT="1234",
+        )
+    )
     cfg = parse_config(argv)
     assert (cfg.data_path, cfg.output_dir, cfg.lr, cfg.arch, cfg.seed) == ("/d/train", "/o/run", 0.1, "vit_base", 5)
     assert cfg.batch_size_per_gpu == 320 and cfg.min_lr == 1.5e-4  # 640 over 2 processes; the rest stays
@@ -138,8 +243,21 @@ def test_knn_monitor_is_off_by_default_and_knn_val_path_turns_it_on_with_the_sug
     _, argv = launched(dry_run("vit_large_250ep", 5, 8, DATA_PATH="/d/train", KNN_VAL_PATH="/d/val"))
     cfg = parse_config(argv)
     assert (cfg.knn_every_epochs, cfg.knn_train_path, cfg.knn_val_path, cfg.knn_subset_per_class) == (
-        1, "/d/train", "/d/val", 10)
-    _, argv = launched(dry_run("vit_small_100ep", 1, 8, KNN_VAL_PATH="/d/val", KNN_EVERY_EPOCHS="5",
-                               KNN_SUBSET_PER_CLASS="20", KNN_TRAIN_PATH="/d/list.txt"))
+        1,
+        "/d/train",
+        "/d/val",
+        10,
+    )
+    _, argv = launched(
+        dry_run(
+            "vit_small_100ep",
+            1,
+            8,
+            KNN_VAL_PATH="/d/val",
+            KNN_EVERY_EPOCHS="5",
+            KNN_SUBSET_PER_CLASS="20",
+            KNN_TRAIN_PATH="/d/list.txt",
+        )
+    )
     cfg = parse_config(argv)
     assert (cfg.knn_every_epochs, cfg.knn_train_path, cfg.knn_subset_per_class) == (5, "/d/list.txt", 20)

@@ -1,21 +1,22 @@
 """The step is the algorithm: observers attach as hooks and change nothing, lr and weight decay come
 as a pair, and the teacher's reshard after forward is FSDP's (training/parallelize.py), not the step's."""
+
 import copy
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from fsdp_worker import tiny_cfg
 from mugs.benchmarks.phases import PhaseTimer
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.network import build_network
 from mugs.model.objective import MugsObjective
+from mugs.training.models import build_models
 from mugs.training.optim import build_adamw
 from mugs.training.replay_trace import TraceRecorder
 from mugs.training.step import MugsTrainStep, StepHook, attached
-from mugs.training.models import build_models
-from fsdp_worker import tiny_cfg
 
 CFG = tiny_cfg(4).replace(drop_path_rate=0.1)
 KW = dict(epoch=0, momentum=0.99, lr=1e-3, weight_decay=0.04)
@@ -26,7 +27,15 @@ def _step(hooks=()):
     student, teacher = build_network(CFG.model_view(), teacher=False), build_network(CFG.model_view(), teacher=True)
     teacher.load_state_dict(student.state_dict(), strict=False)
     objective = MugsObjective(CFG.objective_view(), CFG.embed_dim)
-    return MugsTrainStep(student, teacher, objective, build_adamw(student, CFG.patch_embed_lr_mult, fused=False), clip_grad=GradClip.constant(0.3), freeze_last_layer=0, hooks=hooks)
+    return MugsTrainStep(
+        student,
+        teacher,
+        objective,
+        build_adamw(student, CFG.patch_embed_lr_mult, fused=False),
+        clip_grad=GradClip.constant(0.3),
+        freeze_last_layer=0,
+        hooks=hooks,
+    )
 
 
 def _batch(i):
@@ -36,11 +45,17 @@ def _batch(i):
 
 
 def _state(step):
-    return {**{"s." + k: v for k, v in step.student.state_dict().items()},
-            **{"t." + k: v for k, v in step.teacher.state_dict().items()},
-            **{"o." + k: v for k, v in step.objective.state_dict().items()},
-            **{f"opt.{i}.{k}": v for i, s in step.optimizer.state_dict()["state"].items() for k, v in s.items()
-               if torch.is_tensor(v)}}
+    return {
+        **{"s." + k: v for k, v in step.student.state_dict().items()},
+        **{"t." + k: v for k, v in step.teacher.state_dict().items()},
+        **{"o." + k: v for k, v in step.objective.state_dict().items()},
+        **{
+            f"opt.{i}.{k}": v
+            for i, s in step.optimizer.state_dict()["state"].items()
+            for k, v in s.items()
+            if torch.is_tensor(v)
+        },
+    }
 
 
 class Calls(StepHook):
@@ -88,10 +103,31 @@ def test_hooks_change_nothing_bitwise():
     # the hooks saw what they watch
     assert set(recorder.grads_raw) == set(recorder.grads_clipped) and recorder.grads_raw
     assert recorder.outputs[0].group.shape[0] == 4 * 4 and recorder.outputs[1].group.shape[0] == 2 * 4
-    assert list(timer.totals) == ["teacher_fwd", "student_fwd", "loss", "backward", "loss_check", "clip",
-                                  "optimizer", "state_update", "ema"]
-    order = ["teacher_fwd", "student_fwd", "forward_done", "loss", "backward", "loss_check", "backward_done",
-             "clip", "clip_done", "optimizer", "state_update", "ema"]
+    assert list(timer.totals) == [
+        "teacher_fwd",
+        "student_fwd",
+        "loss",
+        "backward",
+        "loss_check",
+        "clip",
+        "optimizer",
+        "state_update",
+        "ema",
+    ]
+    order = [
+        "teacher_fwd",
+        "student_fwd",
+        "forward_done",
+        "loss",
+        "backward",
+        "loss_check",
+        "backward_done",
+        "clip",
+        "clip_done",
+        "optimizer",
+        "state_update",
+        "ema",
+    ]
     assert calls.calls == [c for r in results for c in (*order, ("step_end", r.losses["total"]))]
 
 

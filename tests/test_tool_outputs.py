@@ -1,5 +1,6 @@
 """The tools check where they will write before the work starts (one line, exit 2), print plain progress
 lines where stderr is not a terminal, and start no more loader workers than the cores they may use."""
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """train_fsdp.py end to end on CPU: flags, 2-rank FSDP runs, resume after SIGKILL, logs, NaN stop."""
+
 import json
 import os
 import re
@@ -39,27 +40,42 @@ def _flatten(d, prefix=""):
 
 
 def _assert_bitwise_equal(a: dict, b: dict):
-    fa, fb = dict(_flatten({k: a[k] for k in ("student", "teacher", "objective", "optimizer")})), dict(
-        _flatten({k: b[k] for k in ("student", "teacher", "objective", "optimizer")}))
+    fa, fb = (
+        dict(_flatten({k: a[k] for k in ("student", "teacher", "objective", "optimizer")})),
+        dict(_flatten({k: b[k] for k in ("student", "teacher", "objective", "optimizer")})),
+    )
     assert set(fa) == set(fb)
     diff = [k for k in fa if not torch.equal(fa[k], fb[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--arch", "vit_huge"], "--arch"),
-    (["--data_path", "/nonexistent/dir"], "does not exist"),
-    (["--size_crops", "12"], "multiple of --patch_size"),
-    (["--lr", "nan"], "--lr nan is out of range: must be > 0"),
-    (["--lr", "-0.1"], "--lr -0.1 is out of range: must be > 0"),
-    (["--size_crops", "96", "64"], "--size_crops 96 64: give one size"),
-    (["--memory_size", "2", "--local_group_knn_top_n", "8"], "smaller than --local_group_knn_top_n"),
-    (["--local_crops_scale", "0.5", "0.2"], "--local_crops_scale"),
-    (["--use_bn_in_head", "maybe"], "true or false"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--arch", "vit_huge"], "--arch"),
+        (["--data_path", "/nonexistent/dir"], "does not exist"),
+        (["--size_crops", "12"], "multiple of --patch_size"),
+        (["--lr", "nan"], "--lr nan is out of range: must be > 0"),
+        (["--lr", "-0.1"], "--lr -0.1 is out of range: must be > 0"),
+        (["--size_crops", "96", "64"], "--size_crops 96 64: give one size"),
+        (["--memory_size", "2", "--local_group_knn_top_n", "8"], "smaller than --local_group_knn_top_n"),
+        (["--local_crops_scale", "0.5", "0.2"], "--local_crops_scale"),
+        (["--use_bn_in_head", "maybe"], "true or false"),
+    ],
+)
 def test_bad_flags_fail_at_start_with_one_clear_line(data, tmp_path, capsys, flags, needle):
-    base = ["--data_path", str(data), "--output_dir", str(tmp_path), "--device", "cpu", "--arch", "vit_tiny",
-            "--batch_size_per_gpu", "8"]
+    base = [
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--arch",
+        "vit_tiny",
+        "--batch_size_per_gpu",
+        "8",
+    ]
     try:
         code = train_main(base + flags)
     except SystemExit as e:  # argparse rejects malformed values itself
@@ -85,9 +101,19 @@ def test_two_ranks_train_checkpoint_and_log(data, tmp_path):
     ea = EventAccumulator(str(out / "tb"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    for tag in ("loss/total", "loss/instance", "loss/local_group", "loss/group", "sched/lr", "sched/weight_decay",
-                "sched/teacher_momentum", "sched/teacher_temp", "data/weak_ratio", "perf/images_per_s",
-                "perf/step_time_s"):
+    for tag in (
+        "loss/total",
+        "loss/instance",
+        "loss/local_group",
+        "loss/group",
+        "sched/lr",
+        "sched/weight_decay",
+        "sched/teacher_momentum",
+        "sched/teacher_temp",
+        "data/weak_ratio",
+        "perf/images_per_s",
+        "perf/step_time_s",
+    ):
         assert tag in tags, tag
     assert [e.step for e in ea.Scalars("loss/total")] == [1, 2, 3]
     assert all(e.value == e.value and e.value > 0 for e in ea.Scalars("loss/total"))
@@ -135,8 +161,12 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
 
     # 1) SIGKILL the whole job once step 2's checkpoint is complete, then restart
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(2, 0, data, killed, *flags), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(2, 0, data, killed, *flags),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_for_checkpoint(killed, 2, proc)
     victims = _kill_process_tree(proc.pid)  # torchrun AND its workers (they run in sessions of their own)
     proc.wait()
@@ -150,7 +180,8 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
 
     # 2) crash while step 3's checkpoint is being written: it must not count, resume from step 2
     crashed = tmp_path / "crashed"
-    hooks = f"{Path(__file__).parent / 'hooks'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # tests/hooks/sitecustomize.py
+    # tests/hooks/sitecustomize.py
+    hooks = f"{Path(__file__).parent / 'hooks'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     r = run(train_cmd(2, 0, data, crashed, *flags), env={"MUGS_FAULT_CRASH_IN_SAVE": "3", "PYTHONPATH": hooks})
     assert r.returncode != 0
     assert list((crashed / "checkpoints").glob(".tmp-step_00000003.*"))  # the crashed write, unique to it
@@ -164,8 +195,26 @@ def test_resume_after_sigkill_and_after_crash_in_checkpoint_write_is_bitwise(dat
 
 def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
-    r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "8", "--max_steps", "6",
-                       "--ckpt_every_steps", "1", "--lr", "1e30", "--clip_grad", "0", "--warmup_epochs", "0"))
+    r = run(
+        launch_cmd(
+            1,
+            0,
+            data,
+            out,
+            "--batch_size_per_gpu",
+            "8",
+            "--max_steps",
+            "6",
+            "--ckpt_every_steps",
+            "1",
+            "--lr",
+            "1e30",
+            "--clip_grad",
+            "0",
+            "--warmup_epochs",
+            "0",
+        )
+    )
     assert r.returncode == EXIT_NONFINITE, r.stderr[-3000:]  # the worker's code, passed on by mugs-train
     assert r.stderr.count("mugs: error: step ") == 1, r.stderr[-3000:]  # said once, as one line
     # the step and the term, in the step's own words (progress lines also say "step ", so match the message)
@@ -188,7 +237,9 @@ def test_two_rank_run_matches_one_process_with_the_same_global_batch(data, tmp_p
     fb = dict(_flatten({k: two[k] for k in ("student", "teacher")}))
     worst = max((fa[k].float() - fb[k].float()).abs().max().item() for k in fa)
     assert worst < 1e-4, worst
-    moved = (fa["student.backbone.blocks.0.mlp.fc1.weight"] - fa["teacher.backbone.blocks.0.mlp.fc1.weight"]).abs().max()
+    moved = (
+        (fa["student.backbone.blocks.0.mlp.fc1.weight"] - fa["teacher.backbone.blocks.0.mlp.fc1.weight"]).abs().max()
+    )
     assert moved > 1e-4  # the comparison is not between two untouched initialisations
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

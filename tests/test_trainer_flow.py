@@ -1,5 +1,6 @@
 """The trainer's control flow around checkpoints, in one process: resume messages go through the
 Monitor (it exists before the resume), and a stop records its machine-read StopReason beside its words."""
+
 import json
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from train_helpers import make_image_folder
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
-
 
 
 def test_resume_warnings_go_through_the_monitor(make_run, monkeypatch):

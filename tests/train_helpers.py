@@ -1,4 +1,5 @@
 """Small image folders and train_fsdp.py command lines shared by the trainer tests."""
+
 import os
 import subprocess
 import sys
@@ -24,7 +25,15 @@ def train_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> list
     """torchrun running train_fsdp.py on `nproc` ranks. port 0: a free one."""
     port = port or free_port()
     runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
-    return runner + [str(ROOT / "train_fsdp.py"), "--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, *extra]
+    return runner + [
+        str(ROOT / "train_fsdp.py"),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *TINY_FLAGS,
+        *extra,
+    ]
 
 
 def run(cmd: list, timeout: int = 600, env: dict = None) -> subprocess.CompletedProcess:
@@ -36,8 +45,19 @@ def launch_cmd(nproc: int, port: int, data: Path, out: Path, *extra: str) -> lis
     """The same run through mugs-train (python -m mugs.training.launch), which checks first.
     port 0: a free one."""
     port = port or free_port()
-    return [sys.executable, "-m", "mugs.training.launch", f"--nproc_per_node={nproc}", f"--master_port={port}",
-            "--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mugs.training.launch",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *TINY_FLAGS,
+        *extra,
+    ]
 
 
 def logged_losses(out: Path) -> list:

@@ -4,24 +4,26 @@ Cadences (configs/options.py): the end of every epoch, every `--ckpt_every_steps
 `--ckpt_every_minutes` minutes (each rank's clock, agreed over ranks in the step's sync), and the
 step a run stops at. Epoch ends that fall on `--saveckp_freq`, and the end of training, are kept
 forever; the others rotate (`--ckpt_keep`)."""
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from ..configs.options import MugsConfig
 from ..core import checkpoint as ckpt
-from ..core.errors import ConfigError, MugsError
 from ..core.checkpoint.parts import Parts
+from ..core.errors import ConfigError, MugsError
 from ..pipeline.sharding import derive_seed
 
 
 class Checkpointer:
-    def __init__(self, cfg: MugsConfig, parts: Parts, iters: int, total: int, world_size: int,
-                 extra: Callable[[], dict]):
+    def __init__(
+        self, cfg: MugsConfig, parts: Parts, iters: int, total: int, world_size: int, extra: Callable[[], dict]
+    ):
         """parts: everything a checkpoint holds, by its name on disk; extra: the run's own entries
         of the metadata, read at each save."""
         self.cfg, self.parts, self.iters, self.total = cfg, parts, iters, total
@@ -43,11 +45,18 @@ class Checkpointer:
     def save(self, step: int, keep_forever: bool) -> None:
         """Collective. A full disk or any write failure: CheckpointWriteError, the same one line on every rank."""
         cfg = self.cfg
-        ckpt.save(cfg.output_dir, step, step // self.iters, self.parts, keep=cfg.ckpt_keep, keep_forever=keep_forever,
-                  extra={"config": dataclasses.asdict(cfg), "world_size": self.world_size, **self.extra()})
+        ckpt.save(
+            cfg.output_dir,
+            step,
+            step // self.iters,
+            self.parts,
+            keep=cfg.ckpt_keep,
+            keep_forever=keep_forever,
+            extra={"config": dataclasses.asdict(cfg), "world_size": self.world_size, **self.extra()},
+        )
         self.last_save = time.monotonic()
 
-    def resume(self, loader, rank: int, log: Callable[[str], None]) -> Optional[dict]:
+    def resume(self, loader, rank: int, log: Callable[[str], None]) -> dict | None:
         """Collective: load the newest checkpoint that loads (broken newer ones reported and set aside;
         CheckpointError if checkpoints exist but none loads) and position the run after it. Only the
         loader's refusal of the position (the data changed under the run) is a --data_path ConfigError. The same
@@ -70,14 +79,20 @@ class Checkpointer:
 
 def checkpoint_parts(student, teacher, optimizer, objective, loader, data_path: str) -> Parts:
     """Everything a checkpoint holds, by its name on disk (core/checkpoint/parts.py)."""
-    return {"student": ckpt.ModelState(student), "teacher": ckpt.ModelState(teacher),
-            "optimizer": ckpt.OptimizerState(student, optimizer), "objective": objective,
-            "rng": ckpt.PerRank(ckpt.RngState()), "loader": ckpt.PerRank(DataPosition(loader, data_path))}
+    return {
+        "student": ckpt.ModelState(student),
+        "teacher": ckpt.ModelState(teacher),
+        "optimizer": ckpt.OptimizerState(student, optimizer),
+        "objective": objective,
+        "rng": ckpt.PerRank(ckpt.RngState()),
+        "loader": ckpt.PerRank(DataPosition(loader, data_path)),
+    }
 
 
 def data_changed(data_path: str, e: Exception) -> ConfigError:
-    return ConfigError(f"--data_path {data_path}: {e}; resume on the data the run started with, or use a "
-                       "new --output_dir")
+    return ConfigError(
+        f"--data_path {data_path}: {e}; resume on the data the run started with, or use a new --output_dir"
+    )
 
 
 class DataPosition:
@@ -98,4 +113,3 @@ class DataPosition:
             if isinstance(e, MugsError):
                 raise
             raise data_changed(self.data_path, e) from None
-

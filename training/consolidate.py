@@ -1,9 +1,10 @@
 """`mugs-consolidate`: turn a sharded checkpoint (or a run's newest) into one file of full tensors."""
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ..core import checkpoint as ckpt
 from ..core.cli import run_cli
@@ -12,7 +13,7 @@ from ..core.outputs import check_output_file
 PROG = "mugs-consolidate"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__)
     ap.add_argument("checkpoint", help="a run's output dir or one checkpoint dir (checkpoints/step_N)")
     ap.add_argument("--out", required=True, help="file to write (torch.save format, weights_only-loadable)")

@@ -4,14 +4,14 @@ the trainer's StopRequest exists) are kept, not fatal: the run then stops like o
 
 Imported first by training/trainer.py; it installs its handlers only in a process whose main module
 is the trainer (`python -m mugs.training.trainer`, train_fsdp.py), never in one that merely imports it."""
+
 from __future__ import annotations
 
 import signal
 import sys
-from typing import List
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-caught: List[int] = []  # the signals received before StopRequest took over, in order
+caught: list[int] = []  # the signals received before StopRequest took over, in order
 
 
 def _keep(signum, _frame) -> None:
@@ -22,7 +22,8 @@ def _is_worker() -> bool:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     return getattr(spec, "name", None) == "mugs.training.trainer" or str(getattr(main, "__file__", "")).endswith(
-        "train_fsdp.py")
+        "train_fsdp.py"
+    )
 
 
 if _is_worker():

@@ -1,7 +1,6 @@
 """Teacher = EMA of the student, as fused multi-tensor ops over matching (local) shards."""
-from __future__ import annotations
 
-from typing import List, Tuple
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
@@ -9,14 +8,14 @@ import torch.nn as nn
 from ..core.dist import local_shard
 
 
-def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+def ema_pairs(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Teacher parameters and their student namesakes (the predictors have no teacher twin).
 
     Built once: with FSDP2 both models are sharded with the same plan, so the
     local shards line up and the update needs no communication."""
     s = dict(student.named_parameters())
-    t_params: List[torch.Tensor] = []
-    s_params: List[torch.Tensor] = []
+    t_params: list[torch.Tensor] = []
+    s_params: list[torch.Tensor] = []
     for name, p in teacher.named_parameters():
         if name not in s:
             raise KeyError(f"teacher parameter {name} has no student twin")
@@ -28,7 +27,7 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
 
 
 @torch.no_grad()
-def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], momentum: float) -> None:
+def ema_update_(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student, in ONE multi-tensor pass.
 
     As teacher + (1 - m) * (student - teacher) (`_foreach_lerp_`): the same value up to rounding

@@ -2,6 +2,7 @@
 `{"event": "exit"}` record in OUTPUT_DIR/log.txt, which slurm/launch.sh matches to decide whether to
 requeue the job (tests/test_exit_reason.py checks that it names and classifies every value). The
 console says the same in words; rewording that message changes nothing here."""
+
 from __future__ import annotations
 
 import signal
@@ -19,5 +20,5 @@ class StopReason(str, Enum):
     OTHER_RANK = "other_rank"  # another rank saw a stop request, this one none
 
     @classmethod
-    def of_signal(cls, signum: int) -> "StopReason":
+    def of_signal(cls, signum: int) -> StopReason:
         return cls(signal.Signals(signum).name.lower())

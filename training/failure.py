@@ -9,13 +9,14 @@ never one torn down with it: the earliest own record, else a rank that exited no
 record, else one killed by a signal other than torchrun's tear-down SIGTERM, else a rank that saw a
 peer fail, else one torchrun terminated (the lowest rank within each kind).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import signal
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from ..core.errors import EXIT_CRASH, MugsError
 
@@ -38,10 +39,22 @@ def record(message: str, exit_code: int, peer: bool = False) -> None:
     if not path:
         return
     now = time.time()
-    data = {"message": {"message": message, "extraInfo": {
-        "py_callstack": "", "timestamp": str(int(now)),
-        _KEY: {"message": message, "exit_code": exit_code, "time": now, "rank": int(os.environ.get("RANK", 0)),
-               "peer": peer}}}}
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {
+                "py_callstack": "",
+                "timestamp": str(int(now)),
+                _KEY: {
+                    "message": message,
+                    "exit_code": exit_code,
+                    "time": now,
+                    "rank": int(os.environ.get("RANK", 0)),
+                    "peer": peer,
+                },
+            },
+        }
+    }
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
@@ -50,7 +63,7 @@ def record(message: str, exit_code: int, peer: bool = False) -> None:
         pass  # the console line is still there
 
 
-def _ours(f: Any) -> Optional[Dict[str, Any]]:
+def _ours(f: Any) -> dict[str, Any] | None:
     data: Any = getattr(f, "error_file_data", None)
     try:
         return data["message"]["extraInfo"][_KEY]
@@ -58,7 +71,7 @@ def _ours(f: Any) -> Optional[Dict[str, Any]]:
         return None
 
 
-def blame(failures: Dict[int, Any]) -> Tuple[int, int, str]:
+def blame(failures: dict[int, Any]) -> tuple[int, int, str]:
     """(rank, exit code, one-line description) of the worker to name among torchrun's `failures`
     (global rank -> ProcessFailure): the one that failed first by its own exit (module docstring)."""
     told = {rank: m for rank, f in failures.items() if (m := _ours(f)) is not None}
@@ -81,5 +94,9 @@ def blame(failures: Dict[int, Any]) -> Tuple[int, int, str]:
     if code < 0:
         name = signal.Signals(-code).name
         hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
-        return rank, EXIT_CRASH, f"worker rank {rank} was killed by {name}{hint}; its output above says what it was doing"
+        return (
+            rank,
+            EXIT_CRASH,
+            f"worker rank {rank} was killed by {name}{hint}; its output above says what it was doing",
+        )
     return rank, EXIT_CRASH, f"worker rank {rank} exited with code {code} (its traceback above says why)"

@@ -6,8 +6,8 @@ backbone's weighted 20-NN top-1/top-5 on a labelled bank (`--knn_train_path`) an
 Same code and protocol as `mugs-eval-knn` (model/knn.py: final-normed CLS, k = 20, T by arch), at the
 evaluation view of the training resolution (pipeline/labelled.py's eval_view: resize 256 / crop 224
 at --img_size 224; --knn_resize sets the resize), so `mugs-eval-knn CKPT --train .. --val ..
---subset_per_class N --resize R --crop C` on the checkpoint of that step gives the same figures (up to bf16 rounding on GPU: the monitor runs the teacher as it
-trains, in --precision).
+--subset_per_class N --resize R --crop C` on the checkpoint of that step gives the same figures (up to
+bf16 rounding on GPU: the monitor runs the teacher as it trains, in --precision).
 
 Distributed: the images are split over the ranks (strided shards, padded to equal length), each rank
 encodes its shard with the sharded teacher (eval mode, no grad; FSDP2 gathers each block in its
@@ -19,14 +19,15 @@ It never changes training: it draws no random number (the subset has its own gen
 DataLoader is not used, and the RNG states of torch, CUDA, numpy and Python are saved before and
 restored after it anyway), restores every module's train/eval mode, reshards the teacher, and does
 not touch the training loader. Each rank keeps its images' decoded crops after the first point
-(uint8; while its share is under CACHE_MAX_IMAGES), so later points cost the forwards only. A failure inside it (an unreadable image: the ranks agree after each
-batch) is a warning; the run goes on.
+(uint8; while its share is under CACHE_MAX_IMAGES), so later points cost the forwards only. A failure
+inside it (an unreadable image: the ranks agree after each batch) is a warning; the run goes on.
 """
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def _subset(index: FileIndex, per_class: int) -> FileIndex:
     return FileIndex(tuple(index.paths[i] for i in keep), tuple(index.labels[i] for i in keep), index.source)
 
 
-def load_sets(cfg: MugsConfig) -> Optional[Tuple[FileIndex, FileIndex]]:
+def load_sets(cfg: MugsConfig) -> tuple[FileIndex, FileIndex] | None:
     """(bank, queries), subset taken, listed by rank 0 and broadcast (ImageNet is listed once, not per
     rank); None when the monitor is off. ConfigError (one line) on every rank when a path fails."""
     if not cfg.knn_every_epochs:
@@ -81,7 +82,10 @@ class KnnMonitor:
         # decoded once, kept as uint8 crops, while a rank's share of the images stays under CACHE_MAX_IMAGES
         share = -(-(len(bank) + len(queries)) // dist.world_size())
         cache = share <= CACHE_MAX_IMAGES
-        self.bank, self.queries = LabelledImages(bank, self.view, cache=cache), LabelledImages(queries, self.view, cache=cache)
+        self.bank, self.queries = (
+            LabelledImages(bank, self.view, cache=cache),
+            LabelledImages(queries, self.view, cache=cache),
+        )
         self.num_classes = max(max(self.bank.targets), max(self.queries.targets)) + 1
         self.every = cfg.knn_every_epochs
         self.temperature = default_temperature(cfg.arch)
@@ -94,7 +98,7 @@ class KnnMonitor:
         """Before the first step and at the end of every N-th epoch."""
         return step % iters == 0 and (step // iters) % self.every == 0
 
-    def measure(self, teacher) -> Optional[KnnResult]:
+    def measure(self, teacher) -> KnnResult | None:
         """Collective (every rank calls it): the result on rank 0, None elsewhere. Raises on failure
         (a DataError on every rank when an image does not load)."""
         rng = rng_state()
@@ -102,9 +106,18 @@ class KnnMonitor:
         teacher.eval()
         try:
             dim = teacher.backbone.embed_dim
-            feats = [extract_features(lambda x: teacher(x, None, cls_only=True), ds, dim, batch_size=self.batch_size,
-                                      device=self.device, threads=self.threads, lockstep=True)
-                     for ds in (self.bank, self.queries)]
+            feats = [
+                extract_features(
+                    lambda x: teacher(x, None, cls_only=True),
+                    ds,
+                    dim,
+                    batch_size=self.batch_size,
+                    device=self.device,
+                    threads=self.threads,
+                    lockstep=True,
+                )
+                for ds in (self.bank, self.queries)
+            ]
         finally:
             reshard_(teacher)  # no gathered copy may outlive the monitor (the next EMA changes the shards)
             for m, was in modes:
@@ -114,14 +127,21 @@ class KnnMonitor:
             return None
         calc = self.device
         bank_f, query_f = (F.normalize(f.to(calc), dim=1) for f in feats)
-        top1, top5 = knn_classify(bank_f, torch.tensor(self.bank.targets, device=calc), query_f,
-                                  torch.tensor(self.queries.targets, device=calc), self.k, self.temperature,
-                                  num_classes=self.num_classes)
+        top1, top5 = knn_classify(
+            bank_f,
+            torch.tensor(self.bank.targets, device=calc),
+            query_f,
+            torch.tensor(self.queries.targets, device=calc),
+            self.k,
+            self.temperature,
+            num_classes=self.num_classes,
+        )
         return KnnResult(top1, top5, len(self.bank), len(self.queries))
 
     def describe(self) -> str:
-        return (f"teacher {self.k}-NN (T={self.temperature}) on {len(self.queries)} queries / "
-                f"{len(self.bank)} bank images")
+        return (
+            f"teacher {self.k}-NN (T={self.temperature}) on {len(self.queries)} queries / {len(self.bank)} bank images"
+        )
 
 
 def timed(fn):

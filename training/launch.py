@@ -17,6 +17,7 @@ to every worker, which checkpoints after its current step and exits 0; then this
 (Plain torchrun dies of SIGUSR1, orphaning its workers, and answers SIGTERM/SIGINT by killing the
 workers after a timeout; here it handles only SIGHUP/SIGQUIT, which stop the workers at once.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 from ..configs.options import parse_config
 from ..configs.ranges import NON_NEGATIVE, POSITIVE, between, out_of_range
@@ -42,8 +43,9 @@ RANGES = {"nproc_per_node": POSITIVE, "nnodes": POSITIVE, "node_rank": NON_NEGAT
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(PROG, add_help=False, allow_abbrev=False,
-                                usage=f"{PROG} [launcher options] [--] TRAINING FLAGS (listed below)")
+    p = argparse.ArgumentParser(
+        PROG, add_help=False, allow_abbrev=False, usage=f"{PROG} [launcher options] [--] TRAINING FLAGS (listed below)"
+    )
     p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="workers (GPUs) per node")
     p.add_argument("--nnodes", type=int, default=1, help="nodes; run one mugs-train per node")
     p.add_argument("--node_rank", "--node-rank", type=int, default=0)
@@ -52,21 +54,25 @@ def _launcher_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv_backend", "--rdzv-backend", default=None)
     p.add_argument("--rdzv_endpoint", "--rdzv-endpoint", default=None)
     p.add_argument("--rdzv_id", "--rdzv-id", default=None)
-    p.add_argument("--check_only", "--check-only", action="store_true",
-                   help="run the checks and exit (slurm/launch.sh does this before srun)")
+    p.add_argument(
+        "--check_only",
+        "--check-only",
+        action="store_true",
+        help="run the checks and exit (slurm/launch.sh does this before srun)",
+    )
     return p
 
 
-def split_argv(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Launcher options first (or anywhere, before an optional `--`), training flags after."""
     argv = list(argv)
     if "--" in argv:
         i = argv.index("--")
-        return _launcher_parser().parse_args(argv[:i]), argv[i + 1:]
+        return _launcher_parser().parse_args(argv[:i]), argv[i + 1 :]
     return _launcher_parser().parse_known_args(argv)
 
 
-def check(flags: List[str], world: int) -> List[str]:
+def check(flags: list[str], world: int) -> list[str]:
     """All start-up checks in this one process; raises an InputError. Returns the resume notes."""
     from ..core.checkpoint.layout import check_root
     from .resume_guard import check_resume
@@ -81,9 +87,9 @@ def check(flags: List[str], world: int) -> List[str]:
     return check_resume(cfg, world)
 
 
-def _children(pid: int) -> List[int]:
+def _children(pid: int) -> list[int]:
     """Direct child processes of `pid` (the workers torchrun started)."""
-    kids: List[int] = []
+    kids: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             kids += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
@@ -112,7 +118,7 @@ def _forward(signum, _frame) -> None:
             pass
 
 
-def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
+def _torchrun_argv(opts: argparse.Namespace, flags: list[str]) -> list[str]:
     argv = [f"--nproc_per_node={opts.nproc_per_node}", f"--nnodes={opts.nnodes}", "--max_restarts=0"]
     if opts.rdzv_backend:
         argv += [f"--rdzv_backend={opts.rdzv_backend}", f"--rdzv_endpoint={opts.rdzv_endpoint}"]
@@ -126,7 +132,7 @@ def _torchrun_argv(opts: argparse.Namespace, flags: List[str]) -> List[str]:
     return argv + ["-m", "mugs.training.trainer", *flags]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _main(sys.argv[1:] if argv is None else argv), PROG)
 
 
@@ -171,7 +177,7 @@ def _checked_launch(argv: Sequence[str]) -> int:
             held.release()
 
 
-def _launch(opts: argparse.Namespace, flags: List[str]) -> int:
+def _launch(opts: argparse.Namespace, flags: list[str]) -> int:
     from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
@@ -183,8 +189,9 @@ def _launch(opts: argparse.Namespace, flags: List[str]) -> int:
         run(get_args_parser().parse_args(_torchrun_argv(opts, flags)))
     except (DistNetworkError, RendezvousError) as e:  # e.g. the rendezvous port is taken
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"the workers' rendezvous failed ({first}): pass a free --master_port "
-                          "(or --rdzv_endpoint HOST:PORT)") from None
+        raise ConfigError(
+            f"the workers' rendezvous failed ({first}): pass a free --master_port (or --rdzv_endpoint HOST:PORT)"
+        ) from None
     except ChildFailedError as e:
         _, code, why = failure.blame(e.failures)
         raise failure.WorkerFailed(why, code) from None

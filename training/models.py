@@ -1,8 +1,7 @@
 """The networks a run trains, built the same way by the trainer, the benchmarks and the tests: student,
 teacher (a copy of the student's shared weights) and the loss state, on device and sharded."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -16,8 +15,7 @@ from .parallelize import parallelize
 PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of them
 
 
-def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str] = None,
-                 one_device: Optional[bool] = None):
+def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: str | None = None, one_device: bool | None = None):
     """Student, teacher (starting as a copy of the student) and the loss state, on device and sharded.
     `compile_backend`: torch.compile's backend when cfg.compile (None: inductor; `eager` for CPU rehearsals).
     `one_device`: False keeps FSDP2 on one rank too (None: training/one_device.py's path on one rank)."""
@@ -33,8 +31,22 @@ def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: Optional[str]
     objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
     student.to(info.device), teacher.to(info.device), objective.to(info.device)
     prec = cfg.compute_precision
-    parallelize(student, info.mesh, precision=prec, activation_checkpointing=cfg.activation_checkpointing,
-                compile=cfg.compile, compile_backend=compile_backend, one_device=one_device)
-    parallelize(teacher, info.mesh, precision=prec, compile=cfg.compile, compile_backend=compile_backend,
-                is_teacher=True, one_device=one_device)
+    parallelize(
+        student,
+        info.mesh,
+        precision=prec,
+        activation_checkpointing=cfg.activation_checkpointing,
+        compile=cfg.compile,
+        compile_backend=compile_backend,
+        one_device=one_device,
+    )
+    parallelize(
+        teacher,
+        info.mesh,
+        precision=prec,
+        compile=cfg.compile,
+        compile_backend=compile_backend,
+        is_teacher=True,
+        one_device=one_device,
+    )
     return student, teacher, objective

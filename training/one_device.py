@@ -19,9 +19,10 @@ ends (a callback queued on the autograd engine, as FSDP2 does), so between steps
 `state_dict` and DCP see the fp32 masters: checkpoints are interchangeable with multi-rank runs
 (same keys; DCP reshards a whole tensor into DTensor shards and back).
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -34,8 +35,8 @@ class BF16Mirrors:
 
     def __init__(self, net: nn.Module, dtype: torch.dtype):
         # every (module, attribute) holding a parameter, parametrisations' originals included
-        self.slots: List[Tuple[nn.Module, str]] = []
-        self.masters: List[torch.Tensor] = []  # the parameters
+        self.slots: list[tuple[nn.Module, str]] = []
+        self.masters: list[torch.Tensor] = []  # the parameters
         for mod in net.modules():
             for name, p in mod._parameters.items():
                 if p is not None:
@@ -43,8 +44,8 @@ class BF16Mirrors:
                     self.masters.append(p)
         self.dtype = dtype
         self.mirrors = [torch.empty_like(p, dtype=dtype).requires_grad_(p.requires_grad) for p in self.masters]
-        self.grads32: Optional[List[torch.Tensor]] = None  # fp32 gradient buffers, made on first use
-        self.versions: Optional[Tuple[int, ...]] = None  # the masters' versions at the last refresh
+        self.grads32: list[torch.Tensor] | None = None  # fp32 gradient buffers, made on first use
+        self.versions: tuple[int, ...] | None = None  # the masters' versions at the last refresh
         self.swapped = False
         self.pending_backward = False
 
@@ -69,7 +70,8 @@ class BF16Mirrors:
             self.swap(True)
         # FSDP2's MixedPrecisionPolicy casts the root's floating inputs to the parameter dtype: so do we
         args, kwargs = torch.utils._pytree.tree_map_only(
-            torch.Tensor, lambda t: t.to(self.dtype) if t.is_floating_point() else t, (args, kwargs))
+            torch.Tensor, lambda t: t.to(self.dtype) if t.is_floating_point() else t, (args, kwargs)
+        )
         return args, kwargs
 
     def post_forward(self, module, args, kwargs, output):
@@ -92,16 +94,17 @@ class BF16Mirrors:
     @torch.no_grad()
     def post_backward(self) -> None:
         """The mirrors' bf16 gradients become the masters' fp32 gradients (one op); masters back in."""
-        fresh: List[int] = []  # mirrors with a gradient (hence the casts below) whose master has none
-        more: List[int] = []  # mirrors with a gradient whose master has one
+        fresh: list[int] = []  # mirrors with a gradient (hence the casts below) whose master has none
+        more: list[int] = []  # mirrors with a gradient whose master has one
         for i, m in enumerate(self.mirrors):
             if m.grad is not None:
                 (fresh if self.masters[i].grad is None else more).append(i)
         if fresh:
             if self.grads32 is None:
                 self.grads32 = [torch.empty_like(p) for p in self.masters]
-            torch._foreach_copy_([self.grads32[i] for i in fresh],
-                                 [cast(torch.Tensor, self.mirrors[i].grad) for i in fresh])
+            torch._foreach_copy_(
+                [self.grads32[i] for i in fresh], [cast(torch.Tensor, self.mirrors[i].grad) for i in fresh]
+            )
             for i in fresh:
                 self.masters[i].grad = self.grads32[i]
         for i in more:  # a second backward before the gradients were cleared: they add up, as on a plain module
@@ -122,7 +125,8 @@ def attach(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype == torch.float32:
         return net
     mirrors = BF16Mirrors(net, dtype)
-    setattr(net, "_one_device", mirrors)  # nn.Module's typed __setattr__ knows tensors and modules only
+    # nn.Module's typed __setattr__ knows tensors and modules only (mypy), hence setattr
+    setattr(net, "_one_device", mirrors)  # noqa: B010
     net.register_forward_pre_hook(mirrors.pre_forward, with_kwargs=True)
     net.register_forward_hook(mirrors.post_forward, with_kwargs=True)
     return net

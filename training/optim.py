@@ -1,7 +1,9 @@
 """Optimiser pieces of the Mugs step: parameter groups, per-parameter clipping, last-layer freeze."""
+
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,24 +16,25 @@ from ..core.dist import local_shard
 GROUP_NAMES = ("normal_params", "patch_embed", "no_wd", "patch_embed_no_wd")
 
 
-def param_groups(model: nn.Module) -> List[dict]:
+def param_groups(model: nn.Module) -> list[dict]:
     """The original's four groups. No decay for names ending in `.bias` and for 1-D tensors;
     cls_token, pos_embed and the [G, 1] weight-norm gain ARE decayed. Frozen parameters are left out."""
-    groups: Dict[str, List[nn.Parameter]] = {n: [] for n in GROUP_NAMES}
+    groups: dict[str, list[nn.Parameter]] = {n: [] for n in GROUP_NAMES}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_wd = name.endswith(".bias") or p.ndim == 1
         pe = "patch_embed" in name
-        groups[("patch_embed_no_wd" if pe else "no_wd") if no_wd else ("patch_embed" if pe else "normal_params")].append(p)
+        groups[
+            ("patch_embed_no_wd" if pe else "no_wd") if no_wd else ("patch_embed" if pe else "normal_params")
+        ].append(p)
     return [
-        {"name": n, "params": groups[n], "apply_wd": not n.endswith("no_wd"), "weight_decay": 0.0,
-         "lr_mult": 1.0}
+        {"name": n, "params": groups[n], "apply_wd": not n.endswith("no_wd"), "weight_decay": 0.0, "lr_mult": 1.0}
         for n in GROUP_NAMES
     ]
 
 
-def build_adamw(model: nn.Module, patch_embed_lr_mult: float, fused: Optional[bool] = None) -> torch.optim.AdamW:
+def build_adamw(model: nn.Module, patch_embed_lr_mult: float, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over the four groups; torch's fused kernel on every device type that has one (CUDA, CPU...)."""
     groups = param_groups(model)
     for g in groups:
@@ -40,7 +43,7 @@ def build_adamw(model: nn.Module, patch_embed_lr_mult: float, fused: Optional[bo
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         fused = next(model.parameters()).device.type in _get_fused_kernels_supported_devices()
-    kwargs: Dict[str, Any] = {"fused": True} if fused else {"foreach": True}
+    kwargs: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
     opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kwargs)
     init_adamw_state(opt)
     return opt
@@ -112,8 +115,11 @@ def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> 
     norms = sq.sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     dtypes = {g.dtype for g in local}
-    scales = list(coef.to(dtypes.pop()).unbind()) if len(dtypes) == 1 else [
-        c.to(g.dtype) for c, g in zip(coef.unbind(), local)]
+    scales = (
+        list(coef.to(dtypes.pop()).unbind())
+        if len(dtypes) == 1
+        else [c.to(g.dtype) for c, g in zip(coef.unbind(), local)]
+    )
     torch._foreach_mul_(local, scales)
     return norms
 

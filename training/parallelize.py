@@ -42,10 +42,11 @@ Prefetch: block i prefetches block i+1 in forward (the relation block after the 
 block) and block i-1 in backward, one unit ahead, as DINOv3 does; FSDP2's own
 implicit prefetch would issue each all-gather only when the CPU reaches the block.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -64,12 +65,20 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _aten = torch.ops.aten
 # what `selective` keeps: the matmuls' and attention's outputs (the SDPA kernels of every backend that
 # this torch has; CPU runs the flash_attention_for_cpu one). Everything else is recomputed.
-SAVED_OPS = frozenset(getattr(_aten, name).default for name in (
-    "mm", "addmm", "bmm",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable",
-) if hasattr(_aten, name))
+SAVED_OPS = frozenset(
+    getattr(_aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+    if hasattr(_aten, name)
+)
 
 
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -77,7 +86,7 @@ def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpoint_forward_(module: nn.Module, policy: Union[str, bool] = "full") -> nn.Module:
+def checkpoint_forward_(module: nn.Module, policy: str | bool = "full") -> nn.Module:
     """Recompute `module`'s activations in backward as `policy` says (full or selective; none leaves
     the module as it is); its parameters and their names are unchanged."""
     policy = ac_policy(policy)
@@ -85,8 +94,11 @@ def checkpoint_forward_(module: nn.Module, policy: Union[str, bool] = "full") ->
         return module
     forward = module.forward
     # full: torch.utils.checkpoint's default context, nothing inside the block saved
-    extra = ({"context_fn": functools.partial(create_selective_checkpoint_contexts, selective_policy)}
-             if policy == "selective" else {})
+    extra = (
+        {"context_fn": functools.partial(create_selective_checkpoint_contexts, selective_policy)}
+        if policy == "selective"
+        else {}
+    )
 
     @functools.wraps(forward)
     def checkpointed(*args, **kwargs):
@@ -103,11 +115,11 @@ def parallelize(
     mesh: DeviceMesh,
     *,
     precision: str = "bf16",
-    activation_checkpointing: Union[str, bool] = "none",  # none|full|selective (old booleans: full/none)
+    activation_checkpointing: str | bool = "none",  # none|full|selective (old booleans: full/none)
     compile: bool = False,
     is_teacher: bool = False,
-    compile_backend: Optional[Any] = None,  # a torch.compile backend: a name, or a callable (tests)
-    one_device: Optional[bool] = None,  # None: when the mesh has one rank (training/one_device.py)
+    compile_backend: Any | None = None,  # a torch.compile backend: a name, or a callable (tests)
+    one_device: bool | None = None,  # None: when the mesh has one rank (training/one_device.py)
 ) -> MugsNetwork:
     """Apply AC, compile and FSDP2 to `net` in place (see the module docstring for order and policy).
     On a one-rank mesh FSDP2 is replaced by training/one_device.py (no per-parameter casts)."""
@@ -144,16 +156,20 @@ def reshard_(net: nn.Module) -> None:
             m.reshard()
 
 
-def compile_counts() -> Dict[str, int]:
+def compile_counts() -> dict[str, int]:
     """This process's Dynamo counters so far (torch.compile keeps them per process, all models together)."""
     from torch._dynamo.utils import counters
 
     frames = counters["frames"]
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames": int(frames["total"]),
-            "frames_ok": int(frames["ok"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "frames": int(frames["total"]),
+        "frames_ok": int(frames["ok"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
-def compile_report(enabled: bool, since: Optional[Dict[str, int]] = None) -> Dict[str, object]:
+def compile_report(enabled: bool, since: dict[str, int] | None = None) -> dict[str, object]:
     """What torch.compile did (since `since`, a `compile_counts()`): `graphs` compiled and whether any
     call `fell_back` to eager (a frame Dynamo gave up on, e.g. at the recompile limit: the block then
     runs uncompiled while `--compile true` is set). `graph_breaks`: splits inside compiled frames."""
@@ -161,5 +177,9 @@ def compile_report(enabled: bool, since: Optional[Dict[str, int]] = None) -> Dic
         return {"enabled": False, "graphs": 0, "fell_back": False, "graph_breaks": 0}
     now, base = compile_counts(), since or {}
     d = {k: v - base.get(k, 0) for k, v in now.items()}
-    return {"enabled": True, "graphs": d["graphs"], "fell_back": d["frames"] > d["frames_ok"],
-            "graph_breaks": d["graph_breaks"]}
+    return {
+        "enabled": True,
+        "graphs": d["graphs"],
+        "fell_back": d["frames"] > d["frames_ok"],
+        "graph_breaks": d["graph_breaks"],
+    }

@@ -7,13 +7,14 @@ the project's model from the trace's config, loads `state0`, runs ONE step of
 step itself does not return) and reports the largest absolute difference per quantity.
 Exit status 1 if any is beyond its tolerance. Nothing here knows the shipped files.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -52,9 +53,9 @@ class TraceRecorder(StepHook):
     gradients (full tensors, detached copies)."""
 
     def __init__(self) -> None:
-        self.outputs: Optional[Tuple[Any, Any]] = None  # (student, teacher), set by the forward
-        self.grads_raw: Dict[str, torch.Tensor] = {}
-        self.grads_clipped: Dict[str, torch.Tensor] = {}
+        self.outputs: tuple[Any, Any] | None = None  # (student, teacher), set by the forward
+        self.grads_raw: dict[str, torch.Tensor] = {}
+        self.grads_clipped: dict[str, torch.Tensor] = {}
 
     def on_forward_done(self, student_out, teacher_out) -> None:
         self.outputs = (student_out, teacher_out)
@@ -66,7 +67,7 @@ class TraceRecorder(StepHook):
         self.grads_clipped = _grads(student)
 
 
-def _grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -154,7 +155,7 @@ def _set_group_lr_wd(optimizer: torch.optim.Optimizer, group_lr_wd: dict) -> Non
         g["lr"], g["weight_decay"] = (float(x) for x in group_lr_wd[g["name"]])
 
 
-def _diff(a: Optional[torch.Tensor], b: torch.Tensor) -> float:
+def _diff(a: torch.Tensor | None, b: torch.Tensor) -> float:
     if a is None:
         return float("inf")
     a, b = a.detach().float(), b.detach().float()
@@ -164,8 +165,8 @@ def _diff(a: Optional[torch.Tensor], b: torch.Tensor) -> float:
 
 
 def _compare_dicts(
-    prefix: str, ours: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], tol: float, rtol: float = 0.0
-) -> List[Check]:
+    prefix: str, ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float, rtol: float = 0.0
+) -> list[Check]:
     """Same keys, and the worst tensor's max difference measured against its own tolerance
     (tol + rtol x its largest magnitude); reported as the excess-normalised worst."""
     checks = [Check(f"{prefix}: same keys", 0.0 if set(ours) == set(ref) else float("inf"), 0.0)]
@@ -179,7 +180,7 @@ def _compare_dicts(
     return checks
 
 
-def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
+def replay(trace: dict, memory_pointer: str = "fixed") -> list[Check]:
     """Run one step from `state0` and compare against the trace; returns every check.
 
     With `memory_pointer="original"` the memories' write pointers are compared too."""
@@ -191,8 +192,13 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     _set_group_lr_wd(optimizer, trace["group_lr_wd"])
     record = TraceRecorder()
     step = MugsTrainStep(
-        student, teacher, objective, optimizer,
-        clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer, hooks=[record],
+        student,
+        teacher,
+        objective,
+        optimizer,
+        clip_grad=cfg.clip_view(),
+        freeze_last_layer=cfg.freeze_last_layer,
+        hooks=[record],
     )
     inputs = trace["inputs"]
     t_crops = [c.float() for c in inputs["teacher_crops"]]
@@ -200,7 +206,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     result = step(t_crops, s_crops, inputs["weak_flags"], epoch=tc["epoch"], momentum=tc["momentum_teacher"])
 
     out, checks = trace["outputs"], []
-    s_out, t_out = cast(Tuple[Any, Any], record.outputs)  # the step ran its forward
+    s_out, t_out = cast(tuple[Any, Any], record.outputs)  # the step ran its forward
     pairs = {
         "teacher_instance_target": t_out.instance,
         "teacher_local_group_target": t_out.local_group,
@@ -213,7 +219,12 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     }
     for k, v in pairs.items():
         checks.append(Check(f"outputs.{k}", _diff(v, out[k]), TOL))
-    for ours, theirs in (("instance", "loss_instance"), ("local_group", "loss_local_group"), ("group", "loss_group"), ("total", "loss_total")):
+    for ours, theirs in (
+        ("instance", "loss_instance"),
+        ("local_group", "loss_local_group"),
+        ("group", "loss_group"),
+        ("total", "loss_total"),
+    ):
         checks.append(Check(f"outputs.{theirs}", abs(result.losses[ours] - float(out[theirs])), TOL))
     checks.append(Check("outputs.teacher_temp", abs(result.teacher_temp - float(out["teacher_temp"])), 1e-9))
     checks.append(Check("outputs.n_weak", abs(result.n_weak - int(out["n_weak"])), 0))
@@ -251,7 +262,7 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> List[Check]:
     return checks
 
 
-def optimizer_in_isolation(trace: dict) -> List[Check]:
+def optimizer_in_isolation(trace: dict) -> list[Check]:
     """Feed the trace's clipped gradients to our AdamW from state0: pins groups, decay and the freeze."""
     cfg = config_from_trace(trace["config"])
     student, _, _ = build_from_state0(cfg, trace["state0"])
@@ -261,20 +272,28 @@ def optimizer_in_isolation(trace: dict) -> List[Check]:
     for name, p in student.named_parameters():
         p.grad = grads[name].clone() if name in grads else None
     optimizer.step()
-    return _compare_dicts("optimizer in isolation: state1.student", student.state_dict(),
-                          network_from_original(trace["state1"]["student"]), TOL_OPTIMIZER)
+    return _compare_dicts(
+        "optimizer in isolation: state1.student",
+        student.state_dict(),
+        network_from_original(trace["state1"]["student"]),
+        TOL_OPTIMIZER,
+    )
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mugs-replay-trace", description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="+", help="trace files (*.pt) in the golden-trace format")
-    parser.add_argument("--memory_pointer", default="fixed", choices=POINTER_RULES,
-                        help="memory write-pointer rule; `original` also checks the pointers against the trace")
+    parser.add_argument(
+        "--memory_pointer",
+        default="fixed",
+        choices=POINTER_RULES,
+        help="memory write-pointer rule; `original` also checks the pointers against the trace",
+    )
     args = parser.parse_args(argv)
     return run_cli(lambda: _replay(args.traces, args.memory_pointer), "mugs-replay-trace")
 
 
-def _replay(traces: List[str], memory_pointer: str) -> int:
+def _replay(traces: list[str], memory_pointer: str) -> int:
     failed = 0
     for path in traces:
         trace = torch.load(path, weights_only=True, map_location="cpu")

@@ -8,12 +8,13 @@ the losses, the schedules or the data order and a change is refused; this includ
 because the cosine schedules span all epochs. The per-GPU batch may change with the process count
 as long as the global batch stays the same (the data position is global: see pipeline/sharding.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from ..configs.options import IGNORED, SAFE, MugsConfig, fields_with_policy
 from ..core import checkpoint as ckpt
@@ -24,7 +25,7 @@ SAFE_TO_CHANGE = fields_with_policy(SAFE) | fields_with_policy(IGNORED)
 BATCH_FIELDS = frozenset({"batch_size_per_gpu"})
 
 
-def saved_run(output_dir: str) -> Optional[Tuple[Path, Dict[str, Any], int]]:
+def saved_run(output_dir: str) -> tuple[Path, dict[str, Any], int] | None:
     """(checkpoint, its config, the process count that wrote it) of the newest checkpoint whose COMPLETE
     reads, or None. A newer one whose COMPLETE is torn, empty or not a marker is left to the resume,
     which sets it aside and falls back to this one (its settings are the ones the run continues)."""
@@ -42,23 +43,24 @@ def saved_run(output_dir: str) -> Optional[Tuple[Path, Dict[str, Any], int]]:
     return None
 
 
-def _saved_config(cfg_file: Path) -> Dict[str, Any]:
+def _saved_config(cfg_file: Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         return {}
     try:
         config = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{cfg_file}: unreadable ({type(e).__name__}: {e}); restore it or use a new "
-                          "--output_dir") from None
+        raise ConfigError(
+            f"{cfg_file}: unreadable ({type(e).__name__}: {e}); restore it or use a new --output_dir"
+        ) from None
     return config if isinstance(config, dict) else {}
 
 
-def implied_by_older_code(old: Dict[str, Any]) -> Dict[str, Any]:
+def implied_by_older_code(old: dict[str, Any]) -> dict[str, Any]:
     """The values of fields added after a run was started, as that run's code behaved: before
     `--clip_grad_drop_epoch/_factor` existed, the clip dropped to a tenth after epoch 100 for
     vit_large (the original's hard-coded quirk) and never otherwise. Without this, resuming an older
     ViT-L run would silently lose the drop."""
-    implied: Dict[str, Any] = {}
+    implied: dict[str, Any] = {}
     if "clip_grad_drop_epoch" not in old:
         implied["clip_grad_drop_epoch"] = 100 if old.get("arch") == "vit_large" else 0
         implied["clip_grad_drop_factor"] = 10.0
@@ -77,7 +79,7 @@ def _show(v: Any) -> str:
     return "(unset)" if v is None else str(v)
 
 
-def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
+def check_resume(cfg: MugsConfig, world_size: int) -> list[str]:
     """Raises ConfigError naming every refused change; returns notes on the allowed ones."""
     found = saved_run(cfg.output_dir)
     if found is None:
@@ -85,8 +87,8 @@ def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
     last, old, old_world = found
     old = {**implied_by_older_code(old), **old}
     new = dataclasses.asdict(cfg)
-    refused: List[str] = []
-    notes: List[str] = []
+    refused: list[str] = []
+    notes: list[str] = []
     parsers = {f.name: f.metadata.get("type") for f in dataclasses.fields(MugsConfig)}
     for name, value in new.items():
         if name not in old or name in BATCH_FIELDS:
@@ -101,17 +103,24 @@ def check_resume(cfg: MugsConfig, world_size: int) -> List[str]:
         raise ConfigError(
             f"{cfg.output_dir} holds a run started with other settings ({'; '.join(refused)}): these shape "
             f"the model, losses, schedules or data order, so resuming from {last.name} would not continue "
-            f"that run. Pass the saved values ({Path(cfg.output_dir) / 'config.json'}) or use a new --output_dir")
+            f"that run. Pass the saved values ({Path(cfg.output_dir) / 'config.json'}) or use a new --output_dir"
+        )
     old_world = old_world or world_size  # checkpoints without a process count: assume unchanged
     old_bs = int(old.get("batch_size_per_gpu", cfg.batch_size_per_gpu))
     old_global, new_global = old_bs * old_world, cfg.batch_size_per_gpu * world_size
     if old_global != new_global:
-        keep = (f"use --batch_size_per_gpu {old_global // world_size} to keep it" if old_global % world_size == 0
-                else f"no per-GPU batch keeps it on {world_size} processes: use a process count dividing {old_global}")
+        keep = (
+            f"use --batch_size_per_gpu {old_global // world_size} to keep it"
+            if old_global % world_size == 0
+            else f"no per-GPU batch keeps it on {world_size} processes: use a process count dividing {old_global}"
+        )
         raise ConfigError(
             f"global batch {cfg.batch_size_per_gpu} x {world_size} processes = {new_global} differs from the "
-            f"checkpoint's {old_bs} x {old_world} = {old_global} (the lr scaling and data order depend on it): {keep}")
+            f"checkpoint's {old_bs} x {old_world} = {old_global} (the lr scaling and data order depend on it): {keep}"
+        )
     if old_world != world_size:
-        notes.append(f"{old_world} -> {world_size} processes, --batch_size_per_gpu {old_bs} -> "
-                     f"{cfg.batch_size_per_gpu} (global batch {old_global} kept)")
+        notes.append(
+            f"{old_world} -> {world_size} processes, --batch_size_per_gpu {old_bs} -> "
+            f"{cfg.batch_size_per_gpu} (global batch {old_global} kept)"
+        )
     return notes

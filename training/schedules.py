@@ -4,6 +4,7 @@
 warm-up over `warmup_iters` (numpy linspace, both end points included), then a
 half cosine from `base` to `final` over the remaining iterations.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ class CosineSchedule:
 
     def __post_init__(self):
         if self.total_iters <= self.warmup_iters:
-            raise ValueError(f"schedule of {self.total_iters} iterations has no room after {self.warmup_iters} of warm-up")
+            raise ValueError(
+                f"schedule of {self.total_iters} iterations has no room after {self.warmup_iters} of warm-up"
+            )
 
     def __call__(self, it: int) -> float:
         it = min(max(it, 0), self.total_iters - 1)

@@ -22,19 +22,20 @@ profiler trace shows it, and ends with the hooks' `on_phase_end(label)`. Phases:
 student_fwd, loss, backward, loss_check, clip (incl. the last-layer freeze), optimizer,
 state_update, ema.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from ..core.dist import mean_over_ranks, world_size
 from ..configs.views import GradClip
+from ..core.dist import mean_over_ranks, world_size
 from ..core.errors import NonFiniteLossError
 from ..model.network import MugsNetwork, MugsOutputs
 from ..model.objective import MugsObjective
@@ -44,10 +45,10 @@ from .optim import cancel_last_layer_grads, clip_per_parameter_, clip_value, set
 
 @dataclass
 class StepResult:
-    losses: Dict[str, float]
+    losses: dict[str, float]
     n_weak: int
     teacher_temp: float
-    flags: Tuple[bool, ...] = ()  # the caller's `flags`, each OR-ed over ranks
+    flags: tuple[bool, ...] = ()  # the caller's `flags`, each OR-ed over ranks
 
 
 class StepHook:
@@ -81,7 +82,7 @@ def attached(step, *hooks: StepHook) -> Iterator:
         step.hooks = saved
 
 
-def apply_lr_wd(optimizer: torch.optim.Optimizer, lr: Optional[float], weight_decay: Optional[float]) -> None:
+def apply_lr_wd(optimizer: torch.optim.Optimizer, lr: float | None, weight_decay: float | None) -> None:
     """Both None: the optimiser's groups stay as the caller set them. Both given: set. One of them only
     is a TypeError (a missing weight decay used to mean 0 without a word)."""
     if (lr is None) != (weight_decay is None):
@@ -106,7 +107,7 @@ class MugsTrainStep:
     ):
         self.student, self.teacher, self.objective, self.optimizer = student, teacher, objective, optimizer
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
-        self.hooks: Tuple[StepHook, ...] = tuple(hooks)
+        self.hooks: tuple[StepHook, ...] = tuple(hooks)
         self.teacher_params, self.student_params = ema_pairs(student, teacher)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -126,8 +127,8 @@ class MugsTrainStep:
         *,
         epoch: int,
         momentum: float,
-        lr: Optional[float] = None,
-        weight_decay: Optional[float] = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         step_index: int = 0,
         flags: Sequence[bool] = (),
     ) -> StepResult:
@@ -148,8 +149,9 @@ class MugsTrainStep:
             n_local_weak = weak_flags.to(device=dev).sum().float().view(1)
             # host values enter as fill kernels' scalars (torch.full), not as an H2D copy of a host tensor
             host_flags = [torch.full((1,), float(bool(f)), device=dev) for f in flags]
-            stacked = torch.cat([torch.stack([v.detach().float() for v in present.values()]), n_local_weak,
-                                 *host_flags])
+            stacked = torch.cat(
+                [torch.stack([v.detach().float() for v in present.values()]), n_local_weak, *host_flags]
+            )
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -157,12 +159,17 @@ class MugsTrainStep:
             # the step's one host sync; averaged over ranks: the logged numbers are global, and a NaN
             # on one rank stops all of them, before anything below changes state
             averaged = mean_over_ranks(stacked).cpu().tolist()
-            values, mean_weak, mean_flags = averaged[:len(present)], averaged[len(present)], averaged[len(present) + 1:]
+            values, mean_weak, mean_flags = (
+                averaged[: len(present)],
+                averaged[len(present)],
+                averaged[len(present) + 1 :],
+            )
             n_weak = mean_weak * world_size()  # the weak images of the global batch
             bad = [k for k, v in zip(present, values) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(
-                    f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values))})")
+                    f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values))})"
+                )
         for h in self.hooks:
             h.on_backward_done(self.student)
         with self._phase("clip"):

@@ -2,12 +2,12 @@
 
 The request is only recorded here; the loop acts on it after the step in flight (its flag travels
 in the step's one all-reduce, so every rank stops after the same step, with a checkpoint)."""
+
 from __future__ import annotations
 
 import os
 import signal
 from pathlib import Path
-from typing import Optional
 
 from . import early_signals
 from .exit_reason import StopReason
@@ -23,8 +23,8 @@ class StopRequest:
     one the worker also got)."""
 
     def __init__(self, output_dir: str):
-        self.signal: Optional[str] = None  # in words, for the console
-        self.why: Optional[StopReason] = None  # for log.txt and slurm/launch.sh
+        self.signal: str | None = None  # in words, for the console
+        self.why: StopReason | None = None  # for log.txt and slurm/launch.sh
         self.stop_file = Path(output_dir) / STOP_FILE
         # only a torchrun worker watches its parent (a plain `python` run may outlive its shell)
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None

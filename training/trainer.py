@@ -6,32 +6,46 @@ can end writes a checkpoint that resumes step-exactly: the end, `--max_steps`, S
 SIGINT (Ctrl-C) and OUTPUT_DIR/STOP all save while the loader is still positioned, and the position
 is global, so a run may resume on another number of processes with the same global batch.
 """
+
 from __future__ import annotations
 
 from . import early_signals  # noqa: F401 - imported first: keeps a stop signal that arrives while torch is imported
+
+# isort: split
 import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, cast
+from typing import cast
 
 from ..configs.options import MugsConfig, parse_config
-from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, peer_failure, shutdown
-from ..core import checkpoint as ckpt, lease
+from ..core import checkpoint as ckpt
+from ..core import lease
 from ..core.cli import run_cli
-from ..core.errors import (EXIT_CRASH, CheckpointError, ConfigError, DataError, MugsError, NoDeviceError,
-                           NonFiniteLossError, OwnerError, RunError)
+from ..core.dist import DistInfo, exit_worker, init_distributed, launched_world_size, peer_failure, shutdown
+from ..core.errors import (
+    EXIT_CRASH,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MugsError,
+    NoDeviceError,
+    NonFiniteLossError,
+    OwnerError,
+    RunError,
+)
 from . import failure
-from .exit_reason import StopReason
 from .checkpointer import Checkpointer, checkpoint_parts
+from .exit_reason import StopReason
 from .knn_monitor import KnnMonitor, load_sets
 from .knn_point import KnnPoint
-from .monitor import Monitor, gpu_memory_gb, writing
-from .optim import build_adamw
 from .mfu import MfuMeter
 from .models import build_models
+from .monitor import Monitor, gpu_memory_gb, writing
+from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts
 from .resume_guard import check_resume
 from .run_report import say_exit, say_resumed
@@ -41,15 +55,24 @@ from .stop import StopRequest
 from .validate import check_output_dir, validate
 
 
-def local_flags(stop: Optional[StopRequest], ckpt_every_minutes: float, last_save: float) -> List[bool]:
+def local_flags(stop: StopRequest | None, ckpt_every_minutes: float, last_save: float) -> list[bool]:
     """This rank's per-iteration flags, host values only: [stop requested, checkpoint due by the clock].
     Each rank sees its own signals and clock; `loop_step` has them agreed (OR over ranks)."""
     time_due = bool(ckpt_every_minutes and time.monotonic() - last_save > 60 * ckpt_every_minutes)
     return [bool(stop is not None and stop.requested()), time_due]
 
 
-def loop_step(step_fn: MugsTrainStep, teacher_crops, student_crops, weak_flags, *, stop: Optional[StopRequest],
-              ckpt_every_minutes: float, last_save: float, **step_kw) -> StepResult:
+def loop_step(
+    step_fn: MugsTrainStep,
+    teacher_crops,
+    student_crops,
+    weak_flags,
+    *,
+    stop: StopRequest | None,
+    ckpt_every_minutes: float,
+    last_save: float,
+    **step_kw,
+) -> StepResult:
     """The device side of one training-loop iteration: this rank's flags, sampled before the step,
     travel in the step's one all-reduce and come back agreed in `StepResult.flags` (no all-reduce or
     host sync of their own). The rest of the iteration (logging, the stop/save decision) is host
@@ -63,7 +86,7 @@ class Run:
     """One training run: what it trains, where the loop is (`step`, counted globally) and why it ends.
     Built whole (nothing loaded yet); `train()` resumes, then `while: step; save`."""
 
-    def __init__(self, cfg: MugsConfig, info: DistInfo, stop: StopRequest, notes: List[str]):
+    def __init__(self, cfg: MugsConfig, info: DistInfo, stop: StopRequest, notes: list[str]):
         self.cfg, self.info, self.stop, self.notes = cfg, info, stop, notes
         knn_sets = load_sets(cfg)  # the monitor's paths listed before anything is built (ConfigError)
         knn = KnnMonitor(cfg, *knn_sets, info.device) if knn_sets else None
@@ -77,18 +100,24 @@ class Run:
         self.sched = build_schedules(cfg.schedule_view(), self.iters, self.global_batch)
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
-        self.step_fn = MugsTrainStep(self.student, self.teacher, self.objective, self.optimizer,
-                                     clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer)
+        self.step_fn = MugsTrainStep(
+            self.student,
+            self.teacher,
+            self.objective,
+            self.optimizer,
+            clip_grad=cfg.clip_view(),
+            freeze_last_layer=cfg.freeze_last_layer,
+        )
         self.step = 0
-        self.reason: Optional[str] = None  # why the loop ends, in words for the console; None while it runs
-        self.exit_reason: Optional[StopReason] = None  # the same for log.txt and slurm/launch.sh (`_end`)
-        self.resumed_from: Optional[Path] = None
+        self.reason: str | None = None  # why the loop ends, in words for the console; None while it runs
+        self.exit_reason: StopReason | None = None  # the same for log.txt and slurm/launch.sh (`_end`)
+        self.resumed_from: Path | None = None
         self.mon = Monitor(cfg.output_dir, self.stop_at, None, enabled=info.is_main)
         self.knn = KnnPoint(knn, self.teacher, self.mon, self.iters)  # the epoch-end callback
-        parts = checkpoint_parts(self.student, self.teacher, self.optimizer, self.objective, self.loader,
-                                 cfg.data_path)
-        self.checkpointer = Checkpointer(cfg, parts, self.iters, self.total, info.world_size,
-                                         extra=lambda: {"knn_step": self.knn.last_step})
+        parts = checkpoint_parts(self.student, self.teacher, self.optimizer, self.objective, self.loader, cfg.data_path)
+        self.checkpointer = Checkpointer(
+            cfg, parts, self.iters, self.total, info.world_size, extra=lambda: {"knn_step": self.knn.last_step}
+        )
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that loads, if any (Checkpointer.resume); warnings (a
@@ -120,8 +149,10 @@ class Run:
             return 0
         except NonFiniteLossError as e:  # train() records it and rank 0 says it, like every run error
             self.mon.log({"event": "nonfinite_loss", "step": self.step, "message": str(e)})
-            raise NonFiniteLossError(f"{e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is intact; "
-                                     "lower --lr or raise --clip_grad / --warmup_epochs and resume.") from None
+            raise NonFiniteLossError(
+                f"{e}. The last checkpoint ({ckpt.latest(self.cfg.output_dir)}) is intact; "
+                "lower --lr or raise --clip_grad / --warmup_epochs and resume."
+            ) from None
         finally:
             self.mon.close()
 
@@ -149,9 +180,20 @@ class Run:
         s, step = self.sched, self.step
         t0 = time.perf_counter()
         lr, wd, m = s.lr(step), s.weight_decay(step), s.momentum(step)
-        res = loop_step(self.step_fn, batch.teacher, batch.student, batch.weak_flags, stop=self.stop,
-                        ckpt_every_minutes=self.cfg.ckpt_every_minutes, last_save=self.checkpointer.last_save,
-                        epoch=epoch, momentum=m, lr=lr, weight_decay=wd, step_index=step)
+        res = loop_step(
+            self.step_fn,
+            batch.teacher,
+            batch.student,
+            batch.weak_flags,
+            stop=self.stop,
+            ckpt_every_minutes=self.cfg.ckpt_every_minutes,
+            last_save=self.checkpointer.last_save,
+            epoch=epoch,
+            momentum=m,
+            lr=lr,
+            weight_decay=wd,
+            step_index=step,
+        )
         self.step += 1
         dt = data_time + time.perf_counter() - t0
         self.mon.step(self.step, step_scalars(res, lr, wd, m, epoch, self.global_batch, data_time, dt, self.mfu(dt)))
@@ -162,8 +204,9 @@ class Run:
         agreed over ranks in the step just taken (sampled before it: a signal arriving during a step is
         acted on after the next one)."""
         if stop_now:
-            self._end(self.stop.why or StopReason.OTHER_RANK,
-                      f"stopped by {self.stop.signal or 'a signal on another rank'}")
+            self._end(
+                self.stop.why or StopReason.OTHER_RANK, f"stopped by {self.stop.signal or 'a signal on another rank'}"
+            )
         elif self.step >= self.stop_at:
             self._end_of_steps()
 
@@ -182,21 +225,45 @@ def _build_loader(cfg: MugsConfig, info: DistInfo):
     from ..pipeline import build_loader_from_config
 
     try:
-        return build_loader_from_config(cfg, rank=info.rank, world_size=info.world_size, device=info.device.type,
-                                        dtype=DTYPES[cfg.compute_precision])
+        return build_loader_from_config(
+            cfg,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=info.device.type,
+            dtype=DTYPES[cfg.compute_precision],
+        )
     except (DataError, ValueError, OSError) as e:
         raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
 
 
-def step_scalars(res: StepResult, lr: float, wd: float, m: float, epoch: int, global_batch: int,
-                 data_time: float, dt: float, mfu: Optional[float]) -> dict:
+def step_scalars(
+    res: StepResult,
+    lr: float,
+    wd: float,
+    m: float,
+    epoch: int,
+    global_batch: int,
+    data_time: float,
+    dt: float,
+    mfu: float | None,
+) -> dict:
     """One step's TensorBoard scalars (the Monitor writes every log_every-th); `dt` is the whole iteration,
     `data_time` its wait for the batch, `mfu` this GPU's (None on CPU)."""
     scalars = {f"loss/{k}": v for k, v in res.losses.items()}
-    scalars.update({"sched/lr": lr, "sched/weight_decay": wd, "sched/teacher_momentum": m,
-                    "sched/teacher_temp": res.teacher_temp, "data/weak_ratio": res.n_weak / global_batch,
-                    "perf/images_per_s": global_batch / dt, "perf/step_time_s": dt,
-                    "perf/data_wait_s": data_time, "perf/data_wait_share": data_time / dt, "epoch": epoch})
+    scalars.update(
+        {
+            "sched/lr": lr,
+            "sched/weight_decay": wd,
+            "sched/teacher_momentum": m,
+            "sched/teacher_temp": res.teacher_temp,
+            "data/weak_ratio": res.n_weak / global_batch,
+            "perf/images_per_s": global_batch / dt,
+            "perf/step_time_s": dt,
+            "perf/data_wait_s": data_time,
+            "perf/data_wait_share": data_time / dt,
+            "epoch": epoch,
+        }
+    )
     mem = gpu_memory_gb()
     if mem is not None:
         scalars["perf/gpu_mem_gb"] = mem
@@ -265,7 +332,7 @@ def train(cfg: MugsConfig) -> int:
         shutdown()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: train(parse_config(argv)), "mugs")
 
 

@@ -1,6 +1,7 @@
 """Start-up checks: a bad flag, data path or output dir fails in one clear line before anything
 is allocated. `mugs-train` runs them in one process before it starts any worker; the trainer
 runs them again (it may be launched by plain torchrun)."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ def _paths(cfg: MugsConfig, world_size: int) -> None:
     if not os.path.exists(cfg.data_path):
         raise ConfigError(f"--data_path {cfg.data_path} does not exist")
     if not cfg.output_dir:
-        raise ConfigError("--output_dir is empty: name the folder for checkpoints and logs (e.g. --output_dir "
-                          "runs/NAME)")
+        raise ConfigError(
+            "--output_dir is empty: name the folder for checkpoints and logs (e.g. --output_dir runs/NAME)"
+        )
 
 
 def _model(cfg: MugsConfig, world_size: int) -> None:
@@ -42,14 +44,17 @@ def _model(cfg: MugsConfig, world_size: int) -> None:
         raise ConfigError("--use_bn_in_head true is not supported (the paper's runs use false)")
     # (no "global batch >= top-k" rule: the memory starts random, so top-k always finds rows)
     if cfg.mem_size < cfg.local_group_knn_top_n:
-        raise ConfigError(f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n "
-                          f"{cfg.local_group_knn_top_n}")
+        raise ConfigError(
+            f"memory size {cfg.mem_size} is smaller than --local_group_knn_top_n {cfg.local_group_knn_top_n}"
+        )
 
 
 def _crops(cfg: MugsConfig, world_size: int) -> None:
     if len(cfg.size_crops) != 1:
-        raise ConfigError(f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
-                          f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)")
+        raise ConfigError(
+            f"--size_crops {' '.join(map(str, cfg.size_crops))}: give one size; every one of the "
+            f"--local_crops_number local crops has it (as in the paper's runs: --size_crops 96)"
+        )
     g, l, p = cfg.img_size, cfg.local_crop_size, cfg.patch_size
     if g % p:
         raise ConfigError(f"global crop size {g} (--img_size) is not a multiple of --patch_size {p}")
@@ -69,11 +74,15 @@ def _objective(cfg: MugsConfig, world_size: int) -> None:
     global_batch = cfg.batch_size_per_gpu * world_size
     for name in ("instance_queue_size", "local_group_queue_size"):
         if getattr(cfg, name) < 2 * global_batch:
-            raise ConfigError(f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global "
-                              f"batch = {2 * global_batch})")
+            raise ConfigError(
+                f"--{name} {getattr(cfg, name)} must hold at least one step of keys (2 x global "
+                f"batch = {2 * global_batch})"
+            )
     if sum(cfg.loss_weights) <= 0:
-        raise ConfigError(f"--loss_weights {' '.join(map(str, cfg.loss_weights))}: not all zero (each loss is on "
-                          "when its weight is > 0)")
+        raise ConfigError(
+            f"--loss_weights {' '.join(map(str, cfg.loss_weights))}: not all zero (each loss is on "
+            "when its weight is > 0)"
+        )
 
 
 def _schedule(cfg: MugsConfig, world_size: int) -> None:
@@ -85,13 +94,16 @@ def _schedule(cfg: MugsConfig, world_size: int) -> None:
 
 def _knn(cfg: MugsConfig, world_size: int) -> None:
     if cfg.knn_resize and cfg.knn_resize < cfg.img_size:
-        raise ConfigError(f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop "
-                          "(0: automatic)")
+        raise ConfigError(
+            f"--knn_resize {cfg.knn_resize} is smaller than the --img_size {cfg.img_size} crop (0: automatic)"
+        )
     for name in ("knn_train_path", "knn_val_path") if cfg.knn_every_epochs else ():
         path = getattr(cfg, name)
         if not path:
-            raise ConfigError(f"--knn_every_epochs {cfg.knn_every_epochs} needs --{name} (a labelled ImageFolder "
-                              "root or a mugs-scan-data file list); or --knn_every_epochs 0")
+            raise ConfigError(
+                f"--knn_every_epochs {cfg.knn_every_epochs} needs --{name} (a labelled ImageFolder "
+                "root or a mugs-scan-data file list); or --knn_every_epochs 0"
+            )
         if not os.path.exists(path):
             raise ConfigError(f"--{name} {path} does not exist")
 
@@ -106,9 +118,11 @@ def check_data(cfg: MugsConfig, world_size: int) -> int:
         raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
     global_batch = cfg.batch_size_per_gpu * world_size
     if n < global_batch:
-        raise ConfigError(f"--data_path {cfg.data_path} has {n} images, fewer than one global batch "
-                          f"({world_size} processes x --batch_size_per_gpu {cfg.batch_size_per_gpu}): "
-                          "add images or lower --batch_size_per_gpu")
+        raise ConfigError(
+            f"--data_path {cfg.data_path} has {n} images, fewer than one global batch "
+            f"({world_size} processes x --batch_size_per_gpu {cfg.batch_size_per_gpu}): "
+            "add images or lower --batch_size_per_gpu"
+        )
     return n
 
 
@@ -130,15 +144,21 @@ def check_knn_data(cfg: MugsConfig):
     if os.path.isdir(cfg.knn_train_path) and os.path.isdir(cfg.knn_val_path):
         from ..pipeline.files import class_folders
 
-        only_t, only_v = (sorted(set(class_folders(a)) - set(class_folders(b)))[:5] for a, b in (
-            (cfg.knn_train_path, cfg.knn_val_path), (cfg.knn_val_path, cfg.knn_train_path)))
+        only_t, only_v = (
+            sorted(set(class_folders(a)) - set(class_folders(b)))[:5]
+            for a, b in ((cfg.knn_train_path, cfg.knn_val_path), (cfg.knn_val_path, cfg.knn_train_path))
+        )
         if only_t or only_v:  # ImageFolder numbering: the same folders or the labels would not match
-            raise ConfigError(f"--knn_train_path and --knn_val_path class folders differ (only in train: {only_t}, "
-                              f"only in val: {only_v})")
+            raise ConfigError(
+                f"--knn_train_path and --knn_val_path class folders differ (only in train: {only_t}, "
+                f"only in val: {only_v})"
+            )
     unknown = sorted(set(queries.labels) - set(bank.labels))
     if unknown:
-        raise ConfigError(f"--knn_val_path {cfg.knn_val_path} has classes {unknown[:5]} that --knn_train_path "
-                          f"{cfg.knn_train_path} lacks: the two must number the same classes")
+        raise ConfigError(
+            f"--knn_val_path {cfg.knn_val_path} has classes {unknown[:5]} that --knn_train_path "
+            f"{cfg.knn_train_path} lacks: the two must number the same classes"
+        )
     return bank, queries
 
 

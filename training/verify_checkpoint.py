@@ -5,11 +5,12 @@ file it names stays inside it and holds the bytes declared, and every file's che
 checkpoint; exit 0 if all verify (or predate checksums: said as `unverified`), 2 if any is broken or
 none is found. Shards are read in pieces of 8 MB to checksum them; nothing is changed.
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
 
 from ..core import checkpoint as ckpt
 from ..core.cli import run_cli
@@ -18,13 +19,13 @@ from ..core.errors import CheckpointError
 PROG = "mugs-verify-checkpoint"
 
 
-def _targets(p: Path) -> List[Path]:
+def _targets(p: Path) -> list[Path]:
     if (p / ckpt.COMPLETE).is_file():
         return [p]
     return ckpt.list_complete(p)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="a run's output dir or one checkpoint dir")
     args = ap.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _verify(dirs: Iterable[Path]) -> None:
     broken = found = 0
-    empty: List[Path] = []
+    empty: list[Path] = []
     for d in dirs:
         targets = _targets(d)
         if not targets:
@@ -48,10 +49,16 @@ def _verify(dirs: Iterable[Path]) -> None:
                 print(f"BROKEN      {t}: {e}")
                 continue
             ignored = f" (ignored {', '.join(unlisted)}: not listed in COMPLETE)" if unlisted else ""
-            print(f"ok          {t}{ignored}" if verified
-                  else f"unverified  {t}: written before checkpoints carried checksums")
-    problems = [f"{broken} broken of {found} checkpoints (a run sets a broken one aside and resumes from the "
-                "previous one)"] if broken else []
+            print(
+                f"ok          {t}{ignored}"
+                if verified
+                else f"unverified  {t}: written before checkpoints carried checksums"
+            )
+    problems = (
+        [f"{broken} broken of {found} checkpoints (a run sets a broken one aside and resumes from the previous one)"]
+        if broken
+        else []
+    )
     problems += [f"{d}: no complete checkpoint here" for d in empty]
     if problems:
         raise CheckpointError("; ".join(problems))

@@ -18,9 +18,10 @@ are one `color_twist` (grayscale = saturation 0); jitter order is fixed (brightn
 saturation, hue) where torchvision shuffles it. The same graphs run on the GPU
 (`decode_device="mixed"`, augmenter on "gpu") or on the CPU (`device_id=None`).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
@@ -28,6 +29,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import do_not_convert
 
 from mugs.pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, AugmentConfig
+
 from .dali_randaug import rand_augment
 
 READER_NAME = "Reader"
@@ -62,21 +64,26 @@ def _resized_crop(image, shape, size: int, scale, debug: bool):
 
 
 @pipeline_def
-def cutter_pipeline(files: Sequence[str], num_global: int, num_local: int, cfg: AugmentConfig,
-                    decode_device: str, debug: bool = False):
+def cutter_pipeline(
+    files: Sequence[str], num_global: int, num_local: int, cfg: AugmentConfig, decode_device: str, debug: bool = False
+):
     """Outputs: position in `files`, num_global G-crops, num_local L-crops[, windows [crops, 4]].
 
     `files` is read in the given order: sharding and shuffling are the caller's.
     """
     jpegs, position = fn.readers.file(
-        files=list(files), labels=list(range(len(files))), random_shuffle=False, name=READER_NAME,
+        files=list(files),
+        labels=list(range(len(files))),
+        random_shuffle=False,
+        name=READER_NAME,
     )
     image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
     shape = fn.peek_image_shape(jpegs)
     crops, windows = [], []
     for i in range(num_global + num_local):
-        size, scale = (cfg.global_size, cfg.global_crops_scale) if i < num_global else (
-            cfg.local_size, cfg.local_crops_scale)
+        size, scale = (
+            (cfg.global_size, cfg.global_crops_scale) if i < num_global else (cfg.local_size, cfg.local_crops_scale)
+        )
         crop, window = _resized_crop(image, shape, size, scale, debug)
         crops.append(crop)
         windows.append(window)
@@ -121,8 +128,12 @@ def _solarize(crop):
 @do_not_convert
 def _normalize(crop):
     return fn.crop_mirror_normalize(
-        crop, dtype=types.FLOAT, output_layout="CHW", mirror=fn.random.coin_flip(probability=0.5),
-        mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD],
+        crop,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mirror=fn.random.coin_flip(probability=0.5),
+        mean=[255.0 * m for m in IMAGENET_MEAN],
+        std=[255.0 * s for s in IMAGENET_STD],
     )
 
 

@@ -7,12 +7,14 @@ per-image and per-crop recipe choices (weak/strong) come from a NumPy generator 
 (reader position + random generator states): the next batches are identical. A state without
 checkpoints (e.g. written by the torchvision backend) resumes the position only.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +22,13 @@ import torch
 from mugs.core.errors import DataError
 from mugs.pipeline.augment_config import AugmentConfig
 from mugs.pipeline.batch import MultiCropBatch
-from .dali_graph import STRONG, WEAK_GLOBAL_1, WEAK_GLOBAL_2, WEAK_LOCAL, augment_pipeline, cutter_pipeline
-from .erasing import erase_strong
 from mugs.pipeline.files import FileIndex
 from mugs.pipeline.loader_base import MultiCropLoader
 from mugs.pipeline.sharding import derive_seed
+
+from .dali_graph import STRONG, WEAK_GLOBAL_1, WEAK_GLOBAL_2, WEAK_LOCAL, augment_pipeline, cutter_pipeline
+from .erasing import erase_strong
+
 
 @contextlib.contextmanager
 def _quiet_build():
@@ -97,23 +101,37 @@ _UNDECODABLE = frozenset({"non_image", "unreadable", "corrupt", "truncated"})
 class DaliLoader(MultiCropLoader):
     backend = "dali"
 
-    def __init__(self, index: FileIndex, aug: AugmentConfig, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, device: Any = "cpu", num_threads: int = 4,
-                 dtype: torch.dtype = torch.float32, device_id: Optional[int] = None,
-                 prefetch: int = 2, debug: bool = False):
+    def __init__(
+        self,
+        index: FileIndex,
+        aug: AugmentConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: Any = "cpu",
+        num_threads: int = 4,
+        dtype: torch.dtype = torch.float32,
+        device_id: int | None = None,
+        prefetch: int = 2,
+        debug: bool = False,
+    ):
         super().__init__(index, aug, batch_size, rank, world_size, seed, device, dtype)
         self.num_threads, self.prefetch, self.debug = num_threads, prefetch, debug
         if self.device.type == "cuda":
-            self.device_id = device_id if device_id is not None else (
-                self.device.index if self.device.index is not None else torch.cuda.current_device())
+            self.device_id = (
+                device_id
+                if device_id is not None
+                else (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            )
             self.device = torch.device("cuda", self.device_id)
         else:
             self.device_id = None
         self.num_global = 2 if aug.vanilla_weak_augmentation else 4
-        self._pipes: Dict[str, Any] = {}
+        self._pipes: dict[str, Any] = {}
 
     # -- pipelines ---------------------------------------------------------------------------
-    def _build(self, files: List[str], epoch: int, start: int, checkpoints: Optional[Dict[str, str]]):
+    def _build(self, files: list[str], epoch: int, start: int, checkpoints: dict[str, str] | None):
         """Pipelines over `files`; resuming at step `start` without checkpoints (another world size)
         seeds them from (seed, epoch, rank, start) so the restarted random streams are fresh ones."""
         gpu = self.device.type == "cuda"
@@ -122,18 +140,35 @@ class DaliLoader(MultiCropLoader):
         ck = checkpoints or {}
         B, aug = self.batch_size, self.aug
         with _quiet_build():
-            pipes = {"cutter": cutter_pipeline(
-                files, self.num_global, aug.local_crops_number, aug, "mixed" if gpu else "cpu", self.debug,
-                batch_size=B, seed=derive_seed(self.seed, epoch, self.rank, 0, *at),
-                prefetch_queue_depth=self.prefetch, checkpoint=ck.get("cutter"), **common)}
+            pipes = {
+                "cutter": cutter_pipeline(
+                    files,
+                    self.num_global,
+                    aug.local_crops_number,
+                    aug,
+                    "mixed" if gpu else "cpu",
+                    self.debug,
+                    batch_size=B,
+                    seed=derive_seed(self.seed, epoch, self.rank, 0, *at),
+                    prefetch_queue_depth=self.prefetch,
+                    checkpoint=ck.get("cutter"),
+                    **common,
+                )
+            }
             sizes = {"global": (aug.global_size, self.num_global)}
             if aug.local_crops_number:
                 sizes["local"] = (aug.local_size, aug.local_crops_number)
             for salt, (name, (size, count)) in enumerate(sizes.items(), 1):
                 pipes[name] = augment_pipeline(
-                    aug, size, "gpu" if gpu else "cpu", batch_size=B * count,
-                    seed=derive_seed(self.seed, epoch, self.rank, salt, *at), prefetch_queue_depth=1,
-                    checkpoint=ck.get(name), **common)
+                    aug,
+                    size,
+                    "gpu" if gpu else "cpu",
+                    batch_size=B * count,
+                    seed=derive_seed(self.seed, epoch, self.rank, salt, *at),
+                    prefetch_queue_depth=1,
+                    checkpoint=ck.get(name),
+                    **common,
+                )
             for p in pipes.values():
                 p.build()
         return pipes
@@ -144,7 +179,7 @@ class DaliLoader(MultiCropLoader):
         return {name: p.checkpoint() for name, p in self._pipes.items()}
 
     # -- iteration ---------------------------------------------------------------------------
-    def _iterate(self, epoch: int, start: int, extra: Optional[Dict[str, str]]) -> Iterator[MultiCropBatch]:
+    def _iterate(self, epoch: int, start: int, extra: dict[str, str] | None) -> Iterator[MultiCropBatch]:
         if start >= len(self):
             return
         order = self.rank_order(epoch)
@@ -173,7 +208,7 @@ class DaliLoader(MultiCropLoader):
         weak, gkinds, lkinds, local_weak = draw_recipes(rng, aug, B)
         noise = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, step))
         ng, nl = self.num_global, aug.local_crops_number
-        staged = {"global": (out[1:1 + ng], gkinds), "local": (out[1 + ng:1 + ng + nl], lkinds)}
+        staged = {"global": (out[1 : 1 + ng], gkinds), "local": (out[1 + ng : 1 + ng + nl], lkinds)}
         results = {}
         for name, (lists, kinds) in staged.items():
             if not lists:
@@ -192,21 +227,23 @@ class DaliLoader(MultiCropLoader):
         student = (g[:2] if aug.vanilla_weak_augmentation else g[2:4]) + list(results.get("local", []))
         debug = None
         if self.debug:
-            debug = {"windows": _to_torch(out[1 + ng + nl], torch.device("cpu")),
-                     "local_weak": torch.as_tensor(local_weak)}
+            debug = {
+                "windows": _to_torch(out[1 + ng + nl], torch.device("cpu")),
+                "local_weak": torch.as_tensor(local_weak),
+            }
             if aug.vanilla_weak_augmentation:  # the student's globals are the teacher's crops
                 w = debug["windows"]
                 debug["windows"] = torch.cat([w[:, :2], w[:, :2], w[:, 2:]], dim=1)
         return self._finish(teacher, student, weak, pos, files_idx, debug)
 
-    def _decode_error(self, err: Exception, files: List[str], epoch: int, step: int) -> DataError:
+    def _decode_error(self, err: Exception, files: list[str], epoch: int, step: int) -> DataError:
         from mugs.pipeline.scan import check_image
 
         B = self.batch_size
         # the failing sample is in this step's batch or, with prefetching, a few batches later
         done = len(self) - len(files) // B  # steps before `files` starts
         lo = (step - done) * B
-        candidates = files[lo: lo + (self.prefetch + 1) * B]
+        candidates = files[lo : lo + (self.prefetch + 1) * B]
         bad = []
         for path in candidates:  # DALI decodes CMYK, palette/RGBA PNGs, grayscale: only name what it cannot
             reason, detail = check_image(path, min_size=1, keep_grayscale=True)
@@ -215,9 +252,12 @@ class DaliLoader(MultiCropLoader):
         lines = [l.strip() for l in str(err).splitlines() if l.strip()]
         after = [lines[i + 1] for i, l in enumerate(lines[:-1]) if l.endswith("encountered:")]
         dali_said = after[0] if after else (lines[-1] if lines else type(err).__name__)
-        what = ("; ".join(bad) if bad else
-                f"one of the {len(candidates)} files from {candidates[0] if candidates else '?'} on "
-                f"(the scan check finds nothing wrong with them)")
+        what = (
+            "; ".join(bad)
+            if bad
+            else f"one of the {len(candidates)} files from {candidates[0] if candidates else '?'} on "
+            f"(the scan check finds nothing wrong with them)"
+        )
         src = self.index.source
         root = src if os.path.isdir(src) else "<ImageFolder root>"
         return DataError(

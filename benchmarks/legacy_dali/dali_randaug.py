@@ -14,6 +14,7 @@ Known differences from the original (PIL): RandAugment runs on the already-cut c
 interpolation and a grey fill; equalize follows OpenCV; consecutive ops differ but with
 n > 2 an op may repeat.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,21 @@ NUM_OPS = 15  # both timm suites (inc0 and inc1) have 15 ops
 FILL = int(round(255 * sum(IMAGENET_MEAN) / 3))  # grey near timm's img_mean fill
 # op order of timm's _RAND_INCREASING_TRANSFORMS / _RAND_TRANSFORMS
 OP_NAMES = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 # ImageOps.posterize(img, bits) keeps the top `bits` bits: the AND mask for bits = 0..8
 _POSTER_MASKS = np.array([(0xFF << (8 - b)) & 0xFF for b in range(9)], dtype=np.uint8)

@@ -4,6 +4,7 @@ Why here and not in DALI: on DALI's CPU backend the noise + paste ops cost more 
 whole RandAugment; in torch it is a slice assignment per erased crop, on CPU or GPU. The
 draws come from a NumPy generator the caller seeds per step, so resume stays exact.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,9 @@ def erase_rect(rng: np.random.Generator, h: int, w: int):
     return None
 
 
-def erase_strong(crops: torch.Tensor, strong: np.ndarray, re_prob: float, rng: np.random.Generator,
-                 noise: torch.Generator) -> int:
+def erase_strong(
+    crops: torch.Tensor, strong: np.ndarray, re_prob: float, rng: np.random.Generator, noise: torch.Generator
+) -> int:
     """In place on normalised crops [N,3,S,S]: each crop with strong[i] is erased with prob re_prob.
 
     Returns the number of erased crops. Noise is N(0,1) (timm's 'pixel' mode on normalised data).
@@ -43,5 +45,5 @@ def erase_strong(crops: torch.Tensor, strong: np.ndarray, re_prob: float, rng: n
     sizes = [c * eh * ew for _, (_, _, eh, ew) in rects]
     noise_all = torch.randn(sum(sizes), generator=noise, dtype=torch.float32).to(crops.device, crops.dtype)
     for (i, (y, x, eh, ew)), patch in zip(rects, noise_all.split(sizes)):
-        crops[i, :, y:y + eh, x:x + ew] = patch.view(c, eh, ew)
+        crops[i, :, y : y + eh, x : x + ew] = patch.view(c, eh, ew)
     return len(rects)

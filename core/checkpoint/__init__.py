@@ -3,6 +3,7 @@ Stateful parts), `write` (the collective save and retention), `read` (validation
 fallback) and `offline` (one-process reads: tools, consolidation). The trainer (save/resume_latest) and
 the evaluation tools (resolve/read_parts/consolidate) both use this package; neither imports the other.
 The names below are the package's interface."""
+
 from .layout import (
     BROKEN_PREFIX,
     COMPLETE,
@@ -21,10 +22,32 @@ from .parts import Kept, ModelState, OptimizerState, PerRank, RngState, adapt, r
 from .read import load, resume_latest, verify
 from .write import _write_failure, save
 
-
 __all__ = [
-    "BROKEN_PREFIX", "COMPLETE", "TMP_PREFIX", "Kept", "ModelState", "OptimizerState", "PerRank", "RngState",
-    "adapt", "check", "check_root", "checkpoint_root", "consolidate", "latest", "list_complete", "load",
-    "read_complete", "read_parts", "resolve", "resume_latest", "rng_state", "save", "save_file_atomically",
-    "set_rng_state", "step_of", "verify", "_write_failure",
+    "BROKEN_PREFIX",
+    "COMPLETE",
+    "TMP_PREFIX",
+    "Kept",
+    "ModelState",
+    "OptimizerState",
+    "PerRank",
+    "RngState",
+    "adapt",
+    "check",
+    "check_root",
+    "checkpoint_root",
+    "consolidate",
+    "latest",
+    "list_complete",
+    "load",
+    "read_complete",
+    "read_parts",
+    "resolve",
+    "resume_latest",
+    "rng_state",
+    "save",
+    "save_file_atomically",
+    "set_rng_state",
+    "step_of",
+    "verify",
+    "_write_failure",
 ]

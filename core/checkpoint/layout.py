@@ -6,18 +6,18 @@ rank finished, `COMPLETE` (JSON: step, epoch, time, world size, config, and `che
 algorithm and each file's checksum, `core/integrity.py`). Only `COMPLETE` directories count; a
 write in progress lives under `.tmp-step_N.HOST.PID.RANDOM`, a broken one set aside is `broken-step_N`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-from ..errors import first_line
+from ..errors import CheckpointError, first_line
 from ..safe_load import confined, read_regular
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -26,7 +26,7 @@ BROKEN_PREFIX = "broken-"
 TMP_PREFIX = ".tmp-step_"
 
 
-def checkpoint_root(output_dir: "str | Path") -> Path:
+def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
@@ -46,7 +46,7 @@ def step_of(path: Path) -> int:
     return int(m.group(1))
 
 
-def list_complete(output_dir: "str | Path") -> List[Path]:
+def list_complete(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (a `COMPLETE` marker), oldest first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
@@ -55,12 +55,12 @@ def list_complete(output_dir: "str | Path") -> List[Path]:
     return sorted(found, key=step_of)
 
 
-def latest(output_dir: "str | Path") -> Optional[Path]:
+def latest(output_dir: str | Path) -> Path | None:
     ckpts = list_complete(output_dir)
     return ckpts[-1] if ckpts else None
 
 
-def read_complete(path: Path) -> Dict[str, Any]:
+def read_complete(path: Path) -> dict[str, Any]:
     """The COMPLETE metadata of checkpoint dir `path` (CheckpointError if unreadable)."""
     try:
         meta = json.loads(read_regular(confined(path, COMPLETE)))
@@ -73,7 +73,7 @@ def read_complete(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def check_root(output_dir: "str | Path") -> None:
+def check_root(output_dir: str | Path) -> None:
     """Before a run starts: OUTPUT_DIR/checkpoints and every step_N in it are directories (a file of either
     name would fail the first save, after the run's first interval of work). CheckpointError naming it."""
     root = checkpoint_root(output_dir)
@@ -86,19 +86,20 @@ def check_root(output_dir: "str | Path") -> None:
             raise CheckpointError(f"{p}: not a directory (a checkpoint is written there): move it away")
 
 
-def resolve(path: "str | Path") -> Path:
+def resolve(path: str | Path) -> Path:
     """A checkpoint dir -> itself; a run's output dir -> its newest complete checkpoint."""
     p = Path(path)
     if (p / COMPLETE).is_file():
         return p
     newest = latest(p)
     if newest is None:
-        raise CheckpointError(f"{p}: no complete checkpoint here (looked for {p}/{COMPLETE} and "
-                              f"{p}/checkpoints/step_*/{COMPLETE})")
+        raise CheckpointError(
+            f"{p}: no complete checkpoint here (looked for {p}/{COMPLETE} and {p}/checkpoints/step_*/{COMPLETE})"
+        )
     return newest
 
 
-def write_complete(tmp: Path, meta: Dict[str, Any]) -> None:
+def write_complete(tmp: Path, meta: dict[str, Any]) -> None:
     """Rank 0's last write: the marker that makes `tmp` a checkpoint (durable before the rename)."""
     with open(tmp / COMPLETE, "w") as f:
         json.dump(meta, f)

@@ -1,12 +1,14 @@
 """Reading a checkpoint in one process, without a process group (evaluation tools, `mugs-consolidate`,
 `mugs-verify-checkpoint`): full CPU tensors of chosen parts, one consolidated file, or the checks alone.
 Every read verifies first, as the training read does (`read.py`)."""
+
 from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -24,7 +26,7 @@ from .layout import one_line_reason, read_complete, save_file_atomically
 from .read import unlisted_note, unverified_note, validate
 
 
-def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def read_parts(path: Path, parts: Sequence[str] | None = None) -> dict[str, Any]:
     """The top-level entries `parts` ("student", "teacher", "optimizer", "objective"; None:
     all) of checkpoint dir `path` as full CPU tensors and plain values, without a process
     group, after verifying every file's checksum (a checkpoint without checksums is read with a
@@ -36,7 +38,7 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
     if meta.get("unlisted"):
         print(unlisted_note(path, meta["unlisted"]), file=sys.stderr, flush=True)
     planner_data = md.planner_data or {}
-    state: Dict[str, Any] = {}
+    state: dict[str, Any] = {}
     for fqn, m in md.state_dict_metadata.items():
         obj_path = tuple(planner_data.get(fqn, (fqn,)))
         if parts is not None and obj_path[0] not in parts:
@@ -45,8 +47,9 @@ def read_parts(path: Path, parts: Optional[Sequence[str]] = None) -> Dict[str, A
             try:  # bounded by the shards' bytes (check_storage); the machine may still have less
                 set_path(state, obj_path, torch.empty(m.size, dtype=m.properties.dtype))
             except (MemoryError, RuntimeError) as e:
-                raise CheckpointError(f"{path}: entry {fqn} ({tuple(m.size)} {m.properties.dtype}) cannot be "
-                                      f"allocated ({first_line(e)})") from None
+                raise CheckpointError(
+                    f"{path}: entry {fqn} ({tuple(m.size)} {m.properties.dtype}) cannot be allocated ({first_line(e)})"
+                ) from None
         elif isinstance(m, BytesStorageMetadata):
             set_path(state, obj_path, None)  # a placeholder: DCP fills it from the shard
     missing = [p for p in (parts or ()) if p not in state]
@@ -70,7 +73,7 @@ def consolidate(path: Path, out: Path) -> None:
     save_file_atomically(blob, Path(out))
 
 
-def check(path: Path) -> "tuple[bool, list]":
+def check(path: Path) -> tuple[bool, list]:
     """`read.validate`'s checks alone (`mugs-verify-checkpoint`): (True if verified, False if the
     checkpoint has no checksums (older); the files COMPLETE does not list, ignored); CheckpointError
     (one line) if broken."""

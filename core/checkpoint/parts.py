@@ -7,10 +7,12 @@ loader position) is this process's own: it goes into its `rank_N.pt` under its n
 only by the same rank of a run with the same number of processes. The adapters below give models and
 optimizers the FQN-keyed state dicts of `torch.distributed.checkpoint.state_dict`, which DCP reshards.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +33,10 @@ class ModelState(Stateful):
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return get_model_state_dict(self.model)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_model_state_dict(self.model, state_dict)
 
 
@@ -44,22 +46,25 @@ class OptimizerState(Stateful):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return get_optimizer_state_dict(self.model, self.optimizer)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state_dict)
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain Python values (weights_only-loadable)."""
     np_state = np.random.get_state(legacy=False)
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -67,12 +72,17 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state({"bit_generator": n["bit_generator"],
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -81,10 +91,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 class RngState(Stateful):
     """This process's torch, numpy, Python (and CUDA) RNG states; wrap it in `PerRank`."""
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return rng_state()
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict)
 
 
@@ -115,20 +125,20 @@ class Kept(Stateful):
         self.state = state_dict
 
 
-def split(parts: Parts) -> Tuple[Dict[str, Stateful], Dict[str, PerRank]]:
+def split(parts: Parts) -> tuple[dict[str, Stateful], dict[str, PerRank]]:
     """(sharded parts for DCP, per-rank parts for rank_N.pt), each in the caller's order."""
     sharded = {k: v for k, v in parts.items() if not isinstance(v, PerRank)}
     per_rank = {k: v for k, v in parts.items() if isinstance(v, PerRank)}
     return sharded, per_rank
 
 
-def adapt(objects: Mapping[str, Any]) -> Dict[str, Stateful]:
+def adapt(objects: Mapping[str, Any]) -> dict[str, Stateful]:
     """The keyword form of a read (`load(path, student=model, optimizer=opt, ...)`, used by single-process
     tools and tests): models become `ModelState`, an optimizer an `OptimizerState` of the model holding
     its parameters, other Statefuls stay; the process RNG (`rng`) is restored and the loader position
     (`loader`) only kept, as `Kept`, for the caller."""
     modules = [m for m in objects.values() if isinstance(m, torch.nn.Module)]
-    parts: Dict[str, Stateful] = {}
+    parts: dict[str, Stateful] = {}
     for name, obj in objects.items():
         if isinstance(obj, torch.optim.Optimizer):
             first = obj.param_groups[0]["params"][0]

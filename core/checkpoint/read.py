@@ -5,18 +5,22 @@ agreeing on success, and `resume_latest`'s fallback from a broken checkpoint to 
 Every file is read with `safe_load`'s restricted, confined and bounded readers: nothing in a run dir
 runs, nothing outside a checkpoint dir is opened, no declared size allocates more than the shards hold.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from .. import integrity
-from ..dist import agree, barrier, rank as _rank, world_size as _world_size
+from ..dist import agree, barrier
+from ..dist import rank as _rank
+from ..dist import world_size as _world_size
 from ..errors import CheckpointError, MugsError
 from ..safe_load import (
     METADATA_FILE,
@@ -36,7 +40,7 @@ from .parts import Parts, adapt, split
 _RANK_FILE = re.compile(r"^rank_\d+\.pt$")
 
 
-def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1), read: frozenset = frozenset()) -> bool:
+def verify(path: Path, meta: dict[str, Any], share: tuple[int, int] = (0, 1), read: frozenset = frozenset()) -> bool:
     """Check the files of checkpoint dir `path` against the checksums its COMPLETE `meta` records:
     every recorded file confined to `path`, present and a regular file, each value equal. A file that
     COMPLETE does not list (a `.DS_Store`) is ignored and named in `meta["unlisted"]`, unless a reader
@@ -47,23 +51,28 @@ def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1), re
     sums = meta.get("checksums")
     if sums is None:
         return False
-    if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in sums["files"].items()):
+    if (
+        not isinstance(sums, dict)
+        or not isinstance(sums.get("files"), dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums["files"].items())
+    ):
         raise CheckpointError(f"{path / COMPLETE}: malformed `checksums` entry")
-    files: Dict[str, str] = sums["files"]
+    files: dict[str, str] = sums["files"]
     algorithm = sums.get("algorithm")
     if algorithm not in integrity.ALGORITHMS:
-        raise CheckpointError(f"{path / COMPLETE}: checksum algorithm {algorithm!r} is not available here "
-                              "(pip install crc32c)")
+        raise CheckpointError(
+            f"{path / COMPLETE}: checksum algorithm {algorithm!r} is not available here (pip install crc32c)"
+        )
     on_disk = {p.name for p in path.iterdir() if p.name != COMPLETE}
     unrecorded = sorted(on_disk - set(files))
     read_anyway = [n for n in unrecorded if n in read or n == METADATA_FILE or _RANK_FILE.match(n)]
     if read_anyway:
-        raise CheckpointError(f"{path / read_anyway[0]}: not part of the checkpoint as written "
-                              "(no checksum in COMPLETE)")
+        raise CheckpointError(
+            f"{path / read_anyway[0]}: not part of the checkpoint as written (no checksum in COMPLETE)"
+        )
     meta["unlisted"] = unrecorded
     names = sorted(files)
-    for name in names[share[0]::share[1]]:
+    for name in names[share[0] :: share[1]]:
         f = confined(path, name)
         try:
             regular_file(f)
@@ -71,12 +80,14 @@ def verify(path: Path, meta: Dict[str, Any], share: Tuple[int, int] = (0, 1), re
             raise CheckpointError(f"{f}: missing (a file of this checkpoint)") from None
         got = integrity.checksum_file(f, algorithm)
         if got != files[name]:
-            raise CheckpointError(f"{f}: checksum mismatch ({algorithm} {got}, COMPLETE records {files[name]}): "
-                                  "the file changed after it was written")
+            raise CheckpointError(
+                f"{f}: checksum mismatch ({algorithm} {got}, COMPLETE records {files[name]}): "
+                "the file changed after it was written"
+            )
     return True
 
 
-def validate(path: Path, share: Tuple[int, int] = (0, 1)) -> Tuple[Dict[str, Any], Any, bool]:
+def validate(path: Path, share: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], Any, bool]:
     """Everything a reader checks before trusting checkpoint dir `path`, without loading it: the marker,
     the metadata (restricted unpickler, DCP's field types), confinement, kind and sizes of every record
     (disjoint, inside its file), every file's checksum (`share`: as in `verify`). (COMPLETE's metadata,
@@ -96,16 +107,18 @@ def validate(path: Path, share: Tuple[int, int] = (0, 1)) -> Tuple[Dict[str, Any
         raise CheckpointError(f"{path}: malformed checkpoint ({first_line(e)})") from None
 
 
-def unlisted_note(path: Path, names: List[str]) -> str:
-    return (f"mugs: note: checkpoint {path}: ignored {', '.join(names)} (not listed in its COMPLETE: "
-            "not written by the run)")
+def unlisted_note(path: Path, names: list[str]) -> str:
+    return (
+        f"mugs: note: checkpoint {path}: ignored {', '.join(names)} (not listed in its COMPLETE: "
+        "not written by the run)"
+    )
 
 
 def unverified_note(path: Path) -> str:
     return f"mugs: warning: checkpoint {path} was written before checkpoints carried checksums: loaded unverified"
 
 
-def _read_rank_file(path: Path, meta: Dict[str, Any], names: List[str]) -> Optional[Dict[str, Any]]:
+def _read_rank_file(path: Path, meta: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
     """This rank's `rank_N.pt` (its per-rank parts `names`), None if the checkpoint was written by another
     number of ranks; a missing file or entry at the same world size is a broken checkpoint."""
     f = confined(path, layout.rank_file_name(_rank()))
@@ -120,7 +133,7 @@ def _read_rank_file(path: Path, meta: Dict[str, Any], names: List[str]) -> Optio
     return blob
 
 
-def load(path: Path, parts: Optional[Parts] = None, **objects: Any) -> Dict[str, Any]:
+def load(path: Path, parts: Parts | None = None, **objects: Any) -> dict[str, Any]:
     """Collective. Restores every part of `parts` (plus `objects`, the keyword form: `parts.adapt`);
     returns the COMPLETE metadata plus, for each per-rank part, the state it was restored from under its
     name (None when the checkpoint was written by another number of ranks: the part is then left as it is).
@@ -179,8 +192,9 @@ def _set_aside(path: Path) -> Path:
     return dest
 
 
-def resume_latest(output_dir: str, parts: Optional[Parts] = None, *, log: Callable[[str], None] = print,
-                  **objects: Any) -> Optional[Dict[str, Any]]:
+def resume_latest(
+    output_dir: str, parts: Parts | None = None, *, log: Callable[[str], None] = print, **objects: Any
+) -> dict[str, Any] | None:
     """Collective. Load the newest complete checkpoint that loads into `parts` (and `objects`, as `load`);
     None if there is none.
 
@@ -190,7 +204,7 @@ def resume_latest(output_dir: str, parts: Optional[Parts] = None, *, log: Callab
     none loads, raise CheckpointError and leave them all untouched: a run never starts
     from scratch over existing checkpoints. The returned meta has `path` added."""
     candidates = list_complete(output_dir)
-    broken: List[tuple] = []
+    broken: list[tuple] = []
     for path in reversed(candidates):
         try:
             meta = load(path, parts, **objects)
@@ -210,8 +224,8 @@ def resume_latest(output_dir: str, parts: Optional[Parts] = None, *, log: Callab
         return meta
     if broken:
         names = ", ".join(p.name for p, _ in broken)
-        raise CheckpointError(f"none of the {len(broken)} complete checkpoints in {checkpoint_root(output_dir)} "
-                              f"loads ({names}; reasons above); repair them or move them away to start afresh")
+        raise CheckpointError(
+            f"none of the {len(broken)} complete checkpoints in {checkpoint_root(output_dir)} "
+            f"loads ({names}; reasons above); repair them or move them away to start afresh"
+        )
     return None
-
-

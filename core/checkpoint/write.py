@@ -6,6 +6,7 @@ A write that fails on any rank (a full disk, a quota, permissions) removes the p
 raises CheckpointWriteError on every rank (one line: the folder and its free space); a run that lost
 its output dir's lease publishes nothing (OwnerError).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,15 +14,18 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from .. import integrity, lease
-from ..dist import agree, broadcast_from_main, gather_to_main, rank as _rank, world_size as _world_size
+from ..dist import agree, broadcast_from_main, gather_to_main
+from ..dist import rank as _rank
+from ..dist import world_size as _world_size
 from ..errors import CheckpointError, CheckpointWriteError, OwnerError
 from ..safe_load import METADATA_FILE
 from . import layout
@@ -31,19 +35,18 @@ from .parts import Parts, split
 DISK_FULL_BYTES = 2**20  # below this a failed write is a full disk, whatever error the serializer raised
 
 
-def _own_files(tmp: Path, rank: int) -> List[str]:
+def _own_files(tmp: Path, rank: int) -> list[str]:
     """The files rank `rank` wrote into `tmp` (DCP names each rank's shards `__RANK_*`)."""
-    mine = [p.name for p in tmp.iterdir()
-            if p.name.startswith(f"__{rank}_") or p.name == layout.rank_file_name(rank)]
+    mine = [p.name for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or p.name == layout.rank_file_name(rank)]
     if rank == 0 and (tmp / METADATA_FILE).is_file():
         mine.append(METADATA_FILE)
     return sorted(mine)
 
 
-def _checksums(tmp: Path, per_rank: List[Dict[str, str]]) -> Dict[str, Any]:
+def _checksums(tmp: Path, per_rank: list[dict[str, str]]) -> dict[str, Any]:
     """Every rank's checksums of its own files (read back from its page cache), plus any file no rank
     claimed, checksummed here: every file of the checkpoint but COMPLETE is covered."""
-    files: Dict[str, str] = {}
+    files: dict[str, str] = {}
     for sums in per_rank:
         files.update(sums)
     for p in sorted(tmp.iterdir()):
@@ -52,7 +55,7 @@ def _checksums(tmp: Path, per_rank: List[Dict[str, str]]) -> Dict[str, Any]:
     return {"algorithm": integrity.DEFAULT, "files": files}
 
 
-def _free_space(path: Path) -> Optional[int]:
+def _free_space(path: Path) -> int | None:
     for p in (path, *path.parents):
         try:
             return shutil.disk_usage(p).free
@@ -72,8 +75,16 @@ def _write_failure(msg: str, path: Path) -> str:
     return f"{msg}; " + (f"{free / 2**30:.2f} GB free" if free >= 2**30 else f"{free / 2**20:.1f} MB free")
 
 
-def save(output_dir: str, step: int, epoch: int, parts: Parts, *, keep: int, keep_forever: bool = False,
-         extra: Optional[dict] = None) -> Path:
+def save(
+    output_dir: str,
+    step: int,
+    epoch: int,
+    parts: Parts,
+    *,
+    keep: int,
+    keep_forever: bool = False,
+    extra: dict | None = None,
+) -> Path:
     """Collective: every rank calls it with the same part names (`parts.py`). Returns the final directory.
 
     Any failure on any rank (a full disk, a quota, permissions) removes the partial directory and
@@ -84,7 +95,8 @@ def save(output_dir: str, step: int, epoch: int, parts: Parts, *, keep: int, kee
     root = checkpoint_root(output_dir)
     final = root / layout.step_dir_name(step)
     tmp = root / broadcast_from_main(
-        f"{TMP_PREFIX}{step:08d}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+        f"{TMP_PREFIX}{step:08d}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}" if rank == 0 else None
+    )
 
     def attempt(what: str, fn: Callable[[], Any]) -> Any:
         """Run this rank's part; every rank learns whether any rank failed (one all-reduce)."""
@@ -105,7 +117,8 @@ def save(output_dir: str, step: int, epoch: int, parts: Parts, *, keep: int, kee
             raise CheckpointWriteError(
                 f"cannot write checkpoint step {step} to {tmp.parent} ({_write_failure(msg, root)}): free disk "
                 f"space or fix the folder, then resume; the partial checkpoint was removed and the last complete "
-                f"one ({latest(output_dir) or 'none'}) is intact")
+                f"one ({latest(output_dir) or 'none'}) is intact"
+            )
         return result
 
     def start() -> None:
@@ -113,17 +126,24 @@ def save(output_dir: str, step: int, epoch: int, parts: Parts, *, keep: int, kee
             lease.check_owned(output_dir)
             tmp.mkdir(parents=True)
 
-    def write() -> Dict[str, str]:
+    def write() -> dict[str, str]:
         dcp.save(dict(sharded), checkpoint_id=str(tmp))  # DCP calls each Stateful's state_dict()
         torch.save({name: p.state_dict() for name, p in per_rank_parts.items()}, tmp / layout.rank_file_name(rank))
         return {name: integrity.checksum_file(tmp / name) for name in _own_files(tmp, rank)}
 
-    def publish(per_rank: Optional[List[Dict[str, str]]]) -> None:
+    def publish(per_rank: list[dict[str, str]] | None) -> None:
         if rank != 0:
             return
-        every_rank = cast(List[Dict[str, str]], per_rank)  # gather_to_main's list on rank 0
-        meta = {"step": step, "epoch": epoch, "time": time.time(), "keep_forever": keep_forever,
-                "world_size": _world_size(), **(extra or {}), "checksums": _checksums(tmp, every_rank)}
+        every_rank = cast(list[dict[str, str]], per_rank)  # gather_to_main's list on rank 0
+        meta = {
+            "step": step,
+            "epoch": epoch,
+            "time": time.time(),
+            "keep_forever": keep_forever,
+            "world_size": _world_size(),
+            **(extra or {}),
+            "checksums": _checksums(tmp, every_rank),
+        }
         lease.check_owned(output_dir)  # a run that lost its output dir publishes nothing
         layout.write_complete(tmp, meta)
         if final.exists():  # a re-save of the same step replaces the old one
@@ -158,7 +178,7 @@ def _prune(output_dir: str, keep: int) -> None:
 def _writer_gone(tmp: Path) -> bool:
     """Whether the writer of temporary dir `tmp` (`.tmp-step_N.HOST.PID.RANDOM`) is gone: a process of
     this host that no longer exists, or a write untouched for longer than the lease's stale limit."""
-    parts = tmp.name[len(TMP_PREFIX):].split(".")  # the host name may hold dots
+    parts = tmp.name[len(TMP_PREFIX) :].split(".")  # the host name may hold dots
     if len(parts) >= 4 and ".".join(parts[1:-2]) == socket.gethostname() and parts[-2].isdigit():
         try:
             os.kill(int(parts[-2]), 0)

@@ -4,6 +4,7 @@ MUGS_FAULT_CRASH_IN_SAVE=N: the process that is about to write checkpoint step N
 COMPLETE marker dies (os._exit) instead, as a crash in the middle of a checkpoint write
 would; the checkpoint must then not count. Production code has no switch for this.
 """
+
 import os
 
 _STEP = os.environ.get("MUGS_FAULT_CRASH_IN_SAVE")
