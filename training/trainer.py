@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from ..configs.options import MugsConfig, parse_config
 from ..core import checkpoint as ckpt
@@ -100,13 +100,9 @@ class Run:
         self.sched = build_schedules(cfg.schedule_view(), self.iters, self.global_batch)
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
+        clip, freeze = cfg.clip_view(), cfg.freeze_last_layer
         self.step_fn = MugsTrainStep(
-            self.student,
-            self.teacher,
-            self.objective,
-            self.optimizer,
-            clip_grad=cfg.clip_view(),
-            freeze_last_layer=cfg.freeze_last_layer,
+            self.student, self.teacher, self.objective, self.optimizer, clip_grad=clip, freeze_last_layer=freeze
         )
         self.step = 0
         self.reason: str | None = None  # why the loop ends, in words for the console; None while it runs
@@ -115,9 +111,8 @@ class Run:
         self.mon = Monitor(cfg.output_dir, self.stop_at, None, enabled=info.is_main)
         self.knn = KnnPoint(knn, self.teacher, self.mon, self.iters)  # the epoch-end callback
         parts = checkpoint_parts(self.student, self.teacher, self.optimizer, self.objective, self.loader, cfg.data_path)
-        self.checkpointer = Checkpointer(
-            cfg, parts, self.iters, self.total, info.world_size, extra=lambda: {"knn_step": self.knn.last_step}
-        )
+        extra = lambda: {"knn_step": self.knn.last_step}  # noqa: E731 - the run's own checkpoint metadata
+        self.checkpointer = Checkpointer(cfg, parts, self.iters, self.total, info.world_size, extra=extra)
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that loads, if any (Checkpointer.resume); warnings (a
@@ -177,23 +172,11 @@ class Run:
 
     def train_step(self, batch, epoch: int, data_time: float) -> StepResult:
         """The step (with this rank's stop/checkpoint flags agreed in its one sync) and its log line."""
-        s, step = self.sched, self.step
-        t0 = time.perf_counter()
+        s, step, t0 = self.sched, self.step, time.perf_counter()
         lr, wd, m = s.lr(step), s.weight_decay(step), s.momentum(step)
-        res = loop_step(
-            self.step_fn,
-            batch.teacher,
-            batch.student,
-            batch.weak_flags,
-            stop=self.stop,
-            ckpt_every_minutes=self.cfg.ckpt_every_minutes,
-            last_save=self.checkpointer.last_save,
-            epoch=epoch,
-            momentum=m,
-            lr=lr,
-            weight_decay=wd,
-            step_index=step,
-        )
+        sched: dict[str, Any] = dict(epoch=epoch, momentum=m, lr=lr, weight_decay=wd, step_index=step)
+        clock = dict(ckpt_every_minutes=self.cfg.ckpt_every_minutes, last_save=self.checkpointer.last_save)
+        res = loop_step(self.step_fn, batch.teacher, batch.student, batch.weak_flags, stop=self.stop, **clock, **sched)
         self.step += 1
         dt = data_time + time.perf_counter() - t0
         self.mon.step(self.step, step_scalars(res, lr, wd, m, epoch, self.global_batch, data_time, dt, self.mfu(dt)))
@@ -204,9 +187,8 @@ class Run:
         agreed over ranks in the step just taken (sampled before it: a signal arriving during a step is
         acted on after the next one)."""
         if stop_now:
-            self._end(
-                self.stop.why or StopReason.OTHER_RANK, f"stopped by {self.stop.signal or 'a signal on another rank'}"
-            )
+            words = f"stopped by {self.stop.signal or 'a signal on another rank'}"
+            self._end(self.stop.why or StopReason.OTHER_RANK, words)
         elif self.step >= self.stop_at:
             self._end_of_steps()
 
