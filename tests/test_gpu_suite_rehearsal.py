@@ -123,6 +123,18 @@ def test_rehearsal_runs_every_part_and_publishes_them(tmp_path):
     assert "loader-bound" not in summary  # the DALI loader fed the rehearsal's training run
 
 
+def _published_past_vit_large(out):
+    summary, logs = out / "summary.md", out / "logs.tar.gz"
+    try:
+        return (
+            "vit_large: exit" in summary.read_text()
+            and logs.stat().st_mtime_ns >= summary.stat().st_mtime_ns
+            and not (out / ".publishing").exists()
+        )
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.process
 @pytest.mark.timeout(600)
 def test_suite_killed_half_way_keeps_the_finished_parts(tmp_path):
@@ -137,8 +149,9 @@ def test_suite_killed_half_way_keeps_the_finished_parts(tmp_path):
     )
     try:
         deadline = time.monotonic() + 400
-        # the ViT-L part is finished once its status line is published; the suite is then in train_e2e
-        while "vit_large: exit" not in ((out / "summary.md").read_text() if (out / "summary.md").exists() else ""):
+        # the ViT-L part is finished once its status line is published and the publish that carried it is over
+        # (logs.tar.gz goes last, through .publishing): the suite is then in train_e2e, far from its next publish
+        while not _published_past_vit_large(out):
             assert p.poll() is None and time.monotonic() < deadline, (
                 "the suite ended before the ViT-L part was published"
             )
