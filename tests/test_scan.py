@@ -40,6 +40,7 @@ def test_scan_finds_each_planted_file(dirty_tree, tmp_path, capsys):
     )
 
 
+@pytest.mark.process
 def test_scan_keep_grayscale_and_min_size(dirty_tree, tmp_path):
     root, good, bad = dirty_tree
     out = str(tmp_path / "keep.txt")
@@ -122,6 +123,7 @@ def test_scan_dataset_from_a_script_without_main_guard_works(dirty_tree, tmp_pat
     assert out["kept"] == sorted(os.path.relpath(p, root) for p in good) and out["left_out"] == bad
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("char", ["\t", "\n", "\r"])
 def test_a_name_a_file_list_cannot_hold_is_left_out_with_its_reason(tmp_path, char, capsys):
     """f9e9db5 decoded every file, then crashed writing the list (no list, a traceback)."""
