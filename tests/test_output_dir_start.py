@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,29 +17,13 @@ from mugs.core import checkpoint as ckpt
 from mugs.core import lease
 from mugs.core.errors import CheckpointError, OwnerError
 from mugs.training import launch
-from train_helpers import TINY_FLAGS, make_image_folder
-
-
-def _plant(out: Path, **fields) -> dict:
-    now = time.time()
-    owner = {
-        "host": "node-17",
-        "pids": [4242],
-        "slurm_job_id": None,
-        "start": now - 3600,
-        "heartbeat": now,
-        "token": "0" * 32,
-        **fields,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / lease.LEASE_FILE).write_text(json.dumps(owner))
-    return owner
+from train_helpers import TINY_FLAGS, make_image_folder, plant_lease
 
 
 @pytest.mark.timeout(30)
 def test_a_heartbeat_a_day_in_the_future_is_clock_skew_taken_over_with_a_note(tmp_path):
     out = tmp_path / "out"
-    _plant(out, heartbeat=time.time() + 86400)
+    plant_lease(out, heartbeat=time.time() + 86400)
     notes = []
     held = lease.acquire(out, log=notes.append)
     try:
@@ -54,7 +37,7 @@ def test_a_heartbeat_a_day_in_the_future_is_clock_skew_taken_over_with_a_note(tm
 @pytest.mark.timeout(30)
 def test_a_heartbeat_slightly_ahead_is_still_a_live_owner(tmp_path):
     out = tmp_path / "out"
-    _plant(out, heartbeat=time.time() + lease.stale_after_s() / 2)  # within the limit: clocks merely differ
+    plant_lease(out, heartbeat=time.time() + lease.stale_after_s() / 2)  # within the limit: clocks merely differ
     with pytest.raises(OwnerError, match="in use by another run"):
         lease.acquire(out)
 

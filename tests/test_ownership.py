@@ -2,7 +2,6 @@
 goes on untouched; a stale lease, or one of this very SLURM job (requeued), is taken over; a run that
 lost its lease publishes no checkpoint; temporary checkpoint names are unique per writer."""
 
-import json
 import os
 import socket
 import subprocess
@@ -16,29 +15,12 @@ import eval_helpers as H
 from mugs.core import checkpoint as ckpt
 from mugs.core import lease
 from mugs.core.errors import OwnerError
-from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, run, train_cmd
+from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, plant_lease, run, train_cmd
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=8)
-
-
-def _plant(out: Path, **fields) -> dict:
-    """A lease as another run would have left it."""
-    now = time.time()
-    owner = {
-        "host": "node-17",
-        "pids": [4242],
-        "slurm_job_id": None,
-        "start": now - 3600,
-        "heartbeat": now,
-        "token": "0" * 32,
-        **fields,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / lease.LEASE_FILE).write_text(json.dumps(owner))
-    return owner
 
 
 # ---------------------------------------------------------------- the lease itself (one process)
@@ -72,7 +54,7 @@ def test_the_launchers_check_refuses_what_taking_the_lease_refuses(tmp_path, mon
     monkeypatch.setenv(lease.TOKEN_ENV, "0" * 32)  # a token of our own is not the unreadable lease's
     with pytest.raises(OwnerError, match="in use by another run"):
         lease.peek(out)
-    _plant(out, token="0" * 32)  # the launcher's own lease, as its worker sees it: not a refusal
+    plant_lease(out, token="0" * 32)  # the launcher's own lease, as its worker sees it: not a refusal
     lease.peek(out)
 
 
@@ -82,16 +64,16 @@ def test_the_launchers_check_refuses_what_taking_the_lease_refuses(tmp_path, mon
 def test_a_stale_lease_is_taken_over_with_a_message(tmp_path, monkeypatch, how):
     out = tmp_path / "out"
     if how == "old_heartbeat":
-        _plant(out, heartbeat=time.time() - lease.stale_after_s() - 5)
+        plant_lease(out, heartbeat=time.time() - lease.stale_after_s() - 5)
         why = "heartbeat is"
     elif how == "same_slurm_job":
         monkeypatch.setenv("SLURM_JOB_ID", "777")
-        _plant(out, slurm_job_id="777")
+        plant_lease(out, slurm_job_id="777")
         why = "this SLURM job (777), requeued"
     else:
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
-        _plant(out, host=socket.gethostname(), pids=[dead.pid])
+        plant_lease(out, host=socket.gethostname(), pids=[dead.pid])
         why = "processes on this host are gone"
     notes = []
     held = lease.acquire(out, log=notes.append)
@@ -111,7 +93,7 @@ def test_a_run_that_lost_its_lease_publishes_nothing(tmp_path):
     H.save_run(out, cfg, step=6)
     held = lease.acquire(out)
     try:
-        _plant(out, token="f" * 32)  # taken over (as by a run that judged us stale)
+        plant_lease(out, token="f" * 32)  # taken over (as by a run that judged us stale)
         with pytest.raises(OwnerError, match="no longer owns it"):
             H.save_run(out, cfg, step=7)
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000006"]
@@ -195,7 +177,7 @@ def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path)
 @pytest.mark.timeout(300)
 def test_launch_over_a_stale_lease_takes_it_over(data, tmp_path):
     out = tmp_path / "run"
-    _plant(out, heartbeat=time.time() - 10 * lease.STALE_AFTER_S)
+    plant_lease(out, heartbeat=time.time() - 10 * lease.STALE_AFTER_S)
     r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "4", "--max_steps", "1"), timeout=240)
     assert r.returncode == 0, r.stderr[-6000:]
     assert "took over the lease" in r.stderr and "node-17" in r.stderr
