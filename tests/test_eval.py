@@ -272,7 +272,7 @@ def test_sharded_and_consolidated_checkpoints_give_the_saved_teacher(run, consol
 
 
 def test_original_checkpoint_from_trace_imports_identically(original_trace):
-    from mugs.training.replay_trace import build_from_state0, config_from_trace
+    from mugs.training.trace_state import build_from_state0, config_from_trace
 
     tr, f = original_trace
     cfg = config_from_trace(tr["config"])
