@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs.options import parse_config
+from ..configs.flags import parse_config
 from ..core.cli import run_cli
 from .quickstart_knn import initial_backbone, knn_accuracy, pixel_knn_accuracy
 from .quickstart_plots import attention_png, chance_levels, loss_curve

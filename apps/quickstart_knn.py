@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..configs.options import parse_config
+from ..configs.flags import parse_config
 from ..model.knn import K
 
 

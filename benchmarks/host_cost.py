@@ -39,7 +39,8 @@ import torch
 
 from mugs.benchmarks import records
 from mugs.benchmarks.op_counter import COPY_OPS, NO_KERNEL_OPS, OpCounter
-from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
+from mugs.configs.flags import build_parser, config_from_args, preset_defaults
+from mugs.configs.options import MugsConfig
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "host_cost.jsonl"
 LR = 1e-5

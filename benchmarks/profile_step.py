@@ -29,7 +29,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mugs.benchmarks import records
-from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
+from mugs.configs.flags import build_parser, config_from_args, preset_defaults
+from mugs.configs.options import MugsConfig
 from mugs.core import hardware
 from mugs.model.flops import MugsShape, step_flops_per_image
 

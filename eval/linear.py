@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler, Subset
 
-from ..configs.options import bool_flag
+from ..configs.flags import bool_flag
 from ..core import dist
 from ..core.errors import ConfigError
 from ..core.outputs import check_output_dir

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mugs.apps.quickstart import QUICKSTART_FLAGS
 from mugs.apps.quickstart_knn import knn_accuracy
-from mugs.configs.options import parse_config
+from mugs.configs.flags import parse_config
 from mugs.eval.load import load_backbone
 from mugs.pipeline.fashion_mnist import materialize
 

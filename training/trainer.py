@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from ..configs.options import MugsConfig, parse_config
+from ..configs.flags import parse_config
+from ..configs.options import MugsConfig
 from ..core import checkpoint as ckpt
 from ..core import lease
 from ..core.cli import run_cli
