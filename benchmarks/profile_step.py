@@ -158,22 +158,7 @@ def run(
                 step_index=n,
             )
 
-        for _ in range(warmup):
-            one()
-        sync()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            one()
-            sync()
-            times.append(time.perf_counter() - t0)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            for _ in range(profile_steps):
-                one()
-            sync()
-            wall = time.perf_counter() - t0
+        times, prof, wall = _time_then_profile(one, sync, info.device, steps, warmup, profile_steps)
         shape = MugsShape.from_config(cfg, step_fn.student.backbone.embed_dim, len(step_fn.student.backbone.blocks))
         step_s = statistics.median(times)
         flops = step_flops_per_image(shape)["total"] * cfg.batch_size_per_gpu
@@ -192,6 +177,28 @@ def run(
     finally:
         shutdown()
     return rec
+
+
+def _time_then_profile(one, sync, device, steps: int, warmup: int, profile_steps: int):
+    """`steps` timed steps after `warmup` (each synced), then `profile_steps` under the profiler:
+    (step times, the profile, its wall seconds)."""
+    for _ in range(warmup):
+        one()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one()
+        sync()
+        times.append(time.perf_counter() - t0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(profile_steps):
+            one()
+        sync()
+        wall = time.perf_counter() - t0
+    return times, prof, wall
 
 
 def main(argv: Sequence[str] | None = None) -> int:
