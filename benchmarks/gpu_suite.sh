@@ -213,7 +213,7 @@ workers() {  # loader workers: WORKERS_MAX, fewer when /dev/shm is small (each w
 train_e2e() {
   local out=$TMP/train loader=torchvision data nw
   [ -n "$DALI" ] && loader=dali
-  data=$("$PY" -c "from mugs.benchmarks.loader import synth_imagenet_like; print(synth_imagenet_like($IMAGES))")
+  data=$("$PY" -c "from mugs.benchmarks.synth_images import synth_imagenet_like; print(synth_imagenet_like($IMAGES))")
   nw=$(workers)
   # one process (a one-process group), so that killing its process group kills the trainer itself
   local cmd=("$PY" "$ROOT/train_fsdp.py" --data_path "$data" --output_dir "$out" --loader "$loader" "${TRAIN[@]}"
@@ -260,7 +260,7 @@ dali_loader() {  # issue 27: the new loader and the old one (benchmarks/legacy_d
   rc=$?; tail -1 "$RUN_DIR/logs/loader_decode_only.log"; status "dali_loader decode-only: exit $rc"
   # ViT-S fed by the loader (a short training run) vs the same step on synthetic batches
   local out=$TMP/fed data
-  data=$("$PY" -c "from mugs.benchmarks.loader import synth_imagenet_like; print(synth_imagenet_like($IMAGES))")
+  data=$("$PY" -c "from mugs.benchmarks.synth_images import synth_imagenet_like; print(synth_imagenet_like($IMAGES))")
   timeout --kill-after=5 $(( each * 2 )) "$PY" "$ROOT/train_fsdp.py" --data_path "$data" --output_dir "$out" --loader dali \
     "${FED[@]}" --ckpt_every_minutes 0 >"$RUN_DIR/logs/loader_fed_train.log" 2>&1
   rc=$?

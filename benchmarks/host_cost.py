@@ -8,7 +8,7 @@ at any depth/width the trainer's flags give (`--preset tiny --depth 24` is a ViT
 
 Counted with a TorchDispatchMode over one step (after warm-up steps), on every rank:
 - `aten_ops`: every aten op the dispatcher reaches below autograd (forward, backward, optimiser, EMA);
-- `kernel_ops`: those less NO_KERNEL_OPS (views, metadata, allocation and profiler ops, which launch
+- `kernel_ops`: those less NO_KERNEL_OPS (op_counter.py: views, metadata, allocation and profiler ops, which launch
   no kernel on a GPU; a `_foreach_*` op counts once though it may launch several kernels);
 - `copies`: `_to_copy` + `copy_` (casts and copies);
 - `per_block`: the same counts at depth D minus depth D-1 (one block's marginal cost: teacher and
@@ -32,113 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mugs.benchmarks import records
-from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
+from mugs.benchmarks.op_counter import COPY_OPS, NO_KERNEL_OPS, OpCounter
+from mugs.configs.flags import build_parser, config_from_args, preset_defaults
+from mugs.configs.options import MugsConfig
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "host_cost.jsonl"
 LR = 1e-5
-# aten ops that launch no device kernel: views and metadata changes, allocation without a fill,
-# autograd bookkeeping and the profiler's range markers. Everything else counts as kernel-launching.
-NO_KERNEL_OPS = frozenset(
-    (
-        "view",
-        "_unsafe_view",
-        "view_as",
-        "reshape",
-        "t",
-        "transpose",
-        "permute",
-        "expand",
-        "expand_as",
-        "as_strided",
-        "detach",
-        "alias",
-        "unsqueeze",
-        "squeeze",
-        "select",
-        "slice",
-        "split",
-        "split_with_sizes",
-        "unbind",
-        "chunk",
-        "narrow",
-        "diagonal",
-        "unflatten",
-        "flatten",
-        "_reshape_alias",
-        "view_as_real",
-        "view_as_complex",
-        "lift_fresh",
-        "empty",
-        "empty_like",
-        "empty_strided",
-        "new_empty",
-        "new_empty_strided",
-        "_record_function_enter_new",
-        "_record_function_exit",
-        "record_function_enter",
-        "record_function_exit",
-        "set_",
-        "resize_",
-        "is_same_size",
-        "_has_compatible_shallow_copy_type",
-        "sym_size",
-        "sym_stride",
-        "sym_numel",
-        "sym_storage_offset",
-        "size",
-        "stride",
-        "dim",
-        "is_contiguous",
-        "numel",
-        "_version",
-        "requires_grad_",
-        "retain_grad",
-        "_nested_tensor_from_mask_left_aligned",
-        "storage_offset",
-        "contiguous",
-    )
-)
-COPY_OPS = ("_to_copy", "copy_")
-
-
-def op_name(func) -> str:
-    """`aten::mm` -> `mm`; other namespaces keep theirs (`c10d::allreduce_`, `profiler::...`)."""
-    packet = func.overloadpacket
-    ns = getattr(func, "namespace", "aten")
-    return packet.__name__ if ns == "aten" else f"{ns}::{packet.__name__}"
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every op dispatched below autograd while active (backward included: the mode is
-    part of the thread-local state the autograd engine carries)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[op_name(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def summary(self) -> dict[str, object]:
-        name = lambda n: n.split("::")[-1]  # noqa: E731
-        kernel = {k: v for k, v in self.ops.items() if name(k) not in NO_KERNEL_OPS}
-        return {
-            "aten_ops": sum(self.ops.values()),
-            "kernel_ops": sum(kernel.values()),
-            "copies": sum(self.ops.get(k, 0) for k in COPY_OPS),
-            "to_copy": self.ops.get("_to_copy", 0),
-            "copy_": self.ops.get("copy_", 0),
-            "top_kernel_ops": dict(Counter(kernel).most_common(25)),
-        }
 
 
 def build_step(cfg: MugsConfig, info, compile_backend: str | None = None):
@@ -298,7 +203,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dim, depth, heads = backbone_shape(cfg.arch, cfg.embed_dim, cfg.depth, cfg.num_heads)
     depths = [depth] + ([depth - 1] if own.per_block and depth > 1 else [])
-    rec = {
+    rec = _record_head(cfg, own, argv, dim, depth, heads)
+    for world in [int(w) for w in own.world_sizes.split(",")]:
+        ranks = run_world(world, rest, depths, own.steps, own.warmup, own.timeout_s)
+        per_rank = [_rank_entry(r, depth) for r in ranks]
+        rec["world_sizes"][str(world)] = per_rank
+        r0 = per_rank[0]
+        print(
+            f"world size {world}, rank 0: {r0['aten_ops']} aten ops/step, {r0['kernel_ops']} kernel-launching, "
+            f"{r0['copies']} _to_copy+copy_ ({r0['to_copy']}+{r0['copy_']}), host {r0['host_ms']:.1f} ms/step"
+            + (f"; per block: {r0['per_block']}" if "per_block" in r0 else ""),
+            flush=True,
+        )
+    print("not counted as kernel-launching: " + ", ".join(sorted(NO_KERNEL_OPS)))
+    records.append(own.out or [str(DEFAULT_OUT)], rec)
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
+def _record_head(cfg: MugsConfig, own, argv: Sequence[str] | None, dim: int, depth: int, heads: int) -> dict:
+    """The record's fields that say what was measured, how and where (the world sizes' figures follow)."""
+    return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "bench": "mugs_host_cost",
         "arch": cfg.arch,
@@ -324,35 +249,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cmd": " ".join(["python -m mugs.benchmarks.host_cost", *(argv or sys.argv[1:])]),
         "world_sizes": {},
     }
-    for world in [int(w) for w in own.world_sizes.split(",")]:
-        ranks = run_world(world, rest, depths, own.steps, own.warmup, own.timeout_s)
-        per_rank = []
-        for r in ranks:
-            full = r["results"][str(depth)]
-            entry = {
-                "rank": r["rank"],
-                **{
-                    k: full[k]
-                    for k in ("aten_ops", "kernel_ops", "copies", "to_copy", "copy_", "host_ms", "host_ms_min")
-                },
-                "top_kernel_ops": full["top_kernel_ops"],
-            }
-            if str(depth - 1) in r["results"]:
-                less = r["results"][str(depth - 1)]
-                entry["per_block"] = {k: full[k] - less[k] for k in ("aten_ops", "kernel_ops", "copies")}
-            per_rank.append(entry)
-        rec["world_sizes"][str(world)] = per_rank
-        r0 = per_rank[0]
-        print(
-            f"world size {world}, rank 0: {r0['aten_ops']} aten ops/step, {r0['kernel_ops']} kernel-launching, "
-            f"{r0['copies']} _to_copy+copy_ ({r0['to_copy']}+{r0['copy_']}), host {r0['host_ms']:.1f} ms/step"
-            + (f"; per block: {r0['per_block']}" if "per_block" in r0 else ""),
-            flush=True,
-        )
-    print("not counted as kernel-launching: " + ", ".join(sorted(NO_KERNEL_OPS)))
-    records.append(own.out or [str(DEFAULT_OUT)], rec)
-    print(json.dumps(rec), flush=True)
-    return 0
+
+
+def _rank_entry(r: dict, depth: int) -> dict:
+    """One rank's figures at the full depth, with the per-block difference when depth-1 was measured."""
+    full = r["results"][str(depth)]
+    entry = {
+        "rank": r["rank"],
+        **{k: full[k] for k in ("aten_ops", "kernel_ops", "copies", "to_copy", "copy_", "host_ms", "host_ms_min")},
+        "top_kernel_ops": full["top_kernel_ops"],
+    }
+    if str(depth - 1) in r["results"]:
+        less = r["results"][str(depth - 1)]
+        entry["per_block"] = {k: full[k] - less[k] for k in ("aten_ops", "kernel_ops", "copies")}
+    return entry
 
 
 def _git_head() -> str | None:

@@ -19,7 +19,7 @@ What it reports (one JSON line to --out, and one line on stdout):
   * cpu_ms_per_img: CPU time of this process (all its threads) per image: robust to other load,
     where all work is in-process (DALI, or torchvision with --workers 0).
 Without --data, JPEGs with an ImageNet-like mix of sizes are made once in the temp dir and reused
-(`synth_imagenet_like`). `--decode-only` (DALI) times reading + decoding alone: the loader's ceiling.
+(`synth_imagenet_like`, synth_images.py). `--decode-only` (DALI) times reading + decoding alone: the loader's ceiling.
 `--backend dali_v1` measures the loader of f9e9db5 (benchmarks/legacy_dali) for comparison.
 Appends to --out, by default runs/benchmarks/loader.jsonl under the working directory.
 Compare numbers only from the same machine and load.
@@ -33,104 +33,16 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from mugs.benchmarks import records
+from mugs.benchmarks.dali_counts import BuildCounter, graph_ops
+from mugs.benchmarks.synth_images import DEFAULT_IMAGES, synth_imagenet_like
 from mugs.configs.options import MugsConfig
 
 RESULTS = os.path.join("runs", "benchmarks", "loader.jsonl")  # relative to the working directory
-DEFAULT_IMAGES = 6000
-# ImageNet-1K train's size mix, roughly: (probability, (w, h) choices); most are ~500 px on the long side
-SIZE_MIX = (
-    (0.55, ((500, 375), (375, 500), (500, 333), (333, 500))),
-    (0.25, ((500, 400), (400, 500), (500, 500), (450, 300))),
-    (0.12, ((300, 225), (250, 250), (200, 150))),
-    (0.08, ((800, 600), (1024, 768), (1600, 1200), (2048, 1536))),
-)
-
-
-def _size(rng: np.random.Generator):
-    u, acc = rng.random(), 0.0
-    for p, choices in SIZE_MIX:
-        acc += p
-        if u < acc:
-            return choices[rng.integers(len(choices))]
-    return SIZE_MIX[0][1][0]
-
-
-def _write_images(args) -> None:
-    from PIL import Image
-
-    root, seed, first, last = args
-    for i in range(first, last):
-        rng = np.random.default_rng([seed, i])
-        w, h = _size(rng)
-        base = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        pixels = np.asarray(base, dtype=np.float32) + rng.normal(0, 10, (h, w, 3)).astype(np.float32)
-        d = os.path.join(root, f"class_{i % 8}")
-        os.makedirs(d, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:05d}.JPEG"), quality=90)
-
-
-def synth_imagenet_like(n: int, seed: int = 0) -> str:
-    """n JPEGs (quality 90) in 8 class folders with SIZE_MIX's sizes; made once per (n, seed), on every core."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    root = os.path.join(tempfile.gettempdir(), f"mugs_bench_mix_{n}_{seed}")
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker):
-        return root
-    chunk = 100
-    tasks = [(root, seed, a, min(n, a + chunk)) for a in range(0, n, chunk)]
-    if len(tasks) > 1 and (os.cpu_count() or 1) > 1:
-        with ProcessPoolExecutor(min(len(tasks), os.cpu_count() or 1)) as pool:
-            list(pool.map(_write_images, tasks))
-    else:
-        for t in tasks:
-            _write_images(t)
-    open(marker, "w").close()
-    return root
-
-
-class _BuildCounter:
-    """Counts DALI pipeline builds and keeps the pipelines built (to count their operators)."""
-
-    def __init__(self):
-        self.builds, self.pipes = 0, []
-        try:
-            from nvidia.dali.pipeline import Pipeline
-        except ImportError:
-            self.cls = None
-            return
-        self.cls, self.orig = Pipeline, Pipeline.build
-        counter = self
-
-        def build(pipe, *a, **kw):
-            if not getattr(pipe, "_built", False):
-                counter.builds += 1
-                counter.pipes.append(pipe)
-            return counter.orig(pipe, *a, **kw)
-
-        Pipeline.build = build
-
-    def close(self):
-        if self.cls is not None:
-            self.cls.build = self.orig
-
-
-def graph_ops(pipe) -> dict:
-    """Operators in a built DALI pipeline's graph: all, and the conditional split/merge ones."""
-    ops = getattr(pipe, "_ops", None) or []
-    names = [type(o._op).__name__ if getattr(o, "_op", None) is not None else o.name for o in ops]
-    cond = [
-        n
-        for n in names
-        if n.lower().lstrip("_").startswith(("split", "merge", "conditional")) or "_conditional" in n.lower()
-    ]
-    return {"ops": len(names), "conditional_ops": len(cond)}
 
 
 def crops_label(global_size: int, local_size: int, local_crops: int, vanilla: bool = False) -> str:
@@ -162,53 +74,66 @@ def _build(args, data: str, device: str):
 
 
 def run(args) -> dict:
-    import torch
-
     device = "cuda" if args.device == "gpu" else "cpu"
     data = args.data or synth_imagenet_like(args.images)
-    counter = _BuildCounter()
+    counter = BuildCounter()
     try:
         if args.decode_only:
             return _decode_only(args, data, device, counter)
         loader, workers = _build(args, data, device)
-        n = len(loader)
-        # start `batches/2 + warmup` steps before the end of epoch 0, so the timed window crosses into epoch 1
-        start = max(0, n - args.batches // 2 - args.warmup)
-        loader.seek(0, start)
-        waits, epoch_of, cpu_ms = [], [], None
-        builds_after_first = None
-        done, epoch, t0, c0 = 0, 0, None, None
-        while len(waits) < args.batches:
-            loader.set_epoch(epoch)
-            it = iter(loader)
-            while len(waits) < args.batches:
-                t = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t
-                done += 1
-                if done == 1:
-                    builds_after_first = counter.builds
-                if args.step_ms:  # a fake step: the GIL is free, as in a real step's kernels
-                    time.sleep(args.step_ms / 1000)
-                if done == args.warmup:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                elif done > args.warmup:
-                    waits.append(dt)
-                    epoch_of.append(epoch)
-                del batch
-            epoch += 1
-        seconds = time.perf_counter() - t0
-        cpu = time.process_time() - c0  # this process and its threads, not worker processes
+        timing = _time_batches(args, loader, device, counter)
         stop = getattr(loader, "close", None)
         if stop:
             stop()
     finally:
         counter.close()
+    return _record(args, device, workers, data, counter, *timing)
+
+
+def _time_batches(args, loader, device: str, counter: BuildCounter):
+    """`--batches` timed waits across an epoch boundary after `--warmup`: (waits, their epochs, builds
+    after the first batch, wall seconds, this process's CPU seconds)."""
+    import torch
+
+    n = len(loader)
+    # start `batches/2 + warmup` steps before the end of epoch 0, so the timed window crosses into epoch 1
+    start = max(0, n - args.batches // 2 - args.warmup)
+    loader.seek(0, start)
+    waits, epoch_of = [], []
+    builds_after_first = None
+    done, epoch, t0, c0 = 0, 0, None, None
+    while len(waits) < args.batches:
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        while len(waits) < args.batches:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            done += 1
+            if done == 1:
+                builds_after_first = counter.builds
+            if args.step_ms:  # a fake step: the GIL is free, as in a real step's kernels
+                time.sleep(args.step_ms / 1000)
+            if done == args.warmup:
+                t0, c0 = time.perf_counter(), time.process_time()
+            elif done > args.warmup:
+                waits.append(dt)
+                epoch_of.append(epoch)
+            del batch
+        epoch += 1
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0  # this process and its threads, not worker processes
+    return waits, epoch_of, builds_after_first, seconds, cpu
+
+
+def _record(args, device, workers, data, counter, waits, epoch_of, builds_after_first, seconds, cpu) -> dict:
+    """The throughput record: images/s, waits, turnover, builds and DALI operators per step."""
+    cpu_ms = None
     timed = len(waits)
     boundary = next((i for i in range(1, timed) if epoch_of[i] != epoch_of[i - 1]), None)
     in_process = args.backend != "torchvision" or workers == 0

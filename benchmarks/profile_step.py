@@ -29,7 +29,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mugs.benchmarks import records
-from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
+from mugs.configs.flags import build_parser, config_from_args, preset_defaults
+from mugs.configs.options import MugsConfig
 from mugs.core import hardware
 from mugs.model.flops import MugsShape, step_flops_per_image
 
@@ -157,22 +158,7 @@ def run(
                 step_index=n,
             )
 
-        for _ in range(warmup):
-            one()
-        sync()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            one()
-            sync()
-            times.append(time.perf_counter() - t0)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            for _ in range(profile_steps):
-                one()
-            sync()
-            wall = time.perf_counter() - t0
+        times, prof, wall = _time_then_profile(one, sync, info.device, steps, warmup, profile_steps)
         shape = MugsShape.from_config(cfg, step_fn.student.backbone.embed_dim, len(step_fn.student.backbone.blocks))
         step_s = statistics.median(times)
         flops = step_flops_per_image(shape)["total"] * cfg.batch_size_per_gpu
@@ -191,6 +177,28 @@ def run(
     finally:
         shutdown()
     return rec
+
+
+def _time_then_profile(one, sync, device, steps: int, warmup: int, profile_steps: int):
+    """`steps` timed steps after `warmup` (each synced), then `profile_steps` under the profiler:
+    (step times, the profile, its wall seconds)."""
+    for _ in range(warmup):
+        one()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one()
+        sync()
+        times.append(time.perf_counter() - t0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(profile_steps):
+            one()
+        sync()
+        wall = time.perf_counter() - t0
+    return times, prof, wall
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,7 +47,8 @@ import torch
 
 from mugs.benchmarks.step_measure import bench_baseline, bench_optimised, free_memory
 from mugs.benchmarks.step_records import DEFAULT_OUT, emit, error_record, finish_record
-from mugs.configs.options import MugsConfig, build_parser, config_from_args, preset_defaults
+from mugs.configs.flags import build_parser, config_from_args, preset_defaults
+from mugs.configs.options import MugsConfig
 from mugs.core.cli import run_cli
 from mugs.core.dist import init_distributed, shutdown
 from mugs.core.errors import ConfigError

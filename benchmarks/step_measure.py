@@ -83,7 +83,23 @@ def measure(
         **hardware.peak_memory(device),
         "compile_graphs": compile_report(compile_since is not None, since=compile_since),
     }
-    # one more step with every c10d call counted, split by the phase that issued it
+    out.update(_collective_counts(step_fn, run))
+    if device.type == "cuda":
+        out.update(host_sync_record("step", lambda: run(step_fn)))
+        if isinstance(step_fn, MugsTrainStep):  # the whole loop iteration: trainer.loop_step (step + its
+            # flags, agreed in the step's all-reduce) and the memory read of the per-step log line
+            iteration = functools.partial(
+                loop_step, step_fn, stop=None, ckpt_every_minutes=cfg.ckpt_every_minutes, last_save=time.monotonic()
+            )
+            out.update(host_sync_record("iteration", lambda: (run(iteration), gpu_memory_gb())))
+    if args.phase_steps > 0:
+        out.update(_phase_times(step_fn, run, sync, args.phase_steps))
+    return out
+
+
+def _collective_counts(step_fn, run) -> dict:
+    """One more step with every c10d call counted, split by the phase that issued it."""
+    out: dict = {}
     counter = CollectiveCounter()
     try:
         with attached(step_fn, counter), counter:
@@ -103,24 +119,21 @@ def measure(
             out["fsdp_collectives_per_step"] = None
             out["collectives_note"] = "world size 1: FSDP2 skips its collectives; counts are not FSDP traffic"
         out["collective_method"] = "TorchDispatchMode counting c10d ops (benchmarks/collectives.py), 1 step"
-    if device.type == "cuda":
-        out.update(host_sync_record("step", lambda: run(step_fn)))
-        if isinstance(step_fn, MugsTrainStep):  # the whole loop iteration: trainer.loop_step (step + its
-            # flags, agreed in the step's all-reduce) and the memory read of the per-step log line
-            iteration = functools.partial(
-                loop_step, step_fn, stop=None, ckpt_every_minutes=cfg.ckpt_every_minutes, last_save=time.monotonic()
-            )
-            out.update(host_sync_record("iteration", lambda: (run(iteration), gpu_memory_gb())))
-    if args.phase_steps > 0:
-        timer = PhaseTimer(sync)
-        with attached(step_fn, timer):
-            for _ in range(args.phase_steps):
-                timer.start()
-                run(step_fn)
-                timer.mark("other")
-        out["phases_s"] = timer.mean(args.phase_steps)
-        out["phase_method"] = "device synchronize + time.perf_counter at phase boundaries, separate pass"
     return out
+
+
+def _phase_times(step_fn, run, sync, phase_steps: int) -> dict:
+    """Mean seconds per phase over `phase_steps` extra steps (a separate pass: the syncs cost time)."""
+    timer = PhaseTimer(sync)
+    with attached(step_fn, timer):
+        for _ in range(phase_steps):
+            timer.start()
+            run(step_fn)
+            timer.mark("other")
+    return {
+        "phases_s": timer.mean(phase_steps),
+        "phase_method": "device synchronize + time.perf_counter at phase boundaries, separate pass",
+    }
 
 
 SYNC_CALLS = 3  # calls counted one by one: a one-off sync (a lazy initialisation) shows as one call's excess

@@ -8,21 +8,20 @@ Each field states what a resumed run may do with it (`resume=`, read by training
 SHAPES (it shapes the model, losses, schedules or data order: a change is refused), SAFE (may
 change: output, execution, paths) or IGNORED (accepted for the original's command lines, unused).
 Each numeric field states its valid range (`range=`, configs/ranges.py), checked by `range_error`
-before any process starts (training/validate.py); rules between fields live in validate and the views.
+(configs/field_meta.py) before any process starts (training/validate.py); rules between fields live in
+validate and the views. The command line is generated from this table (configs/flags.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .activation_checkpointing import POLICIES as AC_POLICIES
 from .activation_checkpointing import ac_policy
 from .archs import ARCHS
-from .ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, TEMPERATURE, Range, above, between, out_of_range
+from .ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, TEMPERATURE, Range, above, between
 from .views import GradClip, LoaderConfig, ModelConfig, ObjectiveConfig, ScheduleConfig
 
 SHAPES, SAFE, IGNORED = "shapes", "safe", "ignored"  # resume policies (module docstring)
@@ -282,105 +281,9 @@ class MugsConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MugsConfig:
         """The named preset (configs/presets.py) with `overrides` on top, as `--preset NAME` parses it."""
+        from .flags import parse_config  # the command line is generated from this table
+
         return parse_config(["--preset", name]).replace(**overrides)
 
     def replace(self, **changes: Any) -> MugsConfig:
         return dataclasses.replace(self, **changes)
-
-
-def field_range(name: str) -> Range | None:
-    """The valid range MugsConfig's field `name` states (None: not a number)."""
-    return MugsConfig.__dataclass_fields__[name].metadata["range"]
-
-
-def range_error(name: str, value: Any) -> str | None:
-    """`--name value is out of range: ...` when `value` (None: unset, always fine) is outside the field's range."""
-    rng = field_range(name)
-    return None if value is None or rng is None else out_of_range(name, value, rng)
-
-
-def check_ranges(cfg: MugsConfig) -> str | None:
-    """The first field of `cfg` outside its stated range, as one line naming the flag, the value and the range."""
-    for f in dataclasses.fields(cfg):
-        msg = range_error(f.name, getattr(cfg, f.name))
-        if msg is not None:
-            return msg
-    return None
-
-
-def fields_with_policy(policy: str) -> frozenset:
-    """Names of the MugsConfig fields with this resume policy."""
-    return frozenset(f.name for f in dataclasses.fields(MugsConfig) if f.metadata["resume"] == policy)
-
-
-def bool_flag(s: str) -> bool:
-    """true/false parser, as the original's utils.bool_flag (which is why it exists)."""
-    v = str(s).strip().lower()
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def build_parser(defaults: MugsConfig | None = None) -> argparse.ArgumentParser:
-    """argparse parser generated from MugsConfig; `defaults` may carry a preset (`preset_defaults`)."""
-    from .presets import PRESETS  # presets are MugsConfigs: imported once this module is
-
-    defaults = defaults or MugsConfig()
-    p = argparse.ArgumentParser("mugs", description="Mugs self-supervised ViT pretraining")
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="start from these named settings (configs/presets.py); the other flags given override them",
-    )
-    for f in dataclasses.fields(MugsConfig):
-        meta = dict(f.metadata)
-        del meta["resume"]
-        rng = meta.pop("range")
-        kw: dict = {
-            "help": meta.pop("help", "") + (f"; range: {rng}" if rng is not None else ""),
-            "default": getattr(defaults, f.name),
-        }
-        nargs = meta.pop("nargs", None)
-        if f.type in ("bool", bool):
-            kw["type"] = bool_flag
-            kw["metavar"] = "true|false"
-        elif f.name in ("memory_size", "embed_dim", "depth", "num_heads"):
-            kw["type"] = int
-        elif nargs is not None:
-            kw["nargs"] = nargs
-            kw["type"] = int if f.name == "size_crops" else float
-        else:
-            kw["type"] = type(getattr(MugsConfig(), f.name))
-        kw.update(meta)
-        p.add_argument("--" + f.name, **kw)
-    return p
-
-
-def config_from_args(ns: argparse.Namespace) -> MugsConfig:
-    """The MugsConfig in a namespace parsed by build_parser (other attributes are left out)."""
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(MugsConfig)}
-    for name in ("global_crops_scale", "local_crops_scale"):
-        values[name] = tuple(values[name])
-    values["loss_weights"] = list(values["loss_weights"])
-    values["size_crops"] = list(values["size_crops"])
-    return MugsConfig(**values)
-
-
-def preset_defaults(argv: Sequence[str] | None = None, defaults: MugsConfig | None = None):
-    """The defaults to parse `argv` with: `defaults` with the preset `argv` names (--preset) on top."""
-    from .presets import PRESETS
-    from .presets import argv as preset_argv
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset")
-    name = pre.parse_known_args(argv)[0].preset
-    if name not in PRESETS:  # absent, or unknown: build_parser's choices report it
-        return defaults
-    return config_from_args(build_parser(defaults).parse_args(preset_argv(name)))
-
-
-def parse_config(argv: Sequence[str] | None = None, defaults: MugsConfig | None = None) -> MugsConfig:
-    """MugsConfig from command-line flags (None: sys.argv), a --preset's values as the defaults."""
-    return config_from_args(build_parser(preset_defaults(argv, defaults)).parse_args(argv))

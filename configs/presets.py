@@ -2,7 +2,7 @@
 run), `quickstart` (mugs-quickstart) and the five Table-1 runs (configs/table1.py, read here).
 
 A preset is a MugsConfig, made with `replace()` so that a misspelt field fails when this module is
-imported: `--preset NAME` (configs/options.py:parse_config) starts from the fields it sets and every
+imported: `--preset NAME` (configs/flags.py:parse_config) starts from the fields it sets and every
 flag given on the command line overrides them, wherever it stands. In Python:
 `MugsConfig.from_preset(NAME, **overrides)`, or `argv(NAME)` for the explicit flags.
 """

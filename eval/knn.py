@@ -88,36 +88,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes"
     )
     temperature = args.temperature or default_temperature(spec.name)
-
-    def features(name, dataset):
-        key = fingerprint(
-            ckpt=checkpoint_identity(ckpt.path),
-            which=args.key,
-            kind="cls",
-            resize=args.resize,
-            crop=args.crop,
-            samples=dataset.samples,
-        )
-        feats, hit = cached(
-            args.cache,
-            name,
-            key,
-            lambda: extract(
-                backbone,
-                dataset,
-                cls_features,
-                spec.embed_dim,
-                batch_size=args.batch_size_per_gpu,
-                num_workers=args.num_workers,
-                device=device,
-                desc=f"features ({name})",
-            ),
-        )
-        if hit:
-            log(f"{PROG}: {name} features read from the cache {args.cache}")
-        return F.normalize(feats, dim=1) if feats is not None else None  # rank 0 only
-
-    train_f, val_f = features("train", train_set), features("val", val_set)
+    train_f = _features(args, "train", train_set, backbone, spec, ckpt, device)
+    val_f = _features(args, "val", val_set, backbone, spec, ckpt, device)
     results = {"checkpoint": str(ckpt.path), "arch": spec.describe(), "temperature": temperature, "knn": {}}
     if dist.is_main():
         calc = device if device.type == "cuda" else torch.device("cpu")
@@ -134,6 +106,36 @@ def evaluate(args: argparse.Namespace) -> dict:
             Path(args.out).write_text(json.dumps(results, indent=1))
     dist.barrier()
     return results
+
+
+def _features(args: argparse.Namespace, name: str, dataset, backbone, spec, ckpt, device: torch.device):
+    """L2-normalised CLS features of `dataset` (rank 0; None elsewhere), read from --cache when it holds them."""
+    key = fingerprint(
+        ckpt=checkpoint_identity(ckpt.path),
+        which=args.key,
+        kind="cls",
+        resize=args.resize,
+        crop=args.crop,
+        samples=dataset.samples,
+    )
+    feats, hit = cached(
+        args.cache,
+        name,
+        key,
+        lambda: extract(
+            backbone,
+            dataset,
+            cls_features,
+            spec.embed_dim,
+            batch_size=args.batch_size_per_gpu,
+            num_workers=args.num_workers,
+            device=device,
+            desc=f"features ({name})",
+        ),
+    )
+    if hit:
+        log(f"{PROG}: {name} features read from the cache {args.cache}")
+    return F.normalize(feats, dim=1) if feats is not None else None  # rank 0 only
 
 
 main = tool_main(PROG, parser, evaluate)  # the console script

@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +31,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler, Subset
 
-from ..configs.options import bool_flag
+from ..configs.flags import bool_flag
 from ..core import dist
 from ..core.errors import ConfigError
 from ..core.outputs import check_output_dir
 from ..core.safe_load import safe_torch_load
 from .arch import ArchSpec
-from .cli import add_checkpoint_args, add_runtime_args, add_split_args, log, progress, tool_main
+from .cli import add_checkpoint_args, add_runtime_args, add_split_args, log, tool_main
 from .data import check_same_classes, eval_transform, image_folder, train_transform, train_val_dirs
 from .features import block_features, loader
+from .linear_heads import LinearHeads, best_head, train_one_epoch, validate
 from .load import load_backbone
 
 PROG = "mugs-eval-linear"
@@ -55,60 +58,11 @@ def preset(arch: str, pretrain_epochs: int | None) -> dict:
     return dict(n_last_blocks=4, avgpool=False, lr=[lr], lr_min=lr_min, batch=256, sweep=False)
 
 
-class LinearHeads(nn.Module):
-    """One linear classifier per learning rate, all on the same features (init N(0, 0.01), bias 0)."""
-
-    def __init__(self, dim: int, num_labels: int, n: int):
-        super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(dim, num_labels) for _ in range(n))
-        for h in self.heads:
-            nn.init.normal_(h.weight, std=0.01)
-            nn.init.zeros_(h.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([h(x) for h in self.heads])  # [H, B, C]
-
-
 def seed_everything(seed: int) -> None:
     """torch (torchvision ops, sampler), python `random` (timm RandAugment, erasing), numpy."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def train_one_epoch(heads, optimizer, batches, feat, device, desc: str) -> float:
-    """One pass over the train set; returns the mean loss per head."""
-    heads.train()
-    total, n = 0.0, 0
-    for images, target in progress(batches, desc):
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with torch.no_grad():
-            x = feat(images)
-        logits = heads(x)
-        loss = sum(nn.functional.cross_entropy(lg, target) for lg in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() / len(logits)
-        n += 1
-    return total / max(n, 1)
-
-
-@torch.no_grad()
-def validate(heads, batches, feat, device, n_heads: int, num_labels: int) -> list[dict[str, float]]:
-    """Per head: top-1/top-5 over the whole val set (counts summed over ranks)."""
-    heads.eval()
-    counts = torch.zeros(n_heads, 3, dtype=torch.float64, device=device)  # top1, top5, seen
-    top_n = min(5, num_labels)
-    for images, target in progress(batches, "validate"):
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        pred = heads(feat(images)).topk(top_n, dim=-1).indices  # [H, B, top_n]
-        hit = pred == target.view(1, -1, 1)
-        counts[:, 0] += hit[..., 0].sum(dim=1)
-        counts[:, 1] += hit.any(dim=-1).sum(dim=1)
-        counts[:, 2] += target.numel()
-    counts = dist.all_sum(counts).cpu()
-    return [{"top1": float(c[0] / max(c[2], 1)), "top5": float(c[1] / max(c[2], 1))} for c in counts]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,11 +114,6 @@ def _settings(args, spec: ArchSpec, pretrain_epochs) -> dict:
     )
 
 
-def _best_head(per_head: list[dict[str, float]], lrs: list[float]) -> dict:
-    i = max(range(len(per_head)), key=lambda j: per_head[j]["top1"])
-    return {"top1": per_head[i]["top1"], "top5": per_head[i]["top5"], "lr": lrs[i]}
-
-
 def _resume(out: Path, settings: dict, heads, optimizer, scheduler):
     """(start epoch, best row, history) from OUTPUT_DIR/checkpoint.pth if it is this run's."""
     f = out / "checkpoint.pth"
@@ -212,16 +161,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     def feat(images):
         return block_features(backbone, images, s["n_last_blocks"], s["avgpool"])
 
-    torch.manual_seed(args.seed)
-    heads = LinearHeads(dim, num_labels, len(s["lrs"])).to(device)
-    model = nn.parallel.DistributedDataParallel(heads) if dist.world_size() > 1 else heads
-    scale = s["batch"] * dist.world_size() / 256.0
-    optimizer = torch.optim.SGD(
-        [{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads.heads, s["lrs"])],
-        momentum=0.9,
-        weight_decay=0.0,
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=s["lr_min"])
+    probe, scale = _Probe.build(args, s["lrs"], s["batch"], s["lr_min"], dim, num_labels, feat, device)
     settings = dict(
         s,
         dim=dim,
@@ -233,7 +173,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     )
 
     out = Path(args.output_dir)
-    start, best, history = _resume(out, settings, heads, optimizer, scheduler)
+    start, best, history = _resume(out, settings, probe.heads, probe.optimizer, probe.scheduler)
     log(
         f"{PROG}: {spec.describe()} from {ckpt.path}; features {dim} (CLS of {s['n_last_blocks']} last blocks"
         f"{' + mean patch token' if s['avgpool'] else ''}); {len(s['lrs'])} head(s), lr {s['lrs'][:3]}"
@@ -245,14 +185,56 @@ def evaluate(args: argparse.Namespace) -> dict:
     )
     train_batches = loader(train_set, s["batch"], args.num_workers, device, sampler=sampler, drop_last=False)
     val_batches = loader(Subset(val_set, dist.shard(len(val_set))), s["batch"], args.num_workers, device)
+    best = _train(args, probe, out, start, best, history, settings, sampler, train_batches, val_batches)
+    if best is None:  # nothing trained or validated in this call (e.g. --epochs 0)
+        best = dict(epoch=start - 1, **probe.validate(val_batches))
+    return _report(out, best, history, settings)
+
+
+@dataclass
+class _Probe:
+    """The heads being trained on the frozen features, with their optimiser and lr schedule."""
+
+    heads: LinearHeads
+    model: nn.Module  # the heads, in DDP when there are several ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    feat: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    lrs: list[float]
+    num_labels: int
+
+    @classmethod
+    def build(cls, args, lrs: list[float], batch: int, lr_min: float, dim: int, num_labels: int, feat, device):
+        """One head per lr (seeded by --seed), SGD with the lrs scaled by global batch / 256; and that scale."""
+        torch.manual_seed(args.seed)
+        heads = LinearHeads(dim, num_labels, len(lrs)).to(device)
+        model = nn.parallel.DistributedDataParallel(heads) if dist.world_size() > 1 else heads
+        scale = batch * dist.world_size() / 256.0
+        optimizer = torch.optim.SGD(
+            [{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads.heads, lrs)],
+            momentum=0.9,
+            weight_decay=0.0,
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=lr_min)
+        return cls(heads, model, optimizer, scheduler, feat, device, lrs, num_labels), scale
+
+    def validate(self, val_batches) -> dict:
+        """The best head's top-1/top-5 on the val set, and its lr."""
+        per_head = validate(self.heads, val_batches, self.feat, self.device, len(self.lrs), self.num_labels)
+        return best_head(per_head, self.lrs)
+
+
+def _train(args, probe: _Probe, out: Path, start: int, best, history, settings, sampler, train_batches, val_batches):
+    """Epochs `start`.. --epochs, validated every --val_freq, each saved (rank 0); returns the best row."""
     for epoch in range(start, args.epochs):
         seed_everything(args.seed + 1 + epoch + 100003 * dist.rank())  # exact resume: augmentations by epoch
         sampler.set_epoch(epoch)
-        loss = train_one_epoch(model, optimizer, train_batches, feat, device, f"epoch {epoch}")
-        scheduler.step()
+        loss = train_one_epoch(probe.model, probe.optimizer, train_batches, probe.feat, probe.device, f"epoch {epoch}")
+        probe.scheduler.step()
         row = {"epoch": epoch, "train_loss": loss}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            row.update(_best_head(validate(heads, val_batches, feat, device, len(s["lrs"]), num_labels), s["lrs"]))
+            row.update(probe.validate(val_batches))
             if best is None or row["top1"] > best["top1"]:
                 best = dict(row)
             log(
@@ -266,20 +248,20 @@ def evaluate(args: argparse.Namespace) -> dict:
                 row,
                 {
                     "epoch": epoch + 1,
-                    "heads": heads.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+                    "heads": probe.heads.state_dict(),
+                    "optimizer": probe.optimizer.state_dict(),
+                    "scheduler": probe.scheduler.state_dict(),
                     "best": best,
                     "history": history,
                     "settings": settings,
                 },
             )
         dist.barrier()
-    if best is None:  # nothing trained or validated in this call (e.g. --epochs 0)
-        best = dict(
-            epoch=start - 1,
-            **_best_head(validate(heads, val_batches, feat, device, len(s["lrs"]), num_labels), s["lrs"]),
-        )
+    return best
+
+
+def _report(out: Path, best: dict, history: list[dict], settings: dict) -> dict:
+    """The results (best over validated epochs and the last validated), written and said by rank 0."""
     final = [r for r in history if "top1" in r][-1] if any("top1" in r for r in history) else best
     results = {
         "top1": best["top1"],

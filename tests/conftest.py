@@ -180,7 +180,7 @@ def installed_wheel(tmp_path_factory):
 def make_run(data, tmp_path):
     """A real trainer Run (one process, gloo), as `python -m mugs.training.trainer` builds it, on the
     requesting module's `data` folder with the tiny preset: `make_run(*extra_flags)`."""
-    from mugs.configs.options import parse_config
+    from mugs.configs.flags import parse_config
     from mugs.core.dist import init_distributed, shutdown
     from mugs.training.stop import STOP_SIGNALS, StopRequest
     from mugs.training.trainer import Run

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fsdp_worker import tiny_cfg
-from mugs.configs.options import parse_config
+from mugs.configs.flags import parse_config
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.model.vit import MultiResBlock

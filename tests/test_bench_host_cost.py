@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mugs.benchmarks.host_cost import NO_KERNEL_OPS
+from mugs.benchmarks.op_counter import NO_KERNEL_OPS
 
 
 @pytest.mark.distributed

@@ -198,7 +198,7 @@ def released(tmp_path_factory):
 @pytest.mark.parametrize("numpy_names", ["numpy2", "numpy1"])
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_released_full_checkpoint_loads_weights_only(released, tmp_path, numpy_names, key):
-    from mugs.training.replay_trace import build_from_state0, config_from_trace
+    from mugs.training.trace_state import build_from_state0, config_from_trace
 
     tr, blob, root = released
     f = root / f"{numpy_names}.pth"

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from mugs.configs import presets
-from mugs.configs.options import IGNORED, RESUME_POLICIES, SAFE, SHAPES, MugsConfig, fields_with_policy, parse_config
+from mugs.configs.field_meta import fields_with_policy
+from mugs.configs.flags import parse_config
+from mugs.configs.options import IGNORED, RESUME_POLICIES, SAFE, SHAPES, MugsConfig
 from mugs.configs.table1 import RUNS, run_argv
 from mugs.configs.views import GradClip, LossWeights
 from mugs.pipeline.augment_config import AugmentConfig

@@ -12,7 +12,7 @@ from PIL import Image
 
 import eval_helpers as H
 from mugs.core.errors import CheckpointError
-from mugs.eval import attention, export, knn, linear, tsne
+from mugs.eval import attention, export, knn, linear, linear_heads, tsne
 from mugs.eval.load import load_backbone, load_training_state, read_checkpoint
 from mugs.model.vit import build_backbone
 
@@ -162,11 +162,11 @@ def test_linear_under_torchrun_trains_one_ddp_head_and_counts_every_val_image(ru
     res = json.loads((out / "results.json").read_text())
     assert 1 / 3 < res["top1"] <= 1.0  # 3 classes
     # the all-reduced accuracy equals a single-process evaluation of the saved head on all 9 images
-    heads = linear.LinearHeads(64, 3, 1)
+    heads = linear_heads.LinearHeads(64, 3, 1)
     heads.load_state_dict(torch.load(out / "checkpoint.pth", weights_only=True)["heads"])
     backbone, _, _ = load_backbone(run["dir"])
     val = image_folder(odd_data / "val", eval_transform(32, 32))
-    (got,) = linear.validate(
+    (got,) = linear_heads.validate(
         heads,
         loader(val, 4, 0, torch.device("cpu")),
         lambda x: block_features(backbone, x, 2, False),
@@ -231,7 +231,7 @@ def test_linear_beats_chance_and_writes_results(run, data, tmp_path):
 
 def test_linear_resume_continues_exactly(run, data, tmp_path, monkeypatch, capsys):
     assert linear.main(_linear_argv(run, data, tmp_path / "a")) == 0
-    real, calls = linear.train_one_epoch, []
+    real, calls = linear.train_one_epoch, []  # the name eval/linear.py calls (from linear_heads.py)
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -272,7 +272,7 @@ def test_sharded_and_consolidated_checkpoints_give_the_saved_teacher(run, consol
 
 
 def test_original_checkpoint_from_trace_imports_identically(original_trace):
-    from mugs.training.replay_trace import build_from_state0, config_from_trace
+    from mugs.training.trace_state import build_from_state0, config_from_trace
 
     tr, f = original_trace
     cfg = config_from_trace(tr["config"])

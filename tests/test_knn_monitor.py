@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mugs.configs.options import parse_config
+from mugs.configs.flags import parse_config
 from mugs.core import checkpoint as ckpt
 from mugs.core.errors import DataError
 from mugs.model.knn import extract_features

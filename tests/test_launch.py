@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from images import write_jpeg
-from mugs.configs.options import parse_config
+from mugs.configs.flags import parse_config
 from mugs.training.trainer import main as train_main
 from mugs.training.validate import validate
 from train_helpers import TINY_FLAGS, free_port, launch_cmd, make_image_folder, run

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mugs.configs.options import MugsConfig, parse_config
+from mugs.configs.flags import parse_config
+from mugs.configs.options import MugsConfig
 from mugs.configs.table1 import run_argv
 from mugs.configs.views import GradClip, LossWeights
 from mugs.model.convert import network_from_original, objective_from_original, objective_to_original

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsdp_worker import tiny_cfg
-from mugs.benchmarks.host_cost import OpCounter
+from mugs.benchmarks.op_counter import OpCounter
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
 from mugs.training.models import build_models

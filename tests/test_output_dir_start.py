@@ -14,7 +14,7 @@ import time
 import pytest
 
 from mugs.core import checkpoint as ckpt
-from mugs.core import lease
+from mugs.core import lease, lease_owner
 from mugs.core.errors import CheckpointError, OwnerError
 from mugs.training import launch
 from train_helpers import TINY_FLAGS, make_image_folder, plant_lease
@@ -27,7 +27,7 @@ def test_a_heartbeat_a_day_in_the_future_is_clock_skew_taken_over_with_a_note(tm
     notes = []
     held = lease.acquire(out, log=notes.append)
     try:
-        assert lease.read_owner(out)["token"] == held.token
+        assert lease_owner.read_owner(out)["token"] == held.token
         assert len(notes) == 1 and "took over" in notes[0] and "clock skew" in notes[0], notes
         assert "86400 s in the future" in notes[0] or "86399 s in the future" in notes[0], notes
     finally:
@@ -37,7 +37,7 @@ def test_a_heartbeat_a_day_in_the_future_is_clock_skew_taken_over_with_a_note(tm
 @pytest.mark.timeout(30)
 def test_a_heartbeat_slightly_ahead_is_still_a_live_owner(tmp_path):
     out = tmp_path / "out"
-    plant_lease(out, heartbeat=time.time() + lease.stale_after_s() / 2)  # within the limit: clocks merely differ
+    plant_lease(out, heartbeat=time.time() + lease_owner.stale_after_s() / 2)  # within the limit: clocks merely differ
     with pytest.raises(OwnerError, match="in use by another run"):
         lease.acquire(out)
 
@@ -47,7 +47,7 @@ def test_a_heartbeat_slightly_ahead_is_still_a_live_owner(tmp_path):
 def test_lease_contents_that_do_not_read_are_one_line(tmp_path, what):
     out = tmp_path / "out"
     out.mkdir()
-    f = out / lease.LEASE_FILE
+    f = out / lease_owner.LEASE_FILE
     if what == "random_bytes":
         f.write_bytes(bytes(range(128, 256)) * 4)
     elif what == "wrong_types":
@@ -77,13 +77,13 @@ def test_a_filesystem_without_hard_links_takes_the_lease_exclusively(tmp_path, m
     out = tmp_path / "out"
     first = lease.acquire(out)
     try:
-        assert lease.read_owner(out)["token"] == first.token
+        assert lease_owner.read_owner(out)["token"] == first.token
         with pytest.raises(OwnerError, match="in use by another run"):  # still exclusive
             lease.acquire(out)
-        assert sorted(p.name for p in out.iterdir()) == [lease.LEASE_FILE, lease.LOCK_FILE]  # no temporary left
+        assert sorted(p.name for p in out.iterdir()) == [lease_owner.LEASE_FILE, lease.LOCK_FILE]  # no temporary left
     finally:
         first.release()
-    assert lease.read_owner(out) is None
+    assert lease_owner.read_owner(out) is None
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_checkpoints_or_a_step_that_is_not_a_directory_is_refused_at_start(data,
 def test_a_fifo_lease_does_not_hang_the_launchers_check(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    os.mkfifo(out / lease.LEASE_FILE)
+    os.mkfifo(out / lease_owner.LEASE_FILE)
     r = subprocess.run(
         [
             sys.executable,

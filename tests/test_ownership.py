@@ -13,7 +13,7 @@ import pytest
 
 import eval_helpers as H
 from mugs.core import checkpoint as ckpt
-from mugs.core import lease
+from mugs.core import lease, lease_owner
 from mugs.core.errors import OwnerError
 from train_helpers import free_port, launch_cmd, logged_losses, make_image_folder, plant_lease, run, train_cmd
 
@@ -33,10 +33,10 @@ def test_a_live_lease_refuses_a_second_owner_naming_the_first(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and "in use by another run" in msg
         assert f"host {socket.gethostname()} pid {os.getpid()}" in msg and ".mugs-owner" in msg
-        assert lease.read_owner(tmp_path / "out")["token"] == first.token  # the first owner untouched
+        assert lease_owner.read_owner(tmp_path / "out")["token"] == first.token  # the first owner untouched
     finally:
         first.release()
-    assert lease.read_owner(tmp_path / "out") is None  # released: the next run may take it
+    assert lease_owner.read_owner(tmp_path / "out") is None  # released: the next run may take it
     lease.acquire(tmp_path / "out").release()
 
 
@@ -46,7 +46,7 @@ def test_the_launchers_check_refuses_what_taking_the_lease_refuses(tmp_path, mon
     does not parse is a live owner to both, whether or not this process carries a lease token."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / lease.LEASE_FILE).write_text("{half a lease")
+    (out / lease_owner.LEASE_FILE).write_text("{half a lease")
     monkeypatch.delenv(lease.TOKEN_ENV, raising=False)
     for check in (lease.peek, lease.acquire):
         with pytest.raises(OwnerError, match="in use by another run"):
@@ -64,7 +64,7 @@ def test_the_launchers_check_refuses_what_taking_the_lease_refuses(tmp_path, mon
 def test_a_stale_lease_is_taken_over_with_a_message(tmp_path, monkeypatch, how):
     out = tmp_path / "out"
     if how == "old_heartbeat":
-        plant_lease(out, heartbeat=time.time() - lease.stale_after_s() - 5)
+        plant_lease(out, heartbeat=time.time() - lease_owner.stale_after_s() - 5)
         why = "heartbeat is"
     elif how == "same_slurm_job":
         monkeypatch.setenv("SLURM_JOB_ID", "777")
@@ -80,7 +80,7 @@ def test_a_stale_lease_is_taken_over_with_a_message(tmp_path, monkeypatch, how):
     try:
         assert len(notes) == 1 and "took over the lease" in notes[0] and why in notes[0], notes
         assert "node-17" in notes[0] or socket.gethostname() in notes[0]
-        assert lease.read_owner(out)["token"] == held.token
+        assert lease_owner.read_owner(out)["token"] == held.token
     finally:
         held.release()
 
@@ -99,7 +99,7 @@ def test_a_run_that_lost_its_lease_publishes_nothing(tmp_path):
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000006"]
     finally:
         held.release()
-    assert lease.read_owner(out)["token"] == "f" * 32  # not ours: release leaves it
+    assert lease_owner.read_owner(out)["token"] == "f" * 32  # not ours: release leaves it
 
 
 @pytest.mark.process
@@ -148,7 +148,7 @@ def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path)
             assert first.poll() is None, first.communicate()[1][-6000:]
             assert time.time() - t0 < 300
             time.sleep(0.1)
-        owner = lease.read_owner(out)
+        owner = lease_owner.read_owner(out)
         assert owner is not None and first.pid in owner["pids"]
         # mugs-train: refused by the launcher's check, before any worker starts
         second = run(launch_cmd(2, 0, data, out, *flags), timeout=120)
@@ -170,15 +170,15 @@ def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path)
     steps = [s for s, _ in logged_losses(out)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 5  # no step trained or logged twice
     assert "stopped by STOP file" in stderr
-    assert lease.read_owner(out) is None  # the run released it on the way out
+    assert lease_owner.read_owner(out) is None  # the run released it on the way out
 
 
 @pytest.mark.process
 @pytest.mark.timeout(300)
 def test_launch_over_a_stale_lease_takes_it_over(data, tmp_path):
     out = tmp_path / "run"
-    plant_lease(out, heartbeat=time.time() - 10 * lease.STALE_AFTER_S)
+    plant_lease(out, heartbeat=time.time() - 10 * lease_owner.STALE_AFTER_S)
     r = run(launch_cmd(1, 0, data, out, "--batch_size_per_gpu", "4", "--max_steps", "1"), timeout=240)
     assert r.returncode == 0, r.stderr[-6000:]
     assert "took over the lease" in r.stderr and "node-17" in r.stderr
-    assert ckpt.latest(str(out)).name == "step_00000001" and lease.read_owner(out) is None
+    assert ckpt.latest(str(out)).name == "step_00000001" and lease_owner.read_owner(out) is None

@@ -8,6 +8,7 @@ import torch
 from mugs.training import replay_trace as R
 from mugs.training.optim import build_adamw
 from mugs.training.step import MugsTrainStep
+from mugs.training.trace_state import build_from_state0, config_from_trace
 
 TRACES = sorted((Path(__file__).parent / "data" / "parity").glob("*.pt"))
 
@@ -67,8 +68,8 @@ def _raw_grads(trace, dtype):
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        cfg = R.config_from_trace(trace["config"])
-        student, teacher, objective = R.build_from_state0(cfg, trace["state0"])
+        cfg = config_from_trace(trace["config"])
+        student, teacher, objective = build_from_state0(cfg, trace["state0"])
         opt = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
         rec = R.TraceRecorder()
         step = MugsTrainStep(

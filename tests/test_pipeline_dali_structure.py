@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from images import make_tree  # noqa: E402
-from mugs.benchmarks.loader import graph_ops  # noqa: E402
+from mugs.benchmarks.dali_counts import graph_ops  # noqa: E402
 from mugs.core.errors import DataError  # noqa: E402
 from mugs.pipeline.augment_config import RRC_RATIO  # noqa: E402
 from mugs.pipeline.draws import rrc_windows, sample_uniforms  # noqa: E402

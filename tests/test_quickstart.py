@@ -6,8 +6,9 @@ import subprocess
 import pytest
 from PIL import Image
 
-from mugs.apps.quickstart import QUICKSTART_FLAGS, knn_accuracy
-from mugs.configs.options import parse_config
+from mugs.apps.quickstart import QUICKSTART_FLAGS
+from mugs.apps.quickstart_knn import knn_accuracy
+from mugs.configs.flags import parse_config
 from mugs.eval.load import load_backbone
 from mugs.pipeline.fashion_mnist import materialize
 
@@ -79,7 +80,7 @@ def test_installed_benchmark_module_runs(installed_wheel, tmp_path):
 
 def test_loss_curve_events_a_few_steps_apart_share_one_line():
     """The lr peak (step 156) and the unfreeze (157) were two lines on one pixel: one hid the other."""
-    from mugs.apps.quickstart import _merge_close
+    from mugs.apps.quickstart_plots import _merge_close
 
     assert _merge_close([(157, "b"), (156, "a")], 8) == [(156, "a (step 156) and b (step 157)")]
     assert _merge_close([(10, "a"), (500, "b")], 8) == [(10, "a (step 10)"), (500, "b (step 500)")]

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mugs.configs.options import MugsConfig, bool_flag, build_parser, field_range, parse_config
+from mugs.configs.field_meta import field_range
+from mugs.configs.flags import bool_flag, build_parser, parse_config
+from mugs.configs.options import MugsConfig
 from mugs.configs.ranges import Range, between, out_of_range
 from mugs.core.errors import ConfigError
 from mugs.training import launch, trainer
@@ -178,7 +180,7 @@ def test_a_negative_clip_norm_never_reaches_the_gradients():
 
 
 def test_the_presets_and_table1_runs_are_within_range():
-    from mugs.configs.options import check_ranges
+    from mugs.configs.field_meta import check_ranges
     from mugs.configs.presets import PRESETS
 
     for name in PRESETS:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mugs.configs.options import parse_config
+from mugs.configs.flags import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -74,7 +74,7 @@ def plant_lease(out: Path, **fields) -> dict:
     import json
     import time
 
-    from mugs.core import lease
+    from mugs.core import lease_owner
 
     now = time.time()
     owner = {
@@ -87,5 +87,5 @@ def plant_lease(out: Path, **fields) -> dict:
         **fields,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / lease.LEASE_FILE).write_text(json.dumps(owner))
+    (out / lease_owner.LEASE_FILE).write_text(json.dumps(owner))
     return owner

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..configs.options import parse_config
+from ..configs.flags import parse_config
 from ..configs.ranges import NON_NEGATIVE, POSITIVE, between, out_of_range
 from ..core import lease
 from ..core.cli import run_cli

@@ -22,11 +22,10 @@ import torch.nn as nn
 from ..configs.options import MugsConfig
 from ..core.cli import run_cli
 from ..model.convert import memory_from_original, network_from_original
-from ..model.network import build_network
-from ..model.objective import MugsObjective
 from ..model.ring_buffer import POINTER_RULES
 from .optim import build_adamw
-from .step import MugsTrainStep, StepHook
+from .step import MugsTrainStep, StepHook, StepResult
+from .trace_state import build_from_state0, config_from_trace
 
 TOL = 1e-5
 TOL_OPTIMIZER = 1e-6
@@ -76,80 +75,6 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def config_from_trace(tc: dict) -> MugsConfig:
-    """Map a trace's `config` onto MugsConfig; refuse settings this project does not implement."""
-    unsupported = {
-        "use_bn_in_head": (False,),
-        "ln_eps": (1e-6,),
-        "mlp_ratio": (4, 4.0),
-        "qkv_bias": (True,),
-        "num_relation_blocks": (1,),
-        "nlayers": (3,),
-        "global_crops": (2,),
-    }
-    for key, allowed in unsupported.items():
-        if key in tc and tc[key] not in allowed:
-            raise ValueError(f"trace config {key}={tc[key]!r} is not supported (supported: {allowed})")
-    return MugsConfig(
-        arch="custom",
-        embed_dim=tc["embed_dim"],
-        depth=tc["depth"],
-        num_heads=tc["num_heads"],
-        patch_size=tc["patch_size"],
-        img_size=tc["global_size"],
-        size_crops=[tc["local_size"]],
-        drop_path_rate=tc["drop_path_rate"],
-        head_hidden_dim=tc["head_hidden_dim"],
-        pred_hidden_dim=tc["pred_hidden_dim"],
-        norm_before_pred=tc["norm_before_pred"],
-        instance_out_dim=tc["instance_out_dim"],
-        instance_queue_size=tc["instance_queue_size"],
-        instance_temp=tc["instance_temp"],
-        local_group_out_dim=tc["local_group_out_dim"],
-        local_group_queue_size=tc["local_group_queue_size"],
-        local_group_temp=tc["local_group_temp"],
-        local_group_knn_top_n=tc["local_group_knn_top_n"],
-        memory_size=tc["memory_size"],
-        group_out_dim=tc["group_out_dim"],
-        group_bottleneck_dim=tc["group_bottleneck_dim"],
-        norm_last_layer=tc["norm_last_layer"],
-        group_student_temp=tc["group_student_temp"],
-        group_warmup_teacher_temp=tc["group_warmup_teacher_temp"],
-        group_teacher_temp=tc["group_teacher_temp"],
-        group_warmup_teacher_temp_epochs=tc["group_warmup_teacher_temp_epochs"],
-        epochs=tc["epochs"],
-        center_momentum=tc["center_momentum"],
-        local_crops_number=tc["local_crops"],
-        batch_size_per_gpu=tc["batch"],
-        lr=tc["lr"],
-        patch_embed_lr_mult=tc["patch_embed_lr_mult"],
-        weight_decay=tc["weight_decay"],
-        clip_grad=tc["clip_grad"],
-        freeze_last_layer=tc["freeze_last_layer"],
-        momentum_teacher=tc["momentum_teacher"],
-        loss_weights=list(tc["loss_weights"]),
-        seed=tc["seed"],
-        device="cpu",
-        precision="fp32",
-    )
-
-
-def build_from_state0(cfg: MugsConfig, state0: dict):
-    """Student, teacher and objective holding exactly the trace's pre-step state."""
-    student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
-    student.load_state_dict(network_from_original(state0["student"]), strict=True)
-    teacher.load_state_dict(network_from_original(state0["teacher"]), strict=True)
-    objective = MugsObjective(cfg.objective_view(), student.backbone.embed_dim)
-    objective.student_memory.load_state_dict(memory_from_original(state0["student_mem"]))
-    objective.teacher_memory.load_state_dict(memory_from_original(state0["teacher_mem"]))
-    for ours, theirs in (("instance_queue", "instance"), ("local_group_queue", "local_group")):
-        queue = getattr(objective, ours)
-        queue.rows.copy_(state0[f"{theirs}_queue"].T)  # the trace's queue is [dim, size]
-        queue.ptr.fill_(int(state0[f"{theirs}_queue_ptr"]))
-    objective.group_loss.center.copy_(state0["center"])
-    return student, teacher, objective
-
-
 def _set_group_lr_wd(optimizer: torch.optim.Optimizer, group_lr_wd: dict) -> None:
     for g in optimizer.param_groups:
         g["lr"], g["weight_decay"] = (float(x) for x in group_lr_wd[g["name"]])
@@ -184,10 +109,23 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> list[Check]:
     """Run one step from `state0` and compare against the trace; returns every check.
 
     With `memory_pointer="original"` the memories' write pointers are compared too."""
-    tc = trace["config"]
-    cfg = dataclasses.replace(config_from_trace(tc), memory_pointer=memory_pointer)
+    cfg = dataclasses.replace(config_from_trace(trace["config"]), memory_pointer=memory_pointer)
     torch.manual_seed(cfg.seed)
     student, teacher, objective = build_from_state0(cfg, trace["state0"])
+    result, record = _one_step(cfg, trace, student, teacher, objective)
+    checks = _output_checks(trace, result, record)
+    checks += _student_checks(trace, student)
+    checks += _compare_dicts(
+        "state1.teacher", teacher.state_dict(), network_from_original(trace["state1"]["teacher"]), TOL
+    )
+    checks += _buffer_checks(trace["state1"], objective)
+    checks += optimizer_in_isolation(trace)
+    return checks
+
+
+def _one_step(cfg: MugsConfig, trace: dict, student, teacher, objective) -> tuple[StepResult, TraceRecorder]:
+    """ONE step of MugsTrainStep on the trace's inputs, recorded."""
+    tc = trace["config"]
     optimizer = build_adamw(student, cfg.patch_embed_lr_mult, fused=False)
     _set_group_lr_wd(optimizer, trace["group_lr_wd"])
     record = TraceRecorder()
@@ -204,7 +142,11 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> list[Check]:
     t_crops = [c.float() for c in inputs["teacher_crops"]]
     s_crops = [c.float() for c in inputs["student_crops"]]
     result = step(t_crops, s_crops, inputs["weak_flags"], epoch=tc["epoch"], momentum=tc["momentum_teacher"])
+    return result, record
 
+
+def _output_checks(trace: dict, result: StepResult, record: TraceRecorder) -> list[Check]:
+    """Both models' outputs, the losses and the gradients (raw and clipped) of the step."""
     out, checks = trace["outputs"], []
     s_out, t_out = cast(tuple[Any, Any], record.outputs)  # the step ran its forward
     pairs = {
@@ -230,9 +172,12 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> list[Check]:
     checks.append(Check("outputs.n_weak", abs(result.n_weak - int(out["n_weak"])), 0))
     checks += _compare_dicts("grads_raw", record.grads_raw, trace["grads_raw"], TOL, GRAD_RTOL)
     checks += _compare_dicts("grads_clipped", record.grads_clipped, trace["grads_clipped"], TOL, GRAD_RTOL)
+    return checks
 
-    s1 = trace["state1"]
-    ref_student = network_from_original(s1["student"])
+
+def _student_checks(trace: dict, student) -> list[Check]:
+    """The student after the step: exact where the clipped gradient is not tiny, elsewhere within one AdamW step."""
+    ref_student = network_from_original(trace["state1"]["student"])
     ours_student = student.state_dict()
     masked, unmasked = 0.0, 0.0
     for k, ref in ref_student.items():
@@ -244,9 +189,15 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> list[Check]:
         if (~mask).any():
             unmasked = max(unmasked, diff[~mask].max().item())
     max_lr = max(float(lr) for lr, _ in trace["group_lr_wd"].values())
-    checks.append(Check("state1.student where |grad| > 1e-6", masked, TOL))
-    checks.append(Check("state1.student elsewhere (bounded by one AdamW step)", unmasked, 2 * max_lr + TOL))
-    checks += _compare_dicts("state1.teacher", teacher.state_dict(), network_from_original(s1["teacher"]), TOL)
+    return [
+        Check("state1.student where |grad| > 1e-6", masked, TOL),
+        Check("state1.student elsewhere (bounded by one AdamW step)", unmasked, 2 * max_lr + TOL),
+    ]
+
+
+def _buffer_checks(s1: dict, objective) -> list[Check]:
+    """The objective's memories, queues and center after the step."""
+    checks = []
     for ours, theirs in (("student_memory", "student_mem"), ("teacher_memory", "teacher_mem")):
         memory = getattr(objective, ours)
         checks.append(Check(f"state1.{theirs} rows", _diff(memory.rows, memory_from_original(s1[theirs])["rows"]), TOL))
@@ -258,7 +209,6 @@ def replay(trace: dict, memory_pointer: str = "fixed") -> list[Check]:
         checks.append(Check(f"state1.{theirs}_queue", _diff(queue.rows.T, s1[f"{theirs}_queue"]), TOL))
         checks.append(Check(f"state1.{theirs}_queue_ptr", abs(int(queue.ptr) - int(s1[f"{theirs}_queue_ptr"])), 0))
     checks.append(Check("state1.center", _diff(objective.group_loss.center, s1["center"]), TOL))
-    checks += optimizer_in_isolation(trace)
     return checks
 
 

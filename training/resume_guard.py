@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..configs.options import IGNORED, SAFE, MugsConfig, fields_with_policy
+from ..configs.field_meta import fields_with_policy
+from ..configs.options import IGNORED, SAFE, MugsConfig
 from ..core import checkpoint as ckpt
 from ..core.errors import CheckpointError, ConfigError
 

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from ..configs.options import MugsConfig, parse_config
+from ..configs.flags import parse_config
+from ..configs.options import MugsConfig
 from ..core import checkpoint as ckpt
 from ..core import lease
 from ..core.cli import run_cli
@@ -44,13 +45,14 @@ from .knn_monitor import KnnMonitor, load_sets
 from .knn_point import KnnPoint
 from .mfu import MfuMeter
 from .models import build_models
-from .monitor import Monitor, gpu_memory_gb, writing
+from .monitor import Monitor, writing
 from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts
 from .resume_guard import check_resume
 from .run_report import say_exit, say_resumed
 from .schedules import build_schedules
 from .step import MugsTrainStep, StepResult
+from .step_scalars import step_scalars
 from .stop import StopRequest
 from .validate import check_output_dir, validate
 
@@ -216,42 +218,6 @@ def _build_loader(cfg: MugsConfig, info: DistInfo):
         )
     except (DataError, ValueError, OSError) as e:
         raise ConfigError(f"--data_path {cfg.data_path}: {e}") from None
-
-
-def step_scalars(
-    res: StepResult,
-    lr: float,
-    wd: float,
-    m: float,
-    epoch: int,
-    global_batch: int,
-    data_time: float,
-    dt: float,
-    mfu: float | None,
-) -> dict:
-    """One step's TensorBoard scalars (the Monitor writes every log_every-th); `dt` is the whole iteration,
-    `data_time` its wait for the batch, `mfu` this GPU's (None on CPU)."""
-    scalars = {f"loss/{k}": v for k, v in res.losses.items()}
-    scalars.update(
-        {
-            "sched/lr": lr,
-            "sched/weight_decay": wd,
-            "sched/teacher_momentum": m,
-            "sched/teacher_temp": res.teacher_temp,
-            "data/weak_ratio": res.n_weak / global_batch,
-            "perf/images_per_s": global_batch / dt,
-            "perf/step_time_s": dt,
-            "perf/data_wait_s": data_time,
-            "perf/data_wait_share": data_time / dt,
-            "epoch": epoch,
-        }
-    )
-    mem = gpu_memory_gb()
-    if mem is not None:
-        scalars["perf/gpu_mem_gb"] = mem
-    if mfu is not None:
-        scalars["perf/mfu"] = mfu
-    return scalars
 
 
 def _failed(e: MugsError, show: bool = True) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 from ..configs.archs import backbone_shape
-from ..configs.options import MugsConfig, check_ranges
+from ..configs.field_meta import check_ranges
+from ..configs.options import MugsConfig
 from ..core import outputs
 from ..core.errors import ConfigError
 from ..pipeline.augment_config import AugmentConfig

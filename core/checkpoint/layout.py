@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from ..dcp_checks import confined
 from ..errors import CheckpointError, first_line
-from ..safe_load import confined, read_regular
+from ..safe_load import read_regular
 
 _NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"

@@ -18,16 +18,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from .. import integrity
+from ..dcp_checks import METADATA_FILE, check_storage, confined
 from ..dist import agree, barrier
 from ..dist import rank as _rank
 from ..dist import world_size as _world_size
 from ..errors import CheckpointError, MugsError
 from ..safe_load import (
-    METADATA_FILE,
     SafeFileSystemReader,
     SafeLoadPlanner,
-    check_storage,
-    confined,
     first_line,
     read_dcp_metadata,
     regular_file,

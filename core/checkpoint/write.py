@@ -22,12 +22,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from .. import integrity, lease
+from .. import integrity, lease, lease_owner
+from ..dcp_checks import METADATA_FILE
 from ..dist import agree, broadcast_from_main, gather_to_main
 from ..dist import rank as _rank
 from ..dist import world_size as _world_size
 from ..errors import CheckpointError, CheckpointWriteError, OwnerError
-from ..safe_load import METADATA_FILE
 from . import layout
 from .layout import COMPLETE, TMP_PREFIX, checkpoint_root, latest, list_complete, one_line_reason, read_complete
 from .parts import Parts, split
@@ -97,9 +97,24 @@ def save(
     tmp = root / broadcast_from_main(
         f"{TMP_PREFIX}{step:08d}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}" if rank == 0 else None
     )
+    attempt = _Attempt(output_dir, step, rank, tmp)
+    attempt("creating it", lambda: _start(output_dir, tmp, rank))
+    sums = attempt("writing the shards", lambda: _write_shards(tmp, rank, sharded, per_rank_parts))
+    per_rank = gather_to_main(sums)
+    fields = dict(step=step, epoch=epoch, keep_forever=keep_forever, extra=extra)  # COMPLETE's own fields
+    attempt("publishing it", lambda: _publish(output_dir, tmp, final, keep, per_rank, rank, fields))
+    return final
 
-    def attempt(what: str, fn: Callable[[], Any]) -> Any:
-        """Run this rank's part; every rank learns whether any rank failed (one all-reduce)."""
+
+class _Attempt:
+    """Runs one phase of a write on this rank; every rank learns whether any rank failed (one all-reduce)
+    and raises the same one line, the partial directory removed."""
+
+    def __init__(self, output_dir: str, step: int, rank: int, tmp: Path):
+        self.output_dir, self.step, self.rank, self.tmp = output_dir, step, rank, tmp
+
+    def __call__(self, what: str, fn: Callable[[], Any]) -> Any:
+        tmp = self.tmp
         result, failure = None, None
         try:
             result = fn()
@@ -109,53 +124,60 @@ def save(
             failure = f"write|{what}: {one_line_reason(e)}"
         failure = agree(failure)
         if failure is not None:
-            if rank == 0:
+            if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             kind, msg = failure.split("|", 1)
             if kind == "owner":
                 raise OwnerError(msg)
             raise CheckpointWriteError(
-                f"cannot write checkpoint step {step} to {tmp.parent} ({_write_failure(msg, root)}): free disk "
-                f"space or fix the folder, then resume; the partial checkpoint was removed and the last complete "
-                f"one ({latest(output_dir) or 'none'}) is intact"
+                f"cannot write checkpoint step {self.step} to {tmp.parent} ({_write_failure(msg, tmp.parent)}): free "
+                f"disk space or fix the folder, then resume; the partial checkpoint was removed and the last complete "
+                f"one ({latest(self.output_dir) or 'none'}) is intact"
             )
         return result
 
-    def start() -> None:
-        if rank == 0:
-            lease.check_owned(output_dir)
-            tmp.mkdir(parents=True)
 
-    def write() -> dict[str, str]:
-        dcp.save(dict(sharded), checkpoint_id=str(tmp))  # DCP calls each Stateful's state_dict()
-        torch.save({name: p.state_dict() for name, p in per_rank_parts.items()}, tmp / layout.rank_file_name(rank))
-        return {name: integrity.checksum_file(tmp / name) for name in _own_files(tmp, rank)}
+def _start(output_dir: str, tmp: Path, rank: int) -> None:
+    if rank == 0:
+        lease.check_owned(output_dir)
+        tmp.mkdir(parents=True)
 
-    def publish(per_rank: list[dict[str, str]] | None) -> None:
-        if rank != 0:
-            return
-        every_rank = cast(list[dict[str, str]], per_rank)  # gather_to_main's list on rank 0
-        meta = {
-            "step": step,
-            "epoch": epoch,
-            "time": time.time(),
-            "keep_forever": keep_forever,
-            "world_size": _world_size(),
-            **(extra or {}),
-            "checksums": _checksums(tmp, every_rank),
-        }
-        lease.check_owned(output_dir)  # a run that lost its output dir publishes nothing
-        layout.write_complete(tmp, meta)
-        if final.exists():  # a re-save of the same step replaces the old one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(output_dir, keep)
 
-    attempt("creating it", start)
-    sums = attempt("writing the shards", write)
-    per_rank = gather_to_main(sums)
-    attempt("publishing it", lambda: publish(per_rank))
-    return final
+def _write_shards(tmp: Path, rank: int, sharded, per_rank_parts) -> dict[str, str]:
+    """This rank's shards and its rank file; returns their checksums (read back from the page cache)."""
+    dcp.save(dict(sharded), checkpoint_id=str(tmp))  # DCP calls each Stateful's state_dict()
+    torch.save({name: p.state_dict() for name, p in per_rank_parts.items()}, tmp / layout.rank_file_name(rank))
+    return {name: integrity.checksum_file(tmp / name) for name in _own_files(tmp, rank)}
+
+
+def _publish(
+    output_dir: str,
+    tmp: Path,
+    final: Path,
+    keep: int,
+    per_rank: list[dict[str, str]] | None,
+    rank: int,
+    fields: dict[str, Any],
+) -> None:
+    """Rank 0: COMPLETE (with every file's checksum) written last, the directory renamed into place, pruning."""
+    if rank != 0:
+        return
+    every_rank = cast(list[dict[str, str]], per_rank)  # gather_to_main's list on rank 0
+    meta = {
+        "step": fields["step"],
+        "epoch": fields["epoch"],
+        "time": time.time(),
+        "keep_forever": fields["keep_forever"],
+        "world_size": _world_size(),
+        **(fields["extra"] or {}),
+        "checksums": _checksums(tmp, every_rank),
+    }
+    lease.check_owned(output_dir)  # a run that lost its output dir publishes nothing
+    layout.write_complete(tmp, meta)
+    if final.exists():  # a re-save of the same step replaces the old one
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(output_dir, keep)
 
 
 def _keep_forever(path: Path) -> bool:
@@ -187,6 +209,6 @@ def _writer_gone(tmp: Path) -> bool:
         except OSError:
             pass
     try:
-        return time.time() - tmp.stat().st_mtime > lease.stale_after_s()
+        return time.time() - tmp.stat().st_mtime > lease_owner.stale_after_s()
     except OSError:
         return False
