@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from mugs.benchmarks import records
 from mugs.benchmarks.op_counter import COPY_OPS, NO_KERNEL_OPS, OpCounter
 from mugs.configs.flags import build_parser, config_from_args, preset_defaults
 from mugs.configs.options import MugsConfig
+from mugs.core.ports import free_port
 
 DEFAULT_OUT = Path("runs") / "benchmarks" / "host_cost.jsonl"
 LR = 1e-5
@@ -117,18 +117,12 @@ def _config(argv: Sequence[str]) -> MugsConfig:
     return config_from_args(p.parse_args(list(argv)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(
     world: int, argv: Sequence[str], depths: Sequence[int], steps: int, warmup: int, timeout_s: float
 ) -> list[dict]:
     """`world` processes (gloo on loopback), each measuring every depth; their results in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
-        port, procs = _free_port(), []
+        port, procs = free_port(), []
         for r in range(world):
             env = {
                 **os.environ,
