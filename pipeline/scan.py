@@ -173,23 +173,14 @@ def _check_all(tasks: list, workers: int):
                 fut.cancel()
 
 
-def scan_dataset(
-    root: str,
-    workers: int,
-    min_size: int = MIN_SIZE,
-    keep_grayscale: bool = False,
-    quiet: bool = False,
-    progress_every: float = 10.0,
-) -> dict:
-    """Scan ROOT; returns the report dict with the kept entries under "kept_entries"."""
-    root = os.path.abspath(root)
-    t0 = time.time()
-    classes = class_folders(root)
+def _tasks(root: str, classes: list[str], min_size: int, keep_grayscale: bool) -> tuple[list, list[dict]]:
+    """The files to check (one task each) and those left out before decoding (outside a class folder, or a
+    name the list could not hold)."""
     left_out: list[dict] = []
     for e in sorted(os.scandir(root), key=lambda e: e.name):
         if e.is_file() and not e.name.startswith("."):  # hidden files in ROOT (markers) are ignored
             left_out.append({"path": e.name, "reason": "outside_class", "detail": "not in a class folder"})
-    tasks = []
+    tasks: list[tuple] = []
     for label, cls in enumerate(classes):
         for rel in walk_class(root, cls):
             if any(c in rel for c in UNLISTABLE):  # before decoding: the list could not name it
@@ -202,6 +193,22 @@ def scan_dataset(
                 )
             else:
                 tasks.append((len(tasks), root, rel, label, min_size, keep_grayscale))
+    return tasks, left_out
+
+
+def scan_dataset(
+    root: str,
+    workers: int,
+    min_size: int = MIN_SIZE,
+    keep_grayscale: bool = False,
+    quiet: bool = False,
+    progress_every: float = 10.0,
+) -> dict:
+    """Scan ROOT; returns the report dict with the kept entries under "kept_entries"."""
+    root = os.path.abspath(root)
+    t0 = time.time()
+    classes = class_folders(root)
+    tasks, left_out = _tasks(root, classes, min_size, keep_grayscale)
     out = sys.stderr
     if not quiet:
         print(f"mugs-scan-data: {len(tasks)} files in {len(classes)} class folders under {root}", file=out)
