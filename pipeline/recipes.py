@@ -10,8 +10,10 @@ runs it on its own CUDA stream there), so the CPU tests cover the GPU path's mat
 Strong: timm RandAugment (randaug.py), then random erasing (N(0,1) noise from a counter hash of the
 crop's key: per sample, not per batch).
 Weak: ColorJitter + grayscale as one colour matrix + offset (brightness, contrast, saturation, hue in YIQ,
-in this fixed order), Gaussian blur (13-tap separable), solarize. Known differences from PIL are those of
-the previous DALI graph: RandAugment on the cut crop, jitter order fixed, OpenCV-like rounding.
+in this fixed order), Gaussian blur (separable, 3 sigma), solarize. Known differences from torchvision/PIL:
+RandAugment on the cut crop, jitter order fixed, no clamp between jitter factors, hue a YIQ rotation (as
+DALI's color_twist) rather than an HSV shift. Contrast is about the crop's grey mean, as torchvision's (the
+f9e9db5 DALI graph used grey 128): tests/test_pipeline_weak_recipe.py.
 """
 
 from __future__ import annotations
