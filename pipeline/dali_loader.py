@@ -5,7 +5,7 @@ Per step a producer thread (the trainer only takes finished batches from a queue
      (a read error, a file over MAX_IMAGE_PIXELS or a JPEG without its end marker is named at once);
   2. draws every random choice on the host from (seed, epoch, global sample position) (draws.py);
   3. runs the one DALI graph (dali_graph.py: decode once; on the GPU one resize per crop, on the CPU the
-     same windows are cut in torch, `_cut`);
+     same windows are cut in torch, dali_batch.py);
   4. applies the weak/strong recipes as batched torch ops (recipes.py), on its own CUDA stream on a GPU.
 So an epoch boundary or a resume builds nothing: resume is a position (loader_base.py), and a sample's
 crops depend only on (seed, epoch, position), not on the rank layout. With `skip_unreadable`, an image
@@ -33,9 +33,10 @@ import torch
 from ..core.errors import DataError, UndecodableBatch, UnreadableImage
 from .augment_config import AugmentConfig
 from .batch import MultiCropBatch
+from .dali_batch import debug_windows, make_batch, recipe_crops, run_graph
+from .draws import draw_batch
 from .files import MAX_IMAGE_PIXELS, FileIndex
 from .loader_base import MultiCropLoader, unreadable_advice
-from .recipes import apply_recipes
 
 # check_image reasons that also stop DALI's decoder (it converts CMYK, palette and RGBA images and
 # decodes by content, so "cmyk", "mode" and "format_mismatch" files are read fine)
@@ -137,7 +138,7 @@ class DaliLoader(MultiCropLoader):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             sides = [aug.global_size] * self.num_global + [aug.local_size] * aug.local_crops_number
-            sides = sides if gpu else []  # CPU: decode only, crops cut in torch (_cut)
+            sides = sides if gpu else []  # CPU: decode only, crops cut in torch (dali_batch.py)
             pipe = multicrop_graph(
                 sides,
                 "mixed" if gpu else "cpu",
@@ -296,112 +297,20 @@ class DaliLoader(MultiCropLoader):
         return bad
 
     def _assemble(self, samples, epoch: int, positions: np.ndarray):
-        from .draws import draw_batch
-
-        aug = self.aug
+        """The batch of `samples` (bytes, height, width, dataset index) at global `positions` of `epoch`, and
+        on the GPU the event its tensors are ready at (on the producer's stream)."""
+        aug, gpu = self.aug, self.device.type == "cuda"
         heights = np.array([s[1] for s in samples], dtype=np.int64)
         widths = np.array([s[2] for s in samples], dtype=np.int64)
         d = draw_batch(aug, self.seed, epoch, positions, heights, widths)
-        pipe = self._pipe
-        gpu = self.device.type == "cuda"
-        pipe.feed_input("encoded", [s[0] for s in samples])
-        sizes = {"global": aug.global_size, "local": aug.local_size}
-        c = 0
-        for g in d.groups.values():
-            if not gpu:
-                break
-            for start, end in zip(*_rois(g.window, g.flip)):
-                pipe.feed_input(f"roi_start{c}", start)
-                pipe.feed_input(f"roi_end{c}", end)
-                c += 1
-        try:
-            outs = list(pipe.run())
-        except RuntimeError as e:
-            raise UndecodableBatch(_dali_said(e)) from None
+        outs = run_graph(self._pipe, samples, d, gpu)
         stream = self._stream
-        ctx = torch.cuda.stream(stream) if gpu else contextlib.nullcontext()
-        with ctx:
-            crops = {}
-            for name, g in d.groups.items():
-                n = g.kind.shape[0]
-                if gpu:
-                    u8, layout = [_to_torch(o, self.device, stream) for o in outs[:n]], "HWC"  # n x [B, S, S, 3]
-                    del outs[:n]
-                else:
-                    u8, layout = _cut(outs[0], g.window, g.flip, sizes[name]), "CHW"  # n x [B, 3, S, S]
-                crops[name] = apply_recipes(
-                    u8, g, aug.policy.increasing, aug.strong_ratio, self.dtype, layout=layout
-                ).unbind(0)
+        with torch.cuda.stream(stream) if gpu else contextlib.nullcontext():
+            crops = recipe_crops(outs, d, aug, self.device, stream, self.dtype)
             weak = torch.as_tensor(d.weak).to(self.device, non_blocking=True)
             event = None
             if gpu:
                 event = torch.cuda.Event()
                 event.record(stream)
-        g = list(crops["global"])
-        teacher = g[:2]
-        student = (g[:2] if aug.vanilla_weak_augmentation else g[2:4]) + list(crops.get("local", []))
-        idx = [s[3] for s in samples]
-        debug = None
-        if self.debug:
-            win = np.concatenate([d.groups[k].window for k in d.groups], 0)  # [crops, B, 4]
-            rel = win / np.stack([heights, widths, heights, widths], -1)[None]
-            w = torch.as_tensor(np.swapaxes(rel, 0, 1), dtype=torch.float32)
-            if aug.vanilla_weak_augmentation:
-                w = torch.cat([w[:, :2], w[:, :2], w[:, 2:]], dim=1)
-            lw = d.groups["local"].kind.T != 3 if "local" in d.groups else np.zeros((len(idx), 0), bool)
-            debug = {"windows": w, "local_weak": torch.as_tensor(lw)}
-        batch = MultiCropBatch(
-            teacher=teacher,
-            student=student,
-            weak_flags=weak,
-            paths=[self.index.paths[i] for i in idx],
-            labels=torch.as_tensor([self.index.labels[i] for i in idx], dtype=torch.long),
-            debug=debug,
-        )
-        return batch, event
-
-
-def _dali_said(err: Exception) -> str:
-    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-    after = [lines[i + 1] for i, l in enumerate(lines[:-1]) if l.endswith("encountered:")]
-    return after[0] if after else (lines[-1] if lines else type(err).__name__)
-
-
-def _rois(window: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """DALI resize ROIs, (start, end) [n, B, 2] (y, x) in pixels, for windows [n, B, 4] (i, j, h, w) and flips
-    [n, B]: a flipped window runs from its right edge to its left."""
-    i, j, h, w = (window[..., k].astype(np.float32) for k in range(4))
-    x0, x1 = np.where(flip, j + w, j), np.where(flip, j, j + w)
-    return np.stack([i, x0], -1), np.stack([i + h, x1], -1)
-
-
-def _cut(images, window: np.ndarray, flip: np.ndarray, side: int) -> list[torch.Tensor]:
-    """The CPU cutter: per crop, each image's window resized to side x side (bicubic, antialiased: the
-    RandomResizedCrop of torchvision on tensors; on uint8 torch saturates the overshoot to 0..255), flipped
-    where drawn. images: DALI's decoded HWC batch."""
-    import torch.nn.functional as F
-
-    imgs = [torch.from_numpy(np.asarray(images[b])) for b in range(window.shape[1])]
-    out = []
-    for c in range(window.shape[0]):
-        crops = torch.empty((len(imgs), 3, side, side), dtype=torch.uint8)
-        for b, img in enumerate(imgs):
-            i, j, h, w = (int(v) for v in window[c, b])
-            r = F.interpolate(
-                img[i : i + h, j : j + w].permute(2, 0, 1)[None], size=(side, side), mode="bicubic", antialias=True
-            )[0]
-            crops[b] = r.flip(-1) if flip[c, b] else r
-        out.append(crops)
-    return out
-
-
-def _to_torch(tensor_list, device: torch.device, stream) -> torch.Tensor:
-    """A dense DALI TensorList as a torch tensor on `device` (CPU: a copy-free view, consumed at once)."""
-    t = tensor_list.as_tensor()
-    if device.type == "cpu":
-        return torch.from_numpy(np.asarray(t))
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-    feed_ndarray(t, out, cuda_stream=stream)
-    return out
+        debug = debug_windows(d, aug, heights, widths) if self.debug else None
+        return make_batch(crops, weak, aug, [s[3] for s in samples], self.index, debug), event

@@ -66,8 +66,9 @@ def test_both_cutters_cut_the_bicubic_antialiased_random_resized_crop(tree16, tm
     window shrunk to 96 px does not alias in either (a bilinear warp's stripes do)."""
     from PIL import Image
 
+    from mugs.pipeline.dali_batch import _cut, _rois
     from mugs.pipeline.dali_graph import multicrop_graph
-    from mugs.pipeline.dali_loader import _cut, _rois, read_image_bytes
+    from mugs.pipeline.dali_loader import read_image_bytes
 
     paths = tree16[1][:3] + [_stripes_png(str(tmp_path / "stripes.png"))]
     data = [read_image_bytes(p) for p in paths]

@@ -1,4 +1,4 @@
-"""Each batched torch RandAugment op (pipeline/recipes.py) against timm's PIL op at the same level."""
+"""Each batched torch RandAugment op (pipeline/randaug.py) against timm's PIL op at the same level."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mugs.pipeline.recipes import FILL, OP_NAMES, rand_augment
+from mugs.pipeline.randaug import FILL, OP_NAMES, rand_augment
 
 LEVEL = 6.0
 # our op -> (timm op name, worst allowed mean |ours - PIL| in grey levels)
