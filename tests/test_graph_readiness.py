@@ -82,7 +82,7 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def info():
     i = init_distributed("cpu")
     yield i
@@ -165,3 +165,52 @@ def test_a_nonfinite_loss_leaves_every_state_untouched(info):
     assert changed == [], changed
     res = step(*_batch(2), step_index=2, **STEP_A)  # and the next finite step trains
     assert all(math.isfinite(v) for v in res.losses.values())
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (dict(device="cpu"), "--cuda_graphs needs --device cuda"),
+        (dict(compile=True), "--cuda_graphs and --compile: choose one"),
+        (dict(activation_checkpointing="full"), "--cuda_graphs and activation checkpointing: choose one"),
+    ],
+)
+def test_cuda_graphs_refuses_what_it_cannot_capture_in_one_line(tmp_path, change, why):
+    from mugs.configs.options import MugsConfig
+    from mugs.core.errors import ConfigError
+    from mugs.training.validate import validate
+
+    cfg = MugsConfig(data_path=str(tmp_path), device="cuda", cuda_graphs=True)
+    validate(cfg)  # one CUDA process: accepted (off by default: MugsConfig().cuda_graphs is False)
+    assert MugsConfig().cuda_graphs is False
+    with pytest.raises(ConfigError, match=f"^{why}$"):
+        validate(cfg.replace(**change))
+    with pytest.raises(ConfigError, match="^--cuda_graphs needs one process"):
+        validate(cfg, world_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_step_trains_like_the_eager_step_on_a_gpu():
+    """24 steps (3 eager warm-up, a capture, 20 replays) against the eager step from the same start: the
+    same losses within 1e-4 relative (the same kernels; only the reduction order inside them may differ)."""
+    from mugs.training.cuda_graphs import GraphedStep
+
+    info = init_distributed("cuda")
+    try:
+        runs = []
+        for cls in (MugsTrainStep, GraphedStep):
+            cfg = tiny_cfg(2).replace(device="cuda", precision="bf16", depth=2, drop_path_rate=0.0)
+            torch.manual_seed(0)
+            student, teacher, objective = build_models(cfg, info)
+            opt = build_adamw(student, cfg.patch_embed_lr_mult)
+            step = cls(student, teacher, objective, opt, clip_grad=GradClip.constant(0.5), freeze_last_layer=0)
+            losses = []
+            for i in range(24):
+                t, s, w = _batch(i % 4)
+                t, s, w = [x.cuda() for x in t], [x.cuda() for x in s], w.cuda()
+                kw = dict(epoch=i // 8, momentum=0.99 + 1e-4 * i, lr=1e-3 * (1 + i / 10), weight_decay=0.04 + 1e-3 * i)
+                losses.append(step(t, s, w, step_index=i, flags=(False, i == 5), **kw).losses["total"])
+            runs.append(losses)
+        assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+    finally:
+        shutdown()
