@@ -6,13 +6,19 @@ training/replay_trace.py; the phase timer and the collective counter, benchmarks
 none attached the step calls nothing. Resharding the teacher after its forward is FSDP's
 job (training/parallelize.py wraps the teacher with `reshard_after_forward=True`).
 
-Host-device synchronisation: ONE per step, after backward. The losses are stacked on
-the device, averaged over ranks and copied to the host only once backward has been
-queued, so nothing stalls the device between forward and backward; a NaN/inf on any
-rank still raises before clipping, the optimizer, the queues/centre/memories and the
-EMA touch any state. The caller's per-step host flags (`flags`: the trainer's stop and
-checkpoint-due signals) ride in the same all-reduce and come back OR-ed over ranks, so a
-training-loop iteration has this one sync too; nothing on the hot path builds a host
+Host-device synchronisation: ONE per step, after the whole tail (issue 26, item 4). The losses are
+stacked on the device and averaged over ranks (the step's one all-reduce) once backward has been
+queued; whether all are finite is decided ON THE DEVICE (`ok`), and clip -> AdamW -> queues/centre/
+memories -> EMA are all queued behind it with every state write masked by it (fused AdamW's
+`found_inf`, a decay factor of 1, an EMA weight of 0, masked ring/centre writes). Only then are the
+averages copied to the host: a NaN/inf on any rank raises there, with every piece of state as it
+was. Every per-step number (lr, lr x wd, EMA weight, teacher temperature, clip value, the caller's
+flags) reaches the kernels as a device tensor (training/device_scalars.py), so two steps dispatch
+the same ops with the same arguments: the step is ready to be a CUDA graph (training/cuda_graphs.py;
+tests/test_graph_readiness.py). With a non-fused optimiser (the golden-trace replay's reference)
+the sync stays where it was, before clipping. The caller's per-step host flags (`flags`: the
+trainer's stop and checkpoint-due signals) ride in the same all-reduce and come back OR-ed over
+ranks, so a training-loop iteration has this one sync too; nothing on the hot path builds a host
 tensor that meets device tensors (tests/test_host_sync.py checks both on CPU). On CUDA,
 benchmarks/step_measure.py counts the syncs with torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`, and `host_syncs_per_iteration` for training/trainer.py:loop_step).
@@ -20,7 +26,7 @@ benchmarks/step_measure.py counts the syncs with torch.cuda.set_sync_debug_mode
 Each phase runs inside a `torch.profiler.record_function("mugs.<phase>")` range, so a
 profiler trace shows it, and ends with the hooks' `on_phase_end(label)`. Phases: teacher_fwd,
 student_fwd, loss, backward, loss_check, clip (incl. the last-layer freeze), optimizer,
-state_update, ema.
+state_update, ema, then host_sync (fused AdamW's device order; the reference order syncs in loss_check).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class StepHook:
         """Both forwards ran."""
 
     def on_backward_done(self, student: nn.Module) -> None:
-        """The losses are finite on every rank; `student`'s gradients are the raw ones."""
+        """The losses are averaged (the reference order: and known finite); `student`'s gradients are the raw ones."""
 
     def on_clip_done(self, student: nn.Module) -> None:
         """`student`'s gradients are clipped and the frozen last layer's cancelled: what the optimizer gets."""
@@ -163,8 +169,9 @@ class MugsTrainStep:
         device scalars every later op reads (training/device_scalars.py): the work that stays outside a
         captured step."""
         apply_lr_wd(self.optimizer, lr, weight_decay)
-        lr_of = {g.get("lr_mult", 1.0): g["lr"] for g in self.optimizer.param_groups}
-        wd_of = {g.get("lr_mult", 1.0): g["weight_decay"] for g in self.optimizer.param_groups if g.get("apply_wd")}
+        groups = self.optimizer.param_groups
+        lr_of = {g.get("lr_mult", 1.0): g["lr"] for g in groups}
+        wd_of = {g.get("lr_mult", 1.0): g["weight_decay"] for g in groups if g.get("apply_wd", True)}
         clip = clip_value(self.clip_grad, epoch) if self.clip_grad else 0.0
         temp = self.objective.group_loss.teacher_temp(epoch)
         self.scalars.set(lr=lr_of, weight_decay=wd_of, momentum=momentum, teacher_temp=temp, clip=clip, flags=flags)
