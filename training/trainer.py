@@ -102,8 +102,7 @@ class Run:
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
         clip, freeze = cfg.clip_view(), cfg.freeze_last_layer
-        step_cls = GraphedStep if cfg.cuda_graphs else MugsTrainStep  # training/cuda_graphs.py
-        self.step_fn = step_cls(
+        self.step_fn = (GraphedStep if cfg.cuda_graphs else MugsTrainStep)(
             self.student, self.teacher, self.objective, self.optimizer, clip_grad=clip, freeze_last_layer=freeze
         )
         self.step = 0
