@@ -9,7 +9,8 @@ between phases (e.g. FSDP prefetch across the forward/backward boundary), which 
 the headline step time comes from uninstrumented steps and the phases only split it.
 Phases: teacher_fwd, student_fwd, loss, backward, loss_check (the cross-rank loss
 average and the finite check; the baseline checks inside `loss`), clip (incl. the
-last-layer freeze), optimizer, state_update (queues, centre, memories), ema, other.
+last-layer freeze), optimizer, state_update (queues, centre, memories), ema, host_sync
+(with fused AdamW the step's one host sync comes after the tail), other.
 """
 
 from __future__ import annotations

@@ -179,6 +179,12 @@ class MugsConfig:
         resume=SAFE,
     )
     compile: bool = _opt(False, "torch.compile each block", resume=SAFE)
+    cuda_graphs: bool = _opt(
+        False,
+        "replay each step's device work as one CUDA graph (one process on CUDA; not with --compile or "
+        "activation checkpointing; issue 26: not yet measured on a GPU)",
+        resume=SAFE,
+    )
     attention: str = _opt(
         "per_size",
         "attention over the crops packed in one block pass: per_size (one SDPA per "

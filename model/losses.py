@@ -111,7 +111,14 @@ class GroupLoss(nn.Module):
         warm, final, n = self.temps
         return teacher_temperature(epoch, warm, final, n)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_student_crops: int, epoch: int) -> torch.Tensor:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        n_student_crops: int,
+        epoch: int,
+        temp: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Args:
             student: (n_student_crops * B, G) the student's prototype logits, crop-major (crops 0 and 1
                 are the global ones).
@@ -119,21 +126,26 @@ class GroupLoss(nn.Module):
                 sharpened here, not differentiated.
             n_student_crops: 2 global + the local crops (at least 3).
             epoch: picks the teacher temperature (`teacher_temp`).
+            temp: that temperature as a 0-dim device tensor, when the caller keeps it there (the
+                training step does: a CUDA graph replays the step with whatever it holds).
 
         Returns:
             scalar (0-dim, at least fp32).
         """
         b = teacher.shape[0] // 2
         log_p = F.log_softmax(upcast(student) / self.student_temp, dim=-1).view(n_student_crops, b, -1)
-        q = F.softmax((upcast(teacher.detach()) - self.center) / self.teacher_temp(epoch), dim=-1).view(2, b, -1)
+        t = self.teacher_temp(epoch) if temp is None else temp
+        q = F.softmax((upcast(teacher.detach()) - self.center) / t, dim=-1).view(2, b, -1)
         pair_loss = -torch.einsum("tbg,sbg->ts", q, log_p) / b
         return _pair_mean(pair_loss)
 
     @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor) -> None:
-        """centre (1, G) <- m * centre + (1 - m) * mean over all ranks' teacher logits, `teacher` (2 * B, G)."""
+    def update_center(self, teacher: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """centre (1, G) <- m * centre + (1 - m) * mean over all ranks' teacher logits, `teacher` (2 * B, G).
+        `ok` (0-dim bool, on the device): False leaves the centre as it is (a non-finite step)."""
         batch_center = mean_over_ranks(teacher.detach().to(self.center.dtype).mean(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        new = torch.add(self.center * self.center_momentum, batch_center, alpha=1 - self.center_momentum)
+        self.center.copy_(new if ok is None else torch.where(ok, new, self.center))
 
 
 def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:

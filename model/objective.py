@@ -41,7 +41,12 @@ class MugsObjective(nn.Module):
         self.teacher_memory = LocalGroupMemory(*memory)
 
     def forward(
-        self, student: MugsOutputs, teacher: MugsOutputs, n_student_crops: int, epoch: int
+        self,
+        student: MugsOutputs,
+        teacher: MugsOutputs,
+        n_student_crops: int,
+        epoch: int,
+        teacher_temp: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """The three losses (absent ones are None) and `total`, all from the pre-step state.
 
@@ -51,6 +56,7 @@ class MugsObjective(nn.Module):
             teacher: the teacher's over its 2 global crops: (2 * B, D) and (2 * B, G).
             n_student_crops: 2 global + the local crops.
             epoch: for the group loss's teacher temperature.
+            teacher_temp: that temperature as a 0-dim device tensor (GroupLoss.forward's `temp`).
 
         Returns:
             {"instance", "local_group", "group": scalar or None (weight 0), "total": scalar}.
@@ -65,13 +71,17 @@ class MugsObjective(nn.Module):
             )
             if w.local_group > 0
             else None,
-            "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch) if w.group > 0 else None,
+            "group": self.group_loss(student.group, teacher.group, n_student_crops, epoch, teacher_temp)
+            if w.group > 0
+            else None,
         }
         losses["total"] = weighted_total(losses, w)
         return losses
 
     @torch.no_grad()
-    def update_state(self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor) -> torch.Tensor:
+    def update_state(
+        self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor, ok: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """After the losses: queues, centre and memories; returns the student-memory rows written (a tensor).
 
         Args:
@@ -79,6 +89,8 @@ class MugsObjective(nn.Module):
                 (2 * B, E), the global crops' patch-token means, of which crop 0's B rows are written.
             weak_flags: (B,) bool, the images whose student global crops were weakly augmented (only
                 those enter the student memory).
+            ok: 0-dim bool on the device; False (a non-finite loss on some rank) leaves every queue,
+                memory and the centre as they are, without the host having to look first.
 
         Returns:
             0-dim int64 tensor: the rows written to the student memory, all ranks together.
@@ -100,9 +112,9 @@ class MugsObjective(nn.Module):
         gathered = dict(zip(parts, gather_rows(torch.cat(list(parts.values()), dim=1)).split(widths, dim=1)))
         for name in ("instance", "local_group"):
             if name in gathered:  # crop 0's keys of every rank (rank order), then crop 1's
-                getattr(self, f"{name}_queue").write(torch.cat(gathered[name].chunk(2, dim=1)))
+                getattr(self, f"{name}_queue").write(torch.cat(gathered[name].chunk(2, dim=1)), ok)
         if w.group > 0:
-            self.group_loss.update_center(cast(torch.Tensor, teacher.group))
-        n_weak = self.student_memory.write_kept(gathered["student_memory"], gathered["keep"].view(-1) > 0.5)
-        self.teacher_memory.write(gathered["teacher_memory"])
+            self.group_loss.update_center(cast(torch.Tensor, teacher.group), ok)
+        n_weak = self.student_memory.write_kept(gathered["student_memory"], gathered["keep"].view(-1) > 0.5, ok)
+        self.teacher_memory.write(gathered["teacher_memory"], ok)
         return n_weak

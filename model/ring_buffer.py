@@ -44,12 +44,15 @@ class RingBuffer(nn.Module):
         return self.rows.shape[0]
 
     @torch.no_grad()
-    def write_kept(self, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def write_kept(self, rows: torch.Tensor, keep: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:
         """Write the rows where `keep` (in order), as `write(rows[keep])` would, but without the
         host synchronisation boolean indexing costs: the slots touched are the next len(rows) from
-        the pointer, each gets its kept row or keeps its value. Returns the kept count (a tensor)."""
+        the pointer, each gets its kept row or keeps its value. Returns the kept count (a tensor).
+        `ok` (0-dim bool, on the device): False keeps no row (a non-finite step writes nothing)."""
         m = rows.shape[0]
         keep = keep.to(device=rows.device, dtype=torch.bool)
+        if ok is not None:
+            keep = keep & ok
         count = keep.sum()
         if m > self.size:  # only the newest `size` kept rows can survive
             order = torch.cumsum(keep, 0) - 1 - (count - self.size).clamp(min=0)
@@ -75,14 +78,19 @@ class RingBuffer(nn.Module):
         self.ptr.copy_((self.ptr + advance) % self.size)
 
     @torch.no_grad()
-    def write(self, rows: torch.Tensor) -> int:
-        """Write `rows` [n, dim] from the pointer on, wrapping; returns n (rows offered)."""
+    def write(self, rows: torch.Tensor, ok: torch.Tensor | None = None) -> int:
+        """Write `rows` [n, dim] from the pointer on, wrapping; returns n (rows offered).
+        `ok` (0-dim bool, on the device): False leaves rows and pointer as they are (a non-finite step)."""
         n = rows.shape[0]
         if n == 0:
             return 0
         rows = rows[-self.size :].to(self.rows.dtype)
         written = rows.shape[0]
         index = (self.ptr + torch.arange(written, device=rows.device)) % self.size
-        self.rows.index_copy_(0, index, rows)
-        self._advance(written)
+        if ok is None:
+            self.rows.index_copy_(0, index, rows)
+            self._advance(written)
+        else:
+            self.rows.index_copy_(0, index, torch.where(ok, rows, self.rows[index]))
+            self._advance(ok * written)
         return n

@@ -22,11 +22,30 @@ ends (a callback queued on the autograd engine, as FSDP2 does), so between steps
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
+
+
+@dataclass
+class FlatGrads:
+    """Gradient buffers that are consecutive views of ONE flat buffer, so one op can touch them all
+    (the per-parameter clip: training/optim.py)."""
+
+    flat: torch.Tensor  # 1-D
+    views: list[torch.Tensor]  # shaped like the parameters, in order
+    counts: torch.Tensor  # each view's numel, on the device (repeat_interleave's repeats)
+
+    @classmethod
+    def like(cls, params: list[torch.Tensor]) -> FlatGrads:
+        """Zeroed buffers for `params` (all of one dtype and device)."""
+        numels = [p.numel() for p in params]
+        flat = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
+        views = [v.view_as(p) for v, p in zip(flat.split(numels), params)]
+        return cls(flat, views, torch.tensor(numels, device=flat.device))
 
 
 class BF16Mirrors:
@@ -44,7 +63,9 @@ class BF16Mirrors:
                     self.masters.append(p)
         self.dtype = dtype
         self.mirrors = [torch.empty_like(p, dtype=dtype).requires_grad_(p.requires_grad) for p in self.masters]
-        self.grads32: list[torch.Tensor] | None = None  # fp32 gradient buffers, made on first use
+        # the masters' fp32 gradient buffers: views of one flat buffer, made now (none for a frozen teacher)
+        trained = any(p.requires_grad for p in self.masters)
+        self.grads: FlatGrads | None = FlatGrads.like(self.masters) if trained else None
         self.versions: tuple[int, ...] | None = None  # the masters' versions at the last refresh
         self.swapped = False
         self.pending_backward = False
@@ -100,13 +121,10 @@ class BF16Mirrors:
             if m.grad is not None:
                 (fresh if self.masters[i].grad is None else more).append(i)
         if fresh:
-            if self.grads32 is None:
-                self.grads32 = [torch.empty_like(p) for p in self.masters]
-            torch._foreach_copy_(
-                [self.grads32[i] for i in fresh], [cast(torch.Tensor, self.mirrors[i].grad) for i in fresh]
-            )
+            grads32 = cast(FlatGrads, self.grads).views  # a mirror with a gradient: its master requires one
+            torch._foreach_copy_([grads32[i] for i in fresh], [cast(torch.Tensor, self.mirrors[i].grad) for i in fresh])
             for i in fresh:
-                self.masters[i].grad = self.grads32[i]
+                self.masters[i].grad = grads32[i]
         for i in more:  # a second backward before the gradients were cleared: they add up, as on a plain module
             cast(torch.Tensor, self.masters[i].grad).add_(cast(torch.Tensor, self.mirrors[i].grad))
         for i in fresh + more:

@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, Shard  # what FSDP2 parameters and
 
 from ..configs.views import GradClip
 from ..core.dist import local_shard
+from .one_device import FlatGrads
 
 GROUP_NAMES = ("normal_params", "patch_embed", "no_wd", "patch_embed_no_wd")
 
@@ -96,24 +97,34 @@ def _shard_group(t: torch.Tensor):
 
 
 @torch.no_grad()
-def clip_per_parameter_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_per_parameter_(
+    parameters: Iterable[torch.Tensor], max_norm: float | torch.Tensor, flat: FlatGrads | None = None
+) -> torch.Tensor:
     """Scale each gradient by min(1, max_norm / (||g|| + 1e-6)) on its OWN norm.
 
     With FSDP2 the local squared norms of all shards are stacked and summed with
     ONE all-reduce (not one per tensor). Returns the per-parameter norms. A negative `max_norm` would
-    flip every gradient (gradient ascent): ValueError (--clip_grad's range refuses it before a run starts)."""
-    if not max_norm >= 0:
+    flip every gradient (gradient ascent): ValueError (--clip_grad's range refuses it before a run starts).
+    `max_norm` may be a 0-dim device tensor (the training step's; its range is checked on the host).
+    `flat`: the gradients are its views (training/one_device.py): every view is scaled, in ONE multiply
+    of the buffer (torch's multi-tensor multiply by a list of 0-dim tensors is one kernel per tensor)."""
+    if not isinstance(max_norm, torch.Tensor) and not max_norm >= 0:
         raise ValueError(f"clip norm {max_norm} must be >= 0 (0: no clipping)")
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    local = [local_shard(g) for g in grads]
+    local = flat.views if flat is not None else [local_shard(g) for g in grads]
     sq = torch.stack(torch._foreach_norm(local)).float().square()
     group = _shard_group(grads[0])
     if group is not None:
         dist.all_reduce(sq, group=group)
     norms = sq.sqrt()
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    # reciprocal x max_norm: what `max_norm / tensor` computes (Tensor.__rtruediv__), float or tensor alike
+    coef = ((norms + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
+    if flat is not None:
+        scale = coef.to(flat.flat.dtype).repeat_interleave(flat.counts, output_size=flat.flat.numel())
+        flat.flat.mul_(scale)
+        return norms
     dtypes = {g.dtype for g in local}
     scales = (
         list(coef.to(dtypes.pop()).unbind())
@@ -136,3 +147,43 @@ def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int
     for name, p in model.named_parameters():
         if "last_layer" in name:
             p.grad = None
+
+
+@torch.no_grad()
+def adamw_step_(
+    opt: torch.optim.Optimizer, lr: dict[float, torch.Tensor], decay: dict[float, torch.Tensor], found_inf: torch.Tensor
+) -> None:
+    """AdamW's update with lr and the decoupled decay factor as device tensors, skipped on `found_inf`.
+
+    The groups' float lr/weight_decay stay what the checkpoint records (set_lr_wd); the update reads
+    `lr[mult]` and `decay[mult]` (1 - lr x wd, training/device_scalars.py) instead. Decay is applied
+    as torch's AdamW applies it, param *= 1 - lr x wd before the Adam update (one multiply per lr
+    multiplier), then torch's fused kernel (`_fused_adamw_` with a tensor lr and weight decay 0) per
+    multiplier. `found_inf` 1. (a non-finite loss; the caller passes a decay of 1 then): the kernel
+    skips the update and the step count is put back; nothing changes."""
+    by_mult: dict[float, list[list[torch.Tensor]]] = {}
+    for g in opt.param_groups:
+        rows = by_mult.setdefault(g.get("lr_mult", 1.0), [[], [], [], [], [], []])  # p, grad, m, v, step, decayed
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            st = opt.state[p]
+            for i, t in enumerate((p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
+                rows[i].append(local_shard(t))
+            rows[4].append(st["step"])
+            if g.get("apply_wd", True):
+                rows[5].append(local_shard(p))
+    steps = [s for rows in by_mult.values() for s in rows[4]]
+    if not steps:
+        return
+    torch._foreach_add_(steps, 1)  # all step counts in one op (torch's fused AdamW: one per group)
+    b1, b2 = opt.defaults["betas"]
+    for mult, (params, grads, m, v, st, decayed) in by_mult.items():
+        if decayed:
+            torch._foreach_mul_(decayed, decay[mult])
+        if params:
+            torch._fused_adamw_(
+                params, grads, m, v, [], st, lr=lr[mult], beta1=b1, beta2=b2, weight_decay=0.0,
+                eps=opt.defaults["eps"], amsgrad=False, maximize=False, found_inf=found_inf,
+            )  # fmt: skip
+    torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -6,13 +6,19 @@ training/replay_trace.py; the phase timer and the collective counter, benchmarks
 none attached the step calls nothing. Resharding the teacher after its forward is FSDP's
 job (training/parallelize.py wraps the teacher with `reshard_after_forward=True`).
 
-Host-device synchronisation: ONE per step, after backward. The losses are stacked on
-the device, averaged over ranks and copied to the host only once backward has been
-queued, so nothing stalls the device between forward and backward; a NaN/inf on any
-rank still raises before clipping, the optimizer, the queues/centre/memories and the
-EMA touch any state. The caller's per-step host flags (`flags`: the trainer's stop and
-checkpoint-due signals) ride in the same all-reduce and come back OR-ed over ranks, so a
-training-loop iteration has this one sync too; nothing on the hot path builds a host
+Host-device synchronisation: ONE per step, after the whole tail (issue 26, item 4). The losses are
+stacked on the device and averaged over ranks (the step's one all-reduce) once backward has been
+queued; whether all are finite is decided ON THE DEVICE (`ok`), and clip -> AdamW -> queues/centre/
+memories -> EMA are all queued behind it with every state write masked by it (fused AdamW's
+`found_inf`, a decay factor of 1, an EMA weight of 0, masked ring/centre writes). Only then are the
+averages copied to the host: a NaN/inf on any rank raises there, with every piece of state as it
+was. Every per-step number (lr, lr x wd, EMA weight, teacher temperature, clip value, the caller's
+flags) reaches the kernels as a device tensor (training/device_scalars.py), so two steps dispatch
+the same ops with the same arguments: the step is ready to be a CUDA graph (training/cuda_graphs.py;
+tests/test_graph_readiness.py). With a non-fused optimiser (the golden-trace replay's reference)
+the sync stays where it was, before clipping. The caller's per-step host flags (`flags`: the
+trainer's stop and checkpoint-due signals) ride in the same all-reduce and come back OR-ed over
+ranks, so a training-loop iteration has this one sync too; nothing on the hot path builds a host
 tensor that meets device tensors (tests/test_host_sync.py checks both on CPU). On CUDA,
 benchmarks/step_measure.py counts the syncs with torch.cuda.set_sync_debug_mode
 (`host_syncs_per_step`, and `host_syncs_per_iteration` for training/trainer.py:loop_step).
@@ -20,7 +26,7 @@ benchmarks/step_measure.py counts the syncs with torch.cuda.set_sync_debug_mode
 Each phase runs inside a `torch.profiler.record_function("mugs.<phase>")` range, so a
 profiler trace shows it, and ends with the hooks' `on_phase_end(label)`. Phases: teacher_fwd,
 student_fwd, loss, backward, loss_check, clip (incl. the last-layer freeze), optimizer,
-state_update, ema.
+state_update, ema, then host_sync (fused AdamW's device order; the reference order syncs in loss_check).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -39,8 +46,9 @@ from ..core.dist import mean_over_ranks, world_size
 from ..core.errors import NonFiniteLossError
 from ..model.network import MugsNetwork, MugsOutputs
 from ..model.objective import MugsObjective
-from .ema import ema_pairs, ema_update_
-from .optim import cancel_last_layer_grads, clip_per_parameter_, clip_value, set_lr_wd
+from .device_scalars import StepScalars
+from .ema import ema_lerp_, ema_pairs
+from .optim import adamw_step_, cancel_last_layer_grads, clip_per_parameter_, clip_value, set_lr_wd
 
 
 @dataclass
@@ -62,7 +70,7 @@ class StepHook:
         """Both forwards ran."""
 
     def on_backward_done(self, student: nn.Module) -> None:
-        """The losses are finite on every rank; `student`'s gradients are the raw ones."""
+        """The losses are averaged (the reference order: and known finite); `student`'s gradients are the raw ones."""
 
     def on_clip_done(self, student: nn.Module) -> None:
         """`student`'s gradients are clipped and the frozen last layer's cancelled: what the optimizer gets."""
@@ -109,6 +117,13 @@ class MugsTrainStep:
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         self.hooks: tuple[StepHook, ...] = tuple(hooks)
         self.teacher_params, self.student_params = ema_pairs(student, teacher)
+        # fused AdamW (every device type torch has the kernel for): the device order, one sync at the end
+        self.device_tail = bool(optimizer.defaults.get("fused"))
+        device = next(student.parameters()).device
+        self.scalars = StepScalars(device, [g.get("lr_mult", 1.0) for g in optimizer.param_groups])
+        mirrors = getattr(student, "_one_device", None)  # training/one_device.py: flat gradient buffers
+        self.flat_grads = mirrors.grads if mirrors is not None else None
+        self._outputs: tuple[MugsOutputs, MugsOutputs] | None = None
         for p in teacher.parameters():
             p.requires_grad_(False)
 
@@ -135,60 +150,106 @@ class MugsTrainStep:
         """`lr` and `weight_decay` together, or neither (see `apply_lr_wd`).
         `flags` (host booleans) are agreed over ranks in the step's one all-reduce: the result's
         `flags` holds each one OR-ed over ranks."""
+        self.prepare(epoch=epoch, momentum=momentum, lr=lr, weight_decay=weight_decay, flags=flags)
+        # the reference order (a non-fused optimiser) has the host look before anything changes state
+        sync_now = step_index if not self.device_tail else None
+        stacked, names, ok, values = self.forward_backward(
+            teacher_crops, student_crops, weak_flags, epoch, len(flags), sync_now
+        )
+        if values is None:  # the device order: every state write queued, masked by `ok`, then the sync
+            self.tail(weak_flags, epoch, ok)
+            with self._phase("host_sync"):
+                values = self.host_check(stacked, names, step_index)
+        else:
+            self.tail(weak_flags, epoch, None)
+        return self.result(values, names, epoch)
+
+    def prepare(self, *, epoch: int, momentum: float, lr, weight_decay, flags: Sequence[bool]) -> None:
+        """The step's host numbers into the optimiser's groups (what checkpoints record) and into the
+        device scalars every later op reads (training/device_scalars.py): the work that stays outside a
+        captured step."""
         apply_lr_wd(self.optimizer, lr, weight_decay)
+        groups = self.optimizer.param_groups
+        lr_of = {g.get("lr_mult", 1.0): g["lr"] for g in groups}
+        wd_of = {g.get("lr_mult", 1.0): g["weight_decay"] for g in groups if g.get("apply_wd", True)}
+        clip = clip_value(self.clip_grad, epoch) if self.clip_grad else 0.0
+        temp = self.objective.group_loss.teacher_temp(epoch)
+        self.scalars.set(lr=lr_of, weight_decay=wd_of, momentum=momentum, teacher_temp=temp, clip=clip, flags=flags)
+
+    def forward_backward(
+        self, teacher_crops, student_crops, weak_flags, epoch: int, n_flags: int, sync_now: int | None = None
+    ):
+        """Both forwards, the losses, backward, and the losses averaged over ranks ON THE DEVICE (the
+        step's one all-reduce, with the caller's flags). Returns (that stacked average, the loss names,
+        `ok`: a 0-dim bool, every loss finite on every rank, and the host values when `sync_now`
+        (a step index) asked for the host check here)."""
         with self._phase("teacher_fwd"), torch.no_grad():
             t_out = self.teacher(teacher_crops, self.objective.teacher_memory)
         with self._phase("student_fwd"):
             s_out = self.student(student_crops, self.objective.student_memory)
+        self._outputs = (s_out, t_out)
         for h in self.hooks:
             h.on_forward_done(s_out, t_out)
         with self._phase("loss"):
-            losses = self.objective(s_out, t_out, len(student_crops), epoch)
+            losses = self.objective(s_out, t_out, len(student_crops), epoch, self.scalars.teacher_temp)
             present = {k: v for k, v in losses.items() if v is not None}
             dev = losses["total"].device
             n_local_weak = weak_flags.to(device=dev).sum().float().view(1)
-            # host values enter as fill kernels' scalars (torch.full), not as an H2D copy of a host tensor
-            host_flags = [torch.full((1,), float(bool(f)), device=dev) for f in flags]
-            stacked = torch.cat(
-                [torch.stack([v.detach().float() for v in present.values()]), n_local_weak, *host_flags]
-            )
+            flags = self.scalars.flags[:n_flags]  # the caller's host flags, filled in by `prepare`
+            stacked = torch.cat([torch.stack([v.detach().float() for v in present.values()]), n_local_weak, flags])
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
         with self._phase("loss_check"):
-            # the step's one host sync; averaged over ranks: the logged numbers are global, and a NaN
-            # on one rank stops all of them, before anything below changes state
-            averaged = mean_over_ranks(stacked).cpu().tolist()
-            values, mean_weak, mean_flags = (
-                averaged[: len(present)],
-                averaged[len(present)],
-                averaged[len(present) + 1 :],
-            )
-            n_weak = mean_weak * world_size()  # the weak images of the global batch
-            bad = [k for k, v in zip(present, values) if not math.isfinite(v)]
-            if bad:
-                raise NonFiniteLossError(
-                    f"step {step_index}: non-finite loss in {', '.join(bad)} ({dict(zip(present, values))})"
-                )
+            # averaged over ranks: the logged numbers are global, and a NaN on one rank stops all of them
+            averaged = mean_over_ranks(stacked)
+            ok = (averaged[: len(present)] * 0 == 0).all()  # isfinite in 3 ops: inf * 0 and NaN * 0 are NaN
+            values = None if sync_now is None else self.host_check(averaged, list(present), sync_now)
         for h in self.hooks:
             h.on_backward_done(self.student)
+        return averaged, list(present), ok, values
+
+    def tail(self, weak_flags: torch.Tensor, epoch: int, ok: torch.Tensor | None) -> None:
+        """Clip, freeze, AdamW, queues/centre/memories, EMA; with `ok` (device order) every state
+        write is masked by it, so a non-finite step changes nothing though no host looked first."""
+        sc = self.scalars
         with self._phase("clip"):
             if self.clip_grad:
-                clip_per_parameter_(self.student.parameters(), clip_value(self.clip_grad, epoch))
+                clip_per_parameter_(self.student.parameters(), sc.clip, self.flat_grads)
             cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
         for h in self.hooks:
             h.on_clip_done(self.student)
         with self._phase("optimizer"):
-            self.optimizer.step()
+            if ok is None:
+                self.optimizer.step()
+            else:
+                decay, ema_weight, found_inf = sc.masked(ok)
+                adamw_step_(self.optimizer, sc.lr, decay, found_inf)
+        s_out, t_out = cast(tuple[MugsOutputs, MugsOutputs], self._outputs)
+        self._outputs = None
         with self._phase("state_update"):
-            self.objective.update_state(s_out, t_out, weak_flags)
+            self.objective.update_state(s_out, t_out, weak_flags, ok)
         with self._phase("ema"):
-            ema_update_(self.teacher_params, self.student_params, momentum)
+            ema_lerp_(self.teacher_params, self.student_params, sc.ema_weight if ok is None else ema_weight)
+
+    def host_check(self, stacked: torch.Tensor, names: list[str], step_index: int) -> list[float]:
+        """The step's one host sync: the averaged losses, weak count and flags to the host; a
+        non-finite loss raises (its state untouched: the reference order had not touched it yet, the
+        device order masked every write)."""
+        values = stacked.cpu().tolist()
+        losses = dict(zip(names, values))
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"step {step_index}: non-finite loss in {', '.join(bad)} ({losses})")
+        return values
+
+    def result(self, values: list[float], names: list[str], epoch: int) -> StepResult:
+        n = len(names)
         result = StepResult(
-            losses=dict(zip(present, values)),
-            n_weak=round(n_weak),
+            losses=dict(zip(names, values[:n])),
+            n_weak=round(values[n] * world_size()),  # the weak images of the global batch
             teacher_temp=self.objective.group_loss.teacher_temp(epoch),
-            flags=tuple(f > 0 for f in mean_flags),  # a mean of 0/1 values is > 0 when any rank set it
+            flags=tuple(f > 0 for f in values[n + 1 :]),  # a mean of 0/1 values is > 0 when any rank set it
         )
         for h in self.hooks:
             h.on_step_end(result)

@@ -40,6 +40,7 @@ from ..core.errors import (
 )
 from . import failure
 from .checkpointer import Checkpointer, checkpoint_parts
+from .cuda_graphs import GraphedStep
 from .exit_reason import StopReason
 from .knn_monitor import KnnMonitor, load_sets
 from .knn_point import KnnPoint
@@ -103,7 +104,7 @@ class Run:
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
         clip, freeze = cfg.clip_view(), cfg.freeze_last_layer
-        self.step_fn = MugsTrainStep(
+        self.step_fn = (GraphedStep if cfg.cuda_graphs else MugsTrainStep)(
             self.student, self.teacher, self.objective, self.optimizer, clip_grad=clip, freeze_last_layer=freeze
         )
         self.step = 0

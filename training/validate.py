@@ -21,7 +21,7 @@ def validate(cfg: MugsConfig, world_size: int = 1) -> None:
     out_of_range = check_ranges(cfg)
     if out_of_range:
         raise ConfigError(out_of_range)
-    for check in (_paths, _model, _crops, _objective, _schedule, _knn):
+    for check in (_paths, _model, _crops, _objective, _schedule, _knn, _execution):
         check(cfg, world_size)
 
 
@@ -166,3 +166,18 @@ def check_knn_data(cfg: MugsConfig):
 def check_output_dir(output_dir: str) -> None:
     """Creates the output dir and proves it writable (a probe file), or one line saying what to do."""
     outputs.check_output_dir(output_dir, "--output_dir")
+
+
+def _execution(cfg: MugsConfig, world_size: int) -> None:
+    """--cuda_graphs (training/cuda_graphs.py) captures one process's whole step: what it cannot hold."""
+    if not cfg.cuda_graphs:
+        return
+    why = (
+        "needs --device cuda" if cfg.device != "cuda"
+        else "needs one process (FSDP2's collectives stay outside a graph)" if world_size > 1
+        else "and --compile: choose one" if cfg.compile
+        else "and activation checkpointing: choose one" if cfg.activation_checkpointing != "none"
+        else None
+    )  # fmt: skip
+    if why:
+        raise ConfigError(f"--cuda_graphs {why}")
