@@ -16,7 +16,6 @@ MAX_FUNCTION_LINES = 60
 # entry that is already within the limits). Nothing else may be added here.
 PENDING = {
     "model/vit.py",
-    "training/step.py:MugsTrainStep.__call__",
 }
 
 
