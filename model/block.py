@@ -45,20 +45,27 @@ class MultiResBlock(Block):
         rate = getattr(self.drop_path1, "drop_prob", 0.0)
         self.register_buffer("drop_path_rate", torch.tensor(float(rate)), persistent=False)
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False, sizes: Sizes | None = None):
+    def forward(
+        self, x, attn_mask=None, is_causal: bool = False, sizes: Sizes | None = None, masks: torch.Tensor | None = None
+    ):
         if isinstance(x, (list, tuple)):
             sizes = tuple((t.shape[0], t.shape[1]) for t in x)
             return unpack(self.forward_packed(pack(x), sizes), sizes)
         if sizes is not None:
-            return self.forward_packed(x, sizes)
+            return self.forward_packed(x, sizes, masks)
         # timm's Block.forward took no attn_mask before 1.0.16 and no is_causal before 1.0.26: pass only what is set
         kw = {"attn_mask": attn_mask} if attn_mask is not None else {}
         if is_causal:
             kw["is_causal"] = True
         return super().forward(x, **kw)
 
-    def forward_packed(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+    def forward_packed(self, flat: torch.Tensor, sizes: Sizes, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """`masks`: this block's two drop-path row masks [2, rows, 1] when the model drew every block's at
+        once (`MugsViT.forward_tokens_list`); None: the block draws them itself."""
         branch = self.ls1(self._attention(self.norm1(flat), sizes))
+        if masks is not None:
+            flat = flat + branch * masks[0]
+            return flat + self.ls2(self.mlp(self.norm2(flat))) * masks[1]
         if not self._masks_at_once():
             flat = flat + self._drop_path(self.drop_path1, branch, sizes)
             return flat + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(flat))), sizes)
@@ -71,16 +78,22 @@ class MultiResBlock(Block):
 
     def _masks_at_once(self) -> bool:
         """Eager training with both drop paths at one rate > 0 and no dropout in the MLP between them."""
+        return self.training and not torch.compiler.is_compiling() and self.drop_rate_if_drawn_at_once() > 0.0
+
+    def drop_rate_if_drawn_at_once(self) -> float:
+        """The block's drop-path rate when its draws can move before its attention: both drop paths at one
+        rate that scales by keep, and nothing in the block draws random numbers besides them (no
+        dropout). 0.0: no drop path; -1.0: the draws must stay where they are."""
         d1, d2 = self.drop_path1, self.drop_path2
-        return (
-            self.training
-            and not torch.compiler.is_compiling()
-            and not isinstance(d1, nn.Identity)
-            and not isinstance(d2, nn.Identity)
-            and d1.drop_prob > 0.0
-            and (d1.drop_prob, getattr(d1, "scale_by_keep", True)) == (d2.drop_prob, getattr(d2, "scale_by_keep", True))
-            and not any(m.p for m in self.mlp.modules() if isinstance(m, nn.Dropout))
-        )
+        if isinstance(d1, nn.Identity) and isinstance(d2, nn.Identity):
+            return 0.0
+        if isinstance(d1, nn.Identity) or isinstance(d2, nn.Identity) or not getattr(d1, "scale_by_keep", True):
+            return -1.0
+        if d1.drop_prob != d2.drop_prob or not getattr(d2, "scale_by_keep", True) or not 0.0 < d1.drop_prob < 1.0:
+            return -1.0
+        if any(m.p for m in self.modules() if isinstance(m, nn.Dropout)) or self.attn.attn_drop.p:
+            return -1.0
+        return float(d1.drop_prob)
 
     def _attention(self, flat: torch.Tensor, sizes: Sizes) -> torch.Tensor:
         """timm Attention's maths with the QKV and output projections over all tokens at once and

@@ -65,6 +65,38 @@ def drop_masks(
     return mask[:, _row_samples(sizes, device)]
 
 
+def depth_drop_masks(sizes: Sizes, rates: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[len(rates), 2, rows, 1]: `drop_masks(sizes, 2, rate, True, ...)` of every block in turn, from the
+    same `bernoulli_` calls in the same order, with one multiply by the blocks' 1/keep (exact on 0/1
+    values, each the quotient `div_(keep)` gives) and ONE index for all blocks instead of a division
+    and an index per block. Every rate in (0, 1)."""
+    samples = sum(b for b, _ in sizes)
+    mask = torch.empty(len(rates), 2, samples, 1, dtype=dtype, device=device)
+    for i, rate in enumerate(rates):
+        for j in range(2):
+            start = 0
+            for b, _ in sizes:
+                mask[i, j, start : start + b].bernoulli_(1.0 - rate)
+                start += b
+    mask.mul_(_reciprocals(tuple(rates), dtype, device))
+    return mask[:, :, _row_samples(sizes, device)]
+
+
+_RECIPROCALS: dict = {}
+
+
+def _reciprocals(rates: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[len(rates), 1, 1, 1]: 1 / (1 - rate) in `dtype`, each computed by the `div_(keep)` timm's drop
+    path divides its mask with (so bitwise its mask value), made once per rates."""
+    key = (rates, dtype, device)
+    if key not in _RECIPROCALS:
+        ones = torch.ones(len(rates), 1, 1, 1, dtype=dtype, device=device)
+        for i, rate in enumerate(rates):
+            ones[i].div_(1.0 - rate)
+        _RECIPROCALS[key] = ones
+    return _RECIPROCALS[key]
+
+
 _ROW_SAMPLES: dict = {}
 
 

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..configs.archs import backbone_shape
 from .block import MultiResBlock
 from .init import init_linear
-from .packed import pack, unpack
+from .packed import depth_drop_masks, pack, unpack
 
 
 @dataclass
@@ -90,9 +90,29 @@ class MugsViT(VisionTransformer):
         tokens = [self.norm_pre(self._pos_embed(self.patch_embed(x))) for x in xs]
         sizes = tuple((t.shape[0], t.shape[1]) for t in tokens)
         flat = pack(tokens)
+        masks = self._drop_masks(sizes, flat)
         for blk in self.blocks:
-            flat = blk(flat, sizes=sizes)
+            flat = (
+                blk(flat, sizes=sizes)
+                if masks is None or blk not in masks
+                else blk(flat, sizes=sizes, masks=masks[blk])
+            )
         return unpack(flat, sizes)
+
+    def _drop_masks(self, sizes, flat: torch.Tensor) -> dict | None:
+        """Every block's drop-path row masks, drawn before the first block with one scaling and one index
+        for all (`depth_drop_masks`): the same `bernoulli_` calls in the same order as each block drawing
+        its own, since nothing between them draws random numbers. None (each block draws its own):
+        evaluation, a compiled block (its graph draws), or a block whose draws cannot move."""
+        blocks = cast(list[MultiResBlock], list(self.blocks))
+        if not self.training or any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks):
+            return None
+        rates = [b.drop_rate_if_drawn_at_once() for b in blocks]
+        if any(r < 0.0 for r in rates) or not any(r > 0.0 for r in rates):
+            return None
+        drawing = [b for b, r in zip(blocks, rates) if r > 0.0]
+        masks = depth_drop_masks(sizes, [r for r in rates if r > 0.0], flat.dtype, flat.device)
+        return dict(zip(drawing, masks))
 
     def relation(self, queries: torch.Tensor, memory) -> torch.Tensor:
         """Local-group feature of each query [B, D]: [q, its top-k memory rows] through the relation block(s)."""

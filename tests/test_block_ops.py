@@ -74,3 +74,37 @@ def test_both_drop_path_masks_at_once_is_the_two_drop_paths_bitwise(dtype):
     assert torch.equal(a, b) and torch.equal(ra, rb)
     assert all(torch.equal(x, y) for x, y in zip(ga, gb))
     assert not torch.equal(a, _block_and_rows(dtype, drop_path=0.0)[0].train()(_block_and_rows(dtype)[1], sizes=SIZES))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_blocks_masks_drawn_before_the_first_block_are_each_block_drawing_its_own_bitwise(dtype):
+    """MugsViT draws all blocks' drop-path masks before the first block (one scaling, one index for all):
+    tokens, gradients and the generator's state afterwards are bit for bit each block drawing its own,
+    and the blocks then dispatch neither a division nor an index."""
+    from mugs.model.vit import build_backbone
+
+    xs = [torch.randn(3, 3, 32, 32, dtype=dtype), torch.randn(5, 3, 16, 16, dtype=dtype)]
+    results = []
+    for at_once in (True, False):
+        torch.manual_seed(0)
+        vit = build_backbone(
+            "custom", embed_dim=16, depth=4, num_heads=2, patch_size=8, img_size=32, drop_path_rate=0.3
+        ).to(dtype)
+        vit.train()  # block 0: rate 0, no drop path (timm's linear decay from 0)
+        for i, blk in enumerate(vit.blocks[1:]):  # three different rates, one near 1
+            blk.drop_path1.drop_prob = blk.drop_path2.drop_prob = (0.2, 0.45, 0.9)[i]
+        if not at_once:
+            vit._drop_masks = lambda sizes, flat: None
+        vit.forward_tokens_list(xs)  # per-shape constants are made once
+        torch.manual_seed(5)
+        with _Kernels() as ops:
+            tokens = vit.forward_tokens_list(xs)
+        after = torch.rand(3)
+        loss = sum(t.float().square().sum() for t in tokens)
+        params = [p for n, p in vit.named_parameters() if not n.startswith(("relation", "norm."))]
+        results.append((tokens, after, torch.autograd.grad(loss, params), ops.ops))
+    (a, ra, ga, ops_a), (b, rb, gb, ops_b) = results
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(ra, rb)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert ops_a.count("bernoulli_") == ops_b.count("bernoulli_") == 3 * 2 * 2
+    assert ops_a.count("div_") + ops_a.count("index") == 1 < ops_b.count("div_") + ops_b.count("index")
