@@ -161,4 +161,10 @@ def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
     pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
     if not pairs:
         raise ValueError("every loss weight is 0: nothing to train")
-    return sum(w * l for l, w in pairs) / sum(w for _, w in pairs)
+    # the sum w_0 L_0 + w_1 L_1 + ...: a weight of 1 multiplies by nothing and the sum starts at its first
+    # term, not at 0 (x * 1 and 0 + x are exact: the same total with 4 ops fewer at the default weights)
+    terms = [l if w == 1 else w * l for l, w in pairs]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total / sum(w for _, w in pairs)

@@ -91,6 +91,11 @@ class RingBuffer(nn.Module):
             return 0
         rows = rows[-self.size :].to(self.rows.dtype)
         written = rows.shape[0]
+        if self.pointer == "fixed":  # the slots and the new pointer from one range: 2 ops fewer
+            index = (self.ptr + _arange(written + 1, rows.device)) % self.size
+            self.rows.index_copy_(0, index[:written], rows)
+            self.ptr.copy_(index[written])
+            return n
         index = (self.ptr + _arange(written, rows.device)) % self.size
         self.rows.index_copy_(0, index, rows)
         self._advance(written)

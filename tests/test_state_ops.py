@@ -38,3 +38,23 @@ def test_ring_buffer_writes_build_no_index_ranges_after_the_first():
     # 3 + 2 + 3 + 2 rows written from slot 0 of 5: the last two writes fill slots 0-2 and 3-4
     assert ring.ptr.item() == 0
     assert ring.rows[:, 0].tolist() == [2.0, 2.0, 2.0, 3.0, 3.0]
+    fours = 4 * torch.ones(3, 2)
+    with _Ops() as plain:
+        ring.write(fours)  # slots and the new pointer from one range: add, remainder, 2 writes
+    assert [op for op in plain.ops if op not in ("slice", "select")] == ["add", "remainder", "index_copy_", "copy_"]
+    assert ring.ptr.item() == 3 and ring.rows[:, 0].tolist() == [4.0, 4.0, 4.0, 3.0, 3.0]
+
+
+def test_weighted_total_at_unit_weights_is_the_plain_sum_in_three_ops():
+    from mugs.configs.views import LossWeights
+    from mugs.model.losses import weighted_total
+
+    losses = {"instance": torch.tensor(0.1), "local_group": torch.tensor(0.7), "group": torch.tensor(2.3)}
+    with _Ops() as ops:
+        total = weighted_total(losses, LossWeights(1, 1, 1))
+    assert ops.ops == ["add", "add", "div"]
+    assert torch.equal(total, (losses["instance"] + losses["local_group"] + losses["group"]) / 3)
+    assert torch.equal(
+        weighted_total(losses, LossWeights(2, 1, 0.5)),
+        (2 * losses["instance"] + losses["local_group"] + 0.5 * losses["group"]) / 3.5,
+    )
