@@ -55,11 +55,8 @@ def drop_masks(
     keep = 1.0 - drop_prob
     samples = sum(b for b, _ in sizes)
     mask = torch.empty(count, samples, 1, dtype=dtype, device=device)
-    for j in range(count):
-        start = 0
-        for b, _ in sizes:
-            mask[j, start : start + b].bernoulli_(keep)
-            start += b
+    for piece in mask.view(-1).split([b for _ in range(count) for b, _ in sizes]):
+        piece.bernoulli_(keep)
     if keep > 0.0 and scale_by_keep:
         mask.div_(keep)
     return mask[:, _row_samples(sizes, device)]
@@ -72,12 +69,10 @@ def depth_drop_masks(sizes: Sizes, rates: Sequence[float], dtype: torch.dtype, d
     and an index per block. Every rate in (0, 1)."""
     samples = sum(b for b, _ in sizes)
     mask = torch.empty(len(rates), 2, samples, 1, dtype=dtype, device=device)
-    for i, rate in enumerate(rates):
-        for j in range(2):
-            start = 0
-            for b, _ in sizes:
-                mask[i, j, start : start + b].bernoulli_(1.0 - rate)
-                start += b
+    pieces = iter(mask.view(-1).split([b for _ in range(2 * len(rates)) for b, _ in sizes]))  # one view op
+    for rate in rates:
+        for _ in range(2 * len(sizes)):
+            next(pieces).bernoulli_(1.0 - rate)
     mask.mul_(_reciprocals(tuple(rates), dtype, device))
     return mask[:, :, _row_samples(sizes, device)]
 
