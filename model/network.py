@@ -13,6 +13,7 @@ from ..configs.views import ModelConfig
 from .heads import ContrastiveHead, GroupHead
 from .losses import upcast
 from .memory import LocalGroupMemory
+from .packed import cat_rows
 from .vit import BackboneOutput, MugsViT, build_backbone
 
 
@@ -74,11 +75,6 @@ class MugsNetwork(nn.Module):
             group=upcast(self.group_head(cls_all)) if self.group_head is not None else None,
             memory_tokens=cat_rows(memory_tokens),
         )
-
-
-def cat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of the parts along dim 0; one part is returned as it is (no copy: one op fewer)."""
-    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
 def same_size_runs(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:

@@ -23,6 +23,11 @@ def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
 
 
+def cat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of the parts along dim 0; one part is returned as it is (no copy: one op fewer)."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
 def unpack(flat: torch.Tensor, sizes: Sizes) -> list[torch.Tensor]:
     """Inverse of `pack`: views [B_i, N_i, D] of `flat`."""
     if len(sizes) == 1:

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..configs.archs import backbone_shape
 from .block import MultiResBlock
 from .init import init_linear
-from .packed import depth_drop_masks, pack, unpack
+from .packed import cat_rows, depth_drop_masks, pack, unpack
 
 
 @dataclass
@@ -132,7 +132,7 @@ class MugsViT(VisionTransformer):
         relation: list[torch.Tensor | None] = [None] * len(tokens)
         if memory is not None and len(self.relation_blocks) > 0:
             queries = [t.mean(dim=1) for t in tokens]
-            relation = list(self.relation(torch.cat(queries), memory).split([q.shape[0] for q in queries]))
+            relation = list(self.relation(cat_rows(queries), memory).split([q.shape[0] for q in queries]))
         outs = []
         for t, rel in zip(tokens, relation):
             normed = self.norm(t)
