@@ -70,14 +70,14 @@ class MultiResBlock(Block):
             flat = flat + self._drop_path(self.drop_path1, branch, sizes)
             return flat + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(flat))), sizes)
         # both drop paths' masks drawn where the first one draws (nothing random runs in between), one
-        # division and one gather for both: bitwise the two `packed_drop_path` calls (tests/test_fused_pass.py)
+        # division and one gather for both: bitwise the two `packed_drop_path` calls (tests/test_block_ops.py)
         drop = cast("DropPath", self.drop_path1)  # `_masks_at_once`: not an Identity
         masks = drop_masks(sizes, 2, drop.drop_prob, getattr(drop, "scale_by_keep", True), branch.dtype, flat.device)
         flat = flat + branch * masks[0]
         return flat + self.ls2(self.mlp(self.norm2(flat))) * masks[1]
 
     def _masks_at_once(self) -> bool:
-        """Eager training with both drop paths at one rate > 0 and no dropout in the MLP between them."""
+        """Eager training with both drop paths at one rate in (0, 1) and no dropout in the block."""
         return self.training and not torch.compiler.is_compiling() and self.drop_rate_if_drawn_at_once() > 0.0
 
     def drop_rate_if_drawn_at_once(self) -> float:
