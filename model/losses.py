@@ -27,18 +27,30 @@ def _pair_mean(pair_loss: torch.Tensor, n_global: int = 2) -> torch.Tensor:
     """pair_loss [2 teacher crops, S student crops] -> 0.5*(mean large + mean small), same-index pairs skipped.
 
     Sums under fixed 0/1 masks divided by the pair counts (boolean indexing would synchronise with
-    the host); S > n_global always, since the config requires at least one local crop. The masks are
-    built on pair_loss's device with no index tensor: a CPU-built one (e.g. `torch.arange(t)`) would
-    cost an H2D copy and a stream sync per loss (tests/test_host_sync.py)."""
+    the host); S > n_global always, since the config requires at least one local crop."""
     t, s = pair_loss.shape
-    large = torch.zeros(t, s, dtype=pair_loss.dtype, device=pair_loss.device)
-    large[:, :n_global] = 1.0
-    large.diagonal().zero_()  # (i, i) for i < t: student crop i is not compared with teacher crop i
-    small = torch.zeros_like(large)
-    small[:, n_global:] = 1.0
+    large, small = _pair_masks(t, s, n_global, pair_loss.dtype, pair_loss.device)
     large_mean = (pair_loss * large).sum() / (t * n_global - t)
     small_mean = (pair_loss * small).sum() / (t * (s - n_global))
     return 0.5 * (large_mean + small_mean)
+
+
+_PAIR_MASKS: dict = {}
+
+
+def _pair_masks(t: int, s: int, n_global: int, dtype: torch.dtype, device: torch.device):
+    """`_pair_mean`'s constant masks, made once per shape (issue 26: 5 fewer ops per loss and step). Built
+    on the device with no index tensor: a CPU-built one (e.g. `torch.arange(t)`) would cost an H2D copy
+    and a stream sync (tests/test_host_sync.py)."""
+    key = (t, s, n_global, dtype, device)
+    if key not in _PAIR_MASKS:
+        large = torch.zeros(t, s, dtype=dtype, device=device)
+        large[:, :n_global] = 1.0
+        large.diagonal().zero_()  # (i, i) for i < t: student crop i is not compared with teacher crop i
+        small = torch.zeros_like(large)
+        small[:, n_global:] = 1.0
+        _PAIR_MASKS[key] = (large, small)
+    return _PAIR_MASKS[key]
 
 
 class InfoNCELoss(nn.Module):
@@ -161,4 +173,10 @@ def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
     pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
     if not pairs:
         raise ValueError("every loss weight is 0: nothing to train")
-    return sum(w * l for l, w in pairs) / sum(w for _, w in pairs)
+    # the sum w_0 L_0 + w_1 L_1 + ...: a weight of 1 multiplies by nothing and the sum starts at its first
+    # term, not at 0 (x * 1 and 0 + x are exact: the same total with 4 ops fewer at the default weights)
+    terms = [l if w == 1 else w * l for l, w in pairs]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total / sum(w for _, w in pairs)

@@ -13,6 +13,7 @@ from ..configs.views import ModelConfig
 from .heads import ContrastiveHead, GroupHead
 from .losses import upcast
 from .memory import LocalGroupMemory
+from .packed import cat_rows
 from .vit import BackboneOutput, MugsViT, build_backbone
 
 
@@ -65,14 +66,14 @@ class MugsNetwork(nn.Module):
         Head outputs leave in (at least) fp32 even when the heads compute in bf16, so that the
         losses' InfoNCE logits against the queue and the group softmax over the prototypes are
         fp32 arithmetic, not bf16-rounded."""
-        cls_all = torch.cat([o.cls for o in outs])
+        cls_all = torch.cat([o.cls for o in outs])  # (also for one run: the heads get contiguous rows)
         return MugsOutputs(
             instance=upcast(self.instance_head(cls_all)) if self.instance_head is not None else None,
-            local_group=upcast(self.local_group_head(torch.cat([cast(torch.Tensor, o.relation) for o in outs])))
+            local_group=upcast(self.local_group_head(cat_rows([cast(torch.Tensor, o.relation) for o in outs])))
             if self.local_group_head is not None
             else None,
             group=upcast(self.group_head(cls_all)) if self.group_head is not None else None,
-            memory_tokens=torch.cat(list(memory_tokens)),
+            memory_tokens=cat_rows(memory_tokens),
         )
 
 

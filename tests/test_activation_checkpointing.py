@@ -13,7 +13,7 @@ from fsdp_worker import tiny_cfg
 from mugs.configs.flags import parse_config
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
-from mugs.model.vit import MultiResBlock
+from mugs.model.block import MultiResBlock
 from mugs.training.models import build_models
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import checkpoint_forward_, compile_counts, compile_report, selective_policy

@@ -114,7 +114,7 @@ def test_drop_path_rate_buffer_is_not_in_the_state_dict():
 
 def test_compiled_drop_path_drops_whole_samples_at_the_block_rate():
     """The compiled drop path (the rate read from the buffer) keeps each sample whole or zero, scaled by 1/keep."""
-    from mugs.model.vit import MultiResBlock
+    from mugs.model.block import MultiResBlock
 
     blk = MultiResBlock(8, 2, qkv_bias=True, drop_path=0.5).train()
     branch = torch.ones(400 * 3, 8)

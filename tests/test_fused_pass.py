@@ -1,4 +1,4 @@
-"""The fused multi-resolution pass (model/vit.py list forward) and parallelize's activation checkpointing."""
+"""The fused multi-resolution pass (model/block.py, model/packed.py) and parallelize's activation checkpointing."""
 
 import copy
 
@@ -8,9 +8,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fsdp_worker import tiny_cfg
 from mugs.benchmarks.paper_style import per_resolution_forward
+from mugs.model.block import MultiResBlock
 from mugs.model.network import build_network, same_size_runs
 from mugs.model.objective import MugsObjective
-from mugs.model.vit import MultiResBlock, build_backbone
+from mugs.model.vit import build_backbone
 from mugs.training.parallelize import checkpoint_forward_
 
 
@@ -90,7 +91,7 @@ def test_packed_drop_path_is_timm_drop_path_bitwise(dtype):
     numbers in timm's order and gives timm's `drop_path` of each batch bit for bit, gradient included."""
     from timm.layers import drop_path
 
-    from mugs.model.vit import pack, packed_drop_path, unpack
+    from mugs.model.packed import pack, packed_drop_path, unpack
 
     sizes = ((6, 5), (20, 3), (4, 7))
     flat = torch.randn(sum(b * n for b, n in sizes), 16, dtype=dtype, requires_grad=True)
@@ -168,7 +169,7 @@ def test_tensor_forward_passes_timm_only_the_attention_arguments_set():
 
 @pytest.mark.parametrize("mode", ["flex", "varlen"])
 def test_one_call_attention_matches_the_per_size_loop(mode):
-    """Attention of all crop sizes in one call (model/vit.py packed_attention) against today's per-size SDPA
+    """Attention of all crop sizes in one call (model/packed.py packed_attention) against today's per-size SDPA
     loop. CPU: FlexAttention's forward (it has no CPU backward), fp32, within 1e-5 (only the softmax's
     summation order differs). CUDA: varlen and flex, bf16, forward and gradients within 2e-2."""
     cuda = torch.cuda.is_available()

@@ -11,13 +11,6 @@ SCRIPTS = ("train_fsdp.py",)
 MAX_FILE_LINES = 320
 MAX_FUNCTION_LINES = 60
 
-# PENDING: files and functions that other branches of #28 are splitting while this test lands. The
-# lead empties this set as those branches merge (test_pending_entries_are_still_over fails naming any
-# entry that is already within the limits). Nothing else may be added here.
-PENDING = {
-    "model/vit.py",
-}
-
 
 def _sources():
     """Every non-test Python file of the package folders, and the top-level scripts."""
@@ -60,16 +53,10 @@ def _all_oversized() -> dict[str, int]:
 
 
 def test_no_file_or_function_over_the_limits():
-    bad = {k: v for k, v in _all_oversized().items() if k not in PENDING}
+    bad = _all_oversized()
     assert not bad, "\n".join(
         f"{k}: {v} lines (limit {MAX_FUNCTION_LINES if ':' in k else MAX_FILE_LINES})" for k, v in sorted(bad.items())
     )
-
-
-def test_pending_entries_are_still_over():
-    """A PENDING entry that is within the limits (its split has merged) is removed from PENDING."""
-    stale = PENDING - set(_all_oversized())
-    assert not stale, f"remove from PENDING: {sorted(stale)}"
 
 
 def test_the_checker_sees_long_files_and_functions(tmp_path):
