@@ -16,7 +16,6 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K
     """Top-1 of weighted k-NN on the backbone's CLS features (mugs-eval-knn's protocol, k 20, T 0.05)."""
     from ..eval.data import eval_transform, image_folder
     from ..eval.features import cls_features, extract
-    from ..model.knn import knn_classify
 
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
@@ -37,26 +36,23 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K
         )
         for name, ds in (("train", train), ("val", val))
     ]
-    top1, _ = knn_classify(
-        feats[0],
-        torch.tensor(train.targets),
-        feats[1],
-        torch.tensor(val.targets),
-        k,
-        temperature,
-        num_classes=len(train.classes),
-    )
-    return top1
+    return _top1(feats, train, val, k, temperature)
 
 
 def pixel_knn_accuracy(train_dir: Path, val_dir: Path, size: int, k: int = K, temperature: float = 0.05) -> float:
     """The same k-NN on raw pixels (the normalised eval view, flattened): what features must beat."""
     from ..eval.data import eval_transform, image_folder
-    from ..model.knn import knn_classify
 
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
     feats = [F.normalize(torch.stack([ds[i][0].flatten() for i in range(len(ds))]), dim=1) for ds in (train, val)]
+    return _top1(feats, train, val, k, temperature)
+
+
+def _top1(feats, train, val, k: int, temperature: float) -> float:
+    """k-NN top-1 of the held-out features `feats[1]` against the training ones `feats[0]`."""
+    from ..model.knn import knn_classify
+
     top1, _ = knn_classify(
         feats[0],
         torch.tensor(train.targets),
