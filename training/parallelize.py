@@ -14,7 +14,7 @@
 2. `torch.compile` of each block (`Module.compile`), the checkpointed forward
    included, so recompute happens inside the compiled region. All blocks share one
    code object, hence Dynamo's recompile limit (8): nothing a block is traced with may
-   differ per depth (the drop-path rate is a tensor buffer, model/vit.py), so a model
+   differ per depth (the drop-path rate is a tensor buffer, model/block.py), so a model
    compiles to a handful of graphs whatever its depth (`compile_report` counts them).
 3. FSDP2 (`fully_shard`) on more than one rank (one rank: training/one_device.py): each block,
    the relation block, then the root
