@@ -3,8 +3,8 @@
 lr, weight decay, EMA momentum, teacher temperature and clip value change every step (or epoch).
 Passed to kernels as Python numbers they are baked into each launch: a CUDA graph would replay the
 captured step's values, and torch's multi-tensor ops would see a new argument list each step. Held
-here instead, in one device buffer refilled IN PLACE before the step (one `fill_` per slot, a
-kernel's scalar argument: no host tensor meets the device, no H2D copy, no sync), every op of the
+here instead, in one device buffer refilled IN PLACE before the step (`zero_` plus one `_foreach_add_`
+with the values as scalar arguments: no host tensor meets the device, no H2D copy, no sync), every op of the
 step reads them as tensors and its arguments are the same from step to step.
 
 Each value is computed on the host in double, as the float path computed it, and stored once in
