@@ -77,7 +77,7 @@ def _luts(x: torch.Tensor, op: np.ndarray, level: np.ndarray, increasing: bool) 
         stretched = torch.where(hi > lo, ((v - lo) * scale).clamp(0, 255).floor(), v)
         lut = torch.where(opt == 0, stretched, lut)
     if need_eq:  # PIL ImageOps.equalize, per channel, on the crops that drew it
-        sel = torch.nonzero(to_tensor(op == 1, dev, torch.bool)).flatten()
+        sel = torch.as_tensor(np.flatnonzero(op == 1), device=dev)  # host indices: no device sync
         xs = x.index_select(0, sel).to(torch.long).flatten(2)  # [k, 3, S*S]
         hist = torch.zeros(xs.shape[0], 3, 256, device=dev)
         hist.scatter_add_(2, xs, torch.ones_like(xs, dtype=torch.float32))

@@ -31,6 +31,9 @@ from .recipe_ops import GRAY_W, colour_matrix, mean_gray, to_tensor
 
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _TAPS = 13
+_GRAY_W64 = GRAY_W.numpy().astype(np.float64)  # the jitter matrices' constants, made once
+_YIQ64 = _YIQ.numpy().astype(np.float64)
+_YIQ_INV64 = np.linalg.inv(_YIQ64)
 
 
 # -- weak recipe --------------------------------------------------------------------------------------------
@@ -38,17 +41,15 @@ def jitter_matrices(jitter: np.ndarray, gray: np.ndarray, device) -> tuple:
     """ColorJitter (brightness b, contrast c, saturation s, hue h in turns; this order) then grayscale, as
     x' = (c b) G H S x + (1 - c) b mean(grey(x)): returns (c b G H S [n, 3, 3], (1 - c) b [n])."""
     b, c, s, h = (jitter[:, i] for i in range(4))
-    w = GRAY_W.numpy().astype(np.float64)
     eye = np.eye(3)
-    S = s[:, None, None] * eye + (1 - s)[:, None, None] * np.ones((3, 1)) * w[None, :]
-    yiq = _YIQ.numpy().astype(np.float64)
+    S = s[:, None, None] * eye + (1 - s)[:, None, None] * np.ones((3, 1)) * _GRAY_W64[None, :]
     ang = 2 * math.pi * h
     R = np.zeros((len(h), 3, 3))
     R[:, 0, 0] = 1
     R[:, 1, 1] = R[:, 2, 2] = np.cos(ang)
     R[:, 1, 2], R[:, 2, 1] = -np.sin(ang), np.sin(ang)
-    H = np.linalg.inv(yiq) @ R @ yiq
-    G = np.where(gray[:, None, None], np.ones((3, 1)) * w[None, :], eye)
+    H = _YIQ_INV64 @ R @ _YIQ64
+    G = np.where(gray[:, None, None], np.ones((3, 1)) * _GRAY_W64[None, :], eye)
     M = (c * b)[:, None, None] * (G @ H @ S)
     return to_tensor(M, device), to_tensor((1 - c) * b, device)
 
@@ -137,11 +138,14 @@ def normalise_and_erase(x: torch.Tensor, d: CropDraws) -> torch.Tensor:
         ys = torch.arange(h, device=dev)[None, :, None]
         xs = torch.arange(w, device=dev)[None, None, :]
         top, left, bh, bw = (b[:, i, None, None] for i in range(4))
-        mask = ((ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw))[:, None].expand(-1, c, h, w)
-        k, ch, yy, xx = torch.nonzero(mask, as_tuple=True)  # only the erased pixels get noise
-        keys = to_tensor(d.noise_key.reshape(-1)[sel], dev, torch.long)
-        noise = _hash_normal(keys[k] * (4 * h * w) + (ch * h + yy) * w + xx)
-        x[torch.as_tensor(sel, device=dev)[k], ch, yy, xx] = noise.to(x.dtype)
+        mask = ((ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw))[:, None]  # [k, 1, h, w]
+        keys = to_tensor(d.noise_key.reshape(-1)[sel], dev, torch.long)[:, None, None, None]
+        ch = torch.arange(c, device=dev)[None, :, None, None]
+        # noise for every pixel of the erased crops, kept inside the boxes: no `nonzero`, whose size would
+        # make this (producer) thread wait for the device; each pixel's noise is its counter's, as before
+        noise = _hash_normal(keys * (4 * h * w) + (ch * h + ys[:, None]) * w + xs[:, None])
+        idx = torch.as_tensor(sel, device=dev)
+        x.index_copy_(0, idx, torch.where(mask, noise.to(x.dtype), x.index_select(0, idx)))
     return x
 
 
