@@ -77,7 +77,7 @@ class BF16Mirrors:
         versions = tuple(p._version for p in self.masters)
         if versions != self.versions:
             torch._foreach_copy_(self.mirrors, self.masters)
-            self.versions = tuple(p._version for p in self.masters)
+            self.versions = versions  # the copy only wrote the mirrors: the masters' versions stand
 
     def swap(self, use_mirrors: bool) -> None:
         tensors = self.mirrors if use_mirrors else self.masters
