@@ -38,7 +38,7 @@ import torch
 
 from mugs.benchmarks import records
 from mugs.benchmarks.op_counter import COPY_OPS, NO_KERNEL_OPS, OpCounter
-from mugs.configs.flags import build_parser, config_from_args, preset_defaults
+from mugs.configs.flags import bool_flag, parse_config
 from mugs.configs.options import MugsConfig
 from mugs.core.ports import free_port
 
@@ -113,8 +113,7 @@ def rank_main(argv: Sequence[str], depths: Sequence[int], steps: int, warmup: in
 
 
 def _config(argv: Sequence[str]) -> MugsConfig:
-    p = build_parser(preset_defaults(list(argv), MugsConfig(device="cpu")))
-    return config_from_args(p.parse_args(list(argv)))
+    return parse_config(list(argv), MugsConfig(device="cpu"))
 
 
 def run_world(
@@ -173,7 +172,7 @@ def parse(argv: Sequence[str] | None = None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--per_block",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
+        type=bool_flag,
         default=True,
         help="also measure at depth-1: per-block counts (default true)",
     )

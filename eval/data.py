@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torchvision import datasets, transforms
 
-from ..core.errors import DataError
+from ..core.errors import DataError, first_line
 from ..pipeline.augment_config import IMAGENET_MEAN, IMAGENET_STD
 from ..pipeline.labelled import eval_transform  # noqa: F401 - shared with the training run's k-NN monitor
 from ..pipeline.tv_transforms import with_safe_posterize
@@ -80,7 +80,7 @@ def image_folder(root: str | Path, transform=None, classes: Sequence[str] | None
             return _ClassSubset(str(root), classes, transform=transform)
         return datasets.ImageFolder(str(root), transform=transform)
     except FileNotFoundError as e:
-        raise DataError(f"{root}: no images ({str(e).splitlines()[0]}; expected {root}/<class>/<image>)") from None
+        raise DataError(f"{root}: no images ({first_line(e)}; expected {root}/<class>/<image>)") from None
 
 
 def train_val_dirs(train: str | None, val: str | None, data_path: str | None) -> tuple[Path, Path]:
