@@ -32,11 +32,12 @@ LR = 1e-5  # small lr: the synthetic data must not blow up (weight decay and mom
 
 
 def synthetic_batch(cfg: MugsConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """2 teacher crops, the student's 2 global (the same tensors) + N local crops, weak flags."""
+    """2 teacher crops, the student's 2 global (the same tensors) + N local crops, weak flags. The crops
+    of one size are views of one buffer, as the loader lays them out (pipeline/dali_batch.py)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, gs, ls = cfg.batch_size_per_gpu, cfg.img_size, cfg.local_crop_size
-    teacher = [torch.randn(b, 3, gs, gs, generator=g).to(device, dtype) for _ in range(2)]
-    local = [torch.randn(b, 3, ls, ls, generator=g).to(device, dtype) for _ in range(cfg.local_crops_number)]
+    teacher = list(torch.randn(2, b, 3, gs, gs, generator=g).to(device, dtype).unbind(0))
+    local = list(torch.randn(cfg.local_crops_number, b, 3, ls, ls, generator=g).to(device, dtype).unbind(0))
     weak = (torch.rand(b, generator=g) < 0.5).to(device)
     return teacher, teacher + local, weak
 

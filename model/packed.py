@@ -24,8 +24,35 @@ def pack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def cat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of the parts along dim 0; one part is returned as it is (no copy: one op fewer)."""
-    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+    """torch.cat of the parts along dim 0, without the copy where none is needed: one part is returned
+    as it is, and parts that are consecutive row blocks of one buffer (the loader's crops of one size,
+    pipeline/dali_batch.py) as one view of it."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = _adjacent_rows(parts)
+    return joined if joined is not None else torch.cat(list(parts))
+
+
+def _adjacent_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The parts as one view when each is contiguous and starts where the one before ends in the same
+    storage, with the same row shape, dtype and device; None otherwise, and for parts that require
+    grad (a view of their base would not carry their gradients)."""
+    first = parts[0]
+    if any(p.requires_grad or not p.is_contiguous() for p in parts):
+        return None
+    if any(p.shape[1:] != first.shape[1:] or p.dtype != first.dtype or p.device != first.device for p in parts):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset:
+            return None
+        offset += p.numel()
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    strides, step = [], 1
+    for size in reversed(shape):  # row-major strides (a contiguous part's own may be anything on a size-1 dim)
+        strides.insert(0, step)
+        step *= size
+    return first.as_strided(shape, strides, first.storage_offset())
 
 
 def unpack(flat: torch.Tensor, sizes: Sizes) -> list[torch.Tensor]:
