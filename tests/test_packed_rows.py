@@ -1,0 +1,38 @@
+"""model/packed.py's cat_rows: the concatenation it skips is one the result cannot tell apart."""
+
+import pytest
+import torch
+
+from mugs.model.packed import cat_rows
+
+
+def _crops(n: int, b: int = 2, side: int = 4) -> list[torch.Tensor]:
+    """n crops [b, 3, side, side] as the loader lays them out: views of one [n, b, 3, side, side] buffer."""
+    return list(torch.randn(n, b, 3, side, side).unbind(0))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_consecutive_crops_of_one_buffer_join_as_a_view_equal_to_the_concatenation(b):
+    crops = _crops(4, b)
+    joined = cat_rows(crops[1:3])
+    assert torch.equal(joined, torch.cat(crops[1:3]))
+    assert joined.data_ptr() == crops[1].data_ptr()  # no copy
+    joined.add_(1.0)  # a view: writes reach the buffer (callers only read it)
+    assert torch.equal(crops[1][0], joined[0])
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        lambda c: [c[0], c[2]],  # a gap
+        lambda c: [c[1], c[0]],  # out of order
+        lambda c: [c[0], torch.randn_like(c[1])],  # another buffer
+        lambda c: [c[0], c[1].transpose(-1, -2)],  # not contiguous
+        lambda c: [c[0], c[1].requires_grad_()],  # a gradient to carry
+    ],
+)
+def test_anything_else_is_concatenated(parts):
+    chosen = parts(_crops(3))
+    joined = cat_rows(chosen)
+    assert torch.equal(joined, torch.cat(chosen))
+    assert joined.data_ptr() != chosen[0].data_ptr()
