@@ -14,8 +14,9 @@
 #   dali_loader the DALI loader (4 x 224 + 10 x 96 crops) at batch 16/64/128, new and old (benchmarks/legacy_dali)
 #               in the same call; a decode-only ceiling; ViT-S at 64/GPU fed by the loader vs synthetic batches
 #   profile     where the time goes (benchmarks/profile_step.py, profile.jsonl): torch.profiler over 3 steps of
-#               ViT-L at 16 and 64 per GPU in the default (eager) and the best (compiled) mode, a batch sweep
-#               16/32/64 (MFU), and the depth-24 step at tiny width (the host floor). ONLY as SUITE_ONLY=profile
+#               ViT-L at 16 and 64 per GPU in the default (eager) and the best (compiled) mode, at 16 eager with
+#               --cuda_graphs (`graphed`), a batch sweep 16/32/64 (MFU), and the depth-24 step at tiny width
+#               (the host floor). ONLY as SUITE_ONLY=profile
 #               (budget 560 s: one <= 590 s device call of its own; a full run skips it)
 # After EVERY part, when $OUT is set, $OUT holds the run's JSONL records, summary.md and logs.tar.gz
 # (<= 7 files, no folder), each replaced atomically: a kill at any minute keeps every finished part.
@@ -78,6 +79,7 @@ if [ $REHEARSE = 1 ]; then
   FED=("${TINY[@]}" --batch_size_per_gpu 8 --max_steps 6 --epochs 2 --warmup_epochs 1 --num_workers 1)
   FED_STEP=("${TINY[@]}" --batch_size_per_gpu 8)
   P_ARGS=("${TINY[@]}" --drop_path_rate 0.3) P_BATCHES="2 4" P_SWEEP="3" P_BEST=(--compile true --compile_backend eager)
+  P_GRAPHED=""  # --cuda_graphs needs CUDA: no graphed run in the CPU rehearsal
   P_FLOOR=("${TINY[@]}" --depth 24 --batch_size_per_gpu 2) P_STEPS=(--steps 1 --warmup 1 --profile_steps 2)
 else
   # the Table-1 runs' shapes, per-GPU batches and drop path (configs/table1.py, via their presets)
@@ -93,6 +95,7 @@ else
   FED=(--preset vit_small_100ep --device cuda --precision bf16 --max_steps 60 --epochs 2 --warmup_epochs 1 --num_workers 16)
   FED_STEP=(--preset vit_small_100ep)
   P_ARGS=(--preset vit_large_250ep) P_BATCHES="16 64" P_SWEEP="32" P_BEST=(--compile true)
+  P_GRAPHED="16"  # eager + --cuda_graphs (training/cuda_graphs.py): off by default until this measures it
   P_FLOOR=(--preset vit_large_250ep --arch custom --embed_dim 64 --depth 24 --num_heads 1 --batch_size_per_gpu 16)
   P_STEPS=(--steps 5 --warmup 3 --profile_steps 3)
 fi
@@ -275,6 +278,7 @@ dali_loader() {  # issue 27: the new loader and the old one (benchmarks/legacy_d
 profile() {  # profile NAME: each mode/batch its own process and timeout, its record appended as it finishes
   local b rc t0=$(date +%s) runs=()
   for b in $P_BATCHES; do runs+=("default $b"); done
+  for b in $P_GRAPHED; do runs+=("graphed $b"); done
   for b in $P_BATCHES; do runs+=("best $b"); done
   for b in $P_SWEEP; do runs+=("default $b"); done
   runs+=("host_floor -")
@@ -287,6 +291,7 @@ profile() {  # profile NAME: each mode/batch its own process and timeout, its re
     case $label in
       default) extra=("${P_ARGS[@]}" --batch_size_per_gpu "$batch") ;;
       best) extra=("${P_ARGS[@]}" --batch_size_per_gpu "$batch" "${P_BEST[@]}") ;;
+      graphed) extra=("${P_ARGS[@]}" --batch_size_per_gpu "$batch" --cuda_graphs true) ;;
       host_floor) extra=("${P_FLOOR[@]}") ;;
     esac
     timeout --kill-after=10 "$lim" "$PY" -m mugs.benchmarks.profile_step "${extra[@]}" "${P_STEPS[@]}" --label "$label" \

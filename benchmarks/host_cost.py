@@ -48,15 +48,11 @@ LR = 1e-5
 
 def build_step(cfg: MugsConfig, info, compile_backend: str | None = None):
     """The trainer's models, optimiser and step (training/models.py, training/optim.py)."""
-    from mugs.training.models import build_models
+    from mugs.training.models import build_models, build_step
     from mugs.training.optim import build_adamw
-    from mugs.training.step import MugsTrainStep
 
     student, teacher, objective = build_models(cfg, info, compile_backend=compile_backend)
-    optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    return MugsTrainStep(
-        student, teacher, objective, optimizer, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer
-    )
+    return build_step(cfg, student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult))
 
 
 def measure(cfg: MugsConfig, info, steps: int, warmup: int) -> dict[str, object]:

@@ -56,24 +56,16 @@ def one_step(argv: Sequence[str]) -> dict:
     from mugs.benchmarks.step import parse_args
     from mugs.benchmarks.step_measure import LR, synthetic_batch
     from mugs.core.dist import init_distributed, shutdown
-    from mugs.training.models import build_models
+    from mugs.training.models import build_models, build_step
     from mugs.training.optim import build_adamw
     from mugs.training.parallelize import DTYPES
-    from mugs.training.step import MugsTrainStep
 
     cfg = parse_args(list(argv) + ["--out", os.devnull])[1].replace(batch_size_per_gpu=PREFLIGHT_BATCH)
     info = init_distributed(cfg.device)
     try:
         t0 = time.perf_counter()
         student, teacher, objective = build_models(cfg, info)
-        step = MugsTrainStep(
-            student,
-            teacher,
-            objective,
-            build_adamw(student, cfg.patch_embed_lr_mult),
-            clip_grad=cfg.clip_view(),
-            freeze_last_layer=cfg.freeze_last_layer,
-        )
+        step = build_step(cfg, student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult))
         built = time.perf_counter() - t0
         t_crops, s_crops, weak = synthetic_batch(cfg, info.device, DTYPES[cfg.compute_precision])
         res = step(

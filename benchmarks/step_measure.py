@@ -20,7 +20,7 @@ from mugs.configs.options import MugsConfig
 from mugs.core import hardware
 from mugs.core.dist import DistInfo, world_size
 from mugs.model.flops import MugsShape
-from mugs.training.models import build_models
+from mugs.training.models import build_models, build_step
 from mugs.training.monitor import gpu_memory_gb
 from mugs.training.optim import build_adamw
 from mugs.training.parallelize import DTYPES, FSDPModule, compile_counts, compile_report
@@ -178,10 +178,7 @@ def fsdp_units(model: torch.nn.Module) -> int:
 def bench_optimised(cfg: MugsConfig, info: DistInfo, args) -> dict:
     before = compile_counts()
     student, teacher, objective = build_models(cfg, info, compile_backend=args.compile_backend)
-    optimizer = build_adamw(student, cfg.patch_embed_lr_mult)
-    step_fn = MugsTrainStep(
-        student, teacher, objective, optimizer, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer
-    )
+    step_fn = build_step(cfg, student, teacher, objective, build_adamw(student, cfg.patch_embed_lr_mult))
     shape = MugsShape.from_config(cfg, student.backbone.embed_dim, len(student.backbone.blocks))
     res = measure(
         step_fn, cfg, info.device, DTYPES[cfg.compute_precision], args, compile_since=before if cfg.compile else None

@@ -48,7 +48,8 @@ def _adjacent_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
             return None
         offset += p.numel()
     shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
-    strides, step = [], 1
+    strides: list[int] = []
+    step = 1
     for size in reversed(shape):  # row-major strides (a contiguous part's own may be anything on a size-1 dim)
         strides.insert(0, step)
         step *= size

@@ -189,6 +189,17 @@ def test_cuda_graphs_refuses_what_it_cannot_capture_in_one_line(tmp_path, change
         validate(cfg, world_size=2)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_benchmarks_time_the_step_the_trainer_builds(info, graphs):
+    """One factory (training/models.py:build_step) for the trainer and the benchmarks: --cuda_graphs
+    reaches benchmarks/host_cost.py, step.py and the GPU suite's profile part too."""
+    from mugs.benchmarks.host_cost import build_step
+    from mugs.training.cuda_graphs import GraphedStep
+
+    step = build_step(tiny_cfg(2).replace(precision="bf16", cuda_graphs=graphs), info)
+    assert isinstance(step, GraphedStep) is graphs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_step_trains_like_the_eager_step_on_a_gpu():
     """24 steps (3 eager warm-up, a capture, 20 replays) against the eager step from the same start: the

@@ -1,5 +1,6 @@
 """The networks a run trains, built the same way by the trainer, the benchmarks and the tests: student,
-teacher (a copy of the student's shared weights) and the loss state, on device and sharded."""
+teacher (a copy of the student's shared weights) and the loss state, on device and sharded; and the
+training step over them (`build_step`), so a benchmark times the step the trainer runs, flags included."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from ..core.dist import DistInfo
 from ..core.errors import ConfigError
 from ..model.network import build_network
 from ..model.objective import MugsObjective
+from .cuda_graphs import GraphedStep
 from .parallelize import parallelize
+from .step import MugsTrainStep
 
 PREDICTOR = ".predictor."  # student-only modules: the teacher has no twin of them
 
@@ -50,3 +53,12 @@ def build_models(cfg: MugsConfig, info: DistInfo, compile_backend: str | None = 
         one_device=one_device,
     )
     return student, teacher, objective
+
+
+def build_step(cfg: MugsConfig, student, teacher, objective, optimizer: torch.optim.Optimizer) -> MugsTrainStep:
+    """The run's training step: replayed as a CUDA graph with --cuda_graphs (training/cuda_graphs.py),
+    else eager; clipping and the last-layer freeze as the flags say."""
+    step_class = GraphedStep if cfg.cuda_graphs else MugsTrainStep
+    return step_class(
+        student, teacher, objective, optimizer, clip_grad=cfg.clip_view(), freeze_last_layer=cfg.freeze_last_layer
+    )

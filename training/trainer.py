@@ -40,12 +40,11 @@ from ..core.errors import (
 )
 from . import failure
 from .checkpointer import Checkpointer, checkpoint_parts
-from .cuda_graphs import GraphedStep
 from .exit_reason import StopReason
 from .knn_monitor import KnnMonitor, load_sets
 from .knn_point import KnnPoint
 from .mfu import MfuMeter
-from .models import build_models
+from .models import build_models, build_step
 from .monitor import Monitor, writing
 from .optim import build_adamw
 from .parallelize import DTYPES, compile_counts
@@ -103,10 +102,7 @@ class Run:
         self.sched = build_schedules(cfg.schedule_view(), self.iters, self.global_batch)
         self.total = cfg.epochs * self.iters
         self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
-        clip, freeze = cfg.clip_view(), cfg.freeze_last_layer
-        self.step_fn = (GraphedStep if cfg.cuda_graphs else MugsTrainStep)(
-            self.student, self.teacher, self.objective, self.optimizer, clip_grad=clip, freeze_last_layer=freeze
-        )
+        self.step_fn = build_step(cfg, self.student, self.teacher, self.objective, self.optimizer)
         self.step = 0
         self.reason: str | None = None  # why the loop ends, in words for the console; None while it runs
         self.exit_reason: StopReason | None = None  # the same for log.txt and slurm/launch.sh (`_end`)
