@@ -6,6 +6,7 @@ draws, and attention of every sample in one call (issue 26)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import cast
 
@@ -110,34 +111,27 @@ def depth_drop_masks(sizes: Sizes, rates: Sequence[float], dtype: torch.dtype, d
     return mask[:, :, _row_samples(sizes, device)]
 
 
-_RECIPROCALS: dict = {}
+# The per-shape constants below are made once and kept in small LRU caches: a run meets one or two
+# shapes (its crop sizes), an evaluation or a test a few more, and nothing grows without bound.
+SHAPE_CACHE = 16
 
 
+@functools.lru_cache(maxsize=SHAPE_CACHE)
 def _reciprocals(rates: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[len(rates), 1, 1, 1]: 1 / (1 - rate) in `dtype`, each computed by the `div_(keep)` timm's drop
     path divides its mask with (so bitwise its mask value), made once per rates."""
-    key = (rates, dtype, device)
-    if key not in _RECIPROCALS:
-        ones = torch.ones(len(rates), 1, 1, 1, dtype=dtype, device=device)
-        for i, rate in enumerate(rates):
-            ones[i].div_(1.0 - rate)
-        _RECIPROCALS[key] = ones
-    return _RECIPROCALS[key]
+    ones = torch.ones(len(rates), 1, 1, 1, dtype=dtype, device=device)
+    for i, rate in enumerate(rates):
+        ones[i].div_(1.0 - rate)
+    return ones
 
 
-_ROW_SAMPLES: dict = {}
-
-
+@functools.lru_cache(maxsize=SHAPE_CACHE)
 def _row_samples(sizes: Sizes, device: torch.device) -> torch.Tensor:
     """Each packed row's sample (batch i's samples numbered after batch i-1's), made once per shape."""
-    key = (sizes, device)
-    if key not in _ROW_SAMPLES:
-        starts = [sum(b for b, _ in sizes[:i]) for i in range(len(sizes))]
-        # device factories and integer repeats only: no host tensor, no host sync (tests/test_host_sync.py)
-        _ROW_SAMPLES[key] = torch.cat(
-            [torch.arange(s, s + b, device=device).repeat_interleave(n) for s, (b, n) in zip(starts, sizes)]
-        )
-    return _ROW_SAMPLES[key]
+    starts = [sum(b for b, _ in sizes[:i]) for i in range(len(sizes))]
+    # device factories and integer repeats only: no host tensor, no host sync (tests/test_host_sync.py)
+    return torch.cat([torch.arange(s, s + b, device=device).repeat_interleave(n) for s, (b, n) in zip(starts, sizes)])
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, mode: str) -> torch.Tensor:
@@ -163,39 +157,25 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: S
     raise ValueError(f"attention {mode!r} is not one call: one of {ATTENTION_MODES[1:]}")
 
 
-_CU_SEQLENS: dict = {}
-_SAMPLE_MASKS: dict = {}
-_FLEX: list = []
-
-
+@functools.lru_cache(maxsize=SHAPE_CACHE)
 def _cu_seqlens(sizes: Sizes, device: torch.device) -> torch.Tensor:
     """int32 [samples + 1]: where each sample's rows start in the packed rows, then the total (made once)."""
-    key = (sizes, device)
-    if key not in _CU_SEQLENS:
-        lengths = torch.cat([torch.full((b,), n, dtype=torch.int32, device=device) for b, n in sizes])
-        _CU_SEQLENS[key] = torch.cat(
-            [torch.zeros(1, dtype=torch.int32, device=device), lengths.cumsum(0, dtype=torch.int32)]
-        )
-    return _CU_SEQLENS[key]
+    lengths = torch.cat([torch.full((b,), n, dtype=torch.int32, device=device) for b, n in sizes])
+    return torch.cat([torch.zeros(1, dtype=torch.int32, device=device), lengths.cumsum(0, dtype=torch.int32)])
 
 
+@functools.lru_cache(maxsize=SHAPE_CACHE)
 def _sample_mask(sizes: Sizes, device: torch.device):
     """FlexAttention's block mask: row q attends to row k when both belong to one sample (made once)."""
-    key = (sizes, device)
-    if key not in _SAMPLE_MASKS:
-        from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
 
-        sample = _row_samples(sizes, device)
-        total = sample.shape[0]
-        _SAMPLE_MASKS[key] = create_block_mask(
-            lambda b, h, q, k: sample[q] == sample[k], None, None, total, total, device=device
-        )
-    return _SAMPLE_MASKS[key]
+    sample = _row_samples(sizes, device)
+    total = sample.shape[0]
+    return create_block_mask(lambda b, h, q, k: sample[q] == sample[k], None, None, total, total, device=device)
 
 
+@functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    if not _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _FLEX[0]
+    return torch.compile(flex_attention, dynamic=False)

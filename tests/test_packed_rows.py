@@ -36,3 +36,17 @@ def test_anything_else_is_concatenated(parts):
     joined = cat_rows(chosen)
     assert torch.equal(joined, torch.cat(chosen))
     assert joined.data_ptr() != chosen[0].data_ptr()
+
+
+def test_the_per_shape_constants_are_made_once_and_their_caches_stay_bounded():
+    """A run meets one or two crop-shape sets; an evaluation sweep or a long test session more: the
+    row index is built once per shape and the cache never holds more than SHAPE_CACHE of them."""
+    from mugs.model import packed
+
+    packed._row_samples.cache_clear()
+    first = packed._row_samples(((2, 3), (4, 1)), torch.device("cpu"))
+    assert packed._row_samples(((2, 3), (4, 1)), torch.device("cpu")) is first
+    assert first.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 4, 5]
+    for b in range(1, 3 * packed.SHAPE_CACHE):
+        packed._row_samples(((b, 2),), torch.device("cpu"))
+    assert packed._row_samples.cache_info().currsize == packed.SHAPE_CACHE
