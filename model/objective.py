@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..configs.views import ObjectiveConfig
-from ..core.dist import gather_rows
+from ..core.dist import gather_rows, world_size
 from .losses import GroupLoss, InfoNCELoss, weighted_total
 from .memory import LocalGroupMemory
 from .network import MugsOutputs
@@ -98,23 +98,41 @@ class MugsObjective(nn.Module):
         Everything the writes need from the other ranks travels in ONE all-gather (plus the centre's
         all-reduce), and nothing here waits for the host."""
         w = self.loss_weights
-        b = weak_flags.shape[0]
-        parts = {}  # name -> [b, width] local piece, concatenated along dim 1 for one gather
-        # (a loss weighted > 0 has its head, so the teacher's output for it is there: the casts below)
-        if w.instance > 0:
-            parts["instance"] = torch.cat(cast(torch.Tensor, teacher.instance).detach().float().chunk(2), dim=1)
-        if w.local_group > 0:
-            parts["local_group"] = torch.cat(cast(torch.Tensor, teacher.local_group).detach().float().chunk(2), dim=1)
-        parts["student_memory"] = student.memory_tokens[:b].detach().float()
-        parts["teacher_memory"] = teacher.memory_tokens[:b].detach().float()
-        parts["keep"] = weak_flags.to(device=parts["student_memory"].device, dtype=torch.float32).view(b, 1)
-        widths = [t.shape[1] for t in parts.values()]
-        gathered = dict(zip(parts, gather_rows(torch.cat(list(parts.values()), dim=1)).split(widths, dim=1)))
+        pieces = self._state_pieces(student, teacher, weak_flags)
         for name in ("instance", "local_group"):
-            if name in gathered:  # crop 0's keys of every rank (rank order), then crop 1's
-                getattr(self, f"{name}_queue").write(torch.cat(gathered[name].chunk(2, dim=1)), ok)
+            if name in pieces:  # [2, rows, D]: crop 0's keys of every rank (rank order), then crop 1's
+                getattr(self, f"{name}_queue").write(pieces[name], ok)
         if w.group > 0:
             self.group_loss.update_center(cast(torch.Tensor, teacher.group), ok)
-        n_weak = self.student_memory.write_kept(gathered["student_memory"], gathered["keep"].view(-1) > 0.5, ok)
-        self.teacher_memory.write(gathered["teacher_memory"], ok)
+        n_weak = self.student_memory.write_kept(pieces["student_memory"], pieces["keep"], ok)
+        self.teacher_memory.write(pieces["teacher_memory"], ok)
         return n_weak
+
+    def _state_pieces(self, student: MugsOutputs, teacher: MugsOutputs, weak_flags: torch.Tensor) -> dict:
+        """What update_state writes, every rank's rows in rank order, as views: the queues' keys as
+        [2, rows, D] (crop-major), the memories' rows [rows, E] and the weak flags [rows] (bool, or 0./1.).
+        One process: the outputs themselves (no op; the writes' `where` promotes bf16 exactly). Several:
+        ONE cat (its type promotion is the casts) and ONE all-gather."""
+        w = self.loss_weights
+        b = weak_flags.shape[0]
+        # (a loss weighted > 0 has its head, so the teacher's output for it is there: the casts below)
+        keys = {
+            name: cast(torch.Tensor, getattr(teacher, name)).detach()
+            for name in ("instance", "local_group")
+            if getattr(w, name) > 0
+        }
+        memories = {
+            "student_memory": student.memory_tokens[:b].detach(),
+            "teacher_memory": teacher.memory_tokens[:b].detach(),
+        }
+        if world_size() == 1:
+            pieces: dict = {name: k.view(2, b, -1) for name, k in keys.items()}
+            return pieces | memories | {"keep": weak_flags}
+        device = memories["student_memory"].device
+        parts = [half for k in keys.values() for half in k.chunk(2)] + list(memories.values())
+        parts.append(weak_flags.to(device).view(b, 1))
+        widths = [2 * k.shape[1] for k in keys.values()] + [t.shape[1] for t in parts[2 * len(keys) :]]
+        split = gather_rows(torch.cat(parts, dim=1)).split(widths, dim=1)
+        pieces = {name: split[i].unflatten(1, (2, -1)).transpose(0, 1) for i, name in enumerate(keys)}
+        pieces |= dict(zip(memories, split[len(keys) : -1]))
+        return pieces | {"keep": split[-1].view(-1)}
