@@ -56,7 +56,7 @@ class RingBuffer(nn.Module):
         return self.rows.shape[0]
 
     def _store(self, slots: torch.Tensor, new: torch.Tensor) -> None:
-        """rows[slots] = new ([n, dim]); the one place rows are written (a subclass keeps derived state)."""
+        """rows[slots] = new ([n, dim]): the one place rows are written."""
         self.rows.index_copy_(0, slots, new)
 
     def _source(self, rows: torch.Tensor) -> torch.Tensor:
