@@ -53,26 +53,33 @@ class MugsNetwork(nn.Module):
         [B, D] (model/knn.py's features; no heads, no relation block), through this module's call so
         that a sharded network gathers its root parameters and casts the input as in training."""
         if cls_only:
-            return self.backbone.forward_mugs(cast(torch.Tensor, crops)).cls  # one batch of images here
+            return self.backbone.forward_packed([cast(torch.Tensor, crops)]).cls  # one batch of images here
         runs = same_size_runs(crops)
         use_memory = memory if self.local_group_head is not None else None
-        outs = self.backbone.forward_mugs_list([torch.cat(list(crops[a:b])) for a, b in runs], use_memory)
         is_global = [crops[a].shape[-1] == crops[0].shape[-1] for a, _ in runs]
-        return self.heads(outs, [o.patch_mean.detach() for o, g in zip(outs, is_global) if g])
+        f = self.backbone.forward_packed([torch.cat(list(crops[a:b])) for a, b in runs], use_memory, is_global)
+        return self.head_outputs(f.cls, f.relation, [m for m in f.patch_means if m is not None])
 
     def heads(self, outs: Sequence[BackboneOutput], memory_tokens: Sequence[torch.Tensor]) -> MugsOutputs:
-        """The three heads on the backbone outputs of consecutive crop runs (crop-major rows).
+        """The three heads on the backbone outputs of consecutive crop runs (crop-major rows)."""
+        relations = [o.relation for o in outs]
+        relation = cat_rows(cast(list[torch.Tensor], relations)) if None not in relations else None
+        return self.head_outputs(torch.cat([o.cls for o in outs]), relation, memory_tokens)
+
+    def head_outputs(
+        self, cls: torch.Tensor, relation: torch.Tensor | None, memory_tokens: Sequence[torch.Tensor]
+    ) -> MugsOutputs:
+        """The three heads on the final-normed CLS and relation rows of all crops (crop-major rows).
 
         Head outputs leave in (at least) fp32 even when the heads compute in bf16, so that the
         losses' InfoNCE logits against the queue and the group softmax over the prototypes are
         fp32 arithmetic, not bf16-rounded."""
-        cls_all = torch.cat([o.cls for o in outs])  # (also for one run: the heads get contiguous rows)
         return MugsOutputs(
-            instance=upcast(self.instance_head(cls_all)) if self.instance_head is not None else None,
-            local_group=upcast(self.local_group_head(cat_rows([cast(torch.Tensor, o.relation) for o in outs])))
+            instance=upcast(self.instance_head(cls)) if self.instance_head is not None else None,
+            local_group=upcast(self.local_group_head(cast(torch.Tensor, relation)))
             if self.local_group_head is not None
             else None,
-            group=upcast(self.group_head(cls_all)) if self.group_head is not None else None,
+            group=upcast(self.group_head(cls)) if self.group_head is not None else None,
             memory_tokens=cat_rows(memory_tokens),
         )
 

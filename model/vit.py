@@ -35,8 +35,17 @@ from .packed import cat_rows, depth_drop_masks, pack, unpack
 @dataclass
 class BackboneOutput:
     cls: torch.Tensor  # [B, D] final-normed CLS token (instance and group features)
-    patch_mean: torch.Tensor  # [B, D] mean of the final-normed patch tokens (what the memory stores)
+    patch_mean: torch.Tensor  # [B, D] mean of the final-normed patch tokens (what the memory stores; no gradient)
     relation: torch.Tensor | None  # [B, D] final-normed relation-block query token (local-group feature)
+
+
+@dataclass
+class PackedFeatures:
+    """`BackboneOutput` of consecutive batches in one pass, rows batch-major (batch 0's rows, batch 1's...)."""
+
+    cls: torch.Tensor  # [sum B_i, D]
+    relation: torch.Tensor | None  # [sum B_i, D]; None without memory
+    patch_means: list[torch.Tensor | None]  # [B_i, D] of the batches asked for (no gradient), else None
 
 
 class MugsViT(VisionTransformer):
@@ -65,7 +74,7 @@ class MugsViT(VisionTransformer):
         side = int(math.sqrt(n))
         if h * w == n and h == w:
             return pe
-        cls_pe, patch_pe = pe[:, :1], pe[:, 1:]
+        cls_pe, patch_pe = pe.split([1, n], dim=1)  # backward: one cat (two slices: two slice-backwards, an add)
         dim = pe.shape[-1]
         patch_pe = F.interpolate(
             patch_pe.reshape(1, side, side, dim).permute(0, 3, 1, 2),
@@ -114,30 +123,42 @@ class MugsViT(VisionTransformer):
         masks = depth_drop_masks(sizes, [r for r in rates if r > 0.0], flat.dtype, flat.device)
         return dict(zip(drawing, masks))
 
-    def relation(self, queries: torch.Tensor, memory) -> torch.Tensor:
-        """Local-group feature of each query [B, D]: [q, its top-k memory rows] through the relation block(s)."""
+    def relation_rows(self, queries: torch.Tensor, memory) -> torch.Tensor:
+        """Local-group feature of each query [B, D] BEFORE the final norm: [q, its top-k memory rows]
+        through the relation block(s), row 0 of the result. The block runs them as packed rows, the
+        backbone's blocks' path (bitwise timm's forward on [B, 1 + k, D]; fewer backward copies)."""
         rx = torch.cat((queries.unsqueeze(1), memory.neighbours(queries).to(queries.dtype)), dim=1)
+        sizes = ((rx.shape[0], rx.shape[1]),)  # as packed rows: 2-D linears, no views of 3-D activations
+        flat = pack([rx])
         for blk in self.relation_blocks:
-            rx = blk(rx)
-        return self.norm(rx[:, 0])
+            flat = blk(flat, sizes=sizes)
+        return unpack(flat, sizes)[0][:, 0]
 
     def forward_mugs(self, x: torch.Tensor, memory=None) -> BackboneOutput:
         """Features for the three Mugs heads; `memory` None skips the relation block."""
-        return self.forward_mugs_list([x], memory)[0]
+        f = self.forward_packed([x], memory, patch_means=[True])
+        return BackboneOutput(cls=f.cls, patch_mean=cast(torch.Tensor, f.patch_means[0]), relation=f.relation)
 
-    def forward_mugs_list(self, xs: Sequence[torch.Tensor], memory=None) -> list[BackboneOutput]:
-        """`forward_mugs` for each batch of `xs` (crop sizes may differ) in one pass per block; the
-        relation block, too, runs once on the concatenated queries of all batches."""
+    def forward_packed(
+        self, xs: Sequence[torch.Tensor], memory=None, patch_means: Sequence[bool] | None = None
+    ) -> PackedFeatures:
+        """What the heads use of the batches `xs` (crop sizes may differ), in one pass per block; the
+        relation block, too, runs once on the concatenated queries of all batches.
+
+        The final norm is row-wise, so it runs only on the rows used: ONE norm over every batch's CLS
+        and the relation queries (not over every token of every crop, then a cat of the CLS rows), and,
+        without gradient, over the tokens of the batches whose patch-token mean `patch_means` asks for
+        (what the memory stores; the same ops as before on the same rows: bitwise the same values)."""
         tokens = self.forward_tokens_list(xs)
-        relation: list[torch.Tensor | None] = [None] * len(tokens)
+        rows = [t[:, 0] for t in tokens]
+        batch = sum(t.shape[0] for t in tokens)
         if memory is not None and len(self.relation_blocks) > 0:
-            queries = [t.mean(dim=1) for t in tokens]
-            relation = list(self.relation(cat_rows(queries), memory).split([q.shape[0] for q in queries]))
-        outs = []
-        for t, rel in zip(tokens, relation):
-            normed = self.norm(t)
-            outs.append(BackboneOutput(cls=normed[:, 0], patch_mean=normed[:, 1:].mean(dim=1), relation=rel))
-        return outs
+            rows.append(self.relation_rows(cat_rows([t.mean(dim=1) for t in tokens]), memory))
+        normed = self.norm(cat_rows(rows))
+        cls, relation = normed.split([batch, normed.shape[0] - batch]) if len(rows) > len(tokens) else (normed, None)
+        with torch.no_grad():
+            means = [self.norm(t)[:, 1:].mean(dim=1) if m else None for t, m in zip(tokens, patch_means or ())]
+        return PackedFeatures(cls=cls, relation=relation, patch_means=means)
 
 
 def build_backbone(

@@ -70,4 +70,5 @@ def test_one_device_trains_like_fsdp2_on_one_rank(info, precision):
     # what it is for: no per-parameter cast or copy (FSDP2 on one rank: 3 per parameter per step)
     n_params = len(params)
     assert ref_ops["copies"] > n_params
-    assert ops["copies"] < 30 and ops["aten_ops"] < ref_ops["aten_ops"]
+    # (bf16: 5 of them the heads' L2 norms' backward, casting the norm to the fp32 its fused kernel takes)
+    assert ops["copies"] < 40 and ops["aten_ops"] < ref_ops["aten_ops"]
