@@ -11,6 +11,8 @@ with 0 < ||x|| <= eps differ: F.normalize's clamp has zero derivative there; not
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 EPS = 1e-12  # F.normalize's default
@@ -38,18 +40,17 @@ class _L2Normalize(torch.autograd.Function):
         return grad_x.view(x.shape)
 
 
-_ONES: dict = {}
-
-
 def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[rows, 1] ones (the gain g), made once per shape in eager mode (one kernel fewer per call);
     never written, so sharing it is safe. Traced code makes its own (no global state in a graph)."""
     if torch.compiler.is_compiling():
         return torch.ones(rows, 1, dtype=dtype, device=device)
-    key = (rows, dtype, device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones(rows, 1, dtype=dtype, device=device)
-    return _ONES[key]
+    return _shared_ones(rows, dtype, device)
+
+
+@functools.lru_cache(maxsize=16)  # a run meets a few row counts (heads of student and teacher): bounded
+def _shared_ones(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones(rows, 1, dtype=dtype, device=device)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

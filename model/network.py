@@ -57,7 +57,7 @@ class MugsNetwork(nn.Module):
         runs = same_size_runs(crops)
         use_memory = memory if self.local_group_head is not None else None
         is_global = [crops[a].shape[-1] == crops[0].shape[-1] for a, _ in runs]
-        f = self.backbone.forward_packed([torch.cat(list(crops[a:b])) for a, b in runs], use_memory, is_global)
+        f = self.backbone.forward_packed([cat_rows(crops[a:b]) for a, b in runs], use_memory, is_global)
         return self.head_outputs(f.cls, f.relation, [m for m in f.patch_means if m is not None])
 
     def heads(self, outs: Sequence[BackboneOutput], memory_tokens: Sequence[torch.Tensor]) -> MugsOutputs:

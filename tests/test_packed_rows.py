@@ -50,3 +50,31 @@ def test_the_per_shape_constants_are_made_once_and_their_caches_stay_bounded():
     for b in range(1, 3 * packed.SHAPE_CACHE):
         packed._row_samples(((b, 2),), torch.device("cpu"))
     assert packed._row_samples.cache_info().currsize == packed.SHAPE_CACHE
+
+
+def test_the_network_takes_the_loaders_crops_without_concatenating_them():
+    """The student's crops as the loader lays them out (each size's crops views of one buffer) enter
+    the backbone with no concatenation of the images: the same outputs, two `cat`s fewer."""
+    from fsdp_worker import tiny_cfg
+    from mugs.benchmarks.op_counter import OpCounter
+    from mugs.model.memory import LocalGroupMemory
+    from mugs.model.network import build_network
+
+    cfg = tiny_cfg(2)
+    torch.manual_seed(0)
+    net = build_network(cfg.model_view(), teacher=False).eval()
+    memory = LocalGroupMemory(cfg.memory_size, net.backbone.embed_dim, cfg.local_group_knn_top_n, cfg.memory_pointer)
+    memory.rows.normal_()
+    size, local = cfg.img_size, cfg.local_crop_size
+    loader = list(torch.randn(2, 2, 3, size, size).unbind(0)) + list(torch.randn(3, 2, 3, local, local).unbind(0))
+    separate = [c.clone() for c in loader]
+    counts = []
+    with torch.no_grad():
+        for crops in (loader, separate):
+            with OpCounter() as ops:
+                out = net(crops, memory)
+            counts.append((ops.ops["cat"], out))
+    (cats_view, a), (cats_copy, b) = counts
+    assert cats_copy - cats_view == 2
+    for name in ("instance", "local_group", "group", "memory_tokens"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
