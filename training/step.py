@@ -194,16 +194,20 @@ class MugsTrainStep:
             losses = self.objective(s_out, t_out, len(student_crops), epoch, self.scalars.teacher_temp)
             present = {k: v for k, v in losses.items() if v is not None}
             dev = losses["total"].device
-            n_local_weak = weak_flags.to(device=dev).sum().float().view(1)
+            n_local_weak = weak_flags.to(device=dev).sum(0, keepdim=True, dtype=torch.float32)
             flags = self.scalars.flags[:n_flags]  # the caller's host flags, filled in by `prepare`
-            stacked = torch.cat([torch.stack([v.detach().float() for v in present.values()]), n_local_weak, flags])
+            # ONE cat of the 0-dim losses' (1,) views, the weak count and the flags
+            stacked = torch.cat([v.detach().float().view(1) for v in present.values()] + [n_local_weak, flags])
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
         with self._phase("loss_check"):
             # averaged over ranks: the logged numbers are global, and a NaN on one rank stops all of them
             averaged = mean_over_ranks(stacked)
-            ok = (averaged[: len(present)] * 0 == 0).all()  # isfinite in 3 ops: inf * 0 and NaN * 0 are NaN
+            # every loss finite on every rank <=> the averaged total is finite: the total weighs each loss
+            # by a w > 0 (model/losses.py:weighted_total) and the host check reads it too; isfinite in 2 ops
+            # (inf * 0 and NaN * 0 are NaN), where the per-loss form took 3
+            ok = averaged[list(present).index("total")] * 0 == 0
             values = None if sync_now is None else self.host_check(averaged, list(present), sync_now)
         for h in self.hooks:
             h.on_backward_done(self.student)
