@@ -170,7 +170,8 @@ class GroupLoss(nn.Module):
 
 
 def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
-    """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0).
+    """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0): one stack and one dot
+    (issue 26), where a sum and a division took one op per loss.
 
     Args:
         losses: "instance", "local_group", "group" -> scalar, or None for an absent loss.
@@ -179,23 +180,32 @@ def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
     Returns:
         scalar.
     """
-    pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
-    if not pairs:
-        raise ValueError("every loss weight is 0: nothing to train")
-    stacked = torch.stack([loss for loss, _ in pairs])
-    return torch.dot(stacked, _total_weights(tuple(w for _, w in pairs), stacked.dtype, stacked.device))
+    terms, w = _weighted(losses, weights)
+    return torch.dot(torch.stack(terms), w[0])
+
+
+def backward_total(losses: dict, weights: LossWeights) -> None:
+    """`weighted_total(losses, weights).backward()`, started from the losses themselves: each is handed
+    its w_i / sum(w) as its gradient, the very number the total's backward would hand it, so the
+    parameters' gradients are bitwise the same, without the seed's fill and the multiply by the weights."""
+    terms, w = _weighted(losses, weights)
+    torch.autograd.backward(terms, w[1])
 
 
 _TOTAL_WEIGHTS: dict = {}
 
 
-def _total_weights(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """w_i / sum(w), made once per set of weights on the device (as `pair_weights`, no host tensor):
-    the total is one stack and one dot (issue 26), where a sum and a division took one op per loss."""
-    key = (weights, dtype, device)
+def _weighted(losses: dict, weights: LossWeights) -> tuple[list[torch.Tensor], tuple]:
+    """The present losses and (w_i / sum(w) as one vector, and as its 0-dim views), made once per set of
+    weights on the device (as `pair_weights`: no host tensor)."""
+    pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
+    if not pairs:
+        raise ValueError("every loss weight is 0: nothing to train")
+    terms = [loss for loss, _ in pairs]
+    key = (tuple(w for _, w in pairs), terms[0].dtype, terms[0].device)
     if key not in _TOTAL_WEIGHTS:
-        w = torch.empty(len(weights), dtype=dtype, device=device)
-        for i, wi in enumerate(weights):
-            w[i] = wi / sum(weights)
-        _TOTAL_WEIGHTS[key] = w
-    return _TOTAL_WEIGHTS[key]
+        w = torch.empty(len(pairs), dtype=terms[0].dtype, device=terms[0].device)
+        for i, (_, wi) in enumerate(pairs):
+            w[i] = wi / sum(key[0])
+        _TOTAL_WEIGHTS[key] = (w, w.unbind())
+    return terms, _TOTAL_WEIGHTS[key]

@@ -23,7 +23,7 @@ from fsdp_worker import tiny_cfg
 from mugs.benchmarks.op_counter import NO_KERNEL_OPS, OpCounter
 from mugs.configs.views import GradClip, LossWeights
 from mugs.core.dist import init_distributed, shutdown
-from mugs.model.losses import GroupLoss, InfoNCELoss, upcast, weighted_total
+from mugs.model.losses import GroupLoss, InfoNCELoss, backward_total, upcast, weighted_total
 from mugs.model.ring_buffer import RingBuffer
 from mugs.training.models import build_models
 from mugs.training.optim import build_adamw
@@ -254,3 +254,22 @@ def test_the_steps_loss_phases_take_fewer_kernel_ops():
     assert ops.ops["loss"] <= 25 and ops.ops["loss_check"] <= 2, ops.ops
     assert res.n_weak == 1 and res.flags == (False, True)
     assert set(res.losses) == {"instance", "local_group", "group", "total"}
+
+
+def test_backward_total_gives_the_totals_gradients_bitwise_in_fewer_ops():
+    """What the step runs instead of `weighted_total(...).backward()`: the same gradients, bit for bit
+    (each loss is handed the same w_i / sum(w)), with no seed fill and no multiply by the weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g)
+    weights = LossWeights(2, 1, 0.5)
+    weighted_total(dict.fromkeys(("instance", "local_group", "group"), torch.ones(())), weights)  # the weights, once
+    grads, counts = [], []
+    for run in (lambda ls: weighted_total(ls, weights).backward(), lambda ls: backward_total(ls, weights)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 4))
+        with OpCounter() as ops:
+            y = x @ p
+            run({"instance": y.exp().mean(), "local_group": y.sin().sum(), "group": (y * y).mean()})
+        grads.append(p.grad)
+        counts.append(sum(n for k, n in ops.ops.items() if k not in NO_KERNEL_OPS))
+    assert torch.equal(grads[0], grads[1])
+    assert counts[1] == counts[0] - 4  # no stack, dot, seed fill, multiply by the weights

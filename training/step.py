@@ -44,6 +44,7 @@ from torch.profiler import record_function
 from ..configs.views import GradClip
 from ..core.dist import mean_over_ranks, world_size
 from ..core.errors import NonFiniteLossError
+from ..model.losses import backward_total
 from ..model.network import MugsNetwork, MugsOutputs
 from ..model.objective import MugsObjective
 from .device_scalars import StepScalars
@@ -200,7 +201,7 @@ class MugsTrainStep:
             stacked = torch.cat([v.detach().float().view(1) for v in present.values()] + [n_local_weak, flags])
         with self._phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
+            backward_total(losses, self.objective.loss_weights)  # = losses["total"].backward(), 2 ops fewer
         with self._phase("loss_check"):
             # averaged over ranks: the logged numbers are global, and a NaN on one rank stops all of them
             averaged = mean_over_ranks(stacked)
