@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs.views import LossWeights
-from ..core.dist import mean_over_ranks
+from ..core.dist import mean_over_ranks_
 from .ring_buffer import RingBuffer
 
 
@@ -163,7 +163,7 @@ class GroupLoss(nn.Module):
         as ONE in-place lerp. `ok` (0-dim bool, on the device): False leaves the centre as it is (a
         non-finite step): the batch mean is swapped for the centre itself before the lerp, and
         lerp(c, c, w) is c exactly (a weight of 0 would not do: 0 * NaN is NaN)."""
-        batch_center = mean_over_ranks(teacher.detach().to(self.center.dtype).mean(dim=0, keepdim=True))
+        batch_center = mean_over_ranks_(teacher.detach().to(self.center.dtype).mean(dim=0, keepdim=True))
         if ok is not None:
             batch_center = torch.where(ok, batch_center, self.center)
         self.center.lerp_(batch_center, 1 - self.center_momentum)

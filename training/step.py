@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from ..configs.views import GradClip
-from ..core.dist import mean_over_ranks, world_size
+from ..core.dist import mean_over_ranks_, world_size
 from ..core.errors import NonFiniteLossError
 from ..model.losses import backward_total
 from ..model.network import MugsNetwork, MugsOutputs
@@ -204,7 +204,7 @@ class MugsTrainStep:
             backward_total(losses, self.objective.loss_weights)  # = losses["total"].backward(), 2 ops fewer
         with self._phase("loss_check"):
             # averaged over ranks: the logged numbers are global, and a NaN on one rank stops all of them
-            averaged = mean_over_ranks(stacked)
+            averaged = mean_over_ranks_(stacked)  # in place: `stacked` is this step's own vector
             # every loss finite on every rank <=> the averaged total is finite: the total weighs each loss
             # by a w > 0 (model/losses.py:weighted_total) and the host check reads it too; isfinite in 2 ops
             # (inf * 0 and NaN * 0 are NaN), where the per-loss form took 3
