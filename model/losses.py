@@ -31,7 +31,7 @@ def pair_mean(pair_terms: torch.Tensor, scale: float = 1.0, n_global: int = 2) -
     and `scale` all folded in (issue 26: 2 kernel ops forward and 1 backward, where masked sums divided
     by the counts took ~8 and ~6). Same maths, summed in another order: tests/test_loss_ops.py."""
     t, s = pair_terms.shape[:2]
-    inner = pair_terms[0, 0].numel()
+    inner = pair_terms.numel() // (t * s)
     w = pair_weights(t, s, inner, scale, n_global, pair_terms.dtype, pair_terms.device)
     return torch.dot(pair_terms.reshape(-1), w)
 
@@ -87,8 +87,8 @@ class InfoNCELoss(nn.Module):
         preds = (upcast(student) / self.temperature).view(n_student_crops, b, -1)
         targets = upcast(teacher.detach()).view(2, b, -1)
         pos = torch.einsum("sbd,tbd->tsb", preds, targets)  # [2, S, B]
-        # made after `pos`, so that backward runs its matmul first and the batched matmul's (image-major)
-        # gradient is added into this one's crop-major buffer in place: no copy back to crop-major rows
+        # made after `pos`, so that backward runs its matmul first: the batched matmul's (image-major)
+        # gradient is then added to this crop-major one, and the sum needs no copy back to crop-major rows
         neg_lse = torch.logsumexp(preds @ queue.rows.to(preds.dtype).T, dim=-1)  # [S, B], shared by both targets
         # cross-entropy with label 0 over [pos, negatives]: logaddexp(pos, neg_lse) - pos = softplus(neg_lse - pos)
         return pair_mean(F.softplus(neg_lse - pos))  # the mean over the batch folded into the pair weights
