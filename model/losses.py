@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs.views import LossWeights
-from ..core.dist import mean_over_ranks
+from ..core.dist import mean_over_ranks_
 from .ring_buffer import RingBuffer
 
 
@@ -23,34 +23,38 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _pair_mean(pair_loss: torch.Tensor, n_global: int = 2) -> torch.Tensor:
-    """pair_loss [2 teacher crops, S student crops] -> 0.5*(mean large + mean small), same-index pairs skipped.
+def pair_mean(pair_terms: torch.Tensor, scale: float = 1.0, n_global: int = 2) -> torch.Tensor:
+    """pair_terms [2 teacher crops, S student crops, *inner] -> scale * 0.5 * (mean over the large pairs
+    + mean over the small pairs) of each pair's mean over `inner`, same-index pairs skipped.
 
-    Sums under fixed 0/1 masks divided by the pair counts (boolean indexing would synchronise with
-    the host); S > n_global always, since the config requires at least one local crop."""
-    t, s = pair_loss.shape
-    large, small = _pair_masks(t, s, n_global, pair_loss.dtype, pair_loss.device)
-    large_mean = (pair_loss * large).sum() / (t * n_global - t)
-    small_mean = (pair_loss * small).sum() / (t * (s - n_global))
-    return 0.5 * (large_mean + small_mean)
-
-
-_PAIR_MASKS: dict = {}
+    ONE dot with a constant weight per term (`pair_weights`): the masks, the pair counts, the inner mean
+    and `scale` all folded in (issue 26: 2 kernel ops forward and 1 backward, where masked sums divided
+    by the counts took ~8 and ~6). Same maths, summed in another order: tests/test_loss_ops.py."""
+    t, s = pair_terms.shape[:2]
+    inner = pair_terms.numel() // (t * s)
+    w = pair_weights(t, s, inner, scale, n_global, pair_terms.dtype, pair_terms.device)
+    return torch.dot(pair_terms.reshape(-1), w)
 
 
-def _pair_masks(t: int, s: int, n_global: int, dtype: torch.dtype, device: torch.device):
-    """`_pair_mean`'s constant masks, made once per shape (issue 26: 5 fewer ops per loss and step). Built
-    on the device with no index tensor: a CPU-built one (e.g. `torch.arange(t)`) would cost an H2D copy
-    and a stream sync (tests/test_host_sync.py)."""
-    key = (t, s, n_global, dtype, device)
-    if key not in _PAIR_MASKS:
-        large = torch.zeros(t, s, dtype=dtype, device=device)
-        large[:, :n_global] = 1.0
-        large.diagonal().zero_()  # (i, i) for i < t: student crop i is not compared with teacher crop i
-        small = torch.zeros_like(large)
-        small[:, n_global:] = 1.0
-        _PAIR_MASKS[key] = (large, small)
-    return _PAIR_MASKS[key]
+_PAIR_WEIGHTS: dict = {}
+
+
+def pair_weights(
+    t: int, s: int, inner: int, scale: float, n_global: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """`pair_mean`'s weights, flat [t * s * inner], made once per shape: scale * 0.5 / (terms of the
+    large pairs) on student crops < n_global, scale * 0.5 / (terms of the small pairs) on the others,
+    0 on (i, i) (student crop i is not compared with teacher crop i). Filled on the device from Python
+    numbers: a CPU-built tensor would cost an H2D copy and a stream sync (tests/test_host_sync.py).
+    S > n_global always: the config requires at least one local crop."""
+    key = (t, s, inner, scale, n_global, dtype, device)
+    if key not in _PAIR_WEIGHTS:
+        w = torch.empty(t, s, inner, dtype=dtype, device=device)
+        w[:, :n_global] = scale * 0.5 / ((t * n_global - t) * inner)
+        w[:, n_global:] = scale * 0.5 / (t * (s - n_global) * inner)
+        w.diagonal(dim1=0, dim2=1).zero_()
+        _PAIR_WEIGHTS[key] = w.view(-1)
+    return _PAIR_WEIGHTS[key]
 
 
 class InfoNCELoss(nn.Module):
@@ -79,15 +83,15 @@ class InfoNCELoss(nn.Module):
             scalar (0-dim, at least fp32).
         """
         b = teacher.shape[0] // 2
-        preds = student.view(n_student_crops, b, -1)
-        targets = teacher.detach().view(2, b, -1)
-        keys = queue.rows.to(student.dtype)
-        neg = (preds @ keys.T) / self.temperature  # [S, B, Q], shared by both targets
-        pos = torch.einsum("sbd,tbd->tsb", preds, targets) / self.temperature  # [2, S, B]
-        neg_lse = torch.logsumexp(upcast(neg), dim=-1)  # [S, B]
-        lse = torch.logaddexp(upcast(pos), neg_lse.unsqueeze(0))  # logsumexp over [pos, neg]
-        pair_loss = (lse - upcast(pos)).mean(dim=-1)  # cross-entropy with label 0, mean over the batch
-        return _pair_mean(pair_loss)
+        # the temperature divides the smallest operand once (not the [S, B, Q] and [2, S, B] logits)
+        preds = (upcast(student) / self.temperature).view(n_student_crops, b, -1)
+        targets = upcast(teacher.detach()).view(2, b, -1)
+        pos = torch.einsum("sbd,tbd->tsb", preds, targets)  # [2, S, B]
+        # made after `pos`, so that backward runs its matmul first: the batched matmul's (image-major)
+        # gradient is then added to this crop-major one, and the sum needs no copy back to crop-major rows
+        neg_lse = torch.logsumexp(preds @ queue.rows.to(preds.dtype).T, dim=-1)  # [S, B], shared by both targets
+        # cross-entropy with label 0 over [pos, negatives]: logaddexp(pos, neg_lse) - pos = softplus(neg_lse - pos)
+        return pair_mean(F.softplus(neg_lse - pos))  # the mean over the batch folded into the pair weights
 
 
 def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
@@ -148,20 +152,26 @@ class GroupLoss(nn.Module):
         log_p = F.log_softmax(upcast(student) / self.student_temp, dim=-1).view(n_student_crops, b, -1)
         t = self.teacher_temp(epoch) if temp is None else temp
         q = F.softmax((upcast(teacher.detach()) - self.center) / t, dim=-1).view(2, b, -1)
-        pair_loss = -torch.einsum("tbg,sbg->ts", q, log_p) / b
-        return _pair_mean(pair_loss)
+        # [2, S]: sum over images and prototypes of q * log p, one matmul of crop rows (its gradient comes
+        # back crop-major: no copy); the minus sign and the mean over the batch are in the pair weights
+        cross = q.view(2, -1) @ log_p.view(n_student_crops, -1).T
+        return pair_mean(cross, scale=-1.0 / b)
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor, ok: torch.Tensor | None = None) -> None:
-        """centre (1, G) <- m * centre + (1 - m) * mean over all ranks' teacher logits, `teacher` (2 * B, G).
-        `ok` (0-dim bool, on the device): False leaves the centre as it is (a non-finite step)."""
-        batch_center = mean_over_ranks(teacher.detach().to(self.center.dtype).mean(dim=0, keepdim=True))
-        new = torch.add(self.center * self.center_momentum, batch_center, alpha=1 - self.center_momentum)
-        self.center.copy_(new if ok is None else torch.where(ok, new, self.center))
+        """centre (1, G) <- m * centre + (1 - m) * mean over all ranks' teacher logits, `teacher` (2 * B, G),
+        as ONE in-place lerp. `ok` (0-dim bool, on the device): False leaves the centre as it is (a
+        non-finite step): the batch mean is swapped for the centre itself before the lerp, and
+        lerp(c, c, w) is c exactly (a weight of 0 would not do: 0 * NaN is NaN)."""
+        batch_center = mean_over_ranks_(teacher.detach().to(self.center.dtype).mean(dim=0, keepdim=True))
+        if ok is not None:
+            batch_center = torch.where(ok, batch_center, self.center)
+        self.center.lerp_(batch_center, 1 - self.center_momentum)
 
 
 def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
-    """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0).
+    """sum(w_i * L_i) / sum(w_i) over the losses that are present (weight > 0): one stack and one dot
+    (issue 26), where a sum and a division took one op per loss.
 
     Args:
         losses: "instance", "local_group", "group" -> scalar, or None for an absent loss.
@@ -170,13 +180,32 @@ def weighted_total(losses: dict, weights: LossWeights) -> torch.Tensor:
     Returns:
         scalar.
     """
+    terms, w = _weighted(losses, weights)
+    return torch.dot(torch.stack(terms), w[0])
+
+
+def backward_total(losses: dict, weights: LossWeights) -> None:
+    """`weighted_total(losses, weights).backward()`, started from the losses themselves: each is handed
+    its w_i / sum(w) as its gradient, the very number the total's backward would hand it, so the
+    parameters' gradients are bitwise the same, without the seed's fill and the multiply by the weights."""
+    terms, w = _weighted(losses, weights)
+    torch.autograd.backward(terms, w[1])
+
+
+_TOTAL_WEIGHTS: dict = {}
+
+
+def _weighted(losses: dict, weights: LossWeights) -> tuple[list[torch.Tensor], tuple]:
+    """The present losses and (w_i / sum(w) as one vector, and as its 0-dim views), made once per set of
+    weights on the device (as `pair_weights`: no host tensor)."""
     pairs = [(losses[n], w) for n, w in weights.by_name().items() if w > 0 and losses.get(n) is not None]
     if not pairs:
         raise ValueError("every loss weight is 0: nothing to train")
-    # the sum w_0 L_0 + w_1 L_1 + ...: a weight of 1 multiplies by nothing and the sum starts at its first
-    # term, not at 0 (x * 1 and 0 + x are exact: the same total with 4 ops fewer at the default weights)
-    terms = [l if w == 1 else w * l for l, w in pairs]
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total / sum(w for _, w in pairs)
+    terms = [loss for loss, _ in pairs]
+    key = (tuple(w for _, w in pairs), terms[0].dtype, terms[0].device)
+    if key not in _TOTAL_WEIGHTS:
+        w = torch.empty(len(pairs), dtype=terms[0].dtype, device=terms[0].device)
+        for i, (_, wi) in enumerate(pairs):
+            w[i] = wi / sum(key[0])
+        _TOTAL_WEIGHTS[key] = (w, w.unbind())
+    return terms, _TOTAL_WEIGHTS[key]
