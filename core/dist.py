@@ -229,19 +229,9 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average `x` over ranks (one all-reduce)."""
-    if world_size() == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / world_size()
-
-
-@torch.no_grad()
 def mean_over_ranks_(x: torch.Tensor) -> torch.Tensor:
-    """`mean_over_ranks` IN PLACE, for a tensor the caller made for it and owns: no copy first (issue 26:
-    one kernel op fewer per call at 2+ ranks). Returns `x`."""
+    """Average `x` over ranks (one all-reduce) IN PLACE: for a tensor the caller made for it and owns,
+    so no copy comes first (issue 26: one kernel op fewer per call at 2+ ranks). Returns `x`."""
     if world_size() > 1:
         dist.all_reduce(x)
         x.div_(world_size())

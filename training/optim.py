@@ -151,7 +151,11 @@ def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int
 
 @torch.no_grad()
 def adamw_step_(
-    opt: torch.optim.Optimizer, lr: dict[float, torch.Tensor], decay: dict[float, torch.Tensor], found_inf: torch.Tensor
+    opt: torch.optim.Optimizer,
+    lr: dict[float, torch.Tensor],
+    decay: dict[float, torch.Tensor],
+    found_inf: torch.Tensor,
+    step_increment: torch.Tensor,
 ) -> None:
     """AdamW's update with lr and the decoupled decay factor as device tensors, skipped on `found_inf`.
 
@@ -159,8 +163,8 @@ def adamw_step_(
     `lr[mult]` and `decay[mult]` (1 - lr x wd, training/device_scalars.py) instead. Decay is applied
     as torch's AdamW applies it, param *= 1 - lr x wd before the Adam update (one multiply per lr
     multiplier), then torch's fused kernel (`_fused_adamw_` with a tensor lr and weight decay 0) per
-    multiplier. `found_inf` 1. (a non-finite loss; the caller passes a decay of 1 then): the kernel
-    skips the update and the step count is put back; nothing changes."""
+    multiplier. `found_inf` 1. (a non-finite loss; the caller passes a decay of 1 and a step increment
+    of 0 then): the kernel skips the update and the step counts stay; nothing changes."""
     by_mult: dict[float, list[list[torch.Tensor]]] = {}
     for g in opt.param_groups:
         rows = by_mult.setdefault(g.get("lr_mult", 1.0), [[], [], [], [], [], []])  # p, grad, m, v, step, decayed
@@ -176,7 +180,8 @@ def adamw_step_(
     steps = [s for rows in by_mult.values() for s in rows[4]]
     if not steps:
         return
-    torch._foreach_add_(steps, 1)  # all step counts in one op (torch's fused AdamW: one per group)
+    # all step counts in one op, by 1 - found_inf (torch's fused AdamW: + 1 per group, then - found_inf after)
+    torch._foreach_add_(steps, [step_increment] * len(steps))  # (a lone tensor operand would be read on the host)
     b1, b2 = opt.defaults["betas"]
     for mult, (params, grads, m, v, st, decayed) in by_mult.items():
         if decayed:
@@ -186,4 +191,3 @@ def adamw_step_(
                 params, grads, m, v, [], st, lr=lr[mult], beta1=b1, beta2=b2, weight_decay=0.0,
                 eps=opt.defaults["eps"], amsgrad=False, maximize=False, found_inf=found_inf,
             )  # fmt: skip
-    torch._foreach_sub_(steps, [found_inf] * len(steps))

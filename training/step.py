@@ -225,17 +225,17 @@ class MugsTrainStep:
         for h in self.hooks:
             h.on_clip_done(self.student)
         with self._phase("optimizer"):
-            if ok is None:
+            masked = sc.masked(ok) if ok is not None else None
+            if masked is None:
                 self.optimizer.step()
             else:
-                decay, ema_weight, found_inf = sc.masked(ok)
-                adamw_step_(self.optimizer, sc.lr, decay, found_inf)
+                adamw_step_(self.optimizer, sc.lr, masked.decay, masked.found_inf, masked.step_increment)
         s_out, t_out = cast(tuple[MugsOutputs, MugsOutputs], self._outputs)
         self._outputs = None
         with self._phase("state_update"):
             self.objective.update_state(s_out, t_out, weak_flags, ok)
         with self._phase("ema"):
-            ema_lerp_(self.teacher_params, self.student_params, sc.ema_weight if ok is None else ema_weight)
+            ema_lerp_(self.teacher_params, self.student_params, sc.ema_weight if masked is None else masked.ema_weight)
 
     def host_check(self, stacked: torch.Tensor, names: list[str], step_index: int) -> list[float]:
         """The step's one host sync: the averaged losses, weak count and flags to the host; a
