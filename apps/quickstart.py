@@ -91,7 +91,8 @@ def _quickstart(args: argparse.Namespace) -> None:
         chance=chance_levels(cfg),
         raw_pixels=pixels,
     )
-    attention_png(*nets["teacher"], val_dir, work / "attention.png", img_size)
+    teacher, spec = nets["teacher"]
+    attention_png(teacher, spec, val_dir, work / "attention.png", img_size)
     results = {
         "knn_top1_raw_pixels": pixels,
         "knn_top1_random_init": before,

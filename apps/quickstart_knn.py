@@ -20,22 +20,20 @@ def knn_accuracy(backbone, train_dir: Path, val_dir: Path, size: int, k: int = K
     tf = eval_transform(size, size)
     train, val = image_folder(train_dir, tf), image_folder(val_dir, tf)
     backbone.eval()
-    feats = [
-        F.normalize(
-            extract(
-                backbone,
-                ds,
-                cls_features,
-                backbone.embed_dim,
-                batch_size=256,
-                num_workers=0,
-                device=torch.device("cpu"),
-                desc=f"k-NN features ({name})",
-            ),
-            dim=1,
+    feats = []
+    for name, ds in (("train", train), ("val", val)):
+        f = extract(
+            backbone,
+            ds,
+            cls_features,
+            backbone.embed_dim,
+            batch_size=256,
+            num_workers=0,
+            device=torch.device("cpu"),
+            desc=f"k-NN features ({name})",
         )
-        for name, ds in (("train", train), ("val", val))
-    ]
+        assert f is not None  # one process, rank 0: extract returns the features
+        feats.append(F.normalize(f, dim=1))
     return _top1(feats, train, val, k, temperature)
 
 

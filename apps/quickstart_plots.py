@@ -3,6 +3,7 @@ panel) and the teacher's attention maps, read from what the run wrote (TensorBoa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,10 @@ def chance_levels(cfg) -> dict:
     }
 
 
-def _merge_close(marks, within: int):
+def _merge_close(marks: Iterable[tuple[int, str]], within: int) -> list[tuple[int, str]]:
     """Vertical-line events as (step, label) with their steps in the label; events fewer than `within`
     steps apart are one line (else one hides the other)."""
-    merged = []
+    merged: list[tuple[int, str]] = []
     for step, label in sorted(marks):
         if merged and step - merged[-1][0] < within:
             merged[-1] = (merged[-1][0], merged[-1][1] + f" and {label} (step {step})")

@@ -55,7 +55,7 @@ class ArchSpec:
 def _declared(config: Mapping) -> tuple[str | None, tuple[int, int] | None, int | None]:
     """(arch name, (embed_dim, depth) the config promises, num_heads) from a config/args dict."""
     name = config.get("arch")
-    base = ARCH_SHAPES.get(name, (None, None, None))
+    base: tuple[int | None, ...] = ARCH_SHAPES[name] if name in ARCH_SHAPES else (None, None, None)
     embed = config.get("embed_dim") or base[0]
     depth = config.get("depth") or base[1]
     heads = config.get("num_heads") or base[2]

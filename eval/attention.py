@@ -29,7 +29,7 @@ PROG = "mugs-attention"
 @torch.no_grad()
 def last_attention(backbone, images: torch.Tensor) -> torch.Tensor:
     """[B, heads, T, T] softmax attention of the last block (T = 1 + patches)."""
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}  # the last block's input
     block = backbone.blocks[-1]
     hook = block.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
     try:
@@ -58,12 +58,12 @@ def render(image: Image.Image, maps: np.ndarray, size: int, cols: int, cmap: str
     """Image + one colour-mapped, per-head min-max scaled map per panel, nearest-upsampled."""
     from matplotlib import colormaps
 
-    panels = [image.convert("RGB").resize((size, size), Image.BICUBIC)]
+    panels = [image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)]
     lut = colormaps[cmap]
     for m in maps:
         m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
         rgb = (lut(m)[..., :3] * 255).astype(np.uint8)
-        panels.append(Image.fromarray(rgb).resize((size, size), Image.NEAREST))
+        panels.append(Image.fromarray(rgb).resize((size, size), Image.Resampling.NEAREST))
     cols = max(1, min(cols, len(panels)))
     rows = math.ceil(len(panels) / cols)
     canvas = Image.new("RGB", (cols * size, rows * size), "white")

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import TypeVar
 
 from ..configs.archs import ARCH_SHAPES
@@ -114,7 +114,7 @@ def progress(batches: Iterable[T], desc: str) -> Iterable[T]:
 
 
 def _lines(batches: Iterable[T], desc: str) -> Iterator[T]:
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     t0 = last = time.monotonic()
     tenth = max(1, -(-(total or 0) // 10))  # a tenth, rounded up
     i = 0

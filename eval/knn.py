@@ -90,8 +90,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     temperature = args.temperature or default_temperature(spec.name)
     train_f = _features(args, "train", train_set, backbone, spec, ckpt, device)
     val_f = _features(args, "val", val_set, backbone, spec, ckpt, device)
-    results = {"checkpoint": str(ckpt.path), "arch": spec.describe(), "temperature": temperature, "knn": {}}
+    knn: dict[str, dict[str, float]] = {}  # k -> top-1, top-5
+    results = {"checkpoint": str(ckpt.path), "arch": spec.describe(), "temperature": temperature, "knn": knn}
     if dist.is_main():
+        assert train_f is not None and val_f is not None  # rank 0 holds the features (_features)
         calc = device if device.type == "cuda" else torch.device("cpu")
         train_y = torch.tensor(train_set.targets, device=calc)
         val_y = torch.tensor(val_set.targets, device=calc)
@@ -99,7 +101,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             top1, top5 = knn_classify(
                 train_f.to(calc), train_y, val_f.to(calc), val_y, k, temperature, num_classes=len(train_set.classes)
             )
-            results["knn"][str(k)] = {"top1": top1, "top5": top5}
+            knn[str(k)] = {"top1": top1, "top5": top5}
             log(f"{PROG}: {k}-NN (T={temperature}): top-1 {top1:.4f}  top-5 {top5:.4f}")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     return results
 
 
-def _features(args: argparse.Namespace, name: str, dataset, backbone, spec, ckpt, device: torch.device):
+def _features(
+    args: argparse.Namespace, name: str, dataset, backbone, spec, ckpt, device: torch.device
+) -> torch.Tensor | None:
     """L2-normalised CLS features of `dataset` (rank 0; None elsewhere), read from --cache when it holds them."""
     key = fingerprint(
         ckpt=checkpoint_identity(ckpt.path),

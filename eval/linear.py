@@ -180,7 +180,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         f"{'...' if len(s['lrs']) > 3 else ''} x {scale:g}; {len(train_set)} train / {len(val_set)} val images"
     )
 
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(
         train_set, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed
     )
     train_batches = loader(train_set, s["batch"], args.num_workers, device, sampler=sampler, drop_last=False)

@@ -15,10 +15,11 @@ class LinearHeads(nn.Module):
 
     def __init__(self, dim: int, num_labels: int, n: int):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(dim, num_labels) for _ in range(n))
-        for h in self.heads:
+        linears = [nn.Linear(dim, num_labels) for _ in range(n)]
+        for h in linears:
             nn.init.normal_(h.weight, std=0.01)
             nn.init.zeros_(h.bias)
+        self.heads = nn.ModuleList(linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([h(x) for h in self.heads])  # [H, B, C]
@@ -33,7 +34,8 @@ def train_one_epoch(heads, optimizer, batches, feat, device, desc: str) -> float
         with torch.no_grad():
             x = feat(images)
         logits = heads(x)
-        loss = sum(nn.functional.cross_entropy(lg, target) for lg in logits)
+        losses = [nn.functional.cross_entropy(lg, target) for lg in logits]
+        loss = sum(losses[1:], losses[0])  # the heads' sum (one head at least: --lr takes 1+ values)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -29,10 +29,10 @@ PROG = "mugs-tsne"
 def pick(targets: Sequence[int], per_class: int, seed: int) -> list:
     """Up to `per_class` random indices of each label, sorted."""
     rng = np.random.default_rng(seed)
-    targets = np.asarray(targets)
+    labels = np.asarray(targets)
     chosen = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
         chosen.extend(rng.choice(idx, size=min(per_class, idx.size), replace=False).tolist())
     return sorted(chosen)
 
@@ -91,6 +91,7 @@ def tsne(args: argparse.Namespace) -> int:
         desc="features",
     )
     if dist.is_main():
+        assert feats is not None  # extract returns the features on rank 0
         points = embed_2d(F.normalize(feats, dim=1).numpy(), args.perplexity, args.seed)
         labels = np.asarray(data.targets)[chosen]
         plot(points, labels, data.classes, Path(args.out), args.width, args.height)

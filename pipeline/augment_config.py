@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..configs.field_meta import range_error
 
@@ -38,23 +38,23 @@ class RandAugmentPolicy:
         parts = spec.split("-")
         if parts[0] != "rand":
             raise ValueError(f"only RandAugment policies ('rand-...') are supported, got {spec!r}")
-        kw = {"magnitude": 10.0}  # timm's default magnitude when 'm' is absent
+        policy = cls(magnitude=10.0)  # timm's default magnitude when 'm' is absent
         for part in parts[1:]:
             m = re.fullmatch(r"([a-z]+)([\d.]+)", part)
             if not m:
                 raise ValueError(f"cannot read {part!r} in RandAugment policy {spec!r}")
             key, val = m.groups()
             if key == "m":
-                kw["magnitude"] = float(val)
+                policy = replace(policy, magnitude=float(val))
             elif key == "n":
-                kw["num_ops"] = int(val)
+                policy = replace(policy, num_ops=int(val))
             elif key == "mstd":
-                kw["magnitude_std"] = float(val)
+                policy = replace(policy, magnitude_std=float(val))
             elif key == "inc":
-                kw["increasing"] = bool(int(val))
+                policy = replace(policy, increasing=bool(int(val)))
             else:
                 raise ValueError(f"RandAugment option {key!r} in {spec!r} is not supported (m, n, mstd, inc)")
-        return cls(**kw)
+        return policy
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ def multicrop_graph(sides, decode_device: str):
     """sides: the output side of each crop, in order (e.g. 4 x 224 then 10 x 96); none: decode only (the
     CPU loader cuts its crops in torch, where an antialiased resize of the window costs ~6x less than
     DALI's CPU warp)."""
-    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    encoded = fn.external_source(name="encoded", dtype=types.DALIDataType.UINT8, ndim=1)
+    image = fn.decoders.image(encoded, device=decode_device, output_type=types.DALIImageType.RGB)
     if not sides:
         return image
     outputs = []
     for c, side in enumerate(sides):
-        start = fn.external_source(name=f"roi_start{c}", dtype=types.FLOAT, ndim=1)
-        end = fn.external_source(name=f"roi_end{c}", dtype=types.FLOAT, ndim=1)
+        start = fn.external_source(name=f"roi_start{c}", dtype=types.DALIDataType.FLOAT, ndim=1)
+        end = fn.external_source(name=f"roi_end{c}", dtype=types.DALIDataType.FLOAT, ndim=1)
         outputs.append(
             fn.resize(
                 image,
@@ -39,7 +39,7 @@ def multicrop_graph(sides, decode_device: str):
                 roi_end=end,
                 roi_relative=False,
                 size=[side, side],
-                interp_type=types.INTERP_CUBIC,
+                interp_type=types.DALIInterpType.INTERP_CUBIC,
                 antialias=True,
             )
         )

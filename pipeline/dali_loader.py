@@ -25,7 +25,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from .dali_batch import debug_windows, make_batch, recipe_crops, run_graph
 from .draws import draw_batch
 from .files import MAX_IMAGE_PIXELS, FileIndex
 from .loader_base import MultiCropLoader, unreadable_advice
+
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import Pipeline
 
 # check_image reasons that also stop DALI's decoder (it converts CMYK, palette and RGBA images and
 # decodes by content, so "cmyk", "mode" and "format_mismatch" files are read fine)
@@ -71,7 +74,7 @@ def read_image_bytes(path: str) -> tuple[np.ndarray, int, int]:
     return np.frombuffer(data, dtype=np.uint8), h, w
 
 
-_LIVE = weakref.WeakSet()  # loaders whose producer may run: stopped before the interpreter exits
+_LIVE: weakref.WeakSet[DaliLoader] = weakref.WeakSet()  # loaders whose producer may run: stopped at exit
 
 
 @atexit.register
@@ -106,7 +109,7 @@ class DaliLoader(MultiCropLoader):
         self.skip_unreadable = skip_unreadable
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         if self.device.type == "cuda":
-            self.device_id = (
+            self.device_id: int | None = (
                 device_id
                 if device_id is not None
                 else (self.device.index if self.device.index is not None else torch.cuda.current_device())
@@ -118,8 +121,8 @@ class DaliLoader(MultiCropLoader):
         self.builds = 0  # DALI pipeline builds (1 per run; another only after a decode failure when skipping)
         self.replaced: dict[int, int] = {}  # unreadable dataset index -> the one read in its place
         self._bad: dict[int, str] = {}
-        self._pipe = None
-        self._stream = None
+        self._pipe: Pipeline | None = None  # built below; None again at exit (_stop_all)
+        self._stream: torch.cuda.Stream | None = None  # the producer's, on a GPU
         self._orders: dict[int, np.ndarray] = {}
         self._producer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -165,6 +168,7 @@ class DaliLoader(MultiCropLoader):
             self.close()
             self._start_producer(epoch, start)
         q = self._queue
+        assert q is not None  # set with the producer (_start_producer), never unset
         for step in range(start, len(self)):
             kind, item = q.get()
             if kind == "error":

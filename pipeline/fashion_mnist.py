@@ -38,7 +38,7 @@ def materialize(root: str | Path, subset: int = 0) -> tuple[Path, Path]:
         for c, name in enumerate(CLASSES):
             (out / f"{c}_{name}").mkdir(parents=True, exist_ok=True)
         for i, (x, y) in enumerate(zip(xs, ys)):
-            img = Image.fromarray(np.repeat(x[..., None], 3, axis=2)).resize((SIZE, SIZE), Image.BICUBIC)
+            img = Image.fromarray(np.repeat(x[..., None], 3, axis=2)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
             img.save(out / f"{y}_{CLASSES[y]}" / f"{i:05d}.png")
     done.write_text("ok\n")
     return train, val

@@ -71,7 +71,7 @@ class LabelledImages(Dataset):
         self.targets = [int(index.labels[i]) for i in keep]
         self.geometry = transforms.Compose(_geometry(*view))
         self.to_input = transforms.Compose(_to_input())
-        self.cache = {} if cache else None
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None  # decoded geometry output by index
 
     def __len__(self) -> int:
         return len(self.paths)

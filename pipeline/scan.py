@@ -212,14 +212,15 @@ def scan_dataset(
     out = sys.stderr
     if not quiet:
         print(f"mugs-scan-data: {len(tasks)} files in {len(classes)} class folders under {root}", file=out)
-    results: list[tuple | None] = [None] * len(tasks)
+    done: dict[int, tuple[str, int, str | None, str]] = {}  # task index -> (rel, label, reason, detail)
     bad, last = 0, time.time()
     for n, (i, rel, label, reason, detail) in enumerate(_check_all(tasks, workers), 1):
-        results[i] = (rel, label, reason, detail)
+        done[i] = (rel, label, reason, detail)
         bad += reason is not None
         if not quiet and time.time() - last >= progress_every:
             _progress(n, len(tasks), bad, t0, out)
             last = time.time()
+    results = [done[i] for i in range(len(tasks))]  # every task answers once (_check_all raises otherwise)
     kept = [(rel, label) for rel, label, reason, _ in results if reason is None]
     left_out += [
         {"path": rel, "reason": reason, "detail": detail} for rel, _, reason, detail in results if reason is not None

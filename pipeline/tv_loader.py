@@ -120,18 +120,18 @@ class TorchvisionLoader(MultiCropLoader):
     def _iterate(self, epoch: int, start: int, extra: Any) -> Iterator[MultiCropBatch]:
         order = self.rank_order(epoch)[start * self.batch_size :]
         ds = _EpochShard(self.index, order, self.transform, self.seed, epoch, self.rank, self.skip_unreadable)
-        kw = dict(
+        batches = DataLoader(
+            ds,
             num_workers=self.num_workers,
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.seed),
-        )  # not the trainer's global RNG
-        if self.num_workers > 0:
-            kw["prefetch_factor"] = self.prefetch_factor
+            generator=torch.Generator().manual_seed(self.seed),  # not the trainer's global RNG
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,  # None: DataLoader's default
+        )
         n_global = 2 if self.aug.vanilla_weak_augmentation else 4
-        for crops, weak, idx in DataLoader(ds, **kw):
+        for crops, weak, idx in batches:
             teacher = crops[:2]
             student = (teacher if self.aug.vanilla_weak_augmentation else crops[2:4]) + crops[n_global:]
             yield self._finish(teacher, student, weak.numpy(), range(len(idx)), idx.numpy())

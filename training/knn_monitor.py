@@ -126,7 +126,9 @@ class KnnMonitor:
         if not dist.is_main():
             return None
         calc = self.device
-        bank_f, query_f = (F.normalize(f.to(calc), dim=1) for f in feats)
+        bank, queries = feats
+        assert bank is not None and queries is not None  # rank 0 holds the features (extract_features)
+        bank_f, query_f = F.normalize(bank.to(calc), dim=1), F.normalize(queries.to(calc), dim=1)
         top1, top5 = knn_classify(
             bank_f,
             torch.tensor(self.bank.targets, device=calc),

@@ -23,7 +23,7 @@ ends (a callback queued on the autograd engine, as FSDP2 does), so between steps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -138,7 +138,10 @@ def _outputs(output):
     return [getattr(output, f) for f in fields] if fields else output
 
 
-def attach(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def attach(net: M, dtype: torch.dtype) -> M:
     """Make `net` compute in `dtype` through mirrors of its fp32 parameters (nothing for fp32)."""
     if dtype == torch.float32:
         return net

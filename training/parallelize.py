@@ -137,11 +137,10 @@ def parallelize(
     if one_device if one_device is not None else mesh.size() == 1:
         return one_device_.attach(net, DTYPES[precision])
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
-    for blk in units:
-        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    sharded = [fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True) for blk in units]  # in place
     fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=is_teacher)
     # explicit prefetch, one unit ahead; the relation block only runs when its head exists
-    order = blocks + (relation if net.local_group_head is not None else [])
+    order = sharded if net.local_group_head is not None else sharded[: len(blocks)]
     for cur, nxt in zip(order, order[1:]):
         cur.set_modules_to_forward_prefetch([nxt])
         if not is_teacher:
