@@ -9,6 +9,8 @@ pair as in the original).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,9 +38,7 @@ def pair_mean(pair_terms: torch.Tensor, scale: float = 1.0, n_global: int = 2) -
     return torch.dot(pair_terms.reshape(-1), w)
 
 
-_PAIR_WEIGHTS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)  # a run meets a few shapes (its losses' pair grids): bounded, made once each
 def pair_weights(
     t: int, s: int, inner: int, scale: float, n_global: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -47,14 +47,11 @@ def pair_weights(
     0 on (i, i) (student crop i is not compared with teacher crop i). Filled on the device from Python
     numbers: a CPU-built tensor would cost an H2D copy and a stream sync (tests/test_host_sync.py).
     S > n_global always: the config requires at least one local crop."""
-    key = (t, s, inner, scale, n_global, dtype, device)
-    if key not in _PAIR_WEIGHTS:
-        w = torch.empty(t, s, inner, dtype=dtype, device=device)
-        w[:, :n_global] = scale * 0.5 / ((t * n_global - t) * inner)
-        w[:, n_global:] = scale * 0.5 / (t * (s - n_global) * inner)
-        w.diagonal(dim1=0, dim2=1).zero_()
-        _PAIR_WEIGHTS[key] = w.view(-1)
-    return _PAIR_WEIGHTS[key]
+    w = torch.empty(t, s, inner, dtype=dtype, device=device)
+    w[:, :n_global] = scale * 0.5 / ((t * n_global - t) * inner)
+    w[:, n_global:] = scale * 0.5 / (t * (s - n_global) * inner)
+    w.diagonal(dim1=0, dim2=1).zero_()
+    return w.view(-1)
 
 
 class InfoNCELoss(nn.Module):
@@ -192,9 +189,6 @@ def backward_total(losses: dict, weights: LossWeights) -> None:
     torch.autograd.backward(terms, w[1])
 
 
-_TOTAL_WEIGHTS: dict = {}
-
-
 def _weighted(losses: dict, weights: LossWeights) -> tuple[list[torch.Tensor], tuple]:
     """The present losses and (w_i / sum(w) as one vector, and as its 0-dim views), made once per set of
     weights on the device (as `pair_weights`: no host tensor)."""
@@ -202,10 +196,12 @@ def _weighted(losses: dict, weights: LossWeights) -> tuple[list[torch.Tensor], t
     if not pairs:
         raise ValueError("every loss weight is 0: nothing to train")
     terms = [loss for loss, _ in pairs]
-    key = (tuple(w for _, w in pairs), terms[0].dtype, terms[0].device)
-    if key not in _TOTAL_WEIGHTS:
-        w = torch.empty(len(pairs), dtype=terms[0].dtype, device=terms[0].device)
-        for i, (_, wi) in enumerate(pairs):
-            w[i] = wi / sum(key[0])
-        _TOTAL_WEIGHTS[key] = (w, w.unbind())
-    return terms, _TOTAL_WEIGHTS[key]
+    return terms, _total_weights(tuple(w for _, w in pairs), terms[0].dtype, terms[0].device)
+
+
+@functools.lru_cache(maxsize=16)  # one set of weights per run: bounded
+def _total_weights(ws: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple:
+    w = torch.empty(len(ws), dtype=dtype, device=device)
+    for i, wi in enumerate(ws):
+        w[i] = wi / sum(ws)
+    return w, w.unbind()
