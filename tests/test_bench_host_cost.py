@@ -61,3 +61,25 @@ def test_host_cost_record(tmp_path):
     # the ranks of one world run the same step: the same op counts
     two = rec["world_sizes"]["2"]
     assert two[0]["aten_ops"] == two[1]["aten_ops"]
+
+
+def test_op_attribution_accounts_for_every_kernel_op_of_the_step(capsys):
+    """benchmarks/op_attribution.py puts each of the step's kernel-launching ops in one place (a forward
+    module, a backward autograd node or a tail phase): its total is host_cost's count of the same step."""
+    from mugs.benchmarks import host_cost, op_attribution
+    from mugs.core.dist import init_distributed, shutdown
+
+    flags = ["--preset", "tiny", "--depth", "3", "--batch_size_per_gpu", "2", "--drop_path_rate", "0.2"]
+    assert op_attribution.main(flags) == 0
+    lines = capsys.readouterr().out.splitlines()
+    places = {line.split()[1]: int(line.split()[0]) for line in lines[:-1]}
+    assert lines[-1].endswith("kernel-launching ops in the step")
+    assert int(lines[-1].split()[0]) == sum(places.values())
+    assert any(p.startswith("BW:") for p in places) and "student_fwd:S:backbone.blocks.2" in places
+    assert {"state_update:-", "optimizer:-", "ema:-"} <= set(places)
+    info = init_distributed("cpu")
+    try:
+        counted = host_cost.measure(host_cost._config(flags), info, steps=1, warmup=1)["kernel_ops"]
+    finally:
+        shutdown()
+    assert int(lines[-1].split()[0]) == counted
