@@ -17,7 +17,7 @@ from mugs.model.memory import LocalGroupMemory
 from mugs.model.network import MugsOutputs, build_network
 from mugs.model.objective import MugsObjective
 from mugs.model.ring_buffer import RingBuffer
-from mugs.training.ema import ema_pairs, ema_update_
+from mugs.training.ema import ema_lerp_, ema_pairs
 from mugs.training.optim import (
     build_adamw,
     cancel_last_layer_grads,
@@ -269,7 +269,7 @@ def test_ema_matches_per_tensor_formula_and_skips_predictors():
     assert len(t_params) == len(list(teacher.parameters()))
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     s = dict(student.named_parameters())
-    ema_update_(t_params, s_params, 0.9)
+    ema_lerp_(t_params, s_params, torch.tensor(1 - 0.9))  # the step's form: 1 - m as a device tensor
     for n, p in teacher.named_parameters():
         assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n].detach(), atol=1e-7), n
 
@@ -290,8 +290,9 @@ def test_ema_is_one_multi_tensor_pass():
     cfg = tiny_cfg()
     student, teacher = build_network(cfg.model_view(), teacher=False), build_network(cfg.model_view(), teacher=True)
     t_params, s_params = ema_pairs(student, teacher)
+    weight = torch.tensor(1 - 0.9)
     with Ops() as ops:
-        ema_update_(t_params, s_params, 0.9)
+        ema_lerp_(t_params, s_params, weight)
     assert [n for n in ops.names if n not in ("detach", "alias")] == ["_foreach_lerp_"]
 
 

@@ -27,23 +27,15 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor
 
 
 @torch.no_grad()
-def ema_update_(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student, in ONE multi-tensor pass.
-
-    As teacher + (1 - m) * (student - teacher) (`_foreach_lerp_`): the same value up to rounding
-    (~1 ulp per update, against the two-pass m * teacher + (1 - m) * student), half the passes
-    over the teacher's memory."""
-    t = [local_shard(p) for p in teacher_params]
-    s = [local_shard(p).to(x.dtype) for p, x in zip(student_params, t)]
-    torch._foreach_lerp_(t, s, 1.0 - momentum)
-
-
-@torch.no_grad()
 def ema_lerp_(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], weight: torch.Tensor) -> None:
-    """`ema_update_` with the weight 1 - m as a 0-dim DEVICE tensor (training/device_scalars.py): the
-    op's arguments are the same every step, and a weight of 0 (a non-finite step) leaves the teacher
-    exactly as it is. The same per-element formula as the scalar form; on CUDA the tensor weight
-    takes torch's per-tensor lerp (one kernel per tensor, not one multi-tensor launch)."""
+    """teacher <- m * teacher + (1 - m) * student, in ONE multi-tensor pass, with `weight` = 1 - m a 0-dim
+    DEVICE tensor (training/device_scalars.py): the op's arguments are the same every step, and a weight
+    of 0 (a non-finite step) leaves the teacher exactly as it is.
+
+    As teacher + (1 - m) * (student - teacher) (`_foreach_lerp_`): the same value up to rounding (~1 ulp
+    per update, against the two-pass m * teacher + (1 - m) * student), half the passes over the
+    teacher's memory. On CUDA the tensor weight takes torch's per-tensor lerp (one kernel per tensor,
+    not one multi-tensor launch)."""
     t = [local_shard(p) for p in teacher_params]
     s = [local_shard(p).to(x.dtype) for p, x in zip(student_params, t)]
     torch._foreach_lerp_(t, s, [weight] * len(t))
