@@ -24,28 +24,11 @@ from nvidia.dali.auto_aug import augmentations as A
 from nvidia.dali.pipeline import do_not_convert
 
 from mugs.pipeline.augment_config import IMAGENET_MEAN, RandAugmentPolicy
+from mugs.pipeline.randaug import OP_NAMES  # timm's op order, stated once
 
 MAX_LEVEL = 10.0
-NUM_OPS = 15  # both timm suites (inc0 and inc1) have 15 ops
+NUM_OPS = len(OP_NAMES)  # both timm suites (inc0 and inc1) have 15 ops
 FILL = int(round(255 * sum(IMAGENET_MEAN) / 3))  # grey near timm's img_mean fill
-# op order of timm's _RAND_INCREASING_TRANSFORMS / _RAND_TRANSFORMS
-OP_NAMES = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
 # ImageOps.posterize(img, bits) keeps the top `bits` bits: the AND mask for bits = 0..8
 _POSTER_MASKS = np.array([(0xFF << (8 - b)) & 0xFF for b in range(9)], dtype=np.uint8)
 
