@@ -25,9 +25,9 @@ setup(
     package_data={"mugs.pipeline": ["data/*"]},
     install_requires=[
         # ranges; constraints.txt pins what CI tests (pip install -c constraints.txt ...)
-        "torch>=2.11",  # the GPU machine's torch
+        "torch>=2.11",  # the GPU machine's torch; tests/run_oldest.sh runs the oldest
         "torchvision>=0.26",
-        "timm>=0.9.6",  # oldest with VisionTransformer(dynamic_img_size=...); tests/run_oldest_timm.sh runs it
+        "timm>=0.9.6",  # oldest with VisionTransformer(dynamic_img_size=...); tests/run_oldest.sh runs the oldest
         "numpy",
         "tensorboard",
         "tqdm",
