@@ -200,6 +200,43 @@ def test_the_benchmarks_time_the_step_the_trainer_builds(info, graphs):
     assert isinstance(step, GraphedStep) is graphs
 
 
+class _RecordedGraph:
+    """A stand-in for torch.cuda.graph on CPU: the ops run eagerly and are recorded, as a capture would."""
+
+    def __init__(self, recorder: OpRecorder):
+        self.recorder = recorder
+
+    def __call__(self, graph):
+        return self.recorder
+
+
+def test_a_capture_holds_every_mirror_refresh_whatever_ran_before(info, monkeypatch):
+    """A replay runs only what its capture recorded, and a bf16 mirror refresh runs only when a master
+    changed since the last one. The k-NN monitor runs the teacher eagerly at an epoch's end; when that
+    falls between the last warm-up step and the capture (a resume 3 steps before such an epoch end), the
+    teacher's refresh was left out of the graph and every replay ran the teacher on frozen mirrors."""
+    from mugs.training.cuda_graphs import GraphedStep
+
+    eager = _step(info)
+    step = GraphedStep(
+        eager.student, eager.teacher, eager.objective, eager.optimizer, clip_grad=eager.clip_grad, freeze_last_layer=1
+    )
+    MugsTrainStep.__call__(step, *_batch(0), step_index=0, **STEP_A)  # a warm-up step: the masters change
+    with torch.no_grad():
+        step.teacher.eval()
+        step.teacher(_batch(1)[0][0], None, cls_only=True)  # what the monitor does: the mirrors refresh
+        step.teacher.train()
+    teacher_mirrors = step.teacher._one_device.mirrors
+    recorder = OpRecorder()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", _RecordedGraph(recorder))
+    step.prepare(flags=(), **STEP_A)
+    step._capture(*_batch(1), STEP_A["epoch"], 0)
+    refreshes = [op for op in recorder.ops["teacher_fwd"] if op[0].startswith("aten._foreach_copy_")]
+    assert len(refreshes) == 1, "the teacher's mirror refresh is not in the captured step"
+    assert refreshes[0][1][0] == ("tensor", str(teacher_mirrors[0].dtype), tuple(teacher_mirrors[0].shape))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_step_trains_like_the_eager_step_on_a_gpu():
     """24 steps (3 eager warm-up, a capture, 20 replays) against the eager step from the same start: the

@@ -88,6 +88,7 @@ class GraphedStep(MugsTrainStep):
         dev = self.scalars.buf.device  # all on the device: a host input would be baked into the graph
         clone = lambda x: x.to(dev, copy=True)  # noqa: E731
         self.static_in = ([clone(x) for x in teacher_crops], [clone(x) for x in student_crops], clone(weak_flags))
+        self._forget_mirror_versions()  # the mirrors' refresh must be IN the graph, whatever ran since the last step
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.static_out = self._device_step(*self.static_in, epoch, n_flags)
@@ -99,9 +100,16 @@ class GraphedStep(MugsTrainStep):
         for dst, src in zip([*t_in, *s_in, w_in], [*teacher_crops, *student_crops, weak_flags]):
             dst.copy_(src, non_blocking=True)
         self.graph.replay()
-        # a replay changes the parameters without Python: the bf16 mirrors must not trust their version check
+        self._forget_mirror_versions()  # a replay changes the parameters without Python
+        return self.static_out
+
+    def _forget_mirror_versions(self) -> None:
+        """Make the bf16 mirrors (training/one_device.py) refresh at their next forward. Their version check
+        cannot be trusted across the graph: a replay changes the masters without bumping their versions, and
+        a capture records the refresh only if it runs then. Without this, an eager forward between the last
+        warm-up step and the capture (the k-NN monitor runs the teacher at an epoch's end) would leave the
+        teacher's refresh out of the graph, and every replay would run it on the mirrors of that moment."""
         for net in (self.student, self.teacher):
             mirrors = getattr(net, "_one_device", None)
             if mirrors is not None:
                 mirrors.versions = None
-        return self.static_out
