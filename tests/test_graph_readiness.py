@@ -200,41 +200,54 @@ def test_the_benchmarks_time_the_step_the_trainer_builds(info, graphs):
     assert isinstance(step, GraphedStep) is graphs
 
 
-class _RecordedGraph:
-    """A stand-in for torch.cuda.graph on CPU: the ops run eagerly and are recorded, as a capture would."""
+def _state(step) -> dict[str, torch.Tensor]:
+    """Every tensor a step changes: the networks', the loss state's and the optimizer's."""
+    return {
+        **{f"s.{k}": v.clone() for k, v in step.student.state_dict().items()},
+        **{f"t.{k}": v.clone() for k, v in step.teacher.state_dict().items()},
+        **{f"o.{k}": v.clone() for k, v in step.objective.state_dict().items()},
+        **{f"a.{i}.{k}": v.clone() for i, s in enumerate(step.optimizer.state.values()) for k, v in s.items()},
+    }
 
-    def __init__(self, recorder: OpRecorder):
-        self.recorder = recorder
 
-    def __call__(self, graph):
-        return self.recorder
+def test_graphed_step_replays_like_the_eager_step_on_cpu(info, monkeypatch):
+    """--cuda_graphs against the eager step, with torch.cuda's graph API emulated on CPU (tests/graph_emulator.py:
+    a replay runs the captured ops on the captured tensors and Python is not re-run): 3 warm-up steps, the
+    teacher run as the k-NN monitor runs it at an epoch's end, the capture, then 4 replays whose lr, weight
+    decay, momentum, epoch and flags differ from the captured step's. Losses and every state tensor: bitwise
+    the eager step's (the same ops in the same order; the replays draw the eager steps' drop-path masks)."""
+    import graph_emulator
+    from mugs.training.cuda_graphs import WARMUP, GraphedStep
 
-
-def test_a_capture_holds_every_mirror_refresh_whatever_ran_before(info, monkeypatch):
-    """A replay runs only what its capture recorded, and a bf16 mirror refresh runs only when a master
-    changed since the last one. The k-NN monitor runs the teacher eagerly at an epoch's end; when that
-    falls between the last warm-up step and the capture (a resume 3 steps before such an epoch end), the
-    teacher's refresh was left out of the graph and every replay ran the teacher on frozen mirrors."""
-    from mugs.training.cuda_graphs import GraphedStep
-
-    eager = _step(info)
-    step = GraphedStep(
-        eager.student, eager.teacher, eager.objective, eager.optimizer, clip_grad=eager.clip_grad, freeze_last_layer=1
-    )
-    MugsTrainStep.__call__(step, *_batch(0), step_index=0, **STEP_A)  # a warm-up step: the masters change
-    with torch.no_grad():
-        step.teacher.eval()
-        step.teacher(_batch(1)[0][0], None, cls_only=True)  # what the monitor does: the mirrors refresh
-        step.teacher.train()
-    teacher_mirrors = step.teacher._one_device.mirrors
-    recorder = OpRecorder()
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", _RecordedGraph(recorder))
-    step.prepare(flags=(), **STEP_A)
-    step._capture(*_batch(1), STEP_A["epoch"], 0)
-    refreshes = [op for op in recorder.ops["teacher_fwd"] if op[0].startswith("aten._foreach_copy_")]
-    assert len(refreshes) == 1, "the teacher's mirror refresh is not in the captured step"
-    assert refreshes[0][1][0] == ("tensor", str(teacher_mirrors[0].dtype), tuple(teacher_mirrors[0].shape))
+    graph_emulator.install(monkeypatch)
+    runs = []
+    for graphed in (False, True):
+        step = _step(info)
+        if graphed:
+            step = GraphedStep(
+                step.student,
+                step.teacher,
+                step.objective,
+                step.optimizer,
+                clip_grad=step.clip_grad,
+                freeze_last_layer=1,
+            )
+        losses = []
+        for i in range(WARMUP + 5):
+            if i == WARMUP:  # the monitor, between the last warm-up step and the capture
+                with torch.no_grad():
+                    step.teacher.eval()
+                    step.teacher(_batch(9)[0][0], None, cls_only=True)
+                    step.teacher.train()
+            kw = dict(epoch=2 + i // 3, momentum=0.99 + 1e-3 * i, lr=1e-3 * (1 + i / 10), weight_decay=0.04 + 1e-3 * i)
+            losses.append(step(*_batch(i), step_index=i, flags=(i == 6, False), **kw).losses)
+        if graphed:
+            assert isinstance(step.graph, graph_emulator.EmulatedGraph), "the step was not captured"
+        runs.append((losses, _state(step)))
+    (losses, state), (g_losses, g_state) = runs
+    assert g_losses == losses
+    assert g_state.keys() == state.keys()
+    assert [k for k in state if not torch.equal(state[k], g_state[k])] == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
