@@ -212,10 +212,11 @@ def _state(step) -> dict[str, torch.Tensor]:
 
 def test_graphed_step_replays_like_the_eager_step_on_cpu(info, monkeypatch):
     """--cuda_graphs against the eager step, with torch.cuda's graph API emulated on CPU (tests/graph_emulator.py:
-    a replay runs the captured ops on the captured tensors and Python is not re-run): 3 warm-up steps, the
-    teacher run as the k-NN monitor runs it at an epoch's end, the capture, then 4 replays whose lr, weight
-    decay, momentum, epoch and flags differ from the captured step's. Losses and every state tensor: bitwise
-    the eager step's (the same ops in the same order; the replays draw the eager steps' drop-path masks)."""
+    a replay runs the captured ops on the captured tensors and Python is not re-run). In the last-layer freeze
+    (epoch 0): 3 warm-up steps, the teacher run as the k-NN monitor runs it at an epoch's end, the capture and
+    a replay; past it (a new graph): 3 warm-ups, the capture and 4 replays whose lr, weight decay, momentum,
+    epoch (teacher temperature, clip drop) and flags differ from the captured step's. Losses and every state
+    tensor: bitwise the eager step's (the same ops in the same order; replays draw the eager steps' masks)."""
     import graph_emulator
     from mugs.training.cuda_graphs import WARMUP, GraphedStep
 
@@ -232,17 +233,20 @@ def test_graphed_step_replays_like_the_eager_step_on_cpu(info, monkeypatch):
                 clip_grad=step.clip_grad,
                 freeze_last_layer=1,
             )
-        losses = []
-        for i in range(WARMUP + 5):
+        losses, graphs = [], []
+        for i in range(2 * WARMUP + 6):
             if i == WARMUP:  # the monitor, between the last warm-up step and the capture
                 with torch.no_grad():
                     step.teacher.eval()
                     step.teacher(_batch(9)[0][0], None, cls_only=True)
                     step.teacher.train()
-            kw = dict(epoch=2 + i // 3, momentum=0.99 + 1e-3 * i, lr=1e-3 * (1 + i / 10), weight_decay=0.04 + 1e-3 * i)
-            losses.append(step(*_batch(i), step_index=i, flags=(i == 6, False), **kw).losses)
-        if graphed:
-            assert isinstance(step.graph, graph_emulator.EmulatedGraph), "the step was not captured"
+            epoch = 0 if i <= WARMUP + 1 else 2 + i // 2  # freeze_last_layer=1: the graph's key changes once
+            kw = dict(epoch=epoch, momentum=0.99 + 1e-3 * i, lr=1e-3 * (1 + i / 10), weight_decay=0.04 + 1e-3 * i)
+            losses.append(step(*_batch(i), step_index=i, flags=(i == 9, False), **kw).losses)
+            graphs.append(getattr(step, "graph", None))
+        if graphed:  # captured at WARMUP, replayed once, then again WARMUP steps after the key changed
+            captured = [i for i in range(1, len(graphs)) if graphs[i] is not None and graphs[i] is not graphs[i - 1]]
+            assert captured == [WARMUP, 2 * WARMUP + 2], captured
         runs.append((losses, _state(step)))
     (losses, state), (g_losses, g_state) = runs
     assert g_losses == losses
