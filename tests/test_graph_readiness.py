@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import graph_emulator
 from fsdp_worker import tiny_cfg
 from mugs.configs.views import GradClip
 from mugs.core.dist import init_distributed, shutdown
@@ -210,6 +211,35 @@ def _state(step) -> dict[str, torch.Tensor]:
     }
 
 
+def _graphed(step):
+    """The same models and optimizer in a GraphedStep (--cuda_graphs)."""
+    from mugs.training.cuda_graphs import GraphedStep
+
+    args = (step.student, step.teacher, step.objective, step.optimizer)
+    return GraphedStep(*args, clip_grad=step.clip_grad, freeze_last_layer=step.freeze_last_layer)
+
+
+def test_a_replayed_nonfinite_step_leaves_every_state_untouched(info, monkeypatch):
+    """In a replay nothing looks at the loss before the tail: the masks captured with the step keep the
+    optimizer, queues, memories, centre and EMA as they were, then the host raises (emulated graph)."""
+    from mugs.training.cuda_graphs import WARMUP
+
+    graph_emulator.install(monkeypatch)
+    step = _graphed(_step(info, precision="fp32"))
+    for i in range(WARMUP + 1):  # warm-ups, then the capture and its first replay
+        step(*_batch(i), step_index=i, **STEP_A)
+    before = _state(step)
+    t, s, w = _batch(WARMUP + 1)
+    s = [x.clone() for x in s]
+    s[2][0, 0, 0, 0] = math.nan
+    with pytest.raises(NonFiniteLossError, match=f"step {WARMUP + 1}: non-finite loss"):
+        step(t, s, w, step_index=WARMUP + 1, **STEP_A)
+    after = _state(step)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    res = step(*_batch(WARMUP + 2), step_index=WARMUP + 2, **STEP_A)  # the next finite replay trains
+    assert all(math.isfinite(v) for v in res.losses.values()) and step.graph is not None
+
+
 def test_graphed_step_replays_like_the_eager_step_on_cpu(info, monkeypatch):
     """--cuda_graphs against the eager step, with torch.cuda's graph API emulated on CPU (tests/graph_emulator.py:
     a replay runs the captured ops on the captured tensors and Python is not re-run). In the last-layer freeze
@@ -217,22 +247,14 @@ def test_graphed_step_replays_like_the_eager_step_on_cpu(info, monkeypatch):
     a replay; past it (a new graph): 3 warm-ups, the capture and 4 replays whose lr, weight decay, momentum,
     epoch (teacher temperature, clip drop) and flags differ from the captured step's. Losses and every state
     tensor: bitwise the eager step's (the same ops in the same order; replays draw the eager steps' masks)."""
-    import graph_emulator
-    from mugs.training.cuda_graphs import WARMUP, GraphedStep
+    from mugs.training.cuda_graphs import WARMUP
 
     graph_emulator.install(monkeypatch)
     runs = []
     for graphed in (False, True):
         step = _step(info)
         if graphed:
-            step = GraphedStep(
-                step.student,
-                step.teacher,
-                step.objective,
-                step.optimizer,
-                clip_grad=step.clip_grad,
-                freeze_last_layer=1,
-            )
+            step = _graphed(step)
         losses, graphs = [], []
         for i in range(2 * WARMUP + 6):
             if i == WARMUP:  # the monitor, between the last warm-up step and the capture
