@@ -3,7 +3,8 @@
 UNMEASURED: written without a GPU, off by default (docs/performance.md). The step is graph-ready by
 construction, and tests/test_graph_readiness.py checks it on CPU: every per-step number reaches the
 kernels through the step's device scalars (training/device_scalars.py), a non-finite loss is found
-and masked on the device, and the one host sync comes after the tail. So after `WARMUP` eager steps
+and masked on the device, and the one host sync comes after the tail; with the graph API emulated
+(tests/graph_emulator.py), this class replays bitwise like the eager step. So after `WARMUP` eager steps
 on a side stream (torch's recipe for whole-network capture: lazily made state, allocator, autotuning)
 the forward, backward, loss check and clip -> AdamW -> queues/centre/memories -> EMA tail of the next
 step are captured with torch.cuda.graph, at that step's shapes; each later step fills the device
