@@ -137,7 +137,9 @@ def test_temporary_checkpoint_names_are_unique_per_writer(tmp_path, monkeypatch)
 @pytest.mark.timeout(600)
 def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path):
     out = tmp_path / "run"
-    flags = ("--batch_size_per_gpu", "4", "--epochs", "100", "--ckpt_every_steps", "5")  # runs until STOP
+    # runs until STOP: 10,000 steps (13 min at the fastest pace seen, 0.08 s/step); 100 epochs (200 steps)
+    # were over before the STOP file on a fast day, and the run ended "finished" instead
+    flags = ("--batch_size_per_gpu", "4", "--epochs", "5000", "--ckpt_every_steps", "5")
     e = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(
         launch_cmd(2, 0, data, out, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e
