@@ -171,7 +171,7 @@ def test_second_launch_is_refused_and_the_first_run_is_untouched(data, tmp_path)
     assert first.returncode == 0, stderr[-6000:]
     steps = [s for s, _ in logged_losses(out)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 5  # no step trained or logged twice
-    assert "stopped by STOP file" in stderr
+    assert "stopped by STOP file" in stderr, stderr[-2000:]
     assert lease_owner.read_owner(out) is None  # the run released it on the way out
 
 

@@ -38,3 +38,18 @@ def test_a_stop_file_ends_the_loop_as_stop_file(make_run):
     assert run.exit_reason is StopReason.STOP_FILE and run.reason == "stopped by STOP file"
     log = [json.loads(line) for line in open(run.cfg.output_dir + "/log.txt")]
     assert [r for r in log if r.get("event") == "exit"] == [{"event": "exit", "reason": "stop_file", "step": 1}]
+
+
+def test_a_stop_file_another_rank_saw_first_is_named_on_this_one(make_run):
+    """Each rank samples its stop request before the step; the agreed flag may come from a rank that saw
+    the STOP file when this one had not yet: this rank's exit record (what slurm/launch.sh reads to decide
+    a requeue) still says stop_file, not other_rank. (Seen in CI: "a signal on another rank".)"""
+    run = make_run("--ckpt_every_steps", "0")
+    assert not run.stop.requested()  # this rank's sample, before the file existed
+    run.stop.stop_file.touch()  # then another rank's sample saw it, and the step's flag says stop
+    run.after_step(stop_now=True)
+    assert run.exit_reason is StopReason.STOP_FILE and run.reason == "stopped by STOP file"
+    run.stop.stop_file.unlink()
+    other = make_run("--ckpt_every_steps", "0")  # a signal only another rank got: named as such
+    other.after_step(stop_now=True)
+    assert other.exit_reason is StopReason.OTHER_RANK and other.reason == "stopped by a signal on another rank"

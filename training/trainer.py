@@ -186,6 +186,9 @@ class Run:
         agreed over ranks in the step just taken (sampled before it: a signal arriving during a step is
         acted on after the next one)."""
         if stop_now:
+            # sampled before the step, another rank may have seen the STOP file first: look again, so the
+            # exit reason (which slurm/launch.sh reads) is the request's, not "another rank"
+            self.stop.requested()
             words = f"stopped by {self.stop.signal or 'a signal on another rank'}"
             self._end(self.stop.why or StopReason.OTHER_RANK, words)
         elif self.step >= self.stop_at:
